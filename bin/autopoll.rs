@@ -1,0 +1,4 @@
+//! `autopoll`: bridge administration, asking directly, status.
+fn main() -> std::process::ExitCode {
+    autopoll_cli::autopoll_main()
+}

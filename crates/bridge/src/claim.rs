@@ -1,0 +1,916 @@
+//! Claims: how consumers (pollers) take unread messages so that each is
+//! answered exactly once, across any number of processes and crashes.
+//!
+//! A claim is a row in `autopoll_claims`: an owner, a lease (expiry in Unix
+//! milliseconds) and an attempt count. A message is claimable while it is
+//! unread and nobody holds a live lease on it. Claiming bumps the attempt
+//! count; once it has reached `max_attempts`, the message is dead-lettered
+//! (answered with an error response) instead of claimed again, so a question
+//! that kills its consumer cannot loop forever.
+//!
+//! Finishing a message (answer, skip or dead letter) deletes its claim, marks
+//! it read and writes one `autopoll_outcomes` row, all in one transaction and
+//! only while the caller still owns the claim. An owner whose lease expired
+//! and was taken over finishes nothing: its calls change 0 rows.
+
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::json;
+
+use crate::error::{Error, Result};
+use crate::message::{self, MESSAGE_COLUMNS, Message};
+use crate::shard::{self, Response};
+use crate::{Bridge, Session, audit, clock, token};
+
+/// Who holds claims: a unique owner token and the shard id answers are signed with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimer {
+    owner: String,
+    shard_id: String,
+}
+
+impl Claimer {
+    /// A new claimer for `shard_id`, with an owner token unique to this
+    /// process and call (`<shard_id>/<pid>/<random>`).
+    pub fn new(shard_id: &str) -> Result<Claimer> {
+        Ok(Claimer {
+            owner: format!(
+                "{shard_id}/{}/{}",
+                std::process::id(),
+                token::random_hex(4)?
+            ),
+            shard_id: shard_id.to_string(),
+        })
+    }
+
+    /// The owner token stored in claims.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// The shard id.
+    pub fn shard_id(&self) -> &str {
+        &self.shard_id
+    }
+}
+
+/// How to claim.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimOptions {
+    /// Claim at most this many messages.
+    pub limit: usize,
+    /// Lease length: the claim is ours until then unless extended.
+    pub lease: Duration,
+    /// A message already attempted this many times is dead-lettered instead.
+    pub max_attempts: u32,
+}
+
+impl Default for ClaimOptions {
+    fn default() -> Self {
+        ClaimOptions {
+            limit: 64,
+            lease: Duration::from_secs(30),
+            max_attempts: 3,
+        }
+    }
+}
+
+/// A message we now hold.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The message.
+    pub message: Message,
+    /// Attempts including this one (1 on first claim).
+    pub attempts: u32,
+    /// Lease expiry, Unix milliseconds.
+    pub lease_until_ms: i64,
+}
+
+/// A message that failed `max_attempts` times and got an error response.
+#[derive(Debug, Clone)]
+pub struct DeadLettered {
+    /// The question's row id.
+    pub message_id: i64,
+    /// Its query id.
+    pub query_id: String,
+    /// Attempts it had.
+    pub attempts: u32,
+    /// The error response's row id.
+    pub response_id: i64,
+    /// The last failure recorded, if any.
+    pub last_error: Option<String>,
+}
+
+/// What one claim call did.
+#[derive(Debug, Default)]
+pub struct ClaimBatch {
+    /// Newly held messages, oldest first.
+    pub claimed: Vec<Claimed>,
+    /// Messages dead-lettered instead of claimed.
+    pub dead_lettered: Vec<DeadLettered>,
+}
+
+/// An answer to a claimed message.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The question's row id.
+    pub message_id: i64,
+    /// The response message's text (a [`Response`] as JSON, normally).
+    pub text: String,
+}
+
+struct Held {
+    conversation_id: String,
+    from_session: String,
+    to_session: String,
+    attempts: u32,
+}
+
+/// The claim row of `message_id` if `owner` holds it, with its message's routing.
+fn held(conn: &Connection, message_id: i64, owner: &str) -> rusqlite::Result<Option<Held>> {
+    conn.prepare_cached(
+        "SELECT m.conversation_id, m.from_session, m.to_session, c.attempts
+         FROM autopoll_claims c JOIN messages m ON m.id = c.message_id
+         WHERE c.message_id = ?1 AND c.owner = ?2",
+    )?
+    .query_row(params![message_id, owner], |r| {
+        Ok(Held {
+            conversation_id: r.get(0)?,
+            from_session: r.get(1)?,
+            to_session: r.get(2)?,
+            attempts: r.get(3)?,
+        })
+    })
+    .optional()
+}
+
+/// Mark read, drop the claim, record the outcome.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    conn: &Connection,
+    message_id: i64,
+    h: &Held,
+    outcome: &str,
+    response_id: Option<i64>,
+    owner: &str,
+    detail: Option<&str>,
+) -> rusqlite::Result<()> {
+    message::mark_read(conn, [message_id])?;
+    conn.prepare_cached("DELETE FROM autopoll_claims WHERE message_id = ?1")?
+        .execute([message_id])?;
+    conn.prepare_cached(
+        "INSERT INTO autopoll_outcomes
+         (message_id, conversation_id, to_session, outcome, response_id, attempts, owner, detail, completed_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        message_id,
+        h.conversation_id,
+        h.to_session,
+        outcome,
+        response_id,
+        h.attempts,
+        owner,
+        detail,
+        clock::now_string()
+    ])?;
+    Ok(())
+}
+
+/// Send the answer back to the asker.
+fn reply(conn: &Connection, h: &Held, text: &str) -> rusqlite::Result<i64> {
+    let sent = message::insert(
+        conn,
+        &h.conversation_id,
+        &h.to_session,
+        &h.from_session,
+        text,
+        &shard::response_metadata(),
+    )?;
+    Ok(sent.id)
+}
+
+fn dead_letter_held(
+    conn: &Connection,
+    claimer: &Claimer,
+    msg: &Message,
+    h: &Held,
+    error: &str,
+    last_error: Option<&str>,
+) -> rusqlite::Result<DeadLettered> {
+    let query_id = shard::query_id_of(msg);
+    let text = Response::failure(&query_id, &claimer.shard_id, error, h.attempts).to_text();
+    let response_id = reply(conn, h, &text)?;
+    finish(
+        conn,
+        msg.id,
+        h,
+        "dead_letter",
+        Some(response_id),
+        &claimer.owner,
+        Some(error),
+    )?;
+    audit::write(
+        conn,
+        Some(&h.conversation_id),
+        Some(&h.to_session),
+        audit::actions::DEAD_LETTER,
+        &json!({ "message_id": msg.id, "query_id": query_id, "attempts": h.attempts, "error": error }),
+    )?;
+    log::warn!(
+        "event=dead_lettered conversation={} message_id={} query_id={query_id} attempts={}",
+        h.conversation_id,
+        msg.id,
+        h.attempts
+    );
+    Ok(DeadLettered {
+        message_id: msg.id,
+        query_id,
+        attempts: h.attempts,
+        response_id,
+        last_error: last_error.map(str::to_string),
+    })
+}
+
+impl Bridge {
+    /// Claim up to `opts.limit` unread messages to `session` of `conversation`
+    /// that nobody holds (never claimed, released, or lease expired), oldest
+    /// first. Those already attempted `max_attempts` times are dead-lettered
+    /// instead. The caller is expected to have checked its token with
+    /// [`Bridge::verify`].
+    pub fn claim(
+        &mut self,
+        claimer: &Claimer,
+        conversation: &str,
+        session: Session,
+        opts: &ClaimOptions,
+    ) -> Result<ClaimBatch> {
+        if opts.max_attempts == 0 {
+            return Err(Error::Invalid("max_attempts must be at least 1".into()));
+        }
+        let (tx, map) = self.immediate()?;
+        let now_ms = clock::unix_ms();
+        let rows: Vec<(Message, u32, Option<String>)> = {
+            let mut stmt = tx
+                .prepare_cached(&format!(
+                    "SELECT {cols}, COALESCE(c.attempts, 0), c.last_error
+                     FROM messages m LEFT JOIN autopoll_claims c ON c.message_id = m.id
+                     WHERE m.conversation_id = ?1 AND m.to_session = ?2 AND m.read = 0
+                       AND (c.owner IS NULL OR c.lease_until_ms <= ?3)
+                     ORDER BY m.timestamp ASC, m.id ASC
+                     LIMIT ?4",
+                    cols = MESSAGE_COLUMNS
+                        .split(", ")
+                        .map(|c| format!("m.{c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+                .map_err(&map)?;
+            stmt.query_map(
+                params![conversation, session.as_str(), now_ms, opts.limit as i64],
+                |r| Ok((message::from_row(r)?, r.get(8)?, r.get(9)?)),
+            )
+            .map_err(&map)?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(&map)?
+        };
+        let lease_ms = i64::try_from(opts.lease.as_millis()).unwrap_or(i64::MAX);
+        let lease_until_ms = now_ms.saturating_add(lease_ms);
+        let now = clock::now_string();
+        let mut batch = ClaimBatch::default();
+        for (msg, attempts, last_error) in rows {
+            if attempts >= opts.max_attempts {
+                let h = Held {
+                    conversation_id: msg.conversation_id.clone(),
+                    from_session: msg.from_session.clone(),
+                    to_session: msg.to_session.clone(),
+                    attempts,
+                };
+                let error = format!(
+                    "dead-lettered after {attempts} attempts{}",
+                    last_error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                );
+                let d = dead_letter_held(&tx, claimer, &msg, &h, &error, last_error.as_deref())
+                    .map_err(&map)?;
+                batch.dead_lettered.push(d);
+                continue;
+            }
+            tx.prepare_cached(
+                "INSERT INTO autopoll_claims
+                 (message_id, conversation_id, to_session, owner, lease_until_ms, attempts,
+                  first_claimed_at, last_claimed_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?6)
+                 ON CONFLICT(message_id) DO UPDATE SET
+                   owner = excluded.owner,
+                   lease_until_ms = excluded.lease_until_ms,
+                   attempts = autopoll_claims.attempts + 1,
+                   last_claimed_at = excluded.last_claimed_at",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    msg.id,
+                    msg.conversation_id,
+                    msg.to_session,
+                    claimer.owner,
+                    lease_until_ms,
+                    now
+                ])
+            })
+            .map_err(&map)?;
+            batch.claimed.push(Claimed {
+                message: msg,
+                attempts: attempts + 1,
+                lease_until_ms,
+            });
+        }
+        if !batch.claimed.is_empty() {
+            let ids: Vec<i64> = batch.claimed.iter().map(|c| c.message.id).collect();
+            audit::write(
+                &tx,
+                Some(conversation),
+                Some(session.as_str()),
+                audit::actions::CLAIM,
+                &json!({ "owner": claimer.owner, "message_ids": ids }),
+            )
+            .map_err(&map)?;
+        }
+        tx.commit().map_err(&map)?;
+        Ok(batch)
+    }
+
+    /// Push the leases of our claims on `ids` to now + `lease`. Returns how
+    /// many we still held.
+    pub fn extend(&mut self, claimer: &Claimer, ids: &[i64], lease: Duration) -> Result<usize> {
+        let until =
+            clock::unix_ms().saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
+        let (tx, map) = self.immediate()?;
+        let mut n = 0;
+        for id in ids {
+            n += tx
+                .prepare_cached(
+                    "UPDATE autopoll_claims SET lease_until_ms = ?1 WHERE message_id = ?2 AND owner = ?3",
+                )
+                .and_then(|mut s| s.execute(params![until, id, claimer.owner]))
+                .map_err(&map)?;
+        }
+        tx.commit().map_err(&map)?;
+        Ok(n)
+    }
+
+    /// Give claims back unanswered, keeping their attempt counts (or, with
+    /// `refund_attempt`, taking this attempt back: for failures that were not
+    /// the question's fault, such as a missing server). `error` is kept as the
+    /// last failure, shown in a later dead letter. Returns how many we held.
+    pub fn release(
+        &mut self,
+        claimer: &Claimer,
+        ids: &[i64],
+        error: Option<&str>,
+        refund_attempt: bool,
+    ) -> Result<usize> {
+        let (tx, map) = self.immediate()?;
+        let mut n = 0;
+        for id in ids {
+            n += tx
+                .prepare_cached(
+                    "UPDATE autopoll_claims SET owner = NULL, lease_until_ms = NULL,
+                       last_error = COALESCE(?1, last_error),
+                       attempts = MAX(attempts - ?2, 0)
+                     WHERE message_id = ?3 AND owner = ?4",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![error, i64::from(refund_attempt), id, claimer.owner])
+                })
+                .map_err(&map)?;
+        }
+        if n > 0 {
+            audit::write(
+                &tx,
+                None,
+                None,
+                audit::actions::RELEASE,
+                &json!({ "owner": claimer.owner, "count": n, "error": error, "refund_attempt": refund_attempt }),
+            )
+            .map_err(&map)?;
+        }
+        tx.commit().map_err(&map)?;
+        Ok(n)
+    }
+
+    /// Release every claim `claimer` holds (on shutdown). Returns how many.
+    pub fn release_all(&mut self, claimer: &Claimer, error: Option<&str>) -> Result<usize> {
+        let ids = self.held_by(claimer)?;
+        self.release(claimer, &ids, error, false)
+    }
+
+    /// Message ids `claimer` holds a claim on (live or expired, not taken over).
+    pub fn held_by(&self, claimer: &Claimer) -> Result<Vec<i64>> {
+        let map = self.map();
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT message_id FROM autopoll_claims WHERE owner = ?1 ORDER BY message_id",
+            )
+            .map_err(&map)?;
+        stmt.query_map([&claimer.owner], |r| r.get(0))
+            .map_err(&map)?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(&map)
+    }
+
+    /// Answer claimed messages, all in one transaction. For each answer, only
+    /// if we still own its claim: insert the response (to the asker, metadata
+    /// `{"action_type":"response"}`, redacted), mark the question read, drop
+    /// the claim, record the outcome. Returns, per answer, the response's row
+    /// id, or `None` when the claim was no longer ours (nothing written).
+    pub fn complete(&mut self, claimer: &Claimer, answers: &[Answer]) -> Result<Vec<Option<i64>>> {
+        let (tx, map) = self.immediate()?;
+        let mut out = Vec::with_capacity(answers.len());
+        for a in answers {
+            let Some(h) = held(&tx, a.message_id, &claimer.owner).map_err(&map)? else {
+                log::warn!(
+                    "event=stale_complete message_id={} owner={}: claim lost (lease expired and taken over, or finished)",
+                    a.message_id,
+                    claimer.owner
+                );
+                out.push(None);
+                continue;
+            };
+            let response_id = reply(&tx, &h, &a.text).map_err(&map)?;
+            finish(
+                &tx,
+                a.message_id,
+                &h,
+                "answered",
+                Some(response_id),
+                &claimer.owner,
+                None,
+            )
+            .map_err(&map)?;
+            audit::write(
+                &tx,
+                Some(&h.conversation_id),
+                Some(&h.to_session),
+                audit::actions::COMPLETE,
+                &json!({ "message_id": a.message_id, "response_id": response_id, "attempts": h.attempts }),
+            )
+            .map_err(&map)?;
+            out.push(Some(response_id));
+        }
+        tx.commit().map_err(&map)?;
+        Ok(out)
+    }
+
+    /// Mark claimed messages read without answering (they are not questions).
+    /// Returns how many we still held.
+    pub fn skip(&mut self, claimer: &Claimer, ids: &[i64], reason: &str) -> Result<usize> {
+        let (tx, map) = self.immediate()?;
+        let mut n = 0;
+        for &id in ids {
+            let Some(h) = held(&tx, id, &claimer.owner).map_err(&map)? else {
+                continue;
+            };
+            finish(&tx, id, &h, "skipped", None, &claimer.owner, Some(reason)).map_err(&map)?;
+            audit::write(
+                &tx,
+                Some(&h.conversation_id),
+                Some(&h.to_session),
+                audit::actions::SKIP,
+                &json!({ "message_id": id, "reason": reason }),
+            )
+            .map_err(&map)?;
+            n += 1;
+        }
+        tx.commit().map_err(&map)?;
+        Ok(n)
+    }
+
+    /// Dead-letter a message we hold now (a failure that retrying cannot fix):
+    /// answer it with an error response and mark it read. `None` when the
+    /// claim was no longer ours.
+    pub fn dead_letter(
+        &mut self,
+        claimer: &Claimer,
+        message_id: i64,
+        error: &str,
+    ) -> Result<Option<DeadLettered>> {
+        let (tx, map) = self.immediate()?;
+        let Some(h) = held(&tx, message_id, &claimer.owner).map_err(&map)? else {
+            return Ok(None);
+        };
+        let msg = tx
+            .prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?1"
+            ))
+            .and_then(|mut s| s.query_row([message_id], message::from_row))
+            .map_err(&map)?;
+        let d = dead_letter_held(&tx, claimer, &msg, &h, error, Some(error)).map_err(&map)?;
+        tx.commit().map_err(&map)?;
+        Ok(Some(d))
+    }
+
+    /// The outcome recorded for a message, if it is finished:
+    /// `(outcome, response_id, attempts)`.
+    pub fn outcome(&self, message_id: i64) -> Result<Option<(String, Option<i64>, u32)>> {
+        self.conn
+            .query_row(
+                "SELECT outcome, response_id, attempts FROM autopoll_outcomes WHERE message_id = ?1",
+                [message_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(self.map())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::testutil::Fixture;
+
+    use serde_json::Value;
+
+    fn response_json(msg: &Message) -> Value {
+        serde_json::from_str(&msg.message).unwrap_or(Value::Null)
+    }
+
+    fn opts(limit: usize, lease_ms: u64, max_attempts: u32) -> ClaimOptions {
+        ClaimOptions {
+            limit,
+            lease: Duration::from_millis(lease_ms),
+            max_attempts,
+        }
+    }
+
+    fn answer(id: i64, text: &str) -> Answer {
+        Answer {
+            message_id: id,
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn claim_complete_writes_answer_marks_read_and_records_outcome() {
+        let mut f = Fixture::new();
+        let q = f.send_a(&shard::query_text("q-1", "what?"));
+        let me = Claimer::new("shard-1").unwrap();
+        let conv = f.id().to_string();
+        let b = f
+            .bridge
+            .claim(&me, &conv, Session::B, &opts(10, 30_000, 3))
+            .unwrap();
+        assert_eq!(b.claimed.len(), 1);
+        assert_eq!(b.claimed[0].attempts, 1);
+        // Held: a second claimer sees nothing.
+        let other = Claimer::new("shard-2").unwrap();
+        assert!(
+            f.bridge
+                .claim(&other, &conv, Session::B, &opts(10, 30_000, 3))
+                .unwrap()
+                .claimed
+                .is_empty()
+        );
+        let text = Response {
+            answer: "because".into(),
+            ..Response::failure("q-1", "shard-1", "", 1)
+        }
+        .to_text();
+        let ids = f.bridge.complete(&me, &[answer(q, &text)]).unwrap();
+        let rid = ids[0].expect("answered");
+        let resp = f.bridge.message(rid).unwrap();
+        assert_eq!(
+            (resp.from_session.as_str(), resp.to_session.as_str()),
+            ("b", "a")
+        );
+        assert_eq!(resp.metadata, json!({"action_type": "response"}));
+        assert_eq!(response_json(&resp)["query_id"], "q-1");
+        assert!(f.bridge.message(q).unwrap().read);
+        assert_eq!(
+            f.bridge.outcome(q).unwrap(),
+            Some(("answered".into(), Some(rid), 1))
+        );
+        assert!(f.bridge.held_by(&me).unwrap().is_empty());
+        // Completing again changes nothing.
+        assert_eq!(
+            f.bridge.complete(&me, &[answer(q, &text)]).unwrap(),
+            vec![None]
+        );
+    }
+
+    #[test]
+    fn stale_owner_complete_changes_nothing() {
+        let mut f = Fixture::new();
+        let q = f.send_a("plain question");
+        let conv = f.id().to_string();
+        let stale = Claimer::new("s").unwrap();
+        let fresh = Claimer::new("s").unwrap();
+        // A zero lease expires at once: the message is claimable again.
+        assert_eq!(
+            f.bridge
+                .claim(&stale, &conv, Session::B, &opts(1, 0, 5))
+                .unwrap()
+                .claimed
+                .len(),
+            1
+        );
+        let b = f
+            .bridge
+            .claim(&fresh, &conv, Session::B, &opts(1, 60_000, 5))
+            .unwrap();
+        assert_eq!(b.claimed.len(), 1);
+        assert_eq!(b.claimed[0].attempts, 2);
+        let before: i64 = f
+            .bridge
+            .connection()
+            .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(
+            f.bridge.complete(&stale, &[answer(q, "late")]).unwrap(),
+            vec![None]
+        );
+        assert_eq!(
+            f.bridge
+                .extend(&stale, &[q], Duration::from_secs(60))
+                .unwrap(),
+            0
+        );
+        assert_eq!(f.bridge.release(&stale, &[q], None, false).unwrap(), 0);
+        assert_eq!(f.bridge.skip(&stale, &[q], "x").unwrap(), 0);
+        assert!(f.bridge.dead_letter(&stale, q, "x").unwrap().is_none());
+        let after: i64 = f
+            .bridge
+            .connection()
+            .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(before, after);
+        assert!(!f.bridge.message(q).unwrap().read);
+        assert!(f.bridge.complete(&fresh, &[answer(q, "on time")]).unwrap()[0].is_some());
+    }
+
+    #[test]
+    fn extend_keeps_a_slow_claim_ours() {
+        let mut f = Fixture::new();
+        let q = f.send_a("slow one");
+        let conv = f.id().to_string();
+        let me = Claimer::new("s").unwrap();
+        f.bridge
+            .claim(&me, &conv, Session::B, &opts(1, 0, 5))
+            .unwrap();
+        assert_eq!(
+            f.bridge.extend(&me, &[q], Duration::from_secs(60)).unwrap(),
+            1
+        );
+        let other = Claimer::new("s").unwrap();
+        assert!(
+            f.bridge
+                .claim(&other, &conv, Session::B, &opts(1, 60_000, 5))
+                .unwrap()
+                .claimed
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn release_keeps_attempts_and_refund_takes_one_back() {
+        let mut f = Fixture::new();
+        let q = f.send_a("q");
+        let conv = f.id().to_string();
+        let me = Claimer::new("s").unwrap();
+        let o = opts(1, 60_000, 5);
+        f.bridge.claim(&me, &conv, Session::B, &o).unwrap();
+        assert_eq!(
+            f.bridge
+                .release(&me, &[q], Some("engine down"), true)
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            f.bridge.claim(&me, &conv, Session::B, &o).unwrap().claimed[0].attempts,
+            1
+        );
+        assert_eq!(f.bridge.release_all(&me, Some("timeout")).unwrap(), 1);
+        assert_eq!(
+            f.bridge.claim(&me, &conv, Session::B, &o).unwrap().claimed[0].attempts,
+            2
+        );
+    }
+
+    #[test]
+    fn dead_letter_after_exactly_max_attempts() {
+        let mut f = Fixture::new();
+        let q = f.send_a(&shard::query_text("q-poison", "crash me"));
+        let conv = f.id().to_string();
+        let max = 3;
+        for attempt in 1..=max {
+            let me = Claimer::new("s").unwrap();
+            let b = f
+                .bridge
+                .claim(&me, &conv, Session::B, &opts(5, 60_000, max))
+                .unwrap();
+            assert_eq!(b.claimed.len(), 1, "attempt {attempt}");
+            assert_eq!(b.claimed[0].attempts, attempt);
+            f.bridge
+                .release(&me, &[q], Some("worker crashed"), false)
+                .unwrap();
+        }
+        let me = Claimer::new("s").unwrap();
+        let b = f
+            .bridge
+            .claim(&me, &conv, Session::B, &opts(5, 60_000, max))
+            .unwrap();
+        assert!(b.claimed.is_empty());
+        assert_eq!(b.dead_lettered.len(), 1);
+        let d = &b.dead_lettered[0];
+        assert_eq!(
+            (d.message_id, d.query_id.as_str(), d.attempts),
+            (q, "q-poison", max)
+        );
+        let r = response_json(&f.bridge.message(d.response_id).unwrap());
+        assert_eq!(r["query_id"], "q-poison");
+        assert_eq!(r["error"], "dead-lettered after 3 attempts: worker crashed");
+        assert!(f.bridge.message(q).unwrap().read);
+        assert_eq!(f.bridge.outcome(q).unwrap().unwrap().0, "dead_letter");
+        // Nothing left to claim or dead-letter again.
+        let b = f
+            .bridge
+            .claim(&me, &conv, Session::B, &opts(5, 60_000, max))
+            .unwrap();
+        assert!(b.claimed.is_empty() && b.dead_lettered.is_empty());
+    }
+
+    #[test]
+    fn explicit_dead_letter_and_skip() {
+        let mut f = Fixture::new();
+        let q = f.send_a(&shard::query_text("q-big", "x"));
+        let info = f.send_a(r#"{"type":"info","text":"fyi"}"#);
+        let conv = f.id().to_string();
+        let me = Claimer::new("s").unwrap();
+        assert_eq!(
+            f.bridge
+                .claim(&me, &conv, Session::B, &opts(5, 60_000, 3))
+                .unwrap()
+                .claimed
+                .len(),
+            2
+        );
+        let d = f
+            .bridge
+            .dead_letter(&me, q, "question too large")
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.attempts, 1);
+        assert_eq!(f.bridge.skip(&me, &[info], "type info").unwrap(), 1);
+        assert!(f.bridge.message(info).unwrap().read);
+        assert_eq!(f.bridge.outcome(info).unwrap().unwrap().0, "skipped");
+        // Only the dead letter produced a message to a.
+        let ta = f.conv.session_a_token.clone();
+        let to_a = f.bridge.read_unread(&conv, Session::A, &ta).unwrap();
+        assert_eq!(to_a.len(), 1);
+        assert_eq!(response_json(&to_a[0])["error"], "question too large");
+    }
+
+    #[test]
+    fn claims_are_per_conversation_and_session() {
+        let mut f = Fixture::new();
+        f.send_a("for b");
+        let conv = f.id().to_string();
+        let me = Claimer::new("s").unwrap();
+        assert!(
+            f.bridge
+                .claim(&me, &conv, Session::A, &opts(5, 60_000, 3))
+                .unwrap()
+                .claimed
+                .is_empty()
+        );
+        let c2 = f
+            .bridge
+            .create_conversation("x", "y", crate::DEFAULT_TTL)
+            .unwrap();
+        assert!(
+            f.bridge
+                .claim(&me, &c2.conversation_id, Session::B, &opts(5, 60_000, 3))
+                .unwrap()
+                .claimed
+                .is_empty()
+        );
+        assert_eq!(
+            f.bridge
+                .claim(&me, &conv, Session::B, &opts(5, 60_000, 3))
+                .unwrap()
+                .claimed
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn answers_are_redacted() {
+        let mut f = Fixture::new();
+        let q = f.send_a("q");
+        let conv = f.id().to_string();
+        let me = Claimer::new("s").unwrap();
+        f.bridge
+            .claim(&me, &conv, Session::B, &opts(5, 60_000, 3))
+            .unwrap();
+        let rid = f
+            .bridge
+            .complete(&me, &[answer(q, "the key is AKIAIOSFODNN7EXAMPLE")])
+            .unwrap()[0]
+            .unwrap();
+        assert_eq!(
+            f.bridge.message(rid).unwrap().message,
+            "the key is AWS_KEY_REDACTED"
+        );
+    }
+
+    /// Two connections on two threads race to claim and answer 2,000
+    /// messages: each is claimed by exactly one and answered exactly once.
+    #[test]
+    fn racing_claimers_claim_each_message_exactly_once() {
+        let mut f = Fixture::new();
+        let conv = f.id().to_string();
+        let ta = f.conv.session_a_token.clone();
+        {
+            // Send in one go through a second connection for speed.
+            let tx = f.bridge.conn.transaction().unwrap();
+            for i in 0..2_000 {
+                message::insert(
+                    &tx,
+                    &conv,
+                    "a",
+                    "b",
+                    &shard::query_text(&format!("q-{i}"), "?"),
+                    &json!({}),
+                )
+                .unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let _ = ta;
+        let path = f.path();
+        let start = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let workers: Vec<_> = (0..2)
+            .map(|w| {
+                let path = path.clone();
+                let conv = conv.clone();
+                let start = start.clone();
+                std::thread::Builder::new()
+                    .name(format!("claimer-{w}"))
+                    .spawn(move || {
+                        let mut b = Bridge::open(&path).unwrap();
+                        let me = Claimer::new(&format!("w{w}")).unwrap();
+                        let mut mine = Vec::new();
+                        start.wait();
+                        loop {
+                            let batch = b
+                                .claim(&me, &conv, Session::B, &opts(7, 60_000, 3))
+                                .unwrap();
+                            if batch.claimed.is_empty() {
+                                break;
+                            }
+                            // "Answer" outside the transaction, as a poller
+                            // does, so the other thread gets the lock.
+                            std::thread::sleep(Duration::from_millis(1));
+                            let answers: Vec<Answer> = batch
+                                .claimed
+                                .iter()
+                                .map(|c| answer(c.message.id, &format!("w{w}")))
+                                .collect();
+                            let done = b.complete(&me, &answers).unwrap();
+                            assert!(done.iter().all(Option::is_some));
+                            mine.extend(batch.claimed.iter().map(|c| c.message.id));
+                        }
+                        mine
+                    })
+                    .unwrap()
+            })
+            .collect();
+        let results: Vec<Vec<i64>> = workers.into_iter().map(|h| h.join().unwrap()).collect();
+        let all: Vec<i64> = results.iter().flatten().copied().collect();
+        let unique: HashSet<i64> = all.iter().copied().collect();
+        assert_eq!(all.len(), 2_000, "claimed {} times", all.len());
+        assert_eq!(unique.len(), 2_000);
+        assert!(
+            results.iter().all(|r| !r.is_empty()),
+            "both threads should have won some"
+        );
+        let (responses, outcomes, unread): (i64, i64, i64) = f
+            .bridge
+            .connection()
+            .query_row(
+                "SELECT (SELECT count(*) FROM messages WHERE to_session = 'a'),
+                        (SELECT count(*) FROM autopoll_outcomes WHERE outcome = 'answered'),
+                        (SELECT count(*) FROM messages WHERE to_session = 'b' AND read = 0)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!((responses, outcomes, unread), (2_000, 2_000, 0));
+    }
+}

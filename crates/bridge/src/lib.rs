@@ -1,0 +1,316 @@
+//! # autopoll-bridge
+//!
+//! The SQLite bridge that agent sessions share with the Python MCP bridge
+//! server, and autopoll's claim/lease tables on top of it.
+//!
+//! A [`Bridge`] is one connection to one bridge file. Every connection runs in
+//! WAL mode with a busy timeout, and every read-then-write runs in a
+//! `BEGIN IMMEDIATE` transaction, so any number of processes (ours and the
+//! Python server) may use the file at once.
+//!
+//! The four shared tables keep the Python server's exact format (see
+//! [`schema`]). Consumers that must answer each question exactly once use
+//! [claims](Bridge::claim): a claim is a lease with an owner and an attempt
+//! count, and [completing](Bridge::complete) it inserts the answer, marks the
+//! question read and drops the claim in one transaction, only while the caller
+//! still owns it.
+#![deny(missing_docs)]
+
+mod audit;
+mod claim;
+pub mod clock;
+mod conversation;
+pub mod error;
+mod message;
+pub mod redact;
+pub mod schema;
+pub mod shard;
+mod stats;
+mod status;
+pub mod token;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
+
+pub use audit::actions;
+pub use claim::{Answer, ClaimBatch, ClaimOptions, Claimed, Claimer, DeadLettered};
+pub use conversation::{ConversationInfo, NewConversation};
+pub use error::{Error, Result};
+pub use message::{Message, Sent};
+pub use stats::SessionStats;
+pub use status::{PartnerStatus, SessionState, SessionStatus};
+
+/// The Python server's conversation lifetime.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(3 * 3600);
+/// The Python server's busy timeout, which we use too.
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest message text the Python server accepts.
+pub const MAX_MESSAGE_CHARS: usize = 50_000;
+/// A partner counts as alive while its heartbeat is younger than this.
+pub const ALIVE_SECS: f64 = 120.0;
+
+/// One of the two sessions of a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Session {
+    /// The session that created the conversation (a coordinator, usually).
+    A,
+    /// The other session (a shard, usually).
+    B,
+}
+
+impl Session {
+    /// `"a"` or `"b"`, as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Session::A => "a",
+            Session::B => "b",
+        }
+    }
+
+    /// The partner session.
+    pub fn other(self) -> Session {
+        match self {
+            Session::A => Session::B,
+            Session::B => Session::A,
+        }
+    }
+}
+
+impl std::fmt::Display for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Session {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "a" | "A" => Ok(Session::A),
+            "b" | "B" => Ok(Session::B),
+            _ => Err(Error::Invalid(format!(
+                "session must be `a` or `b`, not {s:?}"
+            ))),
+        }
+    }
+}
+
+/// Optional per-(conversation, session) send limits, counted from the
+/// `messages` table so they hold across processes. Off by default: a shard
+/// answering a backlog must not be throttled to the Python server's 10/minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Sends allowed in any 60 s.
+    pub per_minute: u32,
+    /// Sends allowed in any hour.
+    pub per_hour: u32,
+    /// Sends allowed in any day.
+    pub per_day: u32,
+}
+
+impl RateLimit {
+    /// The Python server's limits: 10/minute, 100/hour, 500/day.
+    pub const PYTHON_DEFAULT: RateLimit = RateLimit {
+        per_minute: 10,
+        per_hour: 100,
+        per_day: 500,
+    };
+}
+
+/// How a [`Bridge`] connection behaves.
+#[derive(Debug, Clone)]
+pub struct BridgeOptions {
+    /// Create the file (and tables) when it does not exist. When false, a
+    /// missing file is [`Error::NotFound`].
+    pub create: bool,
+    /// How long to wait for another writer's lock before [`Error::Busy`].
+    pub busy_timeout: Duration,
+    /// Send limits, `None` for none.
+    pub rate_limit: Option<RateLimit>,
+    /// Longest message text [`Bridge::send`] accepts.
+    pub max_message_chars: usize,
+}
+
+impl Default for BridgeOptions {
+    fn default() -> Self {
+        BridgeOptions {
+            create: false,
+            busy_timeout: DEFAULT_BUSY_TIMEOUT,
+            rate_limit: None,
+            max_message_chars: MAX_MESSAGE_CHARS,
+        }
+    }
+}
+
+/// One connection to a bridge file.
+pub struct Bridge {
+    conn: Connection,
+    path: PathBuf,
+    opts: BridgeOptions,
+}
+
+impl std::fmt::Debug for Bridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bridge").field("path", &self.path).finish()
+    }
+}
+
+impl Bridge {
+    /// Open an existing bridge file (creating autopoll's own tables if needed).
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, BridgeOptions::default())
+    }
+
+    /// Open a bridge file, creating it when it does not exist.
+    pub fn open_or_create(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(
+            path,
+            BridgeOptions {
+                create: true,
+                ..BridgeOptions::default()
+            },
+        )
+    }
+
+    /// Open with explicit options.
+    pub fn open_with(path: impl AsRef<Path>, opts: BridgeOptions) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let timeout_ms = ms(opts.busy_timeout);
+        let map = error::sql(timeout_ms);
+        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI;
+        if opts.create {
+            flags |= OpenFlags::SQLITE_OPEN_CREATE;
+        } else if !path.exists() {
+            return Err(Error::NotFound {
+                what: format!("bridge file {}", path.display()),
+                hint: format!(
+                    "; create it with `autopoll bridge init --db {}`",
+                    path.display()
+                ),
+            });
+        }
+        let mut conn = Connection::open_with_flags(&path, flags).map_err(|e| match e {
+            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::CannotOpen => {
+                Error::Io {
+                    op: "cannot open bridge file",
+                    path: path.clone(),
+                    source: std::io::Error::from_raw_os_error(f.extended_code & 0xff),
+                }
+            }
+            e => map(e),
+        })?;
+        conn.busy_timeout(opts.busy_timeout).map_err(&map)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(&map)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            log::warn!(
+                "bridge {} is in journal mode {mode}, not WAL",
+                path.display()
+            );
+        }
+        // WAL + NORMAL: a committed transaction survives any process crash;
+        // only a power loss may roll back the last few commits.
+        conn.execute_batch("PRAGMA synchronous=NORMAL;")
+            .map_err(&map)?;
+        schema::ensure(&mut conn, &path, timeout_ms)?;
+        Ok(Bridge { conn, path, opts })
+    }
+
+    /// The file this connection is on.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The options this connection was opened with.
+    pub fn options(&self) -> &BridgeOptions {
+        &self.opts
+    }
+
+    /// The raw connection, for read-only inspection (tests, `doctor`).
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// `PRAGMA data_version`: changes whenever another connection commits to
+    /// the file. Cheap enough to check every few milliseconds.
+    pub fn data_version(&self) -> Result<i64> {
+        self.conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(self.map())
+    }
+
+    /// The journal mode the file is in (`wal` normally).
+    pub fn journal_mode(&self) -> Result<String> {
+        self.conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .map_err(self.map())
+    }
+
+    pub(crate) fn map(&self) -> impl Fn(rusqlite::Error) -> Error + use<> {
+        error::sql(ms(self.opts.busy_timeout))
+    }
+
+    /// Begin a `BEGIN IMMEDIATE` transaction, returning it and an error mapper.
+    pub(crate) fn immediate(
+        &mut self,
+    ) -> Result<(Transaction<'_>, impl Fn(rusqlite::Error) -> Error + use<>)> {
+        let map = self.map();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&map)?;
+        Ok((tx, map))
+    }
+}
+
+pub(crate) fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use super::*;
+
+    /// A bridge on a fresh file in a temp dir, with one conversation.
+    pub struct Fixture {
+        pub dir: tempfile::TempDir,
+        pub bridge: Bridge,
+        pub conv: NewConversation,
+    }
+
+    impl Fixture {
+        pub fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            let mut bridge = Bridge::open_or_create(dir.path().join("bridge.db")).unwrap();
+            let conv = bridge
+                .create_conversation("coordinator", "shard", DEFAULT_TTL)
+                .unwrap();
+            Fixture { dir, bridge, conv }
+        }
+
+        pub fn path(&self) -> PathBuf {
+            self.dir.path().join("bridge.db")
+        }
+
+        pub fn id(&self) -> &str {
+            &self.conv.conversation_id
+        }
+
+        /// Send `text` from session a to b.
+        pub fn send_a(&mut self, text: &str) -> i64 {
+            let id = self.conv.conversation_id.clone();
+            let tok = self.conv.session_a_token.clone();
+            self.bridge
+                .send(&id, Session::A, &tok, text, None)
+                .unwrap()
+                .id
+        }
+    }
+}

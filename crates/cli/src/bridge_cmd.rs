@@ -1,0 +1,515 @@
+//! `autopoll bridge ...`: administer the SQLite bridge from a shell.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use autopoll_bridge::shard::{self, Response};
+use autopoll_bridge::{Bridge, BridgeOptions, Session, SessionStats};
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+
+use crate::exit::{self, CliError};
+use crate::table;
+
+/// Arguments of `autopoll bridge`.
+#[derive(Debug, Args)]
+pub struct BridgeArgs {
+    #[command(subcommand)]
+    cmd: BridgeCmd,
+}
+
+/// Options every bridge subcommand takes.
+#[derive(Debug, Clone, Args)]
+struct Common {
+    /// The bridge's SQLite file.
+    #[arg(long, env = "AUTOPOLL_DB", value_name = "PATH")]
+    db: PathBuf,
+    /// Print machine-readable JSON on stdout instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Which side of a conversation, and its token.
+#[derive(Debug, Clone, Args)]
+struct Auth {
+    /// Conversation id (`conv_` + 16 hex digits).
+    #[arg(long, env = "AUTOPOLL_CONVERSATION", value_name = "ID")]
+    conversation: String,
+    /// Your session in the conversation.
+    #[arg(long, env = "AUTOPOLL_SESSION", value_enum)]
+    session: SessionArg,
+    /// Your session's token (64 hex). Prefer the environment variable: a flag is visible in `ps`.
+    #[arg(
+        long,
+        env = "AUTOPOLL_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    token: String,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SessionArg {
+    A,
+    B,
+}
+
+impl From<SessionArg> for Session {
+    fn from(s: SessionArg) -> Self {
+        match s {
+            SessionArg::A => Session::A,
+            SessionArg::B => Session::B,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum BridgeCmd {
+    /// Create the bridge file and its tables (idempotent; an existing file is checked and kept).
+    Init {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Create a conversation; prints its id and both sessions' tokens.
+    Create {
+        #[command(flatten)]
+        common: Common,
+        /// Role of session a (the creator, usually the coordinator).
+        #[arg(long, value_name = "ROLE")]
+        role_a: String,
+        /// Role of session b (usually the shard).
+        #[arg(long, value_name = "ROLE")]
+        role_b: String,
+        /// Lifetime of the tokens in hours (the Python server uses 3).
+        #[arg(long, value_name = "H", default_value_t = 3.0, value_parser = hours)]
+        ttl_hours: f64,
+    },
+    /// Send a message (or, with --query, a query object) to the other session.
+    Send {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        auth: Auth,
+        /// Wrap the text as {"type":"query","query_id":..,"question":TEXT} and print the query_id.
+        #[arg(long)]
+        query: bool,
+        /// The query_id to use with --query (default: a new q-<12 hex>).
+        #[arg(long, requires = "query", value_name = "ID")]
+        query_id: Option<String>,
+        /// metadata.action_type (default: question with --query, info otherwise).
+        #[arg(long, value_name = "TYPE", value_parser = ["question", "info", "proposal", "blocked", "complete", "response"])]
+        action_type: Option<String>,
+        /// The text, or `-` to read it from stdin.
+        #[arg(value_name = "TEXT|-")]
+        text: String,
+    },
+    /// Read your unread messages and mark them read (as the Python check_messages does).
+    Read {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        auth: Auth,
+    },
+    /// Send a query and wait for the response with its query_id; prints answer and sources.
+    Ask {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        auth: Auth,
+        /// Seconds to wait for the answer before exiting with code 5 (the query stays queued).
+        #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = secs)]
+        timeout: f64,
+        /// The question, or `-` to read it from stdin.
+        #[arg(value_name = "QUESTION|-")]
+        question: String,
+    },
+    /// Queue state per conversation and session: unread, claimed, answered, dead letters, heartbeats.
+    Status {
+        #[command(flatten)]
+        common: Common,
+        /// Only this conversation.
+        #[arg(long, env = "AUTOPOLL_CONVERSATION", value_name = "ID")]
+        conversation: Option<String>,
+    },
+    /// Extend a conversation's expiry to now + TTL (either session's token; works after expiry).
+    Renew {
+        #[command(flatten)]
+        common: Common,
+        /// Conversation id.
+        #[arg(long, env = "AUTOPOLL_CONVERSATION", value_name = "ID")]
+        conversation: String,
+        /// Either session's token.
+        #[arg(
+            long,
+            env = "AUTOPOLL_TOKEN",
+            hide_env_values = true,
+            value_name = "TOKEN"
+        )]
+        token: String,
+        /// New lifetime in hours from now.
+        #[arg(long, value_name = "H", default_value_t = 3.0, value_parser = hours)]
+        ttl_hours: f64,
+    },
+}
+
+fn hours(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(h) if h.is_finite() && h > 0.0 && h <= 24.0 * 365.0 => Ok(h),
+        _ => Err(format!("{s:?} is not a number of hours in (0, 8760]")),
+    }
+}
+
+fn secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=86_400.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds in [0, 86400]")),
+    }
+}
+
+fn hours_to_duration(h: f64) -> Duration {
+    Duration::from_secs_f64(h * 3600.0)
+}
+
+/// Text from the argument, or stdin when it is `-`.
+fn text_or_stdin(arg: String) -> Result<String, CliError> {
+    if arg != "-" {
+        return Ok(arg);
+    }
+    let mut s = String::new();
+    std::io::stdin()
+        .read_to_string(&mut s)
+        .map_err(|e| CliError::new(exit::FAILURE, format!("reading stdin: {e}")))?;
+    Ok(s.trim_end_matches('\n').to_string())
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| "null".into())
+    );
+}
+
+fn open(common: &Common) -> Result<Bridge, CliError> {
+    Ok(Bridge::open(&common.db)?)
+}
+
+/// Run a bridge subcommand.
+pub fn run(args: BridgeArgs) -> Result<(), CliError> {
+    match args.cmd {
+        BridgeCmd::Init { common } => {
+            let b = Bridge::open_with(
+                &common.db,
+                BridgeOptions {
+                    create: true,
+                    ..BridgeOptions::default()
+                },
+            )?;
+            let mode = b.journal_mode()?;
+            if common.json {
+                print_json(&json!({
+                    "db": common.db,
+                    "journal_mode": mode,
+                    "schema_version": autopoll_bridge::schema::SCHEMA_VERSION,
+                }));
+            } else {
+                println!(
+                    "bridge ready at {} (journal {mode}, autopoll schema v{})",
+                    common.db.display(),
+                    autopoll_bridge::schema::SCHEMA_VERSION
+                );
+            }
+            Ok(())
+        }
+        BridgeCmd::Create {
+            common,
+            role_a,
+            role_b,
+            ttl_hours,
+        } => {
+            let mut b = Bridge::open_or_create(&common.db)?;
+            let c = b.create_conversation(&role_a, &role_b, hours_to_duration(ttl_hours))?;
+            if common.json {
+                print_json(&c);
+            } else {
+                println!("conversation_id  {}", c.conversation_id);
+                println!("session_a_token  {}", c.session_a_token);
+                println!("session_b_token  {}", c.session_b_token);
+                println!("expires_at       {} UTC", c.expires_at);
+            }
+            Ok(())
+        }
+        BridgeCmd::Send {
+            common,
+            auth,
+            query,
+            query_id,
+            action_type,
+            text,
+        } => {
+            let text = text_or_stdin(text)?;
+            let mut b = open(&common)?;
+            let (body, qid) = if query {
+                let qid = match query_id {
+                    Some(id) => id,
+                    None => shard::new_query_id()?,
+                };
+                (shard::query_text(&qid, &text), Some(qid))
+            } else {
+                (text, None)
+            };
+            let action =
+                action_type.unwrap_or_else(|| if query { "question" } else { "info" }.into());
+            let meta = json!({ "action_type": action, "files_involved": [] });
+            let session = Session::from(auth.session);
+            let sent = b.send(&auth.conversation, session, &auth.token, &body, Some(&meta))?;
+            if sent.redacted {
+                eprintln!("autopoll: secrets were redacted from the message before it was stored");
+            }
+            if common.json {
+                print_json(&json!({
+                    "message_id": sent.id,
+                    "query_id": qid,
+                    "to_session": session.other().as_str(),
+                    "timestamp": sent.timestamp,
+                    "redacted": sent.redacted,
+                }));
+            } else {
+                match qid {
+                    Some(q) => println!("{q}"),
+                    None => println!("{}", sent.id),
+                }
+            }
+            Ok(())
+        }
+        BridgeCmd::Read { common, auth } => {
+            let mut b = open(&common)?;
+            let msgs = b.read_unread(&auth.conversation, auth.session.into(), &auth.token)?;
+            if common.json {
+                // The Python check_messages shape.
+                let out: Vec<Value> = msgs
+                    .iter()
+                    .map(|m| {
+                        json!({
+                            "id": m.id,
+                            "from": m.from_session,
+                            "message": m.message,
+                            "metadata": m.metadata,
+                            "timestamp": m.timestamp,
+                        })
+                    })
+                    .collect();
+                print_json(&out);
+            } else if msgs.is_empty() {
+                eprintln!("no unread messages");
+            } else {
+                for m in &msgs {
+                    println!(
+                        "--- #{} from {} at {} ({})",
+                        m.id,
+                        m.from_session,
+                        m.timestamp,
+                        m.action_type().unwrap_or("-")
+                    );
+                    println!("{}", m.message);
+                }
+            }
+            Ok(())
+        }
+        BridgeCmd::Ask {
+            common,
+            auth,
+            timeout,
+            question,
+        } => ask(&common, &auth, Duration::from_secs_f64(timeout), question),
+        BridgeCmd::Status {
+            common,
+            conversation,
+        } => {
+            let b = open(&common)?;
+            let stats = b.stats(conversation.as_deref())?;
+            if common.json {
+                print_json(&stats);
+            } else if stats.is_empty() {
+                eprintln!(
+                    "no conversations in {}; create one with `autopoll bridge create`",
+                    common.db.display()
+                );
+            } else {
+                print!("{}", status_table(&stats));
+            }
+            Ok(())
+        }
+        BridgeCmd::Renew {
+            common,
+            conversation,
+            token,
+            ttl_hours,
+        } => {
+            let mut b = open(&common)?;
+            let exp = b.renew(&conversation, &token, hours_to_duration(ttl_hours))?;
+            if common.json {
+                print_json(&json!({ "conversation_id": conversation, "expires_at": exp }));
+            } else {
+                println!("{conversation} now expires at {exp} UTC");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn status_table(stats: &[SessionStats]) -> String {
+    let rows: Vec<Vec<String>> = stats
+        .iter()
+        .map(|s| {
+            vec![
+                if s.expired {
+                    format!("{} (expired)", s.conversation_id)
+                } else {
+                    s.conversation_id.clone()
+                },
+                s.session.clone(),
+                s.role.clone(),
+                s.unread.to_string(),
+                s.claimed.to_string(),
+                s.answered.to_string(),
+                s.dead_lettered.to_string(),
+                table::age(s.oldest_unread_age_secs),
+                s.status.clone().unwrap_or_else(|| "-".into()),
+                table::age(s.heartbeat_age_secs),
+                if s.alive { "yes" } else { "no" }.into(),
+            ]
+        })
+        .collect();
+    table::render(
+        &[
+            "CONVERSATION",
+            "SESSION",
+            "ROLE",
+            "UNREAD",
+            "CLAIMED",
+            "ANSWERED",
+            "DEAD",
+            "OLDEST",
+            "STATUS",
+            "HEARTBEAT",
+            "ALIVE",
+        ],
+        rows.as_slice(),
+    )
+}
+
+/// Send a query, then wait for the response carrying its query_id. Only that
+/// response is marked read; other messages stay unread for their readers.
+fn ask(common: &Common, auth: &Auth, timeout: Duration, question: String) -> Result<(), CliError> {
+    let question = text_or_stdin(question)?;
+    if question.trim().is_empty() {
+        return Err(CliError::new(exit::INVALID, "the question is empty"));
+    }
+    let mut b = open(common)?;
+    let session = Session::from(auth.session);
+    let qid = shard::new_query_id()?;
+    let meta = json!({ "action_type": "question", "files_involved": [] });
+    let started = Instant::now();
+    let sent = b.send(
+        &auth.conversation,
+        session,
+        &auth.token,
+        &shard::query_text(&qid, &question),
+        Some(&meta),
+    )?;
+    log::info!("event=query_sent query_id={qid} message_id={}", sent.id);
+    let deadline = started + timeout;
+    let mut after = sent.id;
+    let mut seen_version = None;
+    loop {
+        let version = match b.data_version() {
+            Ok(v) => Some(v),
+            Err(e) if e.is_transient() => None,
+            Err(e) => return Err(e.into()),
+        };
+        if version.is_none() || version != seen_version {
+            seen_version = version;
+            match b.peek_unread(&auth.conversation, session, after, 256) {
+                Ok(msgs) => {
+                    for m in msgs {
+                        after = after.max(m.id);
+                        let Some(r) = Response::parse(&m.message) else {
+                            continue;
+                        };
+                        if r.query_id != qid {
+                            continue;
+                        }
+                        b.mark_read(&auth.conversation, session, &auth.token, &[m.id])?;
+                        return print_answer(common.json, &r, started.elapsed());
+                    }
+                }
+                Err(e) if e.is_transient() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if Instant::now() >= deadline {
+            let other = session.other();
+            return Err(CliError::new(
+                exit::TIMEOUT,
+                format!(
+                    "no answer to {qid} within {:.1} s; the query stays queued as message {} for session {other}. \
+                     Is a poller answering session {other} of {}? Check with `autopoll bridge status --conversation {}`",
+                    timeout.as_secs_f64(),
+                    sent.id,
+                    auth.conversation,
+                    auth.conversation
+                ),
+            ));
+        }
+        std::thread::sleep(
+            Duration::from_millis(5).min(deadline.saturating_duration_since(Instant::now())),
+        );
+    }
+}
+
+fn print_answer(json_out: bool, r: &Response, elapsed: Duration) -> Result<(), CliError> {
+    let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
+    if json_out {
+        print_json(&json!({
+            "query_id": r.query_id,
+            "answer": r.answer,
+            "sources": r.sources,
+            "error": r.error,
+            "elapsed_ms": elapsed_ms,
+            "response": r,
+        }));
+    } else {
+        if !r.answer.is_empty() {
+            println!("{}", r.answer);
+        }
+        if !r.sources.is_empty() {
+            println!();
+            println!("sources:");
+            for s in &r.sources {
+                println!("  {s}");
+            }
+        }
+        eprintln!(
+            "({} answered in {elapsed_ms:.1} ms by {} [{}])",
+            r.query_id,
+            if r.shard_id.is_empty() {
+                "?"
+            } else {
+                &r.shard_id
+            },
+            if r.llm_type.is_empty() {
+                "?"
+            } else {
+                &r.llm_type
+            },
+        );
+    }
+    match &r.error {
+        Some(e) => Err(CliError::new(
+            exit::FAILURE,
+            format!("the shard answered {} with an error: {e}", r.query_id),
+        )),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,100 @@
+//! Exit codes shared by the three binaries, and how errors reach the user:
+//! one line on stderr, never a panic or a backtrace.
+
+use std::process::ExitCode;
+
+use autopoll_bridge::Error as BridgeError;
+
+/// Success.
+pub const OK: u8 = 0;
+/// Any other failure (I/O, SQLite, an error answer from the shard).
+pub const FAILURE: u8 = 1;
+/// Bad command-line usage (clap's own code).
+pub const USAGE: u8 = 2;
+/// Wrong token, or the conversation has expired.
+pub const AUTH: u8 = 3;
+/// The bridge file, conversation or message does not exist.
+pub const NOT_FOUND: u8 = 4;
+/// No answer (or reply) within the timeout.
+pub const TIMEOUT: u8 = 5;
+/// The bridge stayed locked by another writer past the busy timeout.
+pub const BUSY: u8 = 6;
+/// The bridge file's schema is not the bridge's.
+pub const SCHEMA: u8 = 7;
+/// A configured send rate limit was hit.
+pub const RATE_LIMITED: u8 = 8;
+/// Invalid input (too long a message, bad metadata, bad id).
+pub const INVALID: u8 = 9;
+
+/// The table printed under every `--help`.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  success
+  1  failure (I/O, SQLite, the shard answered with an error)
+  2  usage error
+  3  invalid token or expired conversation
+  4  bridge file, conversation or message not found
+  5  timed out waiting for an answer
+  6  bridge busy (locked by another writer past the busy timeout)
+  7  bridge schema mismatch
+  8  rate limited
+  9  invalid input";
+
+/// A failure to report: an exit code and a one-line message.
+#[derive(Debug)]
+pub struct CliError {
+    /// Exit code.
+    pub code: u8,
+    /// What to print after `<program>: `.
+    pub message: String,
+}
+
+impl CliError {
+    /// A failure with `code`.
+    pub fn new(code: u8, message: impl Into<String>) -> CliError {
+        CliError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<BridgeError> for CliError {
+    fn from(e: BridgeError) -> Self {
+        let code = match &e {
+            BridgeError::InvalidToken { .. } | BridgeError::Expired { .. } => AUTH,
+            BridgeError::NotFound { .. } => NOT_FOUND,
+            BridgeError::Busy { .. } => BUSY,
+            BridgeError::SchemaMismatch { .. } => SCHEMA,
+            BridgeError::RateLimited { .. } => RATE_LIMITED,
+            BridgeError::Invalid(_) => INVALID,
+            BridgeError::Io { .. } | BridgeError::Sqlite(_) => FAILURE,
+            // The enum may grow; anything new is a plain failure until mapped.
+            #[allow(unreachable_patterns)]
+            _ => FAILURE,
+        };
+        CliError::new(code, e.to_string())
+    }
+}
+
+/// Print the error (if any) and turn the result into the process exit code.
+pub fn report(program: &str, result: Result<(), CliError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::from(OK),
+        Err(e) => {
+            // One line: newlines inside messages would break log scraping.
+            eprintln!("{program}: {}", e.message.replace('\n', " "));
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+/// Print clap's message (help, version or usage error) and exit with its code.
+pub fn clap_exit(e: clap::Error) -> ExitCode {
+    let _ = e.print();
+    if e.use_stderr() {
+        ExitCode::from(USAGE)
+    } else {
+        ExitCode::from(OK)
+    }
+}

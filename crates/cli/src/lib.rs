@@ -1,0 +1,60 @@
+//! # autopoll-cli
+//!
+//! The front ends of autopoll's three binaries: flag parsing (clap), output
+//! formatting, logging set-up and exit codes. Each binary under `bin/` is a
+//! one-line `main` calling into this crate; the work itself lives in the
+//! library crates (`autopoll-bridge`, `autopoll-protocol`, ...).
+#![deny(missing_docs)]
+
+mod bridge_cmd;
+pub mod exit;
+pub mod logging;
+mod placeholder;
+mod table;
+
+pub use placeholder::{poller_main, server_main};
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::exit::CliError;
+
+/// `autopoll`: bridge administration (and, as the issues land, asking a
+/// server directly and status).
+#[derive(Debug, Parser)]
+#[command(
+    name = "autopoll",
+    version,
+    about = "Answer LLM agent queries from a SQLite bridge through a persistent instance",
+    long_about = "autopoll lets agent sessions ask a long-lived memory shard questions through the \
+                  shared SQLite bridge of the Python MCP bridge server, and get cited answers in \
+                  milliseconds.\n\nThis command administers the bridge file.",
+    after_help = exit::EXIT_CODES_HELP
+)]
+struct Cli {
+    #[command(flatten)]
+    verbosity: logging::Verbosity,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Administer the SQLite bridge: conversations, messages, queues.
+    #[command(after_help = exit::EXIT_CODES_HELP)]
+    Bridge(bridge_cmd::BridgeArgs),
+}
+
+/// The `autopoll` binary's main: parse, run, map the result to an exit code.
+pub fn autopoll_main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return exit::clap_exit(e),
+    };
+    logging::init(&cli.verbosity);
+    let result: Result<(), CliError> = match cli.command {
+        Command::Bridge(args) => bridge_cmd::run(args),
+    };
+    exit::report("autopoll", result)
+}

@@ -1,0 +1,182 @@
+//! End-to-end test harness: a temp dir per test, the real binaries spawned
+//! with a clean environment, and `wait_until` instead of sleeps. Failure
+//! messages print the child's stderr.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Long enough for a loaded 2-core CI machine; tests never assert wall time.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Poll `cond` until it holds or `timeout` passes; panics naming `what`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// One test's world: a private temp dir with a bridge path in it.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        Env {
+            dir: tempfile::Builder::new()
+                .prefix("autopoll-e2e-")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.path("bridge.db")
+    }
+
+    /// A command for binary `bin` with no AUTOPOLL_* variables from the
+    /// outer environment, and AUTOPOLL_DB pointing at this test's bridge.
+    pub fn cmd(&self, bin: &str) -> Command {
+        let exe = match bin {
+            "autopoll" => env!("CARGO_BIN_EXE_autopoll"),
+            "autopoll-server" => env!("CARGO_BIN_EXE_autopoll-server"),
+            "autopoll-poller" => env!("CARGO_BIN_EXE_autopoll-poller"),
+            other => panic!("unknown binary {other}"),
+        };
+        let mut c = Command::new(exe);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("AUTOPOLL_") || k == "RUST_LOG" {
+                c.env_remove(k);
+            }
+        }
+        c.env("AUTOPOLL_DB", self.db()).current_dir(self.dir.path());
+        c.stdin(Stdio::null());
+        c
+    }
+
+    /// Run `autopoll ARGS`, returning its output whatever the exit code.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd("autopoll").args(args).output().unwrap()
+    }
+
+    /// Run `autopoll ARGS`, which must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "autopoll {args:?} failed: {}",
+            describe(&out)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Run `autopoll ARGS --json`, which must succeed; returns parsed stdout.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let s = self.ok(&a);
+        serde_json::from_str(&s).unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {s}"))
+    }
+
+    /// `bridge init` then `bridge create`; returns the conversation.
+    pub fn conversation(&self) -> Conversation {
+        self.ok(&["bridge", "init"]);
+        let v = self.json(&[
+            "bridge",
+            "create",
+            "--role-a",
+            "coordinator",
+            "--role-b",
+            "shard",
+        ]);
+        Conversation {
+            id: v["conversation_id"].as_str().unwrap().into(),
+            token_a: v["session_a_token"].as_str().unwrap().into(),
+            token_b: v["session_b_token"].as_str().unwrap().into(),
+        }
+    }
+}
+
+pub struct Conversation {
+    pub id: String,
+    pub token_a: String,
+    pub token_b: String,
+}
+
+impl Conversation {
+    /// `--conversation ID --session S --token T` for session `s`.
+    pub fn auth(&self, s: &str) -> Vec<String> {
+        let token = if s == "a" {
+            &self.token_a
+        } else {
+            &self.token_b
+        };
+        vec![
+            "--conversation".into(),
+            self.id.clone(),
+            "--session".into(),
+            s.into(),
+            "--token".into(),
+            token.clone(),
+        ]
+    }
+}
+
+/// Join fixed args and owned args into one `Vec<&str>`.
+pub fn args<'a>(head: &[&'a str], tail: &'a [String]) -> Vec<&'a str> {
+    head.iter()
+        .copied()
+        .chain(tail.iter().map(String::as_str))
+        .collect()
+}
+
+/// Exit code, stdout and stderr, for assertion messages.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// An error must be exactly one line on stderr, with no panic or backtrace.
+pub fn assert_one_line_error(out: &Output, code: i32, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{}", describe(out));
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "want one line: {}",
+        describe(out)
+    );
+    assert!(
+        err.contains(needle),
+        "stderr lacks {needle:?}: {}",
+        describe(out)
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{}",
+        describe(out)
+    );
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
