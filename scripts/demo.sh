@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The main job, as far as it exists today: a coordinator asks a shard through
-# the SQLite bridge. Builds the binaries, makes a temporary bridge and
-# conversation, queues questions as a coordinator would, shows the queue, and
-# plays the shard's side by hand (the poller and server that answer
-# automatically land with issues 3 and 4). Leaves nothing behind.
+# The main job, as far as it exists today. Builds the binaries, makes a
+# temporary bridge and conversation, queues questions as a coordinator would,
+# plays the shard's side by hand for one round trip, then starts the
+# persistent server over the project's docs and asks it directly. (The poller
+# that connects the two lands with issue 4.) Leaves nothing behind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -60,5 +60,25 @@ cat "$work/answer.txt"; cat "$work/ask.err"
 
 say "the queue afterwards"
 "$bin/autopoll" bridge status
+
+say "the persistent instance: autopoll-server over this project's docs"
+export AUTOPOLL_RUNTIME_DIR=$work/run
+"$bin/autopoll-server" -q --context docs --context README.md &
+server_pid=$!
+trap 'kill "$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null; rm -rf "$work"' EXIT
+for _ in $(seq 200); do "$bin/autopoll" status >/dev/null 2>&1 && break; sleep 0.05; done
+for q in "How is a stale owner's answer prevented?" "What happens when the server gets SIGTERM?" "Which timestamp shape does the bridge use?"; do
+  printf '
+[1m? %s[0m
+' "$q"
+  "$bin/autopoll" ask "$q" 2>&1 | head -14
+done
+printf '
+[1m? (through scripts/ask.sh, plain sh)[0m
+'
+scripts/ask.sh "how do clients avoid interleaved frames?" 2>&1 | head -10
+say "server status"
+"$bin/autopoll" status
+kill -TERM "$server_pid"; wait "$server_pid"
 echo
-echo "demo done: the bridge works; automatic answering (autopoll-server + autopoll-poller) lands with issues 3 and 4."
+echo "demo done. Automatic answering of bridge queries (autopoll-poller) lands with issue 4."

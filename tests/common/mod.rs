@@ -180,3 +180,120 @@ pub fn assert_one_line_error(out: &Output, code: i32, needle: &str) {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// A running `autopoll-server`, killed (-9) and reaped on drop.
+pub struct Server {
+    pub child: std::process::Child,
+    pub name: String,
+    pub runtime: PathBuf,
+    stderr_path: PathBuf,
+}
+
+impl Env {
+    /// The runtime dir for this test's servers.
+    pub fn runtime(&self) -> PathBuf {
+        self.path("rt")
+    }
+
+    /// Start `autopoll-server --name NAME` with `args`, in this test's runtime
+    /// dir, and wait until it answers `stats`.
+    pub fn server(&self, name: &str, args: &[&str]) -> Server {
+        let stderr_path = self.path(&format!("server-{name}-{}.log", std::process::id()));
+        let err = std::fs::File::create(&stderr_path).unwrap();
+        let child = self
+            .cmd("autopoll-server")
+            .args(["--name", name, "--runtime-dir", path_str(&self.runtime())])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        let s = Server {
+            child,
+            name: name.into(),
+            runtime: self.runtime(),
+            stderr_path,
+        };
+        wait_until("the server answers", TIMEOUT, || {
+            assert!(!s.exited(), "server exited early: {}", s.stderr());
+            s.client().is_ok()
+        });
+        s
+    }
+
+    /// `autopoll ARGS` aimed at server `name` in this test's runtime dir.
+    pub fn at(&self, name: &str, args: &[&str]) -> Command {
+        let mut c = self.cmd("autopoll");
+        c.args(args)
+            .env("AUTOPOLL_NAME", name)
+            .env("AUTOPOLL_RUNTIME_DIR", self.runtime());
+        c
+    }
+}
+
+impl Server {
+    /// Exited (a zombie not yet reaped, or gone), checked without reaping.
+    fn exited(&self) -> bool {
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())) {
+            Ok(s) => {
+                s.rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().next())
+                    == Some("Z")
+            }
+            Err(_) => true,
+        }
+    }
+
+    pub fn paths(&self) -> autopoll_protocol::ServerPaths {
+        autopoll_protocol::ServerPaths::new(&self.runtime, &self.name).unwrap()
+    }
+
+    /// A protocol client connected to this server.
+    pub fn client(&self) -> Result<autopoll_protocol::Client, autopoll_protocol::ClientError> {
+        autopoll_protocol::Client::connect(
+            &self.paths(),
+            &autopoll_protocol::ClientOptions {
+                connect_timeout: Duration::from_secs(5),
+                client_name: "e2e".into(),
+                ..Default::default()
+            },
+        )
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Wait for the server to exit (bounded); returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit within {timeout:?}: {}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -25,6 +25,12 @@ pub const SCHEMA: u8 = 7;
 pub const RATE_LIMITED: u8 = 8;
 /// Invalid input (too long a message, bad metadata, bad id).
 pub const INVALID: u8 = 9;
+/// No server is running under that name (or it went away mid-request).
+pub const NO_SERVER: u8 = 10;
+/// `autopoll-server`: a server of that name is already running.
+pub const ALREADY_RUNNING: u8 = 11;
+/// `autopoll-server`: bad configuration (context missing or unreadable, bad flag values).
+pub const CONFIG: u8 = 12;
 
 /// The table printed under every `--help`.
 pub const EXIT_CODES_HELP: &str = "\
@@ -38,7 +44,10 @@ Exit codes:
   6  bridge busy (locked by another writer past the busy timeout)
   7  bridge schema mismatch
   8  rate limited
-  9  invalid input";
+  9  invalid input
+ 10  no server running under that name
+ 11  a server of that name is already running
+ 12  bad server configuration (context missing or unreadable)";
 
 /// A failure to report: an exit code and a one-line message.
 #[derive(Debug)]
@@ -72,6 +81,25 @@ impl From<BridgeError> for CliError {
             // The enum may grow; anything new is a plain failure until mapped.
             #[allow(unreachable_patterns)]
             _ => FAILURE,
+        };
+        CliError::new(code, e.to_string())
+    }
+}
+
+impl From<autopoll_protocol::ClientError> for CliError {
+    fn from(e: autopoll_protocol::ClientError) -> Self {
+        use autopoll_protocol::{ClientError as C, ErrorCode as E};
+        let code = match &e {
+            C::NoServer { .. } | C::ServerGone => NO_SERVER,
+            C::Timeout { .. } => TIMEOUT,
+            C::TooLarge(_) => INVALID,
+            C::Server(r) => match r.code {
+                E::Timeout => TIMEOUT,
+                E::TooLarge | E::Invalid | E::BadFrame => INVALID,
+                E::ShuttingDown => NO_SERVER,
+                _ => FAILURE,
+            },
+            C::Protocol(_) | C::Fifo(_) => FAILURE,
         };
         CliError::new(code, e.to_string())
     }

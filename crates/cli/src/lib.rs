@@ -6,13 +6,17 @@
 //! library crates (`autopoll-bridge`, `autopoll-protocol`, ...).
 #![deny(missing_docs)]
 
+mod ask_cmd;
 mod bridge_cmd;
 pub mod exit;
 pub mod logging;
 mod placeholder;
+mod server_cmd;
 mod table;
+mod target;
 
-pub use placeholder::{poller_main, server_main};
+pub use placeholder::poller_main;
+pub use server_cmd::server_main;
 
 use std::process::ExitCode;
 
@@ -20,8 +24,7 @@ use clap::{Parser, Subcommand};
 
 use crate::exit::CliError;
 
-/// `autopoll`: bridge administration (and, as the issues land, asking a
-/// server directly and status).
+/// `autopoll`: bridge administration, asking a server directly, status.
 #[derive(Debug, Parser)]
 #[command(
     name = "autopoll",
@@ -29,7 +32,8 @@ use crate::exit::CliError;
     about = "Answer LLM agent queries from a SQLite bridge through a persistent instance",
     long_about = "autopoll lets agent sessions ask a long-lived memory shard questions through the \
                   shared SQLite bridge of the Python MCP bridge server, and get cited answers in \
-                  milliseconds.\n\nThis command administers the bridge file.",
+                  milliseconds.\n\nThis command administers the bridge file, asks a running \
+                  autopoll-server directly, and shows its status.",
     after_help = exit::EXIT_CODES_HELP
 )]
 struct Cli {
@@ -44,6 +48,12 @@ enum Command {
     /// Administer the SQLite bridge: conversations, messages, queues.
     #[command(after_help = exit::EXIT_CODES_HELP)]
     Bridge(bridge_cmd::BridgeArgs),
+    /// Ask a running autopoll-server a question directly (over its FIFO).
+    #[command(after_help = exit::EXIT_CODES_HELP)]
+    Ask(ask_cmd::AskArgs),
+    /// Show a running autopoll-server's statistics.
+    #[command(after_help = exit::EXIT_CODES_HELP)]
+    Status(ask_cmd::StatusArgs),
 }
 
 /// The `autopoll` binary's main: parse, run, map the result to an exit code.
@@ -52,9 +62,11 @@ pub fn autopoll_main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return exit::clap_exit(e),
     };
-    logging::init(&cli.verbosity);
+    logging::init(&cli.verbosity, log::LevelFilter::Warn);
     let result: Result<(), CliError> = match cli.command {
         Command::Bridge(args) => bridge_cmd::run(args),
+        Command::Ask(args) => ask_cmd::ask(args),
+        Command::Status(args) => ask_cmd::status(args),
     };
     exit::report("autopoll", result)
 }

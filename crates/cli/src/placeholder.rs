@@ -1,21 +1,11 @@
-//! `autopoll-server` and `autopoll-poller` until their issues land: they
-//! parse `--help`/`--version` and otherwise say plainly that they are not
-//! implemented yet.
+//! `autopoll-poller` until its issue lands: it parses `--help`/`--version`
+//! and otherwise says plainly that it is not implemented yet.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
 use crate::exit;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "autopoll-server",
-    version,
-    about = "The persistent-instance server (NOT IMPLEMENTED YET: lands with issue 3)",
-    after_help = exit::EXIT_CODES_HELP
-)]
-struct ServerCli {}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,11 +22,6 @@ fn placeholder<P: Parser>(name: &str, issue: u32) -> ExitCode {
     }
     eprintln!("{name}: not implemented yet (it lands with issue {issue}); see `{name} --help`");
     ExitCode::from(exit::FAILURE)
-}
-
-/// `autopoll-server`'s main.
-pub fn server_main() -> ExitCode {
-    placeholder::<ServerCli>("autopoll-server", 3)
 }
 
 /// `autopoll-poller`'s main.

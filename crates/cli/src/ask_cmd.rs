@@ -1,0 +1,163 @@
+//! `autopoll ask` and `autopoll status`: talk to a running server directly.
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use autopoll_protocol::{Client, ClientOptions, Stats};
+use clap::Args;
+use serde_json::json;
+
+use crate::exit::{self, CliError};
+use crate::table;
+use crate::target::Target;
+
+/// `autopoll ask`.
+#[derive(Debug, Args)]
+pub struct AskArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Seconds to wait for the answer, connecting included.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = timeout_secs)]
+    timeout: f64,
+    /// Print a JSON object: answer, sources, found, context_version, engine, elapsed_ms.
+    #[arg(long)]
+    json: bool,
+    /// The question (several words are joined); read from stdin when absent.
+    #[arg(value_name = "QUESTION")]
+    question: Vec<String>,
+}
+
+/// `autopoll status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Seconds to wait for the server.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0, value_parser = timeout_secs)]
+    timeout: f64,
+    /// Print the statistics as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn timeout_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds in (0, 86400]")),
+    }
+}
+
+fn connect(target: &Target, timeout: Duration, client: &str) -> Result<Client, CliError> {
+    let paths = target.paths()?;
+    let opts = ClientOptions {
+        connect_timeout: timeout,
+        client_name: client.into(),
+        ..ClientOptions::default()
+    };
+    Ok(Client::connect(&paths, &opts)?)
+}
+
+/// Run `autopoll ask`.
+pub fn ask(args: AskArgs) -> Result<(), CliError> {
+    let question = if args.question.is_empty() {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| CliError::new(exit::FAILURE, format!("reading stdin: {e}")))?;
+        s
+    } else {
+        args.question.join(" ")
+    };
+    if question.trim().is_empty() {
+        return Err(CliError::new(exit::INVALID, "the question is empty"));
+    }
+    let timeout = Duration::from_secs_f64(args.timeout);
+    let started = Instant::now();
+    let mut client = connect(&args.target, timeout, "autopoll-ask")?;
+    let left = timeout
+        .saturating_sub(started.elapsed())
+        .max(Duration::from_millis(1));
+    let a = client.ask(question.trim_end_matches('\n'), left)?;
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "answer": a.answer,
+                "sources": a.sources,
+                "found": a.found,
+                "context_version": a.context_version,
+                "engine": a.engine,
+                "elapsed_ms": elapsed_ms,
+                "server_ms": a.elapsed_ms,
+                "invalid_sources": a.invalid_sources,
+            })
+        );
+    } else {
+        println!("{}", a.answer);
+        if !a.sources.is_empty() {
+            println!();
+            println!("sources:");
+            for s in &a.sources {
+                println!("  {s}");
+            }
+        }
+        eprintln!(
+            "({elapsed_ms:.1} ms; server `{}` [{}], context {})",
+            args.target.name, a.engine, a.context_version
+        );
+    }
+    Ok(())
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        0..1_000 => format!("{n} B"),
+        1_000..1_000_000 => format!("{:.1} kB", n as f64 / 1e3),
+        _ => format!("{:.1} MB", n as f64 / 1e6),
+    }
+}
+
+fn print_stats(s: &Stats, fifo: &std::path::Path) {
+    let e = &s.engine;
+    println!(
+        "server     {} (pid {}, autopoll {}, protocol {})",
+        s.server, s.pid, s.version, s.protocol
+    );
+    println!("fifo       {}", fifo.display());
+    println!("uptime     {}", table::age(Some(s.uptime_secs)));
+    println!(
+        "requests   {} answered, {} errors, {} in flight, {} sessions, {} workers",
+        s.requests, s.errors, s.in_flight, s.sessions, s.workers
+    );
+    println!(
+        "latency    p50 {:.2} ms, p99 {:.2} ms",
+        s.latency_p50_ms, s.latency_p99_ms
+    );
+    println!(
+        "engine     {}{}: {} files, {} passages, {}, context {}",
+        e.name,
+        if e.down { " (DOWN)" } else { "" },
+        e.files,
+        e.passages,
+        bytes(e.bytes),
+        e.context_version
+    );
+    println!("loaded     {} ({} reloads)", e.loaded_at, e.reloads);
+    if let Some(err) = &e.last_reload_error {
+        println!("reload     FAILED, kept the previous index: {err}");
+    }
+}
+
+/// Run `autopoll status`.
+pub fn status(args: StatusArgs) -> Result<(), CliError> {
+    let timeout = Duration::from_secs_f64(args.timeout);
+    let mut client = connect(&args.target, timeout, "autopoll-status")?;
+    let s = client.stats(timeout)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+    } else {
+        print_stats(&s, &args.target.paths()?.requests());
+    }
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! `autopoll-server`: flags, logging, signals, then `autopoll_server::run`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use autopoll_server::{Backend, ServerConfig, ServerError, Shutdown};
+use clap::{Parser, ValueEnum};
+
+use crate::exit::{self, CliError};
+use crate::logging;
+use crate::target::Target;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum BackendArg {
+    /// The built-in context engine: BM25 over passages of the --context files.
+    Builtin,
+}
+
+/// `autopoll-server`: keep one engine warm and answer questions over FIFOs.
+#[derive(Debug, Parser)]
+#[command(
+    name = "autopoll-server",
+    version,
+    about = "The persistent-instance server: keeps an engine warm and answers over FIFOs",
+    long_about = "The persistent-instance server. It keeps one engine warm and answers any number \
+                  of clients (autopoll-poller, `autopoll ask`, scripts/ask.sh) over named pipes in \
+                  a private runtime directory. SIGINT or SIGTERM stops it cleanly: it stops \
+                  accepting, finishes in-flight questions within --grace, removes its FIFO and \
+                  lock, and exits 0.",
+    after_help = exit::EXIT_CODES_HELP
+)]
+struct ServerCli {
+    #[command(flatten)]
+    verbosity: logging::Verbosity,
+    #[command(flatten)]
+    target: Target,
+    /// The engine that answers.
+    #[arg(long, value_enum, default_value = "builtin")]
+    backend: BackendArg,
+    /// A context file, or a directory of text/markdown files (repeatable).
+    #[arg(long = "context", value_name = "PATH")]
+    contexts: Vec<PathBuf>,
+    /// Worker threads answering in parallel.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    workers: u16,
+    /// Longest any request may take, in seconds (clients may ask for less).
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = positive_secs)]
+    request_timeout: f64,
+    /// Largest frame accepted, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = autopoll_protocol::DEFAULT_MAX_FRAME)]
+    max_frame_bytes: usize,
+    /// On SIGINT/SIGTERM, how long in-flight requests may take to finish, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = secs)]
+    grace: f64,
+    /// How often context files are checked for changes, in seconds (0: never).
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = secs)]
+    reload_interval: f64,
+    /// Most client sessions at once.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    max_clients: usize,
+}
+
+fn secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=86_400.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds in [0, 86400]")),
+    }
+}
+
+fn positive_secs(s: &str) -> Result<f64, String> {
+    secs(s).and_then(|v| {
+        if v > 0.0 {
+            Ok(v)
+        } else {
+            Err("must be more than 0".into())
+        }
+    })
+}
+
+/// `autopoll-server`'s main.
+pub fn server_main() -> ExitCode {
+    let cli = match ServerCli::try_parse() {
+        Ok(c) => c,
+        Err(e) => return exit::clap_exit(e),
+    };
+    logging::init(&cli.verbosity, log::LevelFilter::Info);
+    exit::report("autopoll-server", serve(cli))
+}
+
+fn serve(cli: ServerCli) -> Result<(), CliError> {
+    let shutdown = Shutdown::new()
+        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot create a pipe: {e}")))?;
+    let sd = shutdown.clone();
+    ctrlc::set_handler(move || sd.trigger()).map_err(|e| {
+        CliError::new(
+            exit::FAILURE,
+            format!("cannot install signal handlers: {e}"),
+        )
+    })?;
+    let mut config = ServerConfig::new(&cli.target.name, &cli.target.runtime());
+    config.backend = match cli.backend {
+        BackendArg::Builtin => Backend::Builtin,
+    };
+    config.contexts = cli.contexts;
+    config.workers = usize::from(cli.workers);
+    config.request_timeout = Duration::from_secs_f64(cli.request_timeout);
+    config.max_frame = cli.max_frame_bytes;
+    config.grace = Duration::from_secs_f64(cli.grace);
+    config.reload_interval = Duration::from_secs_f64(cli.reload_interval);
+    config.max_sessions = cli.max_clients.max(1);
+    let name = config.name.clone();
+    autopoll_server::run(config, shutdown, |ready| {
+        let e = &ready.engine;
+        println!(
+            "autopoll-server: serving `{name}` at {} (engine {}: {} files, {} passages, context {})",
+            ready.fifo.display(),
+            e.name,
+            e.files,
+            e.passages,
+            e.context_version
+        );
+    })
+    .map_err(|e| {
+        let code = match &e {
+            ServerError::Lock(autopoll_server::lock::LockError::Held { .. }) => exit::ALREADY_RUNNING,
+            ServerError::Config(_) => exit::CONFIG,
+            _ => exit::FAILURE,
+        };
+        CliError::new(code, e.to_string())
+    })?;
+    println!("autopoll-server: stopped");
+    Ok(())
+}

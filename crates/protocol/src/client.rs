@@ -1,0 +1,323 @@
+//! The client side: the FIFO handshake, then requests and replies matched
+//! by id, each call bounded by a deadline.
+//!
+//! Handshake (see docs/PROTOCOL.md):
+//! 1. make a private FIFO pair in the server's `clients/` directory;
+//! 2. open the reply FIFO for reading (non-blocking, immediate);
+//! 3. open the shared `requests` FIFO for writing: ENXIO means no server;
+//! 4. write one `hello` frame (at most `PIPE_BUF` bytes, so atomic) naming the pair;
+//! 5. read the `welcome` on the reply FIFO (bounded);
+//! 6. open the request FIFO for writing (the server already reads it);
+//! 7. unlink both names: the open descriptors are all that is needed.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::fifo::{self, FifoError, FrameReader};
+use crate::frame::{
+    self, Answer, AskRequest, Echo, ErrorReply, FrameError, Hello, Reply, Request, Stats,
+    StatsRequest, Welcome,
+};
+use crate::paths::ServerPaths;
+use crate::{DEFAULT_MAX_FRAME, MAX_HELLO, PROTOCOL_VERSION};
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No server is running under that name.
+    #[error(
+        "no server `{name}` running at {dir}: {reason}; start one with `autopoll-server --name {name}`"
+    )]
+    NoServer {
+        /// Server name.
+        name: String,
+        /// Its directory.
+        dir: PathBuf,
+        /// What showed it.
+        reason: String,
+    },
+    /// The deadline passed.
+    #[error("{what}: no reply within {:.1} s (is the server hung or overloaded?)", after.as_secs_f64())]
+    Timeout {
+        /// What was waited for.
+        what: &'static str,
+        /// The time allowed.
+        after: Duration,
+    },
+    /// The server closed the connection (it stopped or crashed).
+    #[error("the server closed the connection")]
+    ServerGone,
+    /// The request would exceed the frame cap.
+    #[error("request too large: {0}")]
+    TooLarge(FrameError),
+    /// The server answered with an error.
+    #[error("server error ({code:?}): {message}", code = .0.code, message = .0.message)]
+    Server(ErrorReply),
+    /// The server sent something that is not the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// A local failure (creating FIFOs, ...).
+    #[error(transparent)]
+    Fifo(FifoError),
+}
+
+impl ClientError {
+    /// True for "nobody is serving": no server, or it went away.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, ClientError::NoServer { .. } | ClientError::ServerGone)
+    }
+}
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// How long the handshake may take.
+    pub connect_timeout: Duration,
+    /// Frame cap for what we send and accept.
+    pub max_frame: usize,
+    /// Our name in the server's logs.
+    pub client_name: String,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            connect_timeout: Duration::from_secs(5),
+            max_frame: DEFAULT_MAX_FRAME,
+            client_name: "autopoll-client".into(),
+        }
+    }
+}
+
+/// Removes the client's FIFO names when the handshake ends, however it ends.
+struct Names(Vec<PathBuf>);
+
+impl Drop for Names {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A session with a server.
+#[derive(Debug)]
+pub struct Client {
+    req: File,
+    reader: FrameReader,
+    welcome: Welcome,
+    next_id: u64,
+    max_frame: usize,
+}
+
+fn map_read(what: &'static str, after: Duration) -> impl Fn(FifoError) -> ClientError {
+    move |e| match e {
+        FifoError::Timeout => ClientError::Timeout { what, after },
+        FifoError::Closed => ClientError::ServerGone,
+        FifoError::Frame(f) => ClientError::Protocol(f.to_string()),
+        other => ClientError::Fifo(other),
+    }
+}
+
+impl Client {
+    /// Connect to the server at `paths`.
+    pub fn connect(paths: &ServerPaths, opts: &ClientOptions) -> Result<Client, ClientError> {
+        let started = Instant::now();
+        let deadline = started + opts.connect_timeout;
+        let no_server = |reason: &str| ClientError::NoServer {
+            name: paths.name.clone(),
+            dir: paths.dir.clone(),
+            reason: reason.into(),
+        };
+        if std::fs::symlink_metadata(paths.requests()).is_err() {
+            return Err(no_server("its request FIFO does not exist"));
+        }
+        let tag = format!(
+            "{}-{}",
+            std::process::id(),
+            crate::client::random_tag().map_err(ClientError::Fifo)?
+        );
+        let req_path = paths.clients().join(format!("{tag}.req"));
+        let rep_path = paths.clients().join(format!("{tag}.rep"));
+        let mut names = Names(Vec::new());
+        for p in [&req_path, &rep_path] {
+            match fifo::mkfifo(p, 0o600) {
+                Ok(()) => names.0.push(p.clone()),
+                Err(FifoError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    return Err(no_server("its clients directory does not exist"));
+                }
+                Err(e) => return Err(ClientError::Fifo(e)),
+            }
+        }
+        let rep = fifo::open_fifo(&rep_path, false).map_err(ClientError::Fifo)?;
+        let shared = match fifo::open_fifo(&paths.requests(), true) {
+            Ok(f) => f,
+            Err(FifoError::NoReader { .. }) => {
+                return Err(no_server(
+                    "nobody reads its request FIFO (a server killed without cleanup left it)",
+                ));
+            }
+            Err(FifoError::Missing { .. }) => {
+                return Err(no_server("its request FIFO does not exist"));
+            }
+            Err(e) => return Err(ClientError::Fifo(e)),
+        };
+        let hello = frame::encode(&Request::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            client: opts.client_name.clone(),
+            request_fifo: req_path.clone(),
+            reply_fifo: rep_path.clone(),
+        }));
+        if hello.len() > MAX_HELLO {
+            return Err(ClientError::Protocol(format!(
+                "hello frame of {} bytes exceeds PIPE_BUF ({MAX_HELLO}); use a shorter runtime dir",
+                hello.len()
+            )));
+        }
+        fifo::write_all(&shared, &hello, deadline).map_err(|e| match e {
+            FifoError::Timeout => ClientError::Timeout {
+                what: "sending hello",
+                after: opts.connect_timeout,
+            },
+            FifoError::Closed => no_server("the server closed its request FIFO"),
+            other => ClientError::Fifo(other),
+        })?;
+        drop(shared);
+        let mut reader = FrameReader::new(rep, opts.max_frame);
+        let line = reader
+            .read_frame(Some(deadline))
+            .map_err(map_read("waiting for welcome", opts.connect_timeout))?
+            .ok_or(ClientError::ServerGone)?;
+        let welcome = match frame::decode::<Reply>(&line) {
+            Ok(Reply::Welcome(w)) => w,
+            Ok(Reply::Error(e)) => return Err(ClientError::Server(e)),
+            Ok(other) => {
+                return Err(ClientError::Protocol(format!(
+                    "expected welcome, got {other:?}"
+                )));
+            }
+            Err(e) => return Err(ClientError::Protocol(e.to_string())),
+        };
+        let req = fifo::open_fifo(&req_path, true).map_err(|e| match e {
+            FifoError::NoReader { .. } => ClientError::ServerGone,
+            other => ClientError::Fifo(other),
+        })?;
+        drop(names);
+        log::debug!(
+            "connected to server {} (pid {}, engine {}) in {:?}",
+            welcome.server,
+            welcome.pid,
+            welcome.engine,
+            started.elapsed()
+        );
+        Ok(Client {
+            req,
+            reader,
+            max_frame: welcome.max_frame_bytes.min(opts.max_frame),
+            welcome,
+            next_id: 1,
+        })
+    }
+
+    /// What the server said in its welcome.
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    fn id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// Send `req` (carrying `id`) and wait for the reply with that id until
+    /// `timeout`. Replies to earlier, timed-out requests are dropped.
+    pub fn call(
+        &mut self,
+        req: &Request,
+        id: u64,
+        timeout: Duration,
+    ) -> Result<Reply, ClientError> {
+        let deadline = Instant::now() + timeout;
+        let bytes = frame::encode_capped(req, self.max_frame).map_err(ClientError::TooLarge)?;
+        fifo::write_all(&self.req, &bytes, deadline)
+            .map_err(map_read("sending request", timeout))?;
+        loop {
+            let line = self
+                .reader
+                .read_frame(Some(deadline))
+                .map_err(map_read("waiting for reply", timeout))?
+                .ok_or(ClientError::ServerGone)?;
+            let reply: Reply =
+                frame::decode(&line).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            match reply.id() {
+                Some(got) if got == id => return Ok(reply),
+                None => {
+                    if let Reply::Error(e) = reply {
+                        return Err(ClientError::Server(e));
+                    }
+                }
+                Some(other) => log::debug!("dropping late reply to request {other}"),
+            }
+        }
+    }
+
+    /// Ask a question; the server gets `timeout` as its deadline too.
+    pub fn ask(&mut self, question: &str, timeout: Duration) -> Result<Answer, ClientError> {
+        let id = self.id();
+        let req = Request::Ask(AskRequest {
+            id,
+            question: question.to_string(),
+            timeout_ms: Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+        });
+        match self.call(&req, id, timeout)? {
+            Reply::Answer(a) => Ok(a),
+            Reply::Error(e) => Err(ClientError::Server(e)),
+            other => Err(ClientError::Protocol(format!(
+                "expected answer, got {other:?}"
+            ))),
+        }
+    }
+
+    /// The server's statistics.
+    pub fn stats(&mut self, timeout: Duration) -> Result<Stats, ClientError> {
+        let id = self.id();
+        match self.call(&Request::Stats(StatsRequest { id }), id, timeout)? {
+            Reply::Stats(s) => Ok(s),
+            Reply::Error(e) => Err(ClientError::Server(e)),
+            other => Err(ClientError::Protocol(format!(
+                "expected stats, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Send a payload and get it back.
+    pub fn echo(&mut self, payload: &str, timeout: Duration) -> Result<String, ClientError> {
+        let id = self.id();
+        let req = Request::Echo(Echo {
+            id,
+            payload: payload.to_string(),
+        });
+        match self.call(&req, id, timeout)? {
+            Reply::Echo(e) => Ok(e.payload),
+            Reply::Error(e) => Err(ClientError::Server(e)),
+            other => Err(ClientError::Protocol(format!(
+                "expected echo, got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// 8 random hex digits for unique FIFO names.
+pub(crate) fn random_tag() -> Result<String, FifoError> {
+    let mut b = [0u8; 4];
+    getrandom::fill(&mut b).map_err(|e| FifoError::Io {
+        op: "random",
+        path: PathBuf::new(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}

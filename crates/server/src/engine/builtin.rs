@@ -1,0 +1,391 @@
+//! The built-in context engine: the embedded "instance". It indexes the
+//! context into passages that keep their line ranges, ranks them with BM25,
+//! and answers with the best passages, cited as `FILE:START-END`. It needs no
+//! outside service. Context files that change on disk are reloaded by
+//! [`Engine::reload_if_changed`]; a failed reload keeps the old index.
+
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use autopoll_protocol::EngineInfo;
+
+use super::context::{self, ContextFile, Found, Signature};
+use super::index::Index;
+use super::{Engine, EngineAnswer, EngineError};
+
+/// How many passages an answer quotes at most.
+const TOP_K: usize = 3;
+/// Passages scoring below this share of the best one are left out.
+const RELATIVE_CUTOFF: f32 = 0.35;
+/// Longest quote of one passage, in characters.
+const MAX_QUOTE: usize = 1_500;
+
+struct State {
+    roots: Vec<std::path::PathBuf>,
+    files: Vec<(Found, Arc<ContextFile>)>,
+    reloads: u64,
+    loaded_at: String,
+    last_error: Option<String>,
+}
+
+/// The built-in engine.
+pub struct BuiltinEngine {
+    index: RwLock<Arc<Index>>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for BuiltinEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BuiltinEngine")
+            .field("version", &self.index().version())
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_utc() -> String {
+    let t = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+impl BuiltinEngine {
+    /// Load and index the context under `roots`. Fails when a root is
+    /// missing, when a file named directly cannot be read as UTF-8 text, or
+    /// when there is no text at all. Unreadable files found in directories
+    /// are skipped with a warning.
+    pub fn load(roots: &[std::path::PathBuf]) -> Result<BuiltinEngine, String> {
+        if roots.is_empty() {
+            return Err("the builtin engine needs at least one --context PATH (a file or a directory of text/markdown)".into());
+        }
+        let found = context::discover(roots)?;
+        let mut files = Vec::new();
+        for f in found {
+            match context::load(&f) {
+                Ok(cf) => files.push((f, Arc::new(cf))),
+                Err(e) if f.explicit => return Err(format!("context {e}")),
+                Err(e) => log::warn!("skipping context file: {e}"),
+            }
+        }
+        if files.is_empty() {
+            return Err(format!(
+                "no text or markdown files under {}",
+                roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        let index = Index::build(files.iter().map(|(_, f)| f.clone()).collect());
+        log::info!(
+            "event=context_loaded files={} passages={} bytes={} version={}",
+            files.len(),
+            index.passages(),
+            index.bytes(),
+            index.version()
+        );
+        Ok(BuiltinEngine {
+            index: RwLock::new(Arc::new(index)),
+            state: Mutex::new(State {
+                roots: roots.to_vec(),
+                files,
+                reloads: 0,
+                loaded_at: now_utc(),
+                last_error: None,
+            }),
+        })
+    }
+
+    /// The current index.
+    pub fn index(&self) -> Arc<Index> {
+        match self.index.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Answer from the current index (also used by benchmarks).
+    pub fn answer_now(&self, question: &str) -> EngineAnswer {
+        let index = self.index();
+        let hits = index.search(question, TOP_K);
+        let Some(best) = hits.first().map(|h| h.score) else {
+            return EngineAnswer {
+                answer: format!(
+                    "Nothing in the context matches this question (searched {} files, {} passages; context {}).",
+                    index.files().len(),
+                    index.passages(),
+                    index.version()
+                ),
+                sources: Vec::new(),
+                invalid_sources: Vec::new(),
+                found: false,
+                context_version: index.version().to_string(),
+            };
+        };
+        let mut answer = String::new();
+        let mut sources = Vec::new();
+        for h in hits.iter().filter(|h| h.score >= best * RELATIVE_CUTOFF) {
+            let file = &index.files()[h.file];
+            let p = &file.passages[h.passage];
+            let source = format!("{}:{}-{}", file.display, p.start_line, p.end_line);
+            if !answer.is_empty() {
+                answer.push_str("\n\n");
+            }
+            answer.push('[');
+            answer.push_str(&source);
+            answer.push(']');
+            if !p.heading.is_empty() {
+                answer.push(' ');
+                answer.push_str(&p.heading);
+            }
+            answer.push('\n');
+            let quote = &file.text[p.bytes.clone()];
+            match quote.char_indices().nth(MAX_QUOTE) {
+                Some((cut, _)) => {
+                    answer.push_str(&quote[..cut]);
+                    answer.push_str(" [...]");
+                }
+                None => answer.push_str(quote),
+            }
+            sources.push(source);
+        }
+        EngineAnswer {
+            answer,
+            sources,
+            invalid_sources: Vec::new(),
+            found: true,
+            context_version: index.version().to_string(),
+        }
+    }
+
+    /// Re-read what changed; rebuild and swap the index if anything did.
+    /// Returns whether the index changed.
+    pub fn reload(&self) -> bool {
+        let mut st = match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let found = match context::discover(&st.roots) {
+            Ok(f) => f,
+            Err(e) => {
+                if st.last_error.as_deref() != Some(e.as_str()) {
+                    log::warn!("event=reload_failed reason={e:?}: keeping the old index");
+                }
+                st.last_error = Some(e);
+                return false;
+            }
+        };
+        let mut changed = found.len() != st.files.len();
+        let mut next = Vec::with_capacity(found.len());
+        let mut errors = Vec::new();
+        for f in found {
+            let old = st
+                .files
+                .iter()
+                .find(|(o, _)| o.path == f.path)
+                .map(|(_, cf)| cf.clone());
+            let same = old
+                .as_ref()
+                .is_some_and(|cf| Signature::of(&f.path).ok() == Some(cf.signature));
+            if same {
+                if let Some(cf) = old {
+                    next.push((f, cf));
+                }
+                continue;
+            }
+            match context::load(&f) {
+                Ok(cf) => {
+                    changed |= old.as_ref().is_none_or(|o| o.hash != cf.hash);
+                    next.push((f, Arc::new(cf)));
+                }
+                Err(e) => {
+                    errors.push(e);
+                    // Keep what we had for this file.
+                    if let Some(cf) = old {
+                        next.push((f, cf));
+                    }
+                }
+            }
+        }
+        let error = (!errors.is_empty()).then(|| errors.join("; "));
+        if error != st.last_error {
+            if let Some(e) = &error {
+                log::warn!(
+                    "event=reload_failed reason={e:?}: keeping the old content of those files"
+                );
+            }
+            st.last_error = error;
+        }
+        if !changed {
+            // Signatures may have moved (touch) without content change.
+            st.files = next;
+            return false;
+        }
+        let index = Index::build(next.iter().map(|(_, f)| f.clone()).collect());
+        log::info!(
+            "event=context_reloaded files={} passages={} version={}",
+            next.len(),
+            index.passages(),
+            index.version()
+        );
+        st.files = next;
+        st.reloads += 1;
+        st.loaded_at = now_utc();
+        match self.index.write() {
+            Ok(mut g) => *g = Arc::new(index),
+            Err(p) => *p.into_inner() = Arc::new(index),
+        }
+        true
+    }
+}
+
+impl Engine for BuiltinEngine {
+    fn name(&self) -> &str {
+        "builtin"
+    }
+
+    fn answer(&self, question: &str, _deadline: Instant) -> Result<EngineAnswer, EngineError> {
+        Ok(self.answer_now(question))
+    }
+
+    fn info(&self) -> EngineInfo {
+        let index = self.index();
+        let st = match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        EngineInfo {
+            name: "builtin".into(),
+            context_version: index.version().to_string(),
+            files: index.files().len(),
+            passages: index.passages(),
+            bytes: index.bytes(),
+            loaded_at: st.loaded_at.clone(),
+            reloads: st.reloads,
+            last_reload_error: st.last_error.clone(),
+            down: false,
+        }
+    }
+
+    fn reload_if_changed(&self) {
+        self.reload();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOTES: &str = "# Session notes\n\n## Cache decision\nWe decided to keep the LRU cache at 64 entries.\nThe reason: memory on the shard host is tight.\nRevisit in March.\n\n## Transport\nQuestions travel over named pipes (FIFOs), one private pair per client.\nHello frames go on the shared FIFO only.\nReplies never interleave.\n";
+
+    fn engine(body: &str) -> (tempfile::TempDir, std::path::PathBuf, BuiltinEngine) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("NOTES.md");
+        std::fs::write(&p, body).unwrap();
+        let e = BuiltinEngine::load(std::slice::from_ref(&p)).unwrap();
+        (d, p, e)
+    }
+
+    fn line_range(source: &str) -> (u32, u32) {
+        let (_, range) = source.rsplit_once(':').unwrap();
+        let (a, b) = range.split_once('-').unwrap();
+        (a.parse().unwrap(), b.parse().unwrap())
+    }
+
+    #[test]
+    fn top_source_range_contains_the_answer() {
+        let (_d, p, e) = engine(NOTES);
+        let a = e.answer_now("How big is the cache we decided on?");
+        assert!(a.found);
+        let (s, end) = line_range(&a.sources[0]);
+        let answer_line = NOTES
+            .lines()
+            .position(|l| l.contains("64 entries"))
+            .unwrap() as u32
+            + 1;
+        assert!(
+            (s..=end).contains(&answer_line),
+            "{:?} vs line {answer_line}",
+            a.sources
+        );
+        assert!(a.sources[0].starts_with(&p.display().to_string()));
+        assert!(a.answer.contains("64 entries"));
+        assert!(a.context_version.starts_with("sha256:"));
+
+        let a = e.answer_now("how do replies reach each client?");
+        let (s, end) = line_range(&a.sources[0]);
+        let line = NOTES
+            .lines()
+            .position(|l| l.contains("private pair"))
+            .unwrap() as u32
+            + 1;
+        assert!((s..=end).contains(&line), "{:?}", a.sources);
+    }
+
+    #[test]
+    fn says_plainly_when_nothing_matches() {
+        let (_d, _p, e) = engine(NOTES);
+        let a = e.answer_now("quantum chromodynamics");
+        assert!(!a.found);
+        assert!(a.sources.is_empty());
+        assert!(
+            a.answer.starts_with("Nothing in the context matches"),
+            "{}",
+            a.answer
+        );
+    }
+
+    #[test]
+    fn reload_picks_up_edits_and_keeps_old_index_on_failure() {
+        let (_d, p, e) = engine(NOTES);
+        let v1 = e.info().context_version;
+        assert!(!e.reload(), "nothing changed yet");
+        std::fs::write(&p, NOTES.replace("64 entries", "128 entries")).unwrap();
+        assert!(e.reload());
+        let a = e.answer_now("cache size decided");
+        assert!(a.answer.contains("128 entries"), "{}", a.answer);
+        assert_ne!(a.context_version, v1);
+        let v2 = a.context_version;
+        // Invalid UTF-8: the reload fails, the old index stays, the error is reported.
+        std::fs::write(&p, b"\xff\xfe broken").unwrap();
+        assert!(!e.reload());
+        assert!(
+            e.answer_now("cache size decided")
+                .answer
+                .contains("128 entries")
+        );
+        let info = e.info();
+        assert_eq!(info.context_version, v2);
+        assert!(info.last_reload_error.unwrap().contains("not UTF-8"));
+        // Fixed again: error clears.
+        std::fs::write(&p, NOTES).unwrap();
+        assert!(e.reload());
+        assert!(e.info().last_reload_error.is_none());
+        assert_eq!(e.info().reloads, 2);
+    }
+
+    #[test]
+    fn refuses_to_start_without_usable_context() {
+        assert!(BuiltinEngine::load(&[]).is_err());
+        let d = tempfile::tempdir().unwrap();
+        assert!(
+            BuiltinEngine::load(&[d.path().to_path_buf()])
+                .unwrap_err()
+                .contains("no text")
+        );
+        let bad = d.path().join("bad.md");
+        std::fs::write(&bad, b"\xff").unwrap();
+        assert!(
+            BuiltinEngine::load(&[bad])
+                .unwrap_err()
+                .contains("not UTF-8")
+        );
+    }
+}

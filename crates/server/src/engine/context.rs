@@ -1,0 +1,378 @@
+//! Context files: finding them under `--context` paths, reading them, and
+//! splitting them into passages that keep their line ranges.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+/// File extensions taken from directories (case-insensitive).
+const TEXT_EXTENSIONS: &[&str] = &["md", "markdown", "mdx", "txt", "text", "rst", "adoc", "org"];
+/// Directories never descended into.
+const SKIP_DIRS: &[&str] = &["target", "node_modules"];
+/// A passage closes at a blank line once it has this many lines...
+const MIN_LINES: usize = 4;
+/// ...and is cut at this many lines regardless.
+const MAX_LINES: usize = 40;
+
+/// A span of lines of one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Passage {
+    /// First line, 1-based.
+    pub start_line: u32,
+    /// Last line, inclusive.
+    pub end_line: u32,
+    /// Byte range of those lines in the file's text.
+    pub bytes: std::ops::Range<usize>,
+    /// The markdown headings above it (`Claims > Expiry`), empty if none.
+    pub heading: String,
+}
+
+/// What identifies a version of a file on disk without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Signature {
+    len: u64,
+    mtime_ns: i128,
+    ino: u64,
+}
+
+impl Signature {
+    /// The signature of the file at `path` now.
+    pub fn of(path: &Path) -> std::io::Result<Signature> {
+        let md = std::fs::metadata(path)?;
+        Ok(Signature {
+            len: md.len(),
+            mtime_ns: i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
+            ino: md.ino(),
+        })
+    }
+}
+
+/// A loaded context file.
+#[derive(Debug, Clone)]
+pub struct ContextFile {
+    /// How sources cite it (the path as given under `--context`, without `./`).
+    pub display: String,
+    /// The file's text.
+    pub text: Arc<str>,
+    /// SHA-256 of the text.
+    pub hash: [u8; 32],
+    /// On-disk signature when read.
+    pub signature: Signature,
+    /// Its passages, in order.
+    pub passages: Vec<Passage>,
+    /// Number of lines.
+    pub lines: u32,
+}
+
+/// A file found under a `--context` root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// Where it is.
+    pub path: PathBuf,
+    /// How to cite it.
+    pub display: String,
+    /// Named directly on the command line (its failures are fatal at start).
+    pub explicit: bool,
+}
+
+fn display_of(path: &Path) -> String {
+    let s = path.to_string_lossy();
+    s.strip_prefix("./").unwrap_or(&s).to_string()
+}
+
+fn is_text_file(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| TEXT_EXTENSIONS.iter().any(|t| t.eq_ignore_ascii_case(e)))
+}
+
+/// The files under `roots`: a root that is a file is taken as is; a directory
+/// is walked for text and markdown files, skipping hidden entries, `target`
+/// and `node_modules`. Sorted by display path, duplicates removed.
+pub fn discover(roots: &[PathBuf]) -> Result<Vec<Found>, String> {
+    let mut out: BTreeMap<String, Found> = BTreeMap::new();
+    for root in roots {
+        let md = std::fs::metadata(root).map_err(|e| format!("context {}: {e}", root.display()))?;
+        if md.is_file() {
+            out.insert(
+                display_of(root),
+                Found {
+                    path: root.clone(),
+                    display: display_of(root),
+                    explicit: true,
+                },
+            );
+        } else if md.is_dir() {
+            walk(root, &mut out).map_err(|e| format!("context {}: {e}", root.display()))?;
+        } else {
+            return Err(format!(
+                "context {}: not a file or directory",
+                root.display()
+            ));
+        }
+    }
+    Ok(out.into_values().collect())
+}
+
+fn walk(dir: &Path, out: &mut BTreeMap<String, Found>) -> std::io::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') {
+            continue;
+        }
+        let path = e.path();
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            if !SKIP_DIRS.contains(&name.as_ref()) {
+                walk(&path, out)?;
+            }
+        } else if (ft.is_file() || ft.is_symlink()) && is_text_file(&path) && path.is_file() {
+            out.insert(
+                display_of(&path),
+                Found {
+                    display: display_of(&path),
+                    path,
+                    explicit: false,
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Read and split one file. Fails on I/O errors and invalid UTF-8.
+pub fn load(found: &Found) -> Result<ContextFile, String> {
+    let signature =
+        Signature::of(&found.path).map_err(|e| format!("{}: {e}", found.path.display()))?;
+    let bytes = std::fs::read(&found.path).map_err(|e| format!("{}: {e}", found.path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "{}: not UTF-8 text (invalid byte at offset {})",
+            found.path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    let hash: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+    let (passages, lines) = split(&text);
+    Ok(ContextFile {
+        display: found.display.clone(),
+        text: text.into(),
+        hash,
+        signature,
+        passages,
+        lines,
+    })
+}
+
+fn heading_level(trimmed: &str) -> Option<(usize, &str)> {
+    let level = trimmed.bytes().take_while(|&b| b == b'#').count();
+    if (1..=6).contains(&level) {
+        let rest = &trimmed[level..];
+        if rest.is_empty() || rest.starts_with(' ') || rest.starts_with('\t') {
+            return Some((level, rest.trim().trim_end_matches('#').trim()));
+        }
+    }
+    None
+}
+
+/// Split text into passages: a markdown heading starts a new passage; a blank
+/// line ends one that has at least 4 lines; none grows past 40 lines; blank
+/// lines inside fenced code blocks do not split. Returns the passages and
+/// the number of lines.
+pub fn split(text: &str) -> (Vec<Passage>, u32) {
+    struct Open {
+        start: usize,
+        last: usize,
+        byte_start: usize,
+        byte_end: usize,
+    }
+    let mut out = Vec::new();
+    let mut headings: Vec<(usize, String)> = Vec::new();
+    let mut cur: Option<Open> = None;
+    let mut in_fence = false;
+    let mut offset = 0usize;
+    let mut n = 0usize;
+    let close = |cur: &mut Option<Open>, headings: &[(usize, String)], out: &mut Vec<Passage>| {
+        if let Some(o) = cur.take() {
+            out.push(Passage {
+                start_line: (o.start + 1) as u32,
+                end_line: (o.last + 1) as u32,
+                bytes: o.byte_start..o.byte_end,
+                heading: headings
+                    .iter()
+                    .map(|(_, h)| h.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" > "),
+            });
+        }
+    };
+    for (i, raw) in text.split_inclusive('\n').enumerate() {
+        n = i + 1;
+        let line_start = offset;
+        offset += raw.len();
+        let line_end = line_start + raw.trim_end_matches(['\n', '\r']).len();
+        let trimmed = raw.trim();
+        let fence = trimmed.starts_with("```") || trimmed.starts_with("~~~");
+        if !in_fence && !fence {
+            if let Some((level, title)) = heading_level(trimmed) {
+                close(&mut cur, &headings, &mut out);
+                headings.retain(|(l, _)| *l < level);
+                headings.push((level, title.to_string()));
+                cur = Some(Open {
+                    start: i,
+                    last: i,
+                    byte_start: line_start,
+                    byte_end: line_end,
+                });
+                continue;
+            }
+            if trimmed.is_empty() {
+                if cur
+                    .as_ref()
+                    .is_some_and(|o| o.last - o.start + 1 >= MIN_LINES)
+                {
+                    close(&mut cur, &headings, &mut out);
+                }
+                continue;
+            }
+        }
+        if fence {
+            in_fence = !in_fence;
+        }
+        if in_fence && trimmed.is_empty() && cur.is_none() {
+            continue;
+        }
+        match cur.as_mut() {
+            Some(o) => {
+                o.last = i;
+                o.byte_end = line_end;
+            }
+            None => {
+                cur = Some(Open {
+                    start: i,
+                    last: i,
+                    byte_start: line_start,
+                    byte_end: line_end,
+                })
+            }
+        }
+        let limit = if in_fence { 2 * MAX_LINES } else { MAX_LINES };
+        if cur.as_ref().is_some_and(|o| o.last - o.start + 1 >= limit) {
+            close(&mut cur, &headings, &mut out);
+        }
+    }
+    close(&mut cur, &headings, &mut out);
+    (out, n as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spans(text: &str) -> Vec<(u32, u32, String)> {
+        split(text)
+            .0
+            .into_iter()
+            .map(|p| (p.start_line, p.end_line, p.heading))
+            .collect()
+    }
+
+    #[test]
+    fn headings_start_passages_and_keep_line_ranges() {
+        let t = "# Title\n\nintro one\nintro two\n\n## Cache\n\nWe decided to keep the cache.\nIt is small.\n\n## FIFO\npipes\n";
+        assert_eq!(
+            spans(t),
+            vec![
+                (1, 4, "Title".into()),
+                (6, 9, "Title > Cache".into()),
+                (11, 12, "Title > FIFO".into())
+            ]
+        );
+        let (ps, lines) = split(t);
+        assert_eq!(lines, 12);
+        assert_eq!(
+            &t[ps[1].bytes.clone()],
+            "## Cache\n\nWe decided to keep the cache.\nIt is small."
+        );
+    }
+
+    #[test]
+    fn paragraphs_merge_until_four_lines_then_split_at_blank() {
+        let t = "a\nb\n\nc\nd\n\ne\n";
+        assert_eq!(spans(t), vec![(1, 5, String::new()), (7, 7, String::new())]);
+    }
+
+    #[test]
+    fn long_runs_are_cut_and_fences_hold_together() {
+        let long: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        let s = spans(&long);
+        assert_eq!(s[0], (1, 40, String::new()));
+        assert_eq!(s.len(), 3);
+        let fenced = "```\nx\n\ny\n\nz\n```\n";
+        assert_eq!(spans(fenced), vec![(1, 7, String::new())]);
+        // A '#' inside a fence is not a heading.
+        assert_eq!(
+            spans("```\n# not a heading\n```\n"),
+            vec![(1, 3, String::new())]
+        );
+    }
+
+    #[test]
+    fn crlf_and_no_trailing_newline() {
+        let (ps, lines) = split("one\r\ntwo");
+        assert_eq!(lines, 2);
+        assert_eq!((ps[0].start_line, ps[0].end_line), (1, 2));
+        assert_eq!(&"one\r\ntwo"[ps[0].bytes.clone()], "one\r\ntwo");
+    }
+
+    #[test]
+    fn discover_walks_text_files_only() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("sub/.hidden")).unwrap();
+        std::fs::create_dir_all(d.path().join("target")).unwrap();
+        for f in [
+            "a.md",
+            "sub/b.TXT",
+            "sub/c.rs",
+            "sub/.hidden/d.md",
+            "target/e.md",
+            ".f.md",
+        ] {
+            std::fs::write(d.path().join(f), "x").unwrap();
+        }
+        let found = discover(&[d.path().to_path_buf()]).unwrap();
+        let names: Vec<_> = found
+            .iter()
+            .map(|f| {
+                f.path
+                    .strip_prefix(d.path())
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        assert_eq!(names, vec!["a.md", "sub/b.TXT"]);
+        assert!(found.iter().all(|f| !f.explicit));
+        assert!(discover(&[d.path().join("missing")]).is_err());
+    }
+
+    #[test]
+    fn invalid_utf8_fails_to_load() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("bad.md");
+        std::fs::write(&p, b"ok\n\xff\xfe").unwrap();
+        let e = load(&Found {
+            path: p,
+            display: "bad.md".into(),
+            explicit: true,
+        })
+        .unwrap_err();
+        assert!(e.contains("not UTF-8"), "{e}");
+    }
+}

@@ -1,0 +1,267 @@
+//! The built-in engine's index: an inverted index over passages, ranked
+//! with BM25 (k1 = 1.2, b = 0.75); heading words count once more in the
+//! passages under them.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::context::ContextFile;
+use super::text;
+
+const K1: f32 = 1.2;
+const B: f32 = 0.75;
+
+/// A passage as indexed: which file, which passage of it, its length in terms.
+#[derive(Debug, Clone, Copy)]
+struct Doc {
+    file: u32,
+    passage: u32,
+    len: u32,
+}
+
+/// A scored passage.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hit {
+    /// Index into [`Index::files`].
+    pub file: usize,
+    /// Index into that file's passages.
+    pub passage: usize,
+    /// BM25 score.
+    pub score: f32,
+}
+
+/// An immutable index over a set of context files.
+#[derive(Debug)]
+pub struct Index {
+    files: Vec<Arc<ContextFile>>,
+    docs: Vec<Doc>,
+    terms: HashMap<Box<str>, u32>,
+    postings: Vec<Vec<(u32, u16)>>,
+    avg_len: f32,
+    version: String,
+    bytes: u64,
+}
+
+thread_local! {
+    /// Per-thread score accumulator, reused across queries.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+impl Index {
+    /// Build from loaded files (in display order).
+    pub fn build(files: Vec<Arc<ContextFile>>) -> Index {
+        let mut terms: HashMap<Box<str>, u32> = HashMap::new();
+        let mut postings: Vec<Vec<(u32, u16)>> = Vec::new();
+        let mut docs = Vec::new();
+        let mut counts: HashMap<u32, u16> = HashMap::new();
+        let mut total_len: u64 = 0;
+        let mut hasher = Sha256::new();
+        let mut bytes = 0u64;
+        for (fi, f) in files.iter().enumerate() {
+            hasher.update(f.display.as_bytes());
+            hasher.update([0]);
+            hasher.update(f.hash);
+            bytes += f.text.len() as u64;
+            for (pi, p) in f.passages.iter().enumerate() {
+                counts.clear();
+                let mut len = 0u32;
+                let mut add = |t: &str| {
+                    let id = match terms.get(t) {
+                        Some(&id) => id,
+                        None => {
+                            let id = postings.len() as u32;
+                            terms.insert(t.into(), id);
+                            postings.push(Vec::new());
+                            id
+                        }
+                    };
+                    let c = counts.entry(id).or_insert(0);
+                    *c = c.saturating_add(1);
+                    len += 1;
+                };
+                text::terms(&f.text[p.bytes.clone()], &mut add);
+                text::terms(&p.heading, &mut add);
+                let doc = docs.len() as u32;
+                for (&t, &c) in &counts {
+                    postings[t as usize].push((doc, c));
+                }
+                total_len += u64::from(len);
+                docs.push(Doc {
+                    file: fi as u32,
+                    passage: pi as u32,
+                    len,
+                });
+            }
+        }
+        let digest = hasher.finalize();
+        let version = format!(
+            "sha256:{}",
+            digest[..8]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        );
+        let avg_len = if docs.is_empty() {
+            1.0
+        } else {
+            (total_len as f32 / docs.len() as f32).max(1.0)
+        };
+        Index {
+            files,
+            docs,
+            terms,
+            postings,
+            avg_len,
+            version,
+            bytes,
+        }
+    }
+
+    /// The files, in citation order.
+    pub fn files(&self) -> &[Arc<ContextFile>] {
+        &self.files
+    }
+
+    /// Content hash of all files (`sha256:` + 16 hex digits).
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Number of passages.
+    pub fn passages(&self) -> usize {
+        self.docs.len()
+    }
+
+    /// Total bytes of context.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The best `k` passages for `query`, best first; empty when no query
+    /// term occurs anywhere.
+    pub fn search(&self, query: &str, k: usize) -> Vec<Hit> {
+        let mut ids: Vec<u32> = Vec::new();
+        text::terms(query, |t| {
+            if let Some(&id) = self.terms.get(t)
+                && !ids.contains(&id)
+            {
+                ids.push(id);
+            }
+        });
+        if ids.is_empty() || k == 0 {
+            return Vec::new();
+        }
+        let n = self.docs.len() as f32;
+        SCRATCH.with(|s| {
+            let (scores, touched) = &mut *s.borrow_mut();
+            if scores.len() < self.docs.len() {
+                scores.resize(self.docs.len(), 0.0);
+            }
+            for id in ids {
+                let list = &self.postings[id as usize];
+                let df = list.len() as f32;
+                let idf = (1.0 + (n - df + 0.5) / (df + 0.5)).ln();
+                for &(doc, tf) in list {
+                    let tf = f32::from(tf);
+                    let dl = self.docs[doc as usize].len as f32;
+                    let s = idf * tf * (K1 + 1.0) / (tf + K1 * (1.0 - B + B * dl / self.avg_len));
+                    let slot = &mut scores[doc as usize];
+                    if *slot == 0.0 {
+                        touched.push(doc);
+                    }
+                    *slot += s;
+                }
+            }
+            let mut hits: Vec<Hit> = touched
+                .iter()
+                .map(|&d| {
+                    let doc = self.docs[d as usize];
+                    Hit {
+                        file: doc.file as usize,
+                        passage: doc.passage as usize,
+                        score: scores[d as usize],
+                    }
+                })
+                .collect();
+            for &d in touched.iter() {
+                scores[d as usize] = 0.0;
+            }
+            touched.clear();
+            let by_score = |a: &Hit, b: &Hit| {
+                b.score
+                    .total_cmp(&a.score)
+                    .then(a.file.cmp(&b.file))
+                    .then(a.passage.cmp(&b.passage))
+            };
+            if hits.len() > k {
+                hits.select_nth_unstable_by(k - 1, by_score);
+                hits.truncate(k);
+            }
+            hits.sort_by(by_score);
+            hits
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::context::{Found, load};
+    use super::*;
+
+    fn index_of(files: &[(&str, &str)]) -> (tempfile::TempDir, Index) {
+        let d = tempfile::tempdir().unwrap();
+        let mut loaded = Vec::new();
+        for (name, body) in files {
+            let p = d.path().join(name);
+            std::fs::write(&p, body).unwrap();
+            loaded.push(Arc::new(
+                load(&Found {
+                    path: p,
+                    display: (*name).into(),
+                    explicit: true,
+                })
+                .unwrap(),
+            ));
+        }
+        (d, Index::build(loaded))
+    }
+
+    #[test]
+    fn ranks_the_passage_with_the_rare_terms_first() {
+        let (_d, idx) = index_of(&[(
+            "notes.md",
+            "# Cache\nWe decided to keep the LRU cache at 64 entries.\nIt is rebuilt nightly.\nOwner: Ana.\n\n# FIFO\nThe server reads hello frames from a FIFO.\nEach client has its own pair.\nWritten by Bo.\n\n# Misc\nThe cache and the FIFO are unrelated.\nNothing else.\nReally.\n",
+        )]);
+        let hits = idx.search("What did we decide about the cache size?", 3);
+        assert_eq!(hits[0].passage, 0, "{hits:?}");
+        let hits = idx.search("how does a client talk to the FIFO", 3);
+        assert_eq!(hits[0].passage, 1, "{hits:?}");
+        assert!(idx.search("zebra xylophone", 3).is_empty());
+        assert!(idx.search("the and of", 3).is_empty());
+        assert!(idx.version().starts_with("sha256:") && idx.version().len() == 23);
+    }
+
+    #[test]
+    fn version_changes_with_content_and_scores_are_reset_between_queries() {
+        let (_d, a) = index_of(&[("a.md", "alpha beta\n")]);
+        let (_d2, b) = index_of(&[("a.md", "alpha gamma\n")]);
+        assert_ne!(a.version(), b.version());
+        let first = a.search("alpha", 1)[0].score;
+        let second = a.search("alpha", 1)[0].score;
+        assert_eq!(first, second);
+    }
+
+    #[test]
+    fn top_k_is_sorted_and_bounded() {
+        let body: String = (0..50)
+            .map(|i| format!("word{} common\n\n\n\n\n", i % 5))
+            .collect();
+        let (_d, idx) = index_of(&[("x.md", &body)]);
+        let hits = idx.search("common word3", 4);
+        assert_eq!(hits.len(), 4);
+        assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
+    }
+}

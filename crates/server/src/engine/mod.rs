@@ -1,0 +1,55 @@
+//! Engines: what answers a question. The server holds one behind the
+//! [`Engine`] trait; this issue brings the built-in context engine.
+
+pub mod builtin;
+pub mod context;
+pub mod index;
+pub mod text;
+
+use std::time::Instant;
+
+use autopoll_protocol::{EngineInfo, ErrorCode, WorkerInfo};
+
+/// An engine's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineAnswer {
+    /// The answer text.
+    pub answer: String,
+    /// Cited ranges, `FILE:START-END`.
+    pub sources: Vec<String>,
+    /// Cited ranges that did not check out against the context.
+    pub invalid_sources: Vec<String>,
+    /// False when nothing relevant was found.
+    pub found: bool,
+    /// Content hash of the context answered from.
+    pub context_version: String,
+}
+
+/// Why an engine could not answer.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct EngineError {
+    /// `Engine` or `Timeout` usually.
+    pub code: ErrorCode,
+    /// For the person reading the error reply.
+    pub message: String,
+}
+
+/// Something that answers questions. Shared by all worker threads.
+pub trait Engine: Send + Sync {
+    /// A short name (`builtin`, `jsonl`, `claude`, `spawn`).
+    fn name(&self) -> &str;
+    /// Answer `question`, giving up at `deadline`.
+    fn answer(&self, question: &str, deadline: Instant) -> Result<EngineAnswer, EngineError>;
+    /// What the engine holds, for `stats`.
+    fn info(&self) -> EngineInfo;
+    /// Per-instance state (external backends).
+    fn instances(&self) -> Vec<WorkerInfo> {
+        Vec::new()
+    }
+    /// Re-read context files that changed on disk. Called periodically by
+    /// the server's reload thread.
+    fn reload_if_changed(&self) {}
+    /// Stop (external backends end their child processes). Called once.
+    fn shutdown(&self) {}
+}

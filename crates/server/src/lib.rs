@@ -1,0 +1,501 @@
+//! # autopoll-server
+//!
+//! The persistent-instance server. One process keeps an engine warm and
+//! answers any number of clients over FIFOs, so no process is forked per
+//! question.
+//!
+//! Threads (all named):
+//! - `main` (in [`run`]): holds the lock, reads hello frames from the shared
+//!   request FIFO, validates the FIFO pair each names, spawns a session;
+//! - `session-N`: one per client (module `session`);
+//! - `worker-N`: `--workers` of them, fed by one bounded crossbeam channel;
+//! - `context-reload`: re-reads changed context files every `--reload-interval`.
+//!
+//! Shutdown ([`Shutdown::trigger`], wired to SIGINT/SIGTERM by the binary):
+//! stop accepting and remove the FIFO, let sessions finish in-flight
+//! requests within `--grace`, remove the pid and lock files, return.
+#![deny(missing_docs)]
+
+pub mod engine;
+pub mod lock;
+pub mod pool;
+pub(crate) mod session;
+pub mod stats;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use autopoll_protocol::fifo::{self, Fill, FrameReader, Waker};
+use autopoll_protocol::frame;
+use autopoll_protocol::{
+    DEFAULT_MAX_FRAME, ErrorCode, ErrorReply, Hello, MAX_HELLO, Reply, Request, ServerPaths, Stats,
+};
+use crossbeam_channel::Sender;
+
+use crate::engine::Engine;
+use crate::engine::builtin::BuiltinEngine;
+use crate::lock::{LockError, ServerLock};
+use crate::pool::Job;
+use crate::stats::Counters;
+
+/// Which engine answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// The built-in context engine over `--context` paths.
+    Builtin,
+}
+
+/// Everything `autopoll-server` is told on its command line.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Server name (its directory under the runtime dir).
+    pub name: String,
+    /// The runtime directory.
+    pub runtime_dir: PathBuf,
+    /// The engine.
+    pub backend: Backend,
+    /// Context files and directories.
+    pub contexts: Vec<PathBuf>,
+    /// Worker threads.
+    pub workers: usize,
+    /// Longest a request may take, whatever the client asks.
+    pub request_timeout: Duration,
+    /// Frame cap.
+    pub max_frame: usize,
+    /// How long in-flight requests may take to finish after a stop signal.
+    pub grace: Duration,
+    /// How often context files are checked for changes (zero: never).
+    pub reload_interval: Duration,
+    /// Most client sessions at once.
+    pub max_sessions: usize,
+    /// Questions queued for workers at most.
+    pub queue: usize,
+}
+
+impl ServerConfig {
+    /// Defaults for `name` under `runtime_dir`.
+    pub fn new(name: &str, runtime_dir: &Path) -> ServerConfig {
+        ServerConfig {
+            name: name.to_string(),
+            runtime_dir: runtime_dir.to_path_buf(),
+            backend: Backend::Builtin,
+            contexts: Vec::new(),
+            workers: 2,
+            request_timeout: Duration::from_secs(60),
+            max_frame: DEFAULT_MAX_FRAME,
+            grace: Duration::from_secs(10),
+            reload_interval: Duration::from_secs(1),
+            max_sessions: 256,
+            queue: 1_024,
+        }
+    }
+}
+
+/// Why the server could not start (or stopped with an error).
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Bad configuration (name, context).
+    #[error("{0}")]
+    Config(String),
+    /// Another server of that name is running.
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    /// An OS error.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ServerError {
+    let path = path.to_path_buf();
+    move |source| ServerError::Io { op, path, source }
+}
+
+/// A stop button shared with signal handlers. Once triggered its descriptor
+/// stays readable, so every thread polling it wakes.
+#[derive(Clone, Debug)]
+pub struct Shutdown {
+    inner: Arc<(AtomicBool, Waker)>,
+}
+
+impl Shutdown {
+    /// A new, untriggered stop button.
+    pub fn new() -> io::Result<Shutdown> {
+        Ok(Shutdown {
+            inner: Arc::new((AtomicBool::new(false), Waker::new()?)),
+        })
+    }
+
+    /// Ask the server to stop (async-signal-safe enough for ctrlc's thread).
+    pub fn trigger(&self) {
+        self.inner.0.store(true, Ordering::SeqCst);
+        self.inner.1.wake();
+    }
+
+    /// Whether a stop was asked for.
+    pub fn is_triggered(&self) -> bool {
+        self.inner.0.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn fd(&self) -> std::os::fd::RawFd {
+        self.inner.1.fd()
+    }
+}
+
+/// What the server shows once it serves.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    /// The shared request FIFO clients write hellos to.
+    pub fifo: PathBuf,
+    /// The engine's description.
+    pub engine: autopoll_protocol::EngineInfo,
+}
+
+/// State shared by the accept loop, sessions and `stats`.
+pub(crate) struct Shared {
+    pub(crate) config: ServerConfig,
+    pub(crate) name: String,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) engine: Arc<dyn Engine>,
+    pub(crate) jobs: Sender<Job>,
+    pub(crate) shutdown: Shutdown,
+    grace_deadline: Mutex<Option<Instant>>,
+    live: (Mutex<usize>, Condvar),
+}
+
+impl Shared {
+    pub(crate) fn grace_deadline(&self) -> Option<Instant> {
+        *self
+            .grace_deadline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn session_started(&self) {
+        *self.live.0.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    }
+
+    fn session_ended(&self) {
+        let mut n = self.live.0.lock().unwrap_or_else(|p| p.into_inner());
+        *n = n.saturating_sub(1);
+        self.live.1.notify_all();
+    }
+
+    /// Wait until no session is left or `deadline`; returns how many remain.
+    fn wait_sessions(&self, deadline: Instant) -> usize {
+        let mut n = self.live.0.lock().unwrap_or_else(|p| p.into_inner());
+        while *n > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            n = match self.live.1.wait_timeout(n, left) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        *n
+    }
+}
+
+pub(crate) fn stats_reply(shared: &Shared, id: u64) -> Stats {
+    let s = shared.counters.snapshot();
+    Stats {
+        id,
+        server: shared.name.clone(),
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        protocol: autopoll_protocol::PROTOCOL_VERSION,
+        uptime_secs: s.uptime.as_secs_f64(),
+        requests: s.requests,
+        errors: s.errors,
+        in_flight: s.in_flight,
+        sessions: s.sessions,
+        latency_p50_ms: s.p50_ms,
+        latency_p99_ms: s.p99_ms,
+        workers: shared.config.workers,
+        engine: shared.engine.info(),
+        instances: shared.engine.instances(),
+    }
+}
+
+/// Build the configured engine.
+pub fn build_engine(config: &ServerConfig) -> Result<Arc<dyn Engine>, ServerError> {
+    match config.backend {
+        Backend::Builtin => Ok(Arc::new(
+            BuiltinEngine::load(&config.contexts).map_err(ServerError::Config)?,
+        )),
+    }
+}
+
+/// Remove every entry of the clients directory (FIFOs of clients of a dead server).
+fn sweep_clients(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Logs bad hellos: the first at once, then a summary at most every 10 s.
+struct BadHelloLog {
+    suppressed: u64,
+    last: Option<Instant>,
+}
+
+impl BadHelloLog {
+    fn note(&mut self, why: &str) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
+        {
+            if self.suppressed > 0 {
+                log::warn!(
+                    "event=bad_hello reason={why:?} (and {} more since the last report)",
+                    self.suppressed
+                );
+            } else {
+                log::warn!("event=bad_hello reason={why:?}");
+            }
+            self.suppressed = 0;
+            self.last = Some(now);
+        } else {
+            self.suppressed += 1;
+        }
+    }
+}
+
+/// Serve until `shutdown` is triggered. `on_ready` is called once the FIFO
+/// is accepting hellos.
+pub fn run(
+    config: ServerConfig,
+    shutdown: Shutdown,
+    on_ready: impl FnOnce(&Ready),
+) -> Result<(), ServerError> {
+    if config.workers == 0 {
+        return Err(ServerError::Config("--workers must be at least 1".into()));
+    }
+    if config.max_frame < MAX_HELLO {
+        return Err(ServerError::Config(format!(
+            "--max-frame-bytes must be at least {MAX_HELLO}"
+        )));
+    }
+    let paths = ServerPaths::new(&config.runtime_dir, &config.name).map_err(ServerError::Config)?;
+    paths
+        .create_private()
+        .map_err(io_err("cannot create runtime directory", &paths.dir))?;
+    let mut lock = ServerLock::acquire(&paths.lock(), &paths.pid(), &config.name)?;
+    lock.write_pid()
+        .map_err(io_err("cannot write", &paths.lock()))?;
+
+    let engine = build_engine(&config)?;
+
+    // A server killed with -9 leaves its FIFO and client FIFOs behind.
+    let requests = paths.requests();
+    match std::fs::remove_file(&requests) {
+        Ok(()) => log::info!("event=stale_fifo_replaced path={}", requests.display()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("cannot remove stale FIFO", &requests)(e)),
+    }
+    sweep_clients(&paths.clients());
+    fifo::mkfifo(&requests, 0o600).map_err(|e| ServerError::Config(e.to_string()))?;
+    let shared_reader =
+        fifo::open_fifo(&requests, false).map_err(|e| ServerError::Config(e.to_string()))?;
+    // Our own writer keeps the FIFO from reporting EOF between clients.
+    let keepalive =
+        fifo::open_fifo(&requests, true).map_err(|e| ServerError::Config(e.to_string()))?;
+    std::fs::write(paths.pid(), format!("{}\n", std::process::id()))
+        .map_err(io_err("cannot write", &paths.pid()))?;
+
+    let counters = Arc::new(Counters::new());
+    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(config.queue.max(1));
+    let workers = pool::start(config.workers, jobs_rx, engine.clone(), counters.clone())
+        .map_err(io_err("cannot start worker threads", Path::new("")))?;
+    let shared = Arc::new(Shared {
+        name: config.name.clone(),
+        counters,
+        engine: engine.clone(),
+        jobs: jobs_tx,
+        shutdown: shutdown.clone(),
+        grace_deadline: Mutex::new(None),
+        live: (Mutex::new(0), Condvar::new()),
+        config,
+    });
+
+    let reloader = if shared.config.reload_interval.is_zero() {
+        None
+    } else {
+        let engine = engine.clone();
+        let sd = shutdown.clone();
+        let every = shared.config.reload_interval;
+        Some(
+            std::thread::Builder::new()
+                .name("context-reload".into())
+                .spawn(move || {
+                    loop {
+                        let mut fds = [fifo::pollfd(sd.fd(), libc::POLLIN)];
+                        let _ = fifo::poll(&mut fds, Some(Instant::now() + every));
+                        if sd.is_triggered() {
+                            break;
+                        }
+                        engine.reload_if_changed();
+                    }
+                })
+                .map_err(io_err("cannot start reload thread", Path::new("")))?,
+        )
+    };
+
+    on_ready(&Ready {
+        fifo: requests.clone(),
+        engine: engine.info(),
+    });
+    log::info!(
+        "event=serving name={} fifo={} workers={} engine={}",
+        shared.name,
+        requests.display(),
+        shared.config.workers,
+        engine.name()
+    );
+
+    let mut reader = FrameReader::new(shared_reader, MAX_HELLO);
+    let mut bad = BadHelloLog {
+        suppressed: 0,
+        last: None,
+    };
+    let session_ids = AtomicU64::new(0);
+    while !shutdown.is_triggered() {
+        let mut fds = [
+            fifo::pollfd(reader.fd(), libc::POLLIN),
+            fifo::pollfd(shutdown.fd(), libc::POLLIN),
+        ];
+        if let Err(e) = fifo::poll(&mut fds, Some(Instant::now() + Duration::from_secs(60))) {
+            log::error!("poll on {}: {e}", requests.display());
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        if fds[1].revents != 0 {
+            break;
+        }
+        if fds[0].revents == 0 {
+            continue;
+        }
+        match reader.fill() {
+            Ok(Fill::Data(_)) | Ok(Fill::WouldBlock) => {}
+            Ok(Fill::Eof) => {
+                // Cannot happen while we hold a writer; never spin on it.
+                log::error!("unexpected EOF on {}", requests.display());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                log::error!("reading {}: {e}", requests.display());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        while let Some(item) = reader.next_buffered() {
+            let hello: Hello = match item
+                .map_err(|e| e.to_string())
+                .and_then(|l| frame::decode::<Request>(&l).map_err(|e| e.to_string()))
+            {
+                Ok(Request::Hello(h)) => h,
+                Ok(_) => {
+                    bad.note("only hello frames belong on the shared FIFO");
+                    continue;
+                }
+                Err(e) => {
+                    bad.note(&e);
+                    continue;
+                }
+            };
+            if let Err(e) = fifo::check_client_fifo(&hello.request_fifo)
+                .and_then(|_| fifo::check_client_fifo(&hello.reply_fifo))
+            {
+                bad.note(&e.to_string());
+                continue;
+            }
+            if shared.counters.sessions() >= shared.config.max_sessions as u64 {
+                refuse_busy(&hello, shared.config.max_sessions);
+                continue;
+            }
+            let n = session_ids.fetch_add(1, Ordering::Relaxed) + 1;
+            let s = shared.clone();
+            s.session_started();
+            s.counters.session(true);
+            let spawned = std::thread::Builder::new()
+                .name(format!("session-{n}"))
+                .spawn(move || {
+                    if let Err(e) = session::run(&s, hello, n) {
+                        log::info!("event=session_ended session={n} reason={:?}", e.to_string());
+                    }
+                    s.counters.session(false);
+                    s.session_ended();
+                });
+            if let Err(e) = spawned {
+                log::error!("cannot start a session thread: {e}");
+                shared.counters.session(false);
+                shared.session_ended();
+            }
+        }
+    }
+
+    // Stop accepting: new clients find no FIFO and report "no server".
+    log::info!(
+        "event=stopping name={} grace_secs={}",
+        shared.name,
+        shared.config.grace.as_secs_f64()
+    );
+    let _ = std::fs::remove_file(&requests);
+    drop(reader);
+    drop(keepalive);
+    let deadline = Instant::now() + shared.config.grace;
+    *shared
+        .grace_deadline
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(deadline);
+    let left = shared.wait_sessions(deadline + Duration::from_millis(500));
+    if left > 0 {
+        log::warn!("event=stop_timeout sessions_left={left}");
+    }
+    if let Some(r) = reloader {
+        let _ = r.join();
+    }
+    engine.shutdown();
+    let all_done = left == 0;
+    drop(shared);
+    if all_done {
+        // Every job sender is gone: workers finish their current job and exit.
+        for w in workers {
+            let _ = w.join();
+        }
+    }
+    let _ = std::fs::remove_file(paths.pid());
+    lock.remove();
+    log::info!("event=stopped");
+    Ok(())
+}
+
+/// Tell a client we are full, without a session thread.
+fn refuse_busy(hello: &Hello, max: usize) {
+    log::warn!("event=session_refused reason=\"{max} sessions already open\"");
+    if let Ok(out) = fifo::open_checked(&hello.reply_fifo, true) {
+        let reply = Reply::Error(ErrorReply {
+            id: None,
+            code: ErrorCode::Overloaded,
+            message: format!("the server already has {max} sessions open; try again shortly"),
+        });
+        let _ = fifo::write_all(
+            &out,
+            &frame::encode(&reply),
+            Instant::now() + Duration::from_millis(50),
+        );
+    }
+}

@@ -1,0 +1,382 @@
+//! One thread per client session: after the handshake on the client's
+//! private FIFO pair, it reads request frames, queues questions for the
+//! worker pool, and writes replies (answers as workers finish them, errors
+//! at each request's deadline). It polls the request FIFO, its own waker
+//! (rung by workers) and the server's shutdown waker: no busy loop, and
+//! every wait is bounded by the next deadline.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use autopoll_protocol::fifo::{self, FifoError, Fill, FrameReader, Waker};
+use autopoll_protocol::frame::{self, FrameError};
+use autopoll_protocol::{
+    Answer, Echo, ErrorCode, ErrorReply, Hello, PROTOCOL_VERSION, Reply, Request, Welcome,
+};
+use crossbeam_channel::TrySendError;
+
+use crate::Shared;
+use crate::pool::{Job, Outcome};
+
+/// How long the client has to open its side of the pair.
+pub(crate) const HANDSHAKE: Duration = Duration::from_secs(5);
+/// How long a reply may wait for the client to read it before the session is dropped.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Questions one session may have in flight.
+const MAX_IN_FLIGHT: usize = 4_096;
+/// Longest idle poll, so flags are re-checked now and then.
+const IDLE_POLL: Duration = Duration::from_secs(60);
+
+/// Why a session ended early.
+#[derive(Debug)]
+pub(crate) enum End {
+    Handshake(FifoError),
+    ClientGone,
+    ClientStuck,
+    Io(String),
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::Handshake(e) => write!(f, "handshake failed: {e}"),
+            End::ClientGone => f.write_str("client closed its reply FIFO"),
+            End::ClientStuck => write!(f, "client did not read a reply for {REPLY_TIMEOUT:?}"),
+            End::Io(e) => f.write_str(e),
+        }
+    }
+}
+
+fn send(out: &File, reply: &Reply) -> Result<(), End> {
+    fifo::write_all(out, &frame::encode(reply), Instant::now() + REPLY_TIMEOUT).map_err(|e| match e
+    {
+        FifoError::Closed => End::ClientGone,
+        FifoError::Timeout => End::ClientStuck,
+        other => End::Io(other.to_string()),
+    })
+}
+
+fn error(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Reply {
+    Reply::Error(ErrorReply {
+        id,
+        code,
+        message: message.into(),
+    })
+}
+
+struct Pending {
+    deadline: Instant,
+    received: Instant,
+}
+
+/// Run one session to its end.
+pub(crate) fn run(shared: &Arc<Shared>, hello: Hello, n: u64) -> Result<(), End> {
+    let handshake_deadline = Instant::now() + HANDSHAKE;
+    let input = fifo::open_checked(&hello.request_fifo, false).map_err(End::Handshake)?;
+    let out = fifo::open_checked_write_until(&hello.reply_fifo, handshake_deadline)
+        .map_err(End::Handshake)?;
+    if hello.version != PROTOCOL_VERSION {
+        send(
+            &out,
+            &error(
+                None,
+                ErrorCode::VersionMismatch,
+                format!(
+                    "protocol version {} is not supported; this server speaks version {PROTOCOL_VERSION}",
+                    hello.version
+                ),
+            ),
+        )?;
+        return Ok(());
+    }
+    if shared.shutdown.is_triggered() {
+        send(
+            &out,
+            &error(None, ErrorCode::ShuttingDown, "the server is stopping"),
+        )?;
+        return Ok(());
+    }
+    send(
+        &out,
+        &Reply::Welcome(Welcome {
+            version: PROTOCOL_VERSION,
+            server: shared.name.clone(),
+            pid: std::process::id(),
+            engine: shared.engine.name().to_string(),
+            max_frame_bytes: shared.config.max_frame,
+        }),
+    )?;
+    log::debug!("event=session_opened session={n} client={:?}", hello.client);
+
+    let waker = Arc::new(Waker::new().map_err(|e| End::Io(format!("waker: {e}")))?);
+    let (tx, rx) = crossbeam_channel::unbounded::<Outcome>();
+    let mut reader = FrameReader::new(input, shared.config.max_frame);
+    let mut pending: HashMap<u64, Pending> = HashMap::new();
+    let mut input_open = true;
+    let mut stopping = false;
+    let result = loop {
+        if !stopping && shared.shutdown.is_triggered() {
+            stopping = true;
+        }
+        let grace = if stopping {
+            shared.grace_deadline()
+        } else {
+            None
+        };
+        if (stopping || !input_open) && pending.is_empty() {
+            break Ok(());
+        }
+        if let Some(g) = grace
+            && Instant::now() >= g
+        {
+            // Grace is over: tell the client what will not be answered.
+            for (id, _) in pending.drain() {
+                shared.counters.finished(Duration::ZERO, true);
+                let _ = send(
+                    &out,
+                    &error(
+                        Some(id),
+                        ErrorCode::ShuttingDown,
+                        "the server stopped before answering",
+                    ),
+                );
+            }
+            break Ok(());
+        }
+        let next = pending.values().map(|p| p.deadline).min();
+        let deadline = [next, grace, Some(Instant::now() + IDLE_POLL)]
+            .into_iter()
+            .flatten()
+            .min();
+        let mut fds = vec![fifo::pollfd(waker.fd(), libc::POLLIN)];
+        if input_open {
+            fds.push(fifo::pollfd(reader.fd(), libc::POLLIN));
+        }
+        if !stopping {
+            fds.push(fifo::pollfd(shared.shutdown.fd(), libc::POLLIN));
+        }
+        if let Err(e) = fifo::poll(&mut fds, deadline) {
+            break Err(End::Io(format!("poll: {e}")));
+        }
+        waker.drain();
+
+        // Finished work first, so answers go out before anything else.
+        let mut failed = None;
+        while let Ok(o) = rx.try_recv() {
+            let Some(p) = pending.remove(&o.id) else {
+                continue; // already timed out
+            };
+            let reply = match o.result {
+                Ok(a) => Reply::Answer(Answer {
+                    id: o.id,
+                    answer: a.answer,
+                    sources: a.sources,
+                    found: a.found,
+                    context_version: a.context_version,
+                    engine: shared.engine.name().to_string(),
+                    elapsed_ms: p.received.elapsed().as_secs_f64() * 1000.0,
+                    invalid_sources: a.invalid_sources,
+                }),
+                Err(e) => error(Some(o.id), e.code, e.message),
+            };
+            shared
+                .counters
+                .finished(p.received.elapsed(), matches!(reply, Reply::Error(_)));
+            log::trace!(
+                "session={n} id={} engine_ms={:.3}",
+                o.id,
+                o.engine_time.as_secs_f64() * 1000.0
+            );
+            if let Err(e) = send(&out, &reply) {
+                failed = Some(e);
+                break;
+            }
+        }
+        if let Some(e) = failed {
+            break Err(e);
+        }
+
+        if input_open && fds[1].revents != 0 {
+            match reader.fill() {
+                Ok(Fill::Data(_)) | Ok(Fill::WouldBlock) => {}
+                Ok(Fill::Eof) => input_open = false,
+                Err(e) => {
+                    log::debug!("session={n}: reading requests: {e}");
+                    input_open = false;
+                }
+            }
+            let mut frames = Vec::new();
+            while let Some(item) = reader.next_buffered() {
+                frames.push(item);
+            }
+            if !input_open && reader.pending() > 0 {
+                frames.push(Err(FrameError::Truncated(reader.pending())));
+            }
+            for item in frames {
+                let reply = handle(
+                    shared,
+                    item,
+                    &mut pending,
+                    stopping,
+                    &tx,
+                    &waker,
+                    &mut input_open,
+                );
+                if let Some(r) = reply
+                    && let Err(e) = send(&out, &r)
+                {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            if let Some(e) = failed {
+                break Err(e);
+            }
+        }
+
+        let now = Instant::now();
+        let expired: Vec<u64> = pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            pending.remove(&id);
+            shared.counters.finished(Duration::ZERO, true);
+            log::warn!("event=request_timeout session={n} id={id}");
+            if let Err(e) = send(
+                &out,
+                &error(
+                    Some(id),
+                    ErrorCode::Timeout,
+                    "no answer within the request's timeout",
+                ),
+            ) {
+                failed = Some(e);
+                break;
+            }
+        }
+        if let Some(e) = failed {
+            break Err(e);
+        }
+    };
+    // Work still queued for a vanished client keeps its in-flight count until
+    // a worker drops it; nothing else to undo.
+    log::debug!("event=session_closed session={n}");
+    result
+}
+
+/// Handle one decoded-or-not frame; returns an immediate reply, if any.
+#[allow(clippy::too_many_arguments)]
+fn handle(
+    shared: &Arc<Shared>,
+    item: Result<Vec<u8>, FrameError>,
+    pending: &mut HashMap<u64, Pending>,
+    stopping: bool,
+    tx: &crossbeam_channel::Sender<Outcome>,
+    waker: &Arc<Waker>,
+    input_open: &mut bool,
+) -> Option<Reply> {
+    let line = match item {
+        Ok(l) => l,
+        Err(e) => {
+            shared.counters.rejected();
+            let code = if matches!(e, FrameError::TooLarge { .. }) {
+                ErrorCode::TooLarge
+            } else {
+                ErrorCode::BadFrame
+            };
+            return Some(error(None, code, e.to_string()));
+        }
+    };
+    let req: Request = match frame::decode(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            shared.counters.rejected();
+            return Some(error(None, ErrorCode::BadFrame, e.to_string()));
+        }
+    };
+    match req {
+        Request::Ask(a) => {
+            let id = a.id;
+            let refuse = |code, msg: &str| {
+                shared.counters.rejected();
+                Some(error(Some(id), code, msg))
+            };
+            if stopping {
+                return refuse(ErrorCode::ShuttingDown, "the server is stopping");
+            }
+            if a.question.trim().is_empty() {
+                return refuse(ErrorCode::Invalid, "the question is empty");
+            }
+            if pending.contains_key(&id) {
+                return refuse(
+                    ErrorCode::Invalid,
+                    "a request with this id is already in flight",
+                );
+            }
+            if pending.len() >= MAX_IN_FLIGHT {
+                return refuse(
+                    ErrorCode::Overloaded,
+                    "too many requests in flight on this session",
+                );
+            }
+            let limit = shared.config.request_timeout;
+            let timeout = a
+                .timeout_ms
+                .map_or(limit, |ms| Duration::from_millis(ms).min(limit));
+            let now = Instant::now();
+            let deadline = now + timeout;
+            shared.counters.in_flight(1);
+            let job = Job {
+                id,
+                question: a.question,
+                deadline,
+                reply: tx.clone(),
+                waker: waker.clone(),
+            };
+            match shared.jobs.try_send(job) {
+                Ok(()) => {
+                    pending.insert(
+                        id,
+                        Pending {
+                            deadline,
+                            received: now,
+                        },
+                    );
+                    None
+                }
+                Err(TrySendError::Full(_)) => {
+                    shared.counters.in_flight(-1);
+                    refuse(
+                        ErrorCode::Overloaded,
+                        "the server's queue is full; try again shortly",
+                    )
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    shared.counters.in_flight(-1);
+                    refuse(ErrorCode::ShuttingDown, "the server is stopping")
+                }
+            }
+        }
+        Request::Stats(s) => Some(Reply::Stats(crate::stats_reply(shared, s.id))),
+        Request::Echo(e) => Some(Reply::Echo(Echo {
+            id: e.id,
+            payload: e.payload,
+        })),
+        Request::Hello(_) => {
+            shared.counters.rejected();
+            Some(error(
+                None,
+                ErrorCode::Invalid,
+                "hello belongs on the shared request FIFO, not in a session",
+            ))
+        }
+        Request::Bye => {
+            *input_open = false;
+            None
+        }
+    }
+}
