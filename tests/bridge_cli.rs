@@ -326,16 +326,6 @@ fn usage_errors_exit_2_and_help_lists_exit_codes() {
 }
 
 #[test]
-fn placeholder_poller_prints_help_and_says_it_is_not_ready() {
-    let env = Env::new();
-    let out = env.cmd("autopoll-poller").arg("--help").output().unwrap();
-    assert!(out.status.success(), "{}", describe(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("NOT IMPLEMENTED YET"));
-    let out = env.cmd("autopoll-poller").output().unwrap();
-    assert_one_line_error(&out, 1, "not implemented yet");
-}
-
-#[test]
 fn busy_timeout_is_waited_out_not_failed() {
     let env = Env::new();
     let c = env.conversation();

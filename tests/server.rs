@@ -104,6 +104,7 @@ fn ask_cites_the_line_range_holding_the_answer_and_status_counts_it() {
             .stdout,
     )
     .unwrap();
+    let st = &st["server"];
     assert_eq!(st["requests"], 3);
     assert_eq!(st["errors"], 0);
     assert_eq!(st["engine"]["name"], "builtin");

@@ -225,6 +225,7 @@ impl Env {
     pub fn at(&self, name: &str, args: &[&str]) -> Command {
         let mut c = self.cmd("autopoll");
         c.args(args)
+            .env_remove("AUTOPOLL_DB")
             .env("AUTOPOLL_NAME", name)
             .env("AUTOPOLL_RUNTIME_DIR", self.runtime());
         c
@@ -295,5 +296,172 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A running `autopoll-poller`, killed (-9) and reaped on drop.
+pub struct Poller {
+    pub child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Env {
+    /// Start `autopoll-poller` for session b of `conv` against server `name`.
+    pub fn poller(&self, conv: &Conversation, name: &str, args: &[&str]) -> Poller {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = self.path(&format!("poller-{n}.log"));
+        let child = self
+            .cmd("autopoll-poller")
+            .env("AUTOPOLL_CONVERSATION", &conv.id)
+            .env("AUTOPOLL_TOKEN", &conv.token_b)
+            .env("AUTOPOLL_RUNTIME_DIR", self.runtime())
+            .env("RUST_LOG", "info")
+            .args(["--name", name])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Poller { child, log }
+    }
+
+    /// Open the bridge with the library (as a coordinator or an inspector would).
+    pub fn bridge(&self) -> autopoll_bridge::Bridge {
+        autopoll_bridge::Bridge::open(self.db()).unwrap()
+    }
+
+    /// Send `n` queries from session a (query ids `q-<prefix>-<i>`); returns the ids.
+    pub fn send_queries(
+        &self,
+        conv: &Conversation,
+        prefix: &str,
+        n: usize,
+        question: &str,
+    ) -> Vec<String> {
+        let mut b = self.bridge();
+        (0..n)
+            .map(|i| {
+                let qid = format!("q-{prefix}-{i}");
+                let text = autopoll_bridge::shard::query_text(&qid, question);
+                b.send(
+                    &conv.id,
+                    autopoll_bridge::Session::A,
+                    &conv.token_a,
+                    &text,
+                    None,
+                )
+                .unwrap();
+                qid
+            })
+            .collect()
+    }
+
+    /// Every response to session a: (query_id, full JSON).
+    pub fn responses(&self) -> Vec<(String, Value)> {
+        let b = self.bridge();
+        let mut st = b
+            .connection()
+            .prepare("SELECT message FROM messages WHERE to_session = 'a' ORDER BY id")
+            .unwrap();
+        st.query_map([], |r| r.get::<_, String>(0))
+            .unwrap()
+            .map(|m| {
+                let v: Value = serde_json::from_str(&m.unwrap()).unwrap();
+                (v["query_id"].as_str().unwrap_or("").to_string(), v)
+            })
+            .collect()
+    }
+
+    /// Wait until `n` responses exist, then check each id got exactly one.
+    pub fn expect_each_answered_once(
+        &self,
+        ids: &[String],
+        timeout: Duration,
+    ) -> Vec<(String, Value)> {
+        wait_until(&format!("{} responses", ids.len()), timeout, || {
+            self.responses().len() >= ids.len()
+        });
+        let got = self.responses();
+        let mut counts = std::collections::HashMap::new();
+        for (q, _) in &got {
+            *counts.entry(q.clone()).or_insert(0) += 1;
+        }
+        for id in ids {
+            assert_eq!(
+                counts.get(id),
+                Some(&1),
+                "{id} answered {:?} times",
+                counts.get(id)
+            );
+        }
+        assert_eq!(got.len(), ids.len(), "responses to unknown queries");
+        got
+    }
+
+    /// Rows of autopoll_claims still owned by someone.
+    pub fn owned_claims(&self) -> i64 {
+        self.bridge()
+            .connection()
+            .query_row(
+                "SELECT count(*) FROM autopoll_claims WHERE owner IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    /// session_status of session b, if any.
+    pub fn shard_status(&self, conv: &Conversation) -> Option<String> {
+        self.bridge()
+            .session_status(&conv.id, autopoll_bridge::Session::B)
+            .unwrap()
+            .map(|s| s.status)
+    }
+}
+
+impl Poller {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "poller did not exit within {timeout:?}: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// kill -9 and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Poller {
+    fn drop(&mut self) {
+        self.kill9();
     }
 }

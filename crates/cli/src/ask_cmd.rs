@@ -32,6 +32,12 @@ pub struct AskArgs {
 pub struct StatusArgs {
     #[command(flatten)]
     target: Target,
+    /// Also show the bridge's queues (unread, claimed, answered, dead letters, heartbeats).
+    #[arg(long, env = "AUTOPOLL_DB", value_name = "PATH")]
+    db: Option<std::path::PathBuf>,
+    /// With --db: only this conversation.
+    #[arg(long, env = "AUTOPOLL_CONVERSATION", value_name = "ID")]
+    conversation: Option<String>,
     /// Seconds to wait for the server.
     #[arg(long, value_name = "SECS", default_value_t = 5.0, value_parser = timeout_secs)]
     timeout: f64,
@@ -149,15 +155,42 @@ fn print_stats(s: &Stats, fifo: &std::path::Path) {
     }
 }
 
-/// Run `autopoll status`.
+/// Run `autopoll status`: the server's statistics, and with `--db` the
+/// bridge's queues. Exit 10 when the server is not running (the bridge part
+/// is still shown).
 pub fn status(args: StatusArgs) -> Result<(), CliError> {
     let timeout = Duration::from_secs_f64(args.timeout);
-    let mut client = connect(&args.target, timeout, "autopoll-status")?;
-    let s = client.stats(timeout)?;
+    let server =
+        connect(&args.target, timeout, "autopoll-status").and_then(|mut c| Ok(c.stats(timeout)?));
+    let bridge = match &args.db {
+        Some(db) => Some(autopoll_bridge::Bridge::open(db)?.stats(args.conversation.as_deref())?),
+        None => None,
+    };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+        let (s, err) = match &server {
+            Ok(s) => (serde_json::to_value(s).unwrap_or_default(), None),
+            Err(e) => (serde_json::Value::Null, Some(e.message.clone())),
+        };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({ "server": s, "server_error": err, "bridge": bridge })
+            )
+            .unwrap_or_default()
+        );
     } else {
-        print_stats(&s, &args.target.paths()?.requests());
+        match &server {
+            Ok(s) => print_stats(s, &args.target.paths()?.requests()),
+            Err(e) => println!("server     NOT RUNNING: {}", e.message),
+        }
+        if let Some(rows) = &bridge {
+            println!();
+            if rows.is_empty() {
+                println!("bridge     no conversations");
+            } else {
+                print!("{}", crate::bridge_cmd::status_table(rows));
+            }
+        }
     }
-    Ok(())
+    server.map(|_| ())
 }

@@ -358,7 +358,7 @@ pub fn run(args: BridgeArgs) -> Result<(), CliError> {
     }
 }
 
-fn status_table(stats: &[SessionStats]) -> String {
+pub(crate) fn status_table(stats: &[SessionStats]) -> String {
     let rows: Vec<Vec<String>> = stats
         .iter()
         .map(|s| {

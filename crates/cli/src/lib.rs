@@ -7,15 +7,15 @@
 #![deny(missing_docs)]
 
 mod ask_cmd;
-mod bridge_cmd;
+pub(crate) mod bridge_cmd;
 pub mod exit;
 pub mod logging;
-mod placeholder;
+mod poller_cmd;
 mod server_cmd;
 mod table;
 mod target;
 
-pub use placeholder::poller_main;
+pub use poller_cmd::poller_main;
 pub use server_cmd::server_main;
 
 use std::process::ExitCode;
@@ -51,7 +51,7 @@ enum Command {
     /// Ask a running autopoll-server a question directly (over its FIFO).
     #[command(after_help = exit::EXIT_CODES_HELP)]
     Ask(ask_cmd::AskArgs),
-    /// Show a running autopoll-server's statistics.
+    /// Show a running autopoll-server's statistics, and with --db the bridge's queues.
     #[command(after_help = exit::EXIT_CODES_HELP)]
     Status(ask_cmd::StatusArgs),
 }

@@ -267,13 +267,25 @@ impl Client {
 
     /// Ask a question; the server gets `timeout` as its deadline too.
     pub fn ask(&mut self, question: &str, timeout: Duration) -> Result<Answer, ClientError> {
+        self.ask_within(question, timeout, timeout)
+    }
+
+    /// Ask with the server's deadline `server_timeout` and our own `wait`
+    /// (longer, so the server's `timeout` error normally arrives first and a
+    /// silent server is told apart from a slow question).
+    pub fn ask_within(
+        &mut self,
+        question: &str,
+        server_timeout: Duration,
+        wait: Duration,
+    ) -> Result<Answer, ClientError> {
         let id = self.id();
         let req = Request::Ask(AskRequest {
             id,
             question: question.to_string(),
-            timeout_ms: Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+            timeout_ms: Some(u64::try_from(server_timeout.as_millis()).unwrap_or(u64::MAX)),
         });
-        match self.call(&req, id, timeout)? {
+        match self.call(&req, id, wait)? {
             Reply::Answer(a) => Ok(a),
             Reply::Error(e) => Err(ClientError::Server(e)),
             other => Err(ClientError::Protocol(format!(

@@ -18,6 +18,7 @@ pub mod client;
 pub mod fifo;
 pub mod frame;
 pub mod paths;
+pub mod stop;
 
 pub use client::{Client, ClientError, ClientOptions};
 pub use frame::{
@@ -25,6 +26,7 @@ pub use frame::{
     Stats, StatsRequest, Welcome, WorkerInfo,
 };
 pub use paths::{ServerPaths, runtime_dir};
+pub use stop::Shutdown;
 
 /// Version of the frame protocol, exchanged in the hello frame.
 pub const PROTOCOL_VERSION: u32 = 1;

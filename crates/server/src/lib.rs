@@ -24,11 +24,12 @@ pub mod stats;
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use autopoll_protocol::fifo::{self, Fill, FrameReader, Waker};
+pub use autopoll_protocol::Shutdown;
+use autopoll_protocol::fifo::{self, Fill, FrameReader};
 use autopoll_protocol::frame;
 use autopoll_protocol::{
     DEFAULT_MAX_FRAME, ErrorCode, ErrorReply, Hello, MAX_HELLO, Reply, Request, ServerPaths, Stats,
@@ -120,37 +121,6 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ServerErro
     move |source| ServerError::Io { op, path, source }
 }
 
-/// A stop button shared with signal handlers. Once triggered its descriptor
-/// stays readable, so every thread polling it wakes.
-#[derive(Clone, Debug)]
-pub struct Shutdown {
-    inner: Arc<(AtomicBool, Waker)>,
-}
-
-impl Shutdown {
-    /// A new, untriggered stop button.
-    pub fn new() -> io::Result<Shutdown> {
-        Ok(Shutdown {
-            inner: Arc::new((AtomicBool::new(false), Waker::new()?)),
-        })
-    }
-
-    /// Ask the server to stop (async-signal-safe enough for ctrlc's thread).
-    pub fn trigger(&self) {
-        self.inner.0.store(true, Ordering::SeqCst);
-        self.inner.1.wake();
-    }
-
-    /// Whether a stop was asked for.
-    pub fn is_triggered(&self) -> bool {
-        self.inner.0.load(Ordering::SeqCst)
-    }
-
-    pub(crate) fn fd(&self) -> std::os::fd::RawFd {
-        self.inner.1.fd()
-    }
-}
-
 /// What the server shows once it serves.
 #[derive(Debug, Clone)]
 pub struct Ready {
@@ -237,10 +207,26 @@ pub fn build_engine(config: &ServerConfig) -> Result<Arc<dyn Engine>, ServerErro
     }
 }
 
-/// Remove every entry of the clients directory (FIFOs of clients of a dead server).
+/// Client FIFO names older than this are leftovers of crashed clients. Live
+/// ones exist only during a handshake (milliseconds): clients unlink them as
+/// soon as both sides hold descriptors.
+const CLIENT_LEFTOVER_AGE: Duration = Duration::from_secs(600);
+
+/// Remove leftovers from the clients directory. Never anything young: a
+/// client may be in the middle of its handshake (also right after a restart).
 fn sweep_clients(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > CLIENT_LEFTOVER_AGE);
+        if old {
+            log::debug!("removing leftover client FIFO {}", e.path().display());
             let _ = std::fs::remove_file(e.path());
         }
     }
@@ -373,7 +359,12 @@ pub fn run(
         last: None,
     };
     let session_ids = AtomicU64::new(0);
+    let mut next_sweep = Instant::now() + Duration::from_secs(60);
     while !shutdown.is_triggered() {
+        if Instant::now() >= next_sweep {
+            sweep_clients(&paths.clients());
+            next_sweep = Instant::now() + Duration::from_secs(60);
+        }
         let mut fds = [
             fifo::pollfd(reader.fd(), libc::POLLIN),
             fifo::pollfd(shutdown.fd(), libc::POLLIN),

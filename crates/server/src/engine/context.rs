@@ -191,6 +191,9 @@ pub fn split(text: &str) -> (Vec<Passage>, u32) {
         last: usize,
         byte_start: usize,
         byte_end: usize,
+        /// Lines that are not headings: a passage of headings alone has
+        /// nothing to quote, so it runs on into the next one.
+        body: usize,
     }
     let mut out = Vec::new();
     let mut headings: Vec<(usize, String)> = Vec::new();
@@ -221,21 +224,33 @@ pub fn split(text: &str) -> (Vec<Passage>, u32) {
         let fence = trimmed.starts_with("```") || trimmed.starts_with("~~~");
         if !in_fence && !fence {
             if let Some((level, title)) = heading_level(trimmed) {
-                close(&mut cur, &headings, &mut out);
+                if cur.as_ref().is_some_and(|o| o.body > 0) {
+                    close(&mut cur, &headings, &mut out);
+                }
                 headings.retain(|(l, _)| *l < level);
                 headings.push((level, title.to_string()));
-                cur = Some(Open {
-                    start: i,
-                    last: i,
-                    byte_start: line_start,
-                    byte_end: line_end,
-                });
+                match cur.as_mut() {
+                    // Headings with nothing under them yet run on.
+                    Some(o) => {
+                        o.last = i;
+                        o.byte_end = line_end;
+                    }
+                    None => {
+                        cur = Some(Open {
+                            start: i,
+                            last: i,
+                            byte_start: line_start,
+                            byte_end: line_end,
+                            body: 0,
+                        })
+                    }
+                }
                 continue;
             }
             if trimmed.is_empty() {
                 if cur
                     .as_ref()
-                    .is_some_and(|o| o.last - o.start + 1 >= MIN_LINES)
+                    .is_some_and(|o| o.body > 0 && o.last - o.start + 1 >= MIN_LINES)
                 {
                     close(&mut cur, &headings, &mut out);
                 }
@@ -252,6 +267,7 @@ pub fn split(text: &str) -> (Vec<Passage>, u32) {
             Some(o) => {
                 o.last = i;
                 o.byte_end = line_end;
+                o.body += 1;
             }
             None => {
                 cur = Some(Open {
@@ -259,6 +275,7 @@ pub fn split(text: &str) -> (Vec<Passage>, u32) {
                     last: i,
                     byte_start: line_start,
                     byte_end: line_end,
+                    body: 1,
                 })
             }
         }
@@ -299,6 +316,21 @@ mod tests {
         assert_eq!(
             &t[ps[1].bytes.clone()],
             "## Cache\n\nWe decided to keep the cache.\nIt is small."
+        );
+    }
+
+    #[test]
+    fn a_heading_with_no_body_runs_on_into_the_next_passage() {
+        let t = "# A\n\n## B\n\n### C\ntext under c\n\n## D\nd text\n";
+        assert_eq!(
+            spans(t),
+            vec![(1, 6, "A > B > C".into()), (8, 9, "A > D".into())]
+        );
+        // Closed by the next heading (no blank line): keeps its own headings.
+        let t = "# A\n## B\nb1\n## C\nc1\n";
+        assert_eq!(
+            spans(t),
+            vec![(1, 3, "A > B".into()), (4, 5, "A > C".into())]
         );
     }
 

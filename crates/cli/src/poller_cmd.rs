@@ -1,0 +1,145 @@
+//! `autopoll-poller`: flags, logging, signals, then `autopoll_poller::run`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use autopoll_bridge::Session;
+use autopoll_poller::{PollerConfig, PollerError};
+use autopoll_protocol::Shutdown;
+use clap::{Parser, ValueEnum};
+
+use crate::exit::{self, CliError};
+use crate::logging;
+use crate::target::Target;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SessionArg {
+    A,
+    B,
+}
+
+/// `autopoll-poller`: answer a shard session's questions from the bridge.
+#[derive(Debug, Parser)]
+#[command(
+    name = "autopoll-poller",
+    version,
+    about = "Claims queries from the SQLite bridge, answers them through autopoll-server",
+    long_about = "Claims queries addressed to a shard session from the SQLite bridge, asks \
+                  autopoll-server, and writes each answer back exactly once. It notices new \
+                  messages within milliseconds (inotify on the bridge plus PRAGMA data_version), \
+                  keeps up to --concurrency questions in flight, survives restarts of the server \
+                  (status `blocked` meanwhile) and of itself (leases), and dead-letters a question \
+                  after --max-attempts failures. SIGINT or SIGTERM: stop claiming, finish in-flight \
+                  questions within --grace, release the rest, exit 0.",
+    after_help = exit::EXIT_CODES_HELP
+)]
+struct PollerCli {
+    #[command(flatten)]
+    verbosity: logging::Verbosity,
+    /// The bridge's SQLite file.
+    #[arg(long, env = "AUTOPOLL_DB", value_name = "PATH")]
+    db: PathBuf,
+    /// Conversation id.
+    #[arg(long, env = "AUTOPOLL_CONVERSATION", value_name = "ID")]
+    conversation: String,
+    /// The shard session's token. Prefer the environment variable: a flag is visible in `ps`.
+    #[arg(long, env = "AUTOPOLL_TOKEN", hide_env_values = true, value_name = "T")]
+    token: String,
+    /// The session to answer for (the shard's side).
+    #[arg(long, value_enum, default_value = "b")]
+    session: SessionArg,
+    #[command(flatten)]
+    target: Target,
+    /// Signed into every response as shard_id [default: autopoll:NAME].
+    #[arg(long, value_name = "ID")]
+    shard_id: Option<String>,
+    /// Claim lease in seconds: a claim not finished or extended by then is taken over.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = positive_secs)]
+    lease: f64,
+    /// Failed attempts after which a question gets an error response (dead letter).
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    max_attempts: u32,
+    /// The server's deadline per question, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = positive_secs)]
+    query_timeout: f64,
+    /// Questions in flight to the server at once.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    concurrency: u16,
+    /// Questions longer than this many bytes get an error response.
+    #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024)]
+    max_question_bytes: usize,
+    /// On SIGINT/SIGTERM, how long in-flight questions may take, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = secs)]
+    grace: f64,
+    /// How often the heartbeat in session_status is refreshed, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = positive_secs)]
+    heartbeat: f64,
+}
+
+fn secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=86_400.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds in [0, 86400]")),
+    }
+}
+
+fn positive_secs(s: &str) -> Result<f64, String> {
+    secs(s).and_then(|v| {
+        if v > 0.0 {
+            Ok(v)
+        } else {
+            Err("must be more than 0".into())
+        }
+    })
+}
+
+/// `autopoll-poller`'s main.
+pub fn poller_main() -> ExitCode {
+    let cli = match PollerCli::try_parse() {
+        Ok(c) => c,
+        Err(e) => return exit::clap_exit(e),
+    };
+    logging::init(&cli.verbosity, log::LevelFilter::Info);
+    exit::report("autopoll-poller", poll(cli))
+}
+
+fn poll(cli: PollerCli) -> Result<(), CliError> {
+    let shutdown = Shutdown::new()
+        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot create a pipe: {e}")))?;
+    let sd = shutdown.clone();
+    ctrlc::set_handler(move || sd.trigger()).map_err(|e| {
+        CliError::new(
+            exit::FAILURE,
+            format!("cannot install signal handlers: {e}"),
+        )
+    })?;
+    let paths = cli.target.paths()?;
+    let mut cfg = PollerConfig::new(cli.db, cli.conversation, cli.token, paths);
+    cfg.session = match cli.session {
+        SessionArg::A => Session::A,
+        SessionArg::B => Session::B,
+    };
+    if let Some(id) = cli.shard_id {
+        cfg.shard_id = id;
+    }
+    cfg.lease = Duration::from_secs_f64(cli.lease);
+    cfg.max_attempts = cli.max_attempts;
+    cfg.query_timeout = Duration::from_secs_f64(cli.query_timeout);
+    cfg.concurrency = usize::from(cli.concurrency);
+    cfg.max_question_bytes = cli.max_question_bytes;
+    cfg.grace = Duration::from_secs_f64(cli.grace);
+    cfg.heartbeat = Duration::from_secs_f64(cli.heartbeat);
+    autopoll_poller::run(cfg, shutdown).map_err(|e| match e {
+        PollerError::Bridge(b @ autopoll_bridge::Error::InvalidToken { .. }) => CliError::new(
+            exit::AUTH,
+            format!(
+                "{b}: give the shard session's token (AUTOPOLL_TOKEN); `autopoll bridge create` printed it, \
+                 and `autopoll bridge renew` extends an expired one"
+            ),
+        ),
+        PollerError::Bridge(b) => CliError::from(b),
+        PollerError::Config(m) => CliError::new(exit::USAGE, m),
+        PollerError::Io(m) => CliError::new(exit::FAILURE, m),
+    })
+}

@@ -1,0 +1,745 @@
+//! # autopoll-poller
+//!
+//! Claims queries addressed to a shard session from the SQLite bridge, asks
+//! `autopoll-server` for answers, and writes the responses back, so that
+//! every question is answered exactly once whatever crashes around it.
+//!
+//! Threads (all named):
+//! - `poller` (the caller of [`run`]): owns the one bridge connection and does
+//!   every write: claims, completions (batched), lease extensions, dead
+//!   letters, heartbeats. It waits on one crossbeam channel of [`Event`]s.
+//! - `bridge-watch`: inotify on the bridge's directory ([`watch`]); sends
+//!   `Wake` on a commit by anyone, `Stop` on shutdown.
+//! - `asker-N`: `--concurrency` of them, each with its own server connection
+//!   ([`asker`]); sends `Result`s.
+//!
+//! A question is never marked read before its answer is committed: the
+//! answer row, the read flag and the claim's removal go in one transaction,
+//! and only while this poller still owns the claim (see `autopoll_bridge`).
+#![deny(missing_docs)]
+
+pub mod asker;
+pub mod watch;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use autopoll_bridge::shard::{self, Incoming, Response};
+use autopoll_bridge::{
+    Answer as BridgeAnswer, Bridge, BridgeOptions, ClaimOptions, Claimer, Error as BridgeError,
+    Session, SessionState,
+};
+use autopoll_protocol::{Client, ClientError, ClientOptions, ErrorCode, ServerPaths, Shutdown};
+use crossbeam_channel::{RecvTimeoutError, Sender};
+use serde_json::Value;
+
+use crate::asker::{AskJob, AskResult};
+
+/// What the poller is told on its command line.
+#[derive(Debug, Clone)]
+pub struct PollerConfig {
+    /// The bridge file.
+    pub db: PathBuf,
+    /// Conversation id.
+    pub conversation: String,
+    /// The session's token.
+    pub token: String,
+    /// The session we answer for (usually `b`).
+    pub session: Session,
+    /// Which server to ask.
+    pub server: ServerPaths,
+    /// Signed into every response.
+    pub shard_id: String,
+    /// Claim lease.
+    pub lease: Duration,
+    /// Attempts before a question is dead-lettered.
+    pub max_attempts: u32,
+    /// The server's deadline per question.
+    pub query_timeout: Duration,
+    /// Questions in flight to the server at once.
+    pub concurrency: usize,
+    /// Questions longer than this (bytes) get an error response.
+    pub max_question_bytes: usize,
+    /// On shutdown, how long in-flight questions may take.
+    pub grace: Duration,
+    /// How often the heartbeat is refreshed.
+    pub heartbeat: Duration,
+    /// How often `PRAGMA data_version` is checked without an inotify wake.
+    pub version_check: Duration,
+}
+
+impl PollerConfig {
+    /// Defaults for the rest.
+    pub fn new(
+        db: PathBuf,
+        conversation: String,
+        token: String,
+        server: ServerPaths,
+    ) -> PollerConfig {
+        PollerConfig {
+            db,
+            conversation,
+            token,
+            session: Session::B,
+            shard_id: format!("autopoll:{}", server.name),
+            server,
+            lease: Duration::from_secs(30),
+            max_attempts: 3,
+            query_timeout: Duration::from_secs(60),
+            concurrency: 4,
+            max_question_bytes: 256 * 1024,
+            grace: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(10),
+            version_check: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Why the poller stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum PollerError {
+    /// The bridge refused (bad token, expired, missing file, schema).
+    #[error(transparent)]
+    Bridge(#[from] BridgeError),
+    /// Bad configuration.
+    #[error("{0}")]
+    Config(String),
+    /// An OS resource could not be set up.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Messages to the main loop.
+pub enum Event {
+    /// The bridge file changed (maybe by us; confirm with data_version).
+    Wake,
+    /// An asker finished a question.
+    Result(AskResult),
+    /// Stop claiming, finish, release, return.
+    Stop,
+}
+
+/// Largest answer text written back (the Python side takes 50,000 characters per message).
+const MAX_ANSWER_CHARS: usize = 45_000;
+
+struct InFlight {
+    query_id: String,
+    attempts: u32,
+    lease_until: Instant,
+    claimed_at: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServerState {
+    Up,
+    Down {
+        next_probe: Instant,
+        backoff: Duration,
+    },
+}
+
+struct Poller {
+    cfg: PollerConfig,
+    bridge: Bridge,
+    claimer: Claimer,
+    jobs: Sender<AskJob>,
+    in_flight: HashMap<i64, InFlight>,
+    answers: Vec<(BridgeAnswer, String, Duration)>,
+    server: ServerState,
+    status: Option<SessionState>,
+    next_heartbeat: Instant,
+    data_version: i64,
+    token_warned: bool,
+    flush_after: Instant,
+    last_status_write: Instant,
+    next_health: Instant,
+    probe_client: Option<Client>,
+}
+
+fn truncate_chars(s: &mut String, max: usize) {
+    if let Some((cut, _)) = s.char_indices().nth(max) {
+        s.truncate(cut);
+        s.push_str("\n[answer truncated by autopoll]");
+    }
+}
+
+impl Poller {
+    fn log_server_down(&mut self, why: &str) {
+        if self.server == ServerState::Up {
+            log::warn!(
+                "event=server_down server={} reason={why:?}: holding questions until it is back",
+                self.cfg.server.name
+            );
+            self.server = ServerState::Down {
+                next_probe: Instant::now() + Duration::from_millis(100),
+                backoff: Duration::from_millis(100),
+            };
+        }
+    }
+
+    fn probe(&mut self) {
+        let ServerState::Down {
+            next_probe,
+            backoff,
+        } = self.server
+        else {
+            return;
+        };
+        if Instant::now() < next_probe {
+            return;
+        }
+        let opts = ClientOptions {
+            connect_timeout: Duration::from_secs(1),
+            client_name: "autopoll-poller-probe".into(),
+            ..ClientOptions::default()
+        };
+        match Client::connect(&self.cfg.server, &opts) {
+            Ok(c) => {
+                log::info!("event=server_up server={}: resuming", self.cfg.server.name);
+                self.server = ServerState::Up;
+                self.probe_client = Some(c);
+                self.next_health = Instant::now() + self.cfg.heartbeat;
+            }
+            Err(e) => {
+                log::debug!("server probe failed: {e}");
+                let backoff = (backoff * 2).min(Duration::from_secs(5));
+                self.server = ServerState::Down {
+                    next_probe: Instant::now() + backoff,
+                    backoff,
+                };
+            }
+        }
+    }
+
+    fn wanted_status(&self) -> SessionState {
+        if matches!(self.server, ServerState::Down { .. }) {
+            SessionState::Blocked
+        } else if self.in_flight.is_empty() {
+            SessionState::Waiting
+        } else {
+            SessionState::Working
+        }
+    }
+
+    fn heartbeat(&mut self, force: bool) {
+        let want = self.wanted_status();
+        let now = Instant::now();
+        let due = now >= self.next_heartbeat;
+        let changed = Some(want) != self.status;
+        // Blocked and unblocked show at once; working/waiting flips are
+        // written at most once a second, so a busy poller does not spend a
+        // transaction per question on its status.
+        let urgent = changed
+            && (want == SessionState::Blocked
+                || self.status == Some(SessionState::Blocked)
+                || self.status.is_none());
+        let settled = changed && now >= self.last_status_write + Duration::from_secs(1);
+        if !(force || due || urgent || settled) {
+            return;
+        }
+        match self.bridge.heartbeat(
+            &self.cfg.conversation,
+            self.cfg.session,
+            &self.cfg.token,
+            want,
+        ) {
+            Ok(()) => {
+                if changed {
+                    log::info!("event=status status={}", want.as_str());
+                }
+                self.status = Some(want);
+                self.last_status_write = now;
+                self.next_heartbeat = now + self.cfg.heartbeat;
+            }
+            Err(e @ (BridgeError::Expired { .. } | BridgeError::InvalidToken { .. })) => {
+                if !self.token_warned {
+                    log::error!(
+                        "event=token_rejected reason={:?}: heartbeats stop; questions are still answered",
+                        e.to_string()
+                    );
+                    self.token_warned = true;
+                }
+                self.next_heartbeat = Instant::now() + self.cfg.heartbeat;
+            }
+            Err(e) => {
+                log::warn!("heartbeat failed: {e}");
+                self.next_heartbeat = Instant::now() + Duration::from_secs(1);
+            }
+        }
+    }
+
+    /// Claim what fits; returns whether more may be waiting (the batch
+    /// filled every free slot, or there was no free slot to try).
+    fn claim(&mut self) -> bool {
+        let room = self.cfg.concurrency.saturating_sub(self.in_flight.len());
+        if room == 0 {
+            return true;
+        }
+        let opts = ClaimOptions {
+            limit: room,
+            lease: self.cfg.lease,
+            max_attempts: self.cfg.max_attempts,
+        };
+        let batch = match self.bridge.claim(
+            &self.claimer,
+            &self.cfg.conversation,
+            self.cfg.session,
+            &opts,
+        ) {
+            Ok(b) => b,
+            Err(e) => {
+                log::warn!("claim failed: {e}");
+                return false;
+            }
+        };
+        for d in &batch.dead_lettered {
+            log::warn!(
+                "event=dead_lettered message_id={} query_id={} attempts={} reason={:?}",
+                d.message_id,
+                d.query_id,
+                d.attempts,
+                d.last_error.as_deref().unwrap_or("attempts exhausted")
+            );
+        }
+        let full = batch.claimed.len() + batch.dead_lettered.len() >= room;
+        let now = Instant::now();
+        let mut skip = Vec::new();
+        for c in batch.claimed {
+            let id = c.message.id;
+            match shard::classify(&c.message) {
+                Incoming::Query(q) => {
+                    log::info!(
+                        "event=query_claimed message_id={id} query_id={} attempt={} plain_text={}",
+                        q.query_id,
+                        c.attempts,
+                        q.plain_text
+                    );
+                    if q.question.len() > self.cfg.max_question_bytes {
+                        let why = format!(
+                            "the question is {} bytes; this shard takes at most {}",
+                            q.question.len(),
+                            self.cfg.max_question_bytes
+                        );
+                        self.dead_letter(id, &q.query_id, &why);
+                        continue;
+                    }
+                    self.in_flight.insert(
+                        id,
+                        InFlight {
+                            query_id: q.query_id,
+                            attempts: c.attempts,
+                            lease_until: now + self.cfg.lease,
+                            claimed_at: now,
+                        },
+                    );
+                    let job = AskJob {
+                        message_id: id,
+                        question: q.question,
+                        server_timeout: self.cfg.query_timeout,
+                    };
+                    if self.jobs.send(job).is_err() {
+                        log::error!("asker threads are gone");
+                    }
+                }
+                Incoming::BadQuery { query_id, reason } => self.dead_letter(id, &query_id, &reason),
+                Incoming::Other { kind } => {
+                    log::info!("event=skipped message_id={id} type={kind:?}: not a question");
+                    skip.push(id);
+                }
+            }
+        }
+        if !skip.is_empty()
+            && let Err(e) = self.bridge.skip(&self.claimer, &skip, "not a query")
+        {
+            log::warn!("marking non-questions read failed (they will be retried): {e}");
+        }
+        full
+    }
+
+    fn dead_letter(&mut self, id: i64, query_id: &str, why: &str) {
+        self.in_flight.remove(&id);
+        match self.bridge.dead_letter(&self.claimer, id, why) {
+            Ok(Some(d)) => log::warn!(
+                "event=dead_lettered message_id={id} query_id={query_id} attempts={} reason={why:?}",
+                d.attempts
+            ),
+            Ok(None) => log::warn!(
+                "event=stale message_id={id} query_id={query_id}: claim lost before dead-lettering"
+            ),
+            Err(e) => {
+                log::warn!("dead-lettering message {id} failed (lease expiry retries it): {e}")
+            }
+        }
+    }
+
+    fn release(&mut self, id: i64, error: &str, refund: bool) {
+        let qid = self.in_flight.remove(&id).map(|f| (f.query_id, f.attempts));
+        match self
+            .bridge
+            .release(&self.claimer, &[id], Some(error), refund)
+        {
+            Ok(0) => log::warn!("event=stale message_id={id}: the claim was already taken over"),
+            Ok(_) => {
+                if let Some((q, attempt)) = qid {
+                    log::info!(
+                        "event=query_retry message_id={id} query_id={q} attempt={attempt} refund={refund} reason={error:?}"
+                    );
+                }
+            }
+            Err(e) => {
+                log::warn!("release of message {id} failed (its lease will expire instead): {e}")
+            }
+        }
+    }
+
+    /// While idle and believed up, check now and then that the server still
+    /// answers, so an idle poller shows `blocked` when its server is gone.
+    fn health_check(&mut self) {
+        if self.server != ServerState::Up
+            || !self.in_flight.is_empty()
+            || Instant::now() < self.next_health
+        {
+            return;
+        }
+        self.next_health = Instant::now() + self.cfg.heartbeat;
+        let t = Duration::from_secs(1);
+        let result = match self.probe_client.as_mut() {
+            Some(c) => c.echo("ping", t).map(|_| ()),
+            None => Err(ClientError::ServerGone),
+        };
+        if result.is_ok() {
+            return;
+        }
+        // Maybe only our probe connection was stale: one fresh connection.
+        let opts = ClientOptions {
+            connect_timeout: t,
+            client_name: "autopoll-poller-health".into(),
+            ..ClientOptions::default()
+        };
+        match Client::connect(&self.cfg.server, &opts) {
+            Ok(c) => self.probe_client = Some(c),
+            Err(e) => {
+                self.probe_client = None;
+                self.log_server_down(&e.to_string());
+            }
+        }
+    }
+
+    fn on_result(&mut self, r: AskResult) {
+        let Some(f) = self.in_flight.get(&r.message_id) else {
+            return;
+        };
+        let (query_id, attempts, claimed_at) = (f.query_id.clone(), f.attempts, f.claimed_at);
+        match r.outcome {
+            Ok(a) => {
+                let took = claimed_at.elapsed();
+                let mut extra = serde_json::Map::new();
+                extra.insert("found".into(), Value::Bool(a.found));
+                if !a.invalid_sources.is_empty() {
+                    extra.insert("invalid_sources".into(), a.invalid_sources.into());
+                }
+                let mut answer = a.answer;
+                truncate_chars(&mut answer, MAX_ANSWER_CHARS);
+                let resp = Response {
+                    kind: "response".into(),
+                    query_id: query_id.clone(),
+                    answer,
+                    sources: a.sources,
+                    shard_id: self.cfg.shard_id.clone(),
+                    llm_type: a.engine,
+                    response_time_sec: took.as_secs_f64(),
+                    error: None,
+                    context_version: Some(a.context_version),
+                    attempts: Some(attempts),
+                    extra,
+                };
+                self.answers.push((
+                    BridgeAnswer {
+                        message_id: r.message_id,
+                        text: resp.to_text(),
+                    },
+                    query_id,
+                    took,
+                ));
+            }
+            Err(ClientError::Server(e)) => match e.code {
+                ErrorCode::TooLarge | ErrorCode::Invalid | ErrorCode::BadFrame => {
+                    self.dead_letter(r.message_id, &query_id, &e.message)
+                }
+                ErrorCode::Timeout | ErrorCode::Engine => {
+                    if attempts >= self.cfg.max_attempts {
+                        let why = format!("failed {attempts} times; last: {}", e.message);
+                        self.dead_letter(r.message_id, &query_id, &why);
+                    } else {
+                        self.release(r.message_id, &e.message, false);
+                    }
+                }
+                ErrorCode::Overloaded => self.release(r.message_id, &e.message, true),
+                ErrorCode::ShuttingDown | ErrorCode::VersionMismatch => {
+                    self.release(r.message_id, &e.message, true);
+                    self.log_server_down(&e.message);
+                }
+            },
+            Err(ClientError::TooLarge(e)) => {
+                self.dead_letter(r.message_id, &query_id, &e.to_string())
+            }
+            Err(e) => {
+                // No server, server gone, silent past its deadline, transport
+                // trouble: not the question's fault.
+                self.release(r.message_id, &e.to_string(), true);
+                self.log_server_down(&e.to_string());
+            }
+        }
+    }
+
+    /// Write gathered answers in one transaction. Their questions stay in
+    /// flight (leases extended) until the commit succeeds.
+    fn flush(&mut self) {
+        if self.answers.is_empty() || Instant::now() < self.flush_after {
+            return;
+        }
+        let batch: Vec<BridgeAnswer> = self.answers.iter().map(|(a, _, _)| a.clone()).collect();
+        match self.bridge.complete(&self.claimer, &batch) {
+            Ok(ids) => {
+                for ((a, qid, took), rid) in self.answers.drain(..).zip(ids) {
+                    self.in_flight.remove(&a.message_id);
+                    match rid {
+                        Some(rid) => log::info!(
+                            "event=query_answered message_id={} query_id={qid} response_id={rid} ms={:.2}",
+                            a.message_id,
+                            took.as_secs_f64() * 1000.0
+                        ),
+                        None => log::warn!(
+                            "event=stale message_id={} query_id={qid}: another poller took it over; our answer is dropped",
+                            a.message_id
+                        ),
+                    }
+                }
+            }
+            Err(e) => {
+                log::warn!("writing {} answers failed, will retry: {e}", batch.len());
+                self.flush_after = Instant::now() + Duration::from_millis(500);
+            }
+        }
+    }
+
+    fn extend_leases(&mut self) {
+        let now = Instant::now();
+        let half = self.cfg.lease / 2;
+        let due: Vec<i64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.lease_until.saturating_duration_since(now) < half)
+            .map(|(id, _)| *id)
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        match self.bridge.extend(&self.claimer, &due, self.cfg.lease) {
+            Ok(n) => {
+                if n < due.len() {
+                    log::warn!(
+                        "event=lease_lost count={}: another poller took over",
+                        due.len() - n
+                    );
+                }
+                for id in due {
+                    if let Some(f) = self.in_flight.get_mut(&id) {
+                        f.lease_until = now + self.cfg.lease;
+                    }
+                }
+            }
+            Err(e) => log::warn!("extending leases failed: {e}"),
+        }
+    }
+
+    fn changed(&mut self) -> bool {
+        match self.bridge.data_version() {
+            Ok(v) if v != self.data_version => {
+                self.data_version = v;
+                true
+            }
+            Ok(_) => false,
+            Err(_) => true,
+        }
+    }
+}
+
+/// Check the token, then poll until `shutdown`; returns after releasing
+/// whatever is left unanswered.
+pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
+    if cfg.concurrency == 0 || cfg.max_attempts == 0 {
+        return Err(PollerError::Config(
+            "--concurrency and --max-attempts must be at least 1".into(),
+        ));
+    }
+    let bridge = Bridge::open_with(&cfg.db, BridgeOptions::default())?;
+    bridge.verify(&cfg.conversation, cfg.session, &cfg.token)?;
+    let claimer = Claimer::new(&cfg.shard_id)?;
+    let (events_tx, events) = crossbeam_channel::unbounded::<Event>();
+    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<AskJob>(cfg.concurrency);
+
+    let watch = watch::Watch::new(&cfg.db)
+        .map_err(|e| PollerError::Io(format!("inotify on {}: {e}", cfg.db.display())))?;
+    let stop_fd = shutdown.fd();
+    let tx = events_tx.clone();
+    let watcher = std::thread::Builder::new()
+        .name("bridge-watch".into())
+        .spawn(move || watch.run(stop_fd, tx))
+        .map_err(|e| PollerError::Io(format!("cannot start the watch thread: {e}")))?;
+    let mut askers = Vec::new();
+    for i in 0..cfg.concurrency {
+        let (jobs, tx, paths) = (jobs_rx.clone(), events_tx.clone(), cfg.server.clone());
+        let connect = Duration::from_secs(2);
+        askers.push(
+            std::thread::Builder::new()
+                .name(format!("asker-{i}"))
+                .spawn(move || asker::run(jobs, tx, paths, connect))
+                .map_err(|e| PollerError::Io(format!("cannot start asker threads: {e}")))?,
+        );
+    }
+    drop(events_tx);
+    drop(jobs_rx);
+
+    let data_version = bridge.data_version()?;
+    let mut p = Poller {
+        bridge,
+        claimer,
+        jobs: jobs_tx,
+        in_flight: HashMap::new(),
+        answers: Vec::new(),
+        server: ServerState::Up,
+        status: None,
+        next_heartbeat: Instant::now(),
+        data_version,
+        token_warned: false,
+        flush_after: Instant::now(),
+        last_status_write: Instant::now(),
+        next_health: Instant::now() + cfg.heartbeat,
+        probe_client: None,
+        cfg,
+    };
+    log::info!(
+        "event=polling conversation={} session={} server={} owner={} concurrency={}",
+        p.cfg.conversation,
+        p.cfg.session,
+        p.cfg.server.name,
+        p.claimer.owner(),
+        p.cfg.concurrency
+    );
+    let rescan_every = (p.cfg.lease / 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut next_rescan = Instant::now();
+    let mut next_version = Instant::now() + p.cfg.version_check;
+    let mut want_claim = true;
+    let mut stop_at: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        if let Some(deadline) = stop_at
+            && (p.in_flight.is_empty() || now >= deadline)
+        {
+            break;
+        }
+        p.probe();
+        if stop_at.is_none() && p.server == ServerState::Up && want_claim {
+            want_claim = p.claim();
+        }
+        p.extend_leases();
+        p.health_check();
+        p.heartbeat(false);
+
+        let mut wake = [next_version, next_rescan, p.next_heartbeat, p.next_health]
+            .into_iter()
+            .min()
+            .unwrap_or(now);
+        if let ServerState::Down { next_probe, .. } = p.server {
+            wake = wake.min(next_probe);
+        }
+        if let Some(d) = stop_at {
+            wake = wake.min(d);
+        }
+        if p.status != Some(p.wanted_status()) {
+            wake = wake.min(p.last_status_write + Duration::from_secs(1));
+        }
+        if let Some(lease) = p.in_flight.values().map(|f| f.lease_until).min() {
+            wake = wake.min(lease - p.cfg.lease / 2);
+        }
+        if want_claim && p.in_flight.len() < p.cfg.concurrency {
+            wake = now;
+        }
+        let first = match events.recv_timeout(wake.saturating_duration_since(Instant::now())) {
+            Ok(ev) => Some(ev),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        // Take everything already queued, so answers are written in one batch.
+        let mut evs: Vec<Event> = first.into_iter().collect();
+        evs.extend(events.try_iter());
+        let mut woke = false;
+        for ev in evs {
+            match ev {
+                Event::Wake => woke = true,
+                Event::Result(r) => p.on_result(r),
+                Event::Stop => {
+                    if stop_at.is_none() {
+                        log::info!(
+                            "event=stopping in_flight={} grace_secs={}",
+                            p.in_flight.len(),
+                            p.cfg.grace.as_secs_f64()
+                        );
+                        stop_at = Some(Instant::now() + p.cfg.grace);
+                    }
+                }
+            }
+        }
+        p.flush();
+        let now = Instant::now();
+        if woke || now >= next_version {
+            next_version = now + p.cfg.version_check;
+            if p.changed() {
+                want_claim = true;
+            }
+        }
+        if now >= next_rescan {
+            next_rescan = now + rescan_every;
+            want_claim = true;
+        }
+        p.heartbeat(false);
+    }
+
+    // Release what is still unanswered, so others need not wait for leases.
+    p.flush();
+    let left: Vec<i64> = p.in_flight.keys().copied().collect();
+    if !left.is_empty() {
+        log::warn!(
+            "event=released count={} reason=\"shutdown before answers came\"",
+            left.len()
+        );
+        if let Err(e) = p.bridge.release(
+            &p.claimer,
+            &left,
+            Some("poller stopped before the answer came"),
+            true,
+        ) {
+            log::warn!("releasing claims failed (their leases will expire): {e}");
+        }
+    }
+    let held = p.bridge.held_by(&p.claimer).unwrap_or_default();
+    if !held.is_empty() {
+        let _ = p
+            .bridge
+            .release(&p.claimer, &held, Some("poller stopped"), true);
+    }
+    drop(p.jobs);
+    shutdown.trigger();
+    let _ = watcher.join();
+    // Askers finish their current question (bounded by the query timeout);
+    // those still busy are not waited for.
+    for a in askers {
+        if a.is_finished() {
+            let _ = a.join();
+        }
+    }
+    log::info!("event=stopped");
+    Ok(())
+}

@@ -1,0 +1,558 @@
+//! `autopoll-poller` end to end: real bridge file, real server, real
+//! poller processes, killed and stopped at awkward moments. Every test ends
+//! by checking that each question got exactly one answer.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use autopoll_bridge::{Session, shard};
+use common::{Env, TIMEOUT, args, assert_one_line_error, describe, path_str, wait_until};
+
+const DOCS: &str = "# Notes
+
+## Cache
+We decided to keep the LRU cache at 64 entries.
+Memory on the shard host is tight.
+
+## Transport
+Questions travel over named pipes, one private pair per client.
+";
+
+fn setup(env: &Env) -> (common::Conversation, String) {
+    let conv = env.conversation();
+    let ctx = env.path("NOTES.md");
+    std::fs::write(&ctx, DOCS).unwrap();
+    (conv, path_str(&ctx).to_string())
+}
+
+fn rng(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+fn seed() -> u64 {
+    let s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("random seed {s}");
+    s
+}
+
+#[test]
+fn a_thousand_queries_each_get_exactly_one_response_and_bridge_ask_round_trips() {
+    let env = Env::new();
+    let (conv, ctx) = setup(&env);
+    let _server = env.server("default", &["--context", &ctx]);
+    let ids = env.send_queries(&conv, "k", 1_000, "how big is the cache?");
+    let mut p = env.poller(&conv, "default", &["--concurrency", "8"]);
+    let got = env.expect_each_answered_once(&ids, TIMEOUT * 2);
+    let (_, first) = &got[0];
+    // The Python shape plus our fields.
+    for k in [
+        "type",
+        "query_id",
+        "answer",
+        "sources",
+        "shard_id",
+        "llm_type",
+        "response_time_sec",
+        "context_version",
+        "attempts",
+        "found",
+    ] {
+        assert!(first.get(k).is_some(), "{k} missing from {first}");
+    }
+    assert_eq!(first["type"], "response");
+    assert_eq!(first["llm_type"], "builtin");
+    assert_eq!(first["attempts"], 1);
+    assert!(first["answer"].as_str().unwrap().contains("64 entries"));
+    assert!(first["sources"][0].as_str().unwrap().contains("NOTES.md:"));
+    // Metadata and audit as the Python side writes them.
+    let b = env.bridge();
+    let meta: String = b
+        .connection()
+        .query_row(
+            "SELECT metadata FROM messages WHERE to_session = 'a' LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(meta, r#"{"action_type":"response"}"#);
+    let unread: i64 = b
+        .connection()
+        .query_row(
+            "SELECT count(*) FROM messages WHERE to_session = 'b' AND read = 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(unread, 0);
+
+    // A coordinator's `autopoll bridge ask` round trip through the poller.
+    let out = env.run(&args(
+        &[
+            "bridge",
+            "ask",
+            "--json",
+            "--timeout",
+            "30",
+            "what travels over named pipes?",
+        ],
+        &conv.auth("a"),
+    ));
+    assert!(out.status.success(), "{}", describe(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["answer"].as_str().unwrap().contains("private pair"),
+        "{v}"
+    );
+    assert!(p.alive(), "{}", p.log());
+    assert!(p.log().contains("event=query_answered"), "{}", p.log());
+}
+
+#[test]
+fn plain_text_other_types_bad_and_oversized_questions() {
+    let env = Env::new();
+    let (conv, ctx) = setup(&env);
+    let _server = env.server("default", &["--context", &ctx]);
+    let mut b = env.bridge();
+    let send = |b: &mut autopoll_bridge::Bridge, text: &str| {
+        b.send(&conv.id, Session::A, &conv.token_a, text, None)
+            .unwrap()
+            .id
+    };
+    let plain = send(&mut b, "what is in the cache?");
+    let info = send(&mut b, r#"{"type":"info","text":"fyi"}"#);
+    let bad = send(&mut b, r#"{"type":"query","query_id":"q-bad"}"#);
+    let big = send(&mut b, &shard::query_text("q-big", &"cache ".repeat(100)));
+    let _p = env.poller(&conv, "default", &["--max-question-bytes", "200"]);
+    wait_until("three responses", TIMEOUT, || env.responses().len() >= 3);
+    wait_until("the info message is read", TIMEOUT, || {
+        env.bridge().message(info).unwrap().read
+    });
+    let got = env.responses();
+    assert_eq!(got.len(), 3, "{got:?}");
+    let by = |q: &str| {
+        got.iter()
+            .find(|(id, _)| id == q)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    assert!(
+        by(&format!("msg-{plain}"))["answer"]
+            .as_str()
+            .unwrap()
+            .contains("64 entries")
+    );
+    assert!(
+        by("q-bad")["error"]
+            .as_str()
+            .unwrap()
+            .contains("no `question`")
+    );
+    assert!(
+        by("q-big")["error"]
+            .as_str()
+            .unwrap()
+            .contains("at most 200")
+    );
+    assert!(by("q-big")["answer"].as_str().unwrap().is_empty());
+    for id in [plain, info, bad, big] {
+        assert!(env.bridge().message(id).unwrap().read);
+    }
+    assert_eq!(env.bridge().outcome(info).unwrap().unwrap().0, "skipped");
+}
+
+#[test]
+fn poller_killed_9_at_random_moments_loses_nothing_and_answers_nothing_twice() {
+    let env = Env::new();
+    let (conv, ctx) = setup(&env);
+    let _server = env.server("default", &["--context", &ctx]);
+    let ids = env.send_queries(&conv, "kill", 1_000, "cache?");
+    let mut s = seed();
+    for trial in 0..6 {
+        let mut p = env.poller(&conv, "default", &["--lease", "1", "--concurrency", "4"]);
+        let ms = 5 + rng(&mut s) % 150;
+        std::thread::sleep(Duration::from_millis(ms));
+        p.kill9();
+        let integrity: String = env
+            .bridge()
+            .connection()
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(integrity, "ok", "trial {trial}");
+    }
+    let _last = env.poller(&conv, "default", &["--lease", "1"]);
+    env.expect_each_answered_once(&ids, TIMEOUT * 2);
+    wait_until("no claim is left owned", TIMEOUT, || {
+        env.owned_claims() == 0
+    });
+}
+
+#[test]
+fn server_killed_and_restarted_mid_run_the_poller_recovers_by_itself() {
+    let env = Env::new();
+    let (conv, ctx) = setup(&env);
+    let server = env.server("default", &["--context", &ctx]);
+    let mut p = env.poller(&conv, "default", &["--concurrency", "4"]);
+    let first = env.send_queries(&conv, "before", 300, "cache?");
+    wait_until("some answers", TIMEOUT, || !env.responses().is_empty());
+    drop(server); // kill -9
+    let second = env.send_queries(&conv, "during", 200, "cache?");
+    wait_until("the poller reports blocked", TIMEOUT, || {
+        env.shard_status(&conv).as_deref() == Some("blocked")
+    });
+    let _server = env.server("default", &["--context", &ctx]);
+    let all: Vec<String> = first.into_iter().chain(second).collect();
+    env.expect_each_answered_once(&all, TIMEOUT * 2);
+    assert!(p.alive(), "the poller should have survived: {}", p.log());
+    let log = p.log();
+    assert_eq!(
+        log.matches("event=server_down").count(),
+        1,
+        "state change logged once: {log}"
+    );
+    assert!(log.contains("event=server_up"), "{log}");
+    wait_until("status back to waiting", TIMEOUT, || {
+        env.shard_status(&conv).as_deref() == Some("waiting")
+    });
+}
+
+#[test]
+fn another_process_holding_the_write_lock_for_3s_costs_nothing() {
+    let env = Env::new();
+    let (conv, ctx) = setup(&env);
+    let _server = env.server("default", &["--context", &ctx]);
+    let mut p = env.poller(&conv, "default", &[]);
+    let mut ids = env.send_queries(&conv, "pre", 50, "cache?");
+    let holder = rusqlite::Connection::open(env.db()).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // Queue more while the lock is held, from a thread that waits for it too.
+    let db = env.db();
+    let (cid, ta) = (conv.id.clone(), conv.token_a.clone());
+    let sender = std::thread::spawn(move || {
+        let mut b = autopoll_bridge::Bridge::open(&db).unwrap();
+        (0..50)
+            .map(|i| {
+                let qid = format!("q-locked-{i}");
+                b.send(
+                    &cid,
+                    Session::A,
+                    &ta,
+                    &shard::query_text(&qid, "cache?"),
+                    None,
+                )
+                .unwrap();
+                qid
+            })
+            .collect::<Vec<_>>()
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    holder.execute_batch("COMMIT").unwrap();
+    ids.extend(sender.join().unwrap());
+    env.expect_each_answered_once(&ids, TIMEOUT);
+    assert!(p.alive(), "{}", p.log());
+}
+
+/// A poller stopped past its lease (SIGSTOP) while holding a question: a
+/// second poller answers it; the first, continued, writes nothing.
+#[test]
+fn a_stale_poller_writes_no_second_answer() {
+    let env = Env::new();
+    let (conv, ctx) = setup(&env);
+    let server = env.server("default", &["--context", &ctx]);
+    server.signal(libc::SIGSTOP); // the first poller's question will hang
+    let mut a = env.poller(
+        &conv,
+        "default",
+        &[
+            "--lease",
+            "1",
+            "--shard-id",
+            "first",
+            "--query-timeout",
+            "20",
+        ],
+    );
+    let ids = env.send_queries(&conv, "stale", 1, "cache?");
+    wait_until("the first poller claims it", TIMEOUT, || {
+        env.owned_claims() == 1
+    });
+    a.signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(1_500)); // past the 1 s lease
+    server.signal(libc::SIGCONT); // it now answers the first poller's request into its pipe
+    let _b = env.poller(&conv, "default", &["--lease", "10", "--shard-id", "second"]);
+    let got = env.expect_each_answered_once(&ids, TIMEOUT);
+    assert_eq!(got[0].1["shard_id"], "second");
+    assert_eq!(got[0].1["attempts"], 2);
+    a.signal(libc::SIGCONT);
+    wait_until(
+        "the first poller notices it lost the claim",
+        TIMEOUT,
+        || {
+            let log = a.log();
+            log.contains("event=stale") || log.contains("event=lease_lost")
+        },
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(env.responses().len(), 1, "a second answer was written");
+    assert!(a.alive());
+}
+
+/// A question that kills its consumer every time: after exactly
+/// --max-attempts claims it gets an error response instead of a fourth try.
+#[test]
+fn a_poison_question_is_dead_lettered_after_exactly_max_attempts() {
+    let env = Env::new();
+    let (conv, ctx) = setup(&env);
+    let server = env.server("default", &["--context", &ctx]);
+    server.signal(libc::SIGSTOP); // every attempt hangs until we kill the poller
+    let ids = env.send_queries(&conv, "poison", 1, "cache?");
+    let attempts = || -> i64 {
+        env.bridge()
+            .connection()
+            .query_row(
+                "SELECT COALESCE(MAX(attempts), 0) FROM autopoll_claims WHERE owner IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    for attempt in 1..=3 {
+        let mut p = env.poller(&conv, "default", &["--lease", "0.3", "--max-attempts", "3"]);
+        wait_until(&format!("attempt {attempt} is claimed"), TIMEOUT, || {
+            attempts() == attempt
+        });
+        p.kill9();
+    }
+    server.signal(libc::SIGCONT);
+    let _p = env.poller(&conv, "default", &["--lease", "0.3", "--max-attempts", "3"]);
+    let got = env.expect_each_answered_once(&ids, TIMEOUT);
+    let r = &got[0].1;
+    assert_eq!(r["attempts"], 3, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("dead-lettered after 3 attempts"),
+        "{r}"
+    );
+    let st = env.bridge().stats(Some(&conv.id)).unwrap();
+    assert_eq!(
+        st.iter().find(|s| s.session == "b").unwrap().dead_lettered,
+        1
+    );
+}
+
+#[test]
+fn sigterm_with_questions_in_flight_exits_0_and_leaves_nothing_claimed() {
+    let env = Env::new();
+    let (conv, ctx) = setup(&env);
+    let server = env.server("default", &["--context", &ctx]);
+    server.signal(libc::SIGSTOP);
+    let ids = env.send_queries(&conv, "term", 4, "cache?");
+    let mut p = env.poller(&conv, "default", &["--grace", "0.3", "--concurrency", "4"]);
+    wait_until("questions in flight", TIMEOUT, || env.owned_claims() == 4);
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait_exit(TIMEOUT), Some(0), "{}", p.log());
+    assert_eq!(env.owned_claims(), 0, "{}", p.log());
+    assert!(env.responses().is_empty());
+    server.signal(libc::SIGCONT);
+    let _p2 = env.poller(&conv, "default", &[]);
+    let got = env.expect_each_answered_once(&ids, TIMEOUT);
+    // Released with the attempt refunded: the stop was not the questions' fault.
+    assert!(got.iter().all(|(_, v)| v["attempts"] == 1), "{got:?}");
+}
+
+#[test]
+fn two_pollers_share_the_work_without_duplicates() {
+    let env = Env::new();
+    let (conv, ctx) = setup(&env);
+    let _server = env.server("default", &["--context", &ctx, "--workers", "2"]);
+    let _a = env.poller(
+        &conv,
+        "default",
+        &["--shard-id", "one", "--concurrency", "2"],
+    );
+    let _b = env.poller(
+        &conv,
+        "default",
+        &["--shard-id", "two", "--concurrency", "2"],
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let ids = env.send_queries(&conv, "pair", 500, "cache?");
+    let got = env.expect_each_answered_once(&ids, TIMEOUT * 2);
+    for shard in ["one", "two"] {
+        let n = got.iter().filter(|(_, v)| v["shard_id"] == shard).count();
+        assert!(n > 0, "poller {shard} answered nothing");
+    }
+}
+
+#[test]
+fn heartbeat_is_blocked_without_a_server_and_waiting_once_it_is_up() {
+    let env = Env::new();
+    let (conv, ctx) = setup(&env);
+    let mut p = env.poller(&conv, "default", &["--heartbeat", "0.2"]);
+    wait_until("status blocked", TIMEOUT, || {
+        env.shard_status(&conv).as_deref() == Some("blocked")
+    });
+    assert!(p.log().contains("event=server_down"), "{}", p.log());
+    let ids = env.send_queries(&conv, "late", 3, "cache?");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(env.responses().is_empty());
+    let _server = env.server("default", &["--context", &ctx]);
+    env.expect_each_answered_once(&ids, TIMEOUT);
+    wait_until("status waiting", TIMEOUT, || {
+        env.shard_status(&conv).as_deref() == Some("waiting")
+    });
+    let st = env
+        .bridge()
+        .partner_status(&conv.id, Session::A, &conv.token_a)
+        .unwrap();
+    assert_eq!(st.status, "waiting");
+    assert!(st.alive);
+    assert!(p.alive());
+}
+
+#[test]
+fn wrong_or_expired_token_refuses_to_start_saying_how_to_renew() {
+    let env = Env::new();
+    let (conv, _) = setup(&env);
+    let bad = common::Conversation {
+        id: conv.id.clone(),
+        token_a: conv.token_a.clone(),
+        token_b: conv.token_a.clone(),
+    };
+    let mut p = env.poller(&bad, "default", &[]);
+    assert_eq!(p.wait_exit(TIMEOUT), Some(3));
+    assert!(p.log().contains("autopoll bridge renew"), "{}", p.log());
+    let v = env.json(&[
+        "bridge",
+        "create",
+        "--role-a",
+        "x",
+        "--role-b",
+        "y",
+        "--ttl-hours",
+        "0.0001",
+    ]);
+    let expired = common::Conversation {
+        id: v["conversation_id"].as_str().unwrap().into(),
+        token_a: v["session_a_token"].as_str().unwrap().into(),
+        token_b: v["session_b_token"].as_str().unwrap().into(),
+    };
+    let t = Instant::now();
+    wait_until("expiry", TIMEOUT, || {
+        t.elapsed() > Duration::from_millis(400)
+    });
+    let out = env
+        .cmd("autopoll-poller")
+        .env("AUTOPOLL_CONVERSATION", &expired.id)
+        .env("AUTOPOLL_TOKEN", &expired.token_b)
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, 3, "autopoll bridge renew");
+}
+
+#[test]
+fn status_shows_the_bridge_side_too() {
+    let env = Env::new();
+    let (conv, ctx) = setup(&env);
+    let _server = env.server("default", &["--context", &ctx]);
+    let _p = env.poller(&conv, "default", &[]);
+    let ids = env.send_queries(&conv, "st", 5, "cache?");
+    env.expect_each_answered_once(&ids, TIMEOUT);
+    let out = env
+        .at("default", &["status", "--json"])
+        .env("AUTOPOLL_DB", env.db())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["server"]["requests"], 5);
+    let b = v["bridge"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["session"] == "b")
+        .unwrap()
+        .clone();
+    assert_eq!(b["answered"], 5);
+    assert_eq!(b["unread"], 0);
+    assert!(b["heartbeat_age_secs"].as_f64().is_some());
+    let text = String::from_utf8(
+        env.at("default", &["status"])
+            .env("AUTOPOLL_DB", env.db())
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        text.contains("ANSWERED") && text.contains("requests   5 answered"),
+        "{text}"
+    );
+}
+
+#[test]
+fn poller_help_lists_every_flag() {
+    let env = Env::new();
+    let out = env.cmd("autopoll-poller").arg("--help").output().unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--db",
+        "AUTOPOLL_DB",
+        "--conversation",
+        "AUTOPOLL_CONVERSATION",
+        "--token",
+        "AUTOPOLL_TOKEN",
+        "--session",
+        "--name",
+        "--runtime-dir",
+        "--shard-id",
+        "--lease",
+        "--max-attempts",
+        "--query-timeout",
+        "--concurrency",
+        "--max-question-bytes",
+        "--grace",
+        "--heartbeat",
+        "Exit codes:",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from --help");
+    }
+}
+
+/// Regression: after a full batch the poller must claim the rest of a
+/// backlog by itself. (It once waited for another writer's commit or its
+/// 1 s rescan between batches.) Watched through a read-only connection,
+/// which cannot wake it.
+#[test]
+fn a_backlog_drains_without_outside_wakeups() {
+    let env = Env::new();
+    let (conv, ctx) = setup(&env);
+    let _server = env.server("default", &["--context", &ctx]);
+    let ids = env.send_queries(&conv, "backlog", 100, "cache?");
+    let _p = env.poller(&conv, "default", &["--concurrency", "1", "--lease", "120"]);
+    let ro =
+        rusqlite::Connection::open_with_flags(env.db(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    // 100 batches through 1 s rescans would need 100 s; the bound is 30 s.
+    wait_until("the backlog is answered", TIMEOUT, || {
+        ro.query_row(
+            "SELECT count(*) FROM messages WHERE to_session = 'a'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+            == 100
+    });
+    env.expect_each_answered_once(&ids, TIMEOUT);
+}
