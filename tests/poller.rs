@@ -556,3 +556,50 @@ fn a_backlog_drains_without_outside_wakeups() {
     });
     env.expect_each_answered_once(&ids, TIMEOUT);
 }
+
+/// Regression: with its server gone and a question waiting, the poller
+/// spun at 100% CPU (it woke at once to claim, though it would not claim).
+/// A sleeping poller uses next to no CPU time, whatever the machine's load.
+#[test]
+fn the_poller_does_not_spin_while_its_server_is_down() {
+    let env = Env::new();
+    let (conv, _) = setup(&env);
+    let p = env.poller(&conv, "default", &[]);
+    env.send_queries(&conv, "idle", 2, "cache?");
+    wait_until("status blocked", TIMEOUT, || {
+        env.shard_status(&conv).as_deref() == Some("blocked")
+    });
+    let before = common::cpu_ticks(p.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = common::cpu_ticks(p.pid()) - before;
+    // 2 s of spinning is ~200 ticks; probes and heartbeats need a few.
+    assert!(
+        used < 40,
+        "the poller used {used} ticks of CPU in 2 s while waiting: {}",
+        p.log()
+    );
+}
+
+/// The server took the question and died with it: the attempt counts (a
+/// question that kills its server every time must end as a dead letter).
+#[test]
+fn a_question_lost_with_its_server_counts_an_attempt() {
+    let env = Env::new();
+    let (conv, ctx) = setup(&env);
+    let server = env.server("default", &["--context", &ctx]);
+    let _p = env.poller(&conv, "default", &["--concurrency", "1"]);
+    let warm = env.send_queries(&conv, "warm", 1, "cache?");
+    env.expect_each_answered_once(&warm, TIMEOUT); // the asker is connected now
+    server.signal(libc::SIGSTOP);
+    let ids = env.send_queries(&conv, "lost", 1, "cache?");
+    wait_until("the question is in flight", TIMEOUT, || {
+        env.owned_claims() == 1
+    });
+    std::thread::sleep(Duration::from_millis(200)); // its request is in the pipe
+    drop(server); // kill -9 while stopped: the request dies with it
+    let _server = env.server("default", &["--context", &ctx]);
+    let all: Vec<String> = warm.into_iter().chain(ids).collect();
+    let got = env.expect_each_answered_once(&all, TIMEOUT);
+    let lost = &got.iter().find(|(q, _)| q == "q-lost-0").unwrap().1;
+    assert_eq!(lost["attempts"], 2, "{lost}");
+}

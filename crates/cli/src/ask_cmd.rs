@@ -153,6 +153,23 @@ fn print_stats(s: &Stats, fifo: &std::path::Path) {
     if let Some(err) = &e.last_reload_error {
         println!("reload     FAILED, kept the previous index: {err}");
     }
+    for w in &s.instances {
+        println!(
+            "worker {:<3} pid {:<8} {:<10} served {:<6} restarts {:<4}{}{}",
+            w.worker,
+            w.pid.map_or_else(|| "-".into(), |p| p.to_string()),
+            w.state,
+            w.served,
+            w.restarts,
+            w.cost_usd
+                .map(|c| format!(" cost ${c:.4}"))
+                .unwrap_or_default(),
+            w.last_error
+                .as_deref()
+                .map(|e| format!("  last error: {e}"))
+                .unwrap_or_default(),
+        );
+    }
 }
 
 /// Run `autopoll status`: the server's statistics, and with `--db` the

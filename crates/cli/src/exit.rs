@@ -90,7 +90,7 @@ impl From<autopoll_protocol::ClientError> for CliError {
     fn from(e: autopoll_protocol::ClientError) -> Self {
         use autopoll_protocol::{ClientError as C, ErrorCode as E};
         let code = match &e {
-            C::NoServer { .. } | C::ServerGone => NO_SERVER,
+            C::NoServer { .. } | C::ServerGone | C::Lost => NO_SERVER,
             C::Timeout { .. } => TIMEOUT,
             C::TooLarge(_) => INVALID,
             C::Server(r) => match r.code {

@@ -15,6 +15,12 @@ use crate::target::Target;
 enum BackendArg {
     /// The built-in context engine: BM25 over passages of the --context files.
     Builtin,
+    /// A long-lived program reading one JSON request per line, writing one JSON response per line.
+    Jsonl,
+    /// Claude Code in stream-json mode, kept warm (`-- claude -p --input-format stream-json ...`).
+    Claude,
+    /// One process per question, the old way (prompt on stdin, or in an argument `{question}`).
+    Spawn,
 }
 
 /// `autopoll-server`: keep one engine warm and answer questions over FIFOs.
@@ -59,6 +65,33 @@ struct ServerCli {
     /// Most client sessions at once.
     #[arg(long, value_name = "N", default_value_t = 256)]
     max_clients: usize,
+    /// External backends: seconds without any output before a question's instance is killed.
+    #[arg(long, value_name = "SECS", default_value_t = 120.0, value_parser = positive_secs)]
+    watchdog: f64,
+    /// External backends: seconds between SIGTERM and SIGKILL of an instance's process group.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0, value_parser = secs)]
+    kill_grace: f64,
+    /// External backends: seconds a fresh instance may stay silent before its first output.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = positive_secs)]
+    start_timeout: f64,
+    /// External backends: recycle an instance after this many answers (0: never).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    max_requests: u64,
+    /// External backends: recycle an instance after this many seconds (0: never).
+    #[arg(long, value_name = "SECS", default_value_t = 0.0, value_parser = secs)]
+    max_age: f64,
+    /// External backends: unplanned starts allowed per --restart-window before an instance is down.
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    restart_limit: u32,
+    /// External backends: the crash-loop window, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = positive_secs)]
+    restart_window: f64,
+    /// External backends: prompt template file ({files}, {question}, {context_version}, {example}).
+    #[arg(long, value_name = "FILE")]
+    prompt_template: Option<PathBuf>,
+    /// External backends: the program to run and its arguments.
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
 }
 
 fn secs(s: &str) -> Result<f64, String> {
@@ -99,9 +132,22 @@ fn serve(cli: ServerCli) -> Result<(), CliError> {
         )
     })?;
     let mut config = ServerConfig::new(&cli.target.name, &cli.target.runtime());
+    use autopoll_server::engine::wire::Kind;
     config.backend = match cli.backend {
         BackendArg::Builtin => Backend::Builtin,
+        BackendArg::Jsonl => Backend::External(Kind::Jsonl),
+        BackendArg::Claude => Backend::External(Kind::Claude),
+        BackendArg::Spawn => Backend::External(Kind::Spawn),
     };
+    config.command = cli.command;
+    config.watchdog = Duration::from_secs_f64(cli.watchdog);
+    config.kill_grace = Duration::from_secs_f64(cli.kill_grace);
+    config.start_timeout = Duration::from_secs_f64(cli.start_timeout);
+    config.max_requests = (cli.max_requests > 0).then_some(cli.max_requests);
+    config.max_age = (cli.max_age > 0.0).then(|| Duration::from_secs_f64(cli.max_age));
+    config.restart_limit = cli.restart_limit;
+    config.restart_window = Duration::from_secs_f64(cli.restart_window);
+    config.prompt_template = cli.prompt_template;
     config.contexts = cli.contexts;
     config.workers = usize::from(cli.workers);
     config.request_timeout = Duration::from_secs_f64(cli.request_timeout);

@@ -63,8 +63,9 @@ pub fn run(
     for job in jobs.iter() {
         let mut outcome = ask(&mut client, &paths, &opts, &job);
         // A connection that sat idle may belong to a server that has since
-        // been restarted: one fresh try before calling the server down.
-        // (Asking is read-only, so asking again is safe.)
+        // been restarted: the request could not even be delivered. One fresh
+        // try before calling the server down. (A server that died after
+        // taking the request is `Lost`, and is not asked again here.)
         if let Err(ClientError::ServerGone) = &outcome {
             client = None;
             outcome = ask(&mut client, &paths, &opts, &job);
@@ -78,7 +79,7 @@ pub fn run(
             message_id: job.message_id,
             outcome,
         };
-        if events.send(Event::Result(r)).is_err() {
+        if events.send(Event::Result(Box::new(r))).is_err() {
             return;
         }
     }

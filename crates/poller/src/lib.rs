@@ -115,7 +115,7 @@ pub enum Event {
     /// The bridge file changed (maybe by us; confirm with data_version).
     Wake,
     /// An asker finished a question.
-    Result(AskResult),
+    Result(Box<AskResult>),
     /// Stop claiming, finish, release, return.
     Stop,
 }
@@ -155,6 +155,10 @@ struct Poller {
     last_status_write: Instant,
     next_health: Instant,
     probe_client: Option<Client>,
+    /// No claims before this (the server said it is overloaded).
+    claims_paused_until: Instant,
+    /// After a failed lease extension, the next try.
+    extend_retry_at: Option<Instant>,
 }
 
 fn truncate_chars(s: &mut String, max: usize) {
@@ -338,8 +342,12 @@ impl Poller {
                         question: q.question,
                         server_timeout: self.cfg.query_timeout,
                     };
-                    if self.jobs.send(job).is_err() {
-                        log::error!("asker threads are gone");
+                    // Never block the main loop: every slot has an asker, so
+                    // this only fails if an old job for the same message is
+                    // still queued (our own expired lease re-claimed).
+                    if let Err(e) = self.jobs.try_send(job) {
+                        log::warn!("no asker free for message {id} ({e}); releasing it");
+                        self.release(id, "no asker free", true);
                     }
                 }
                 Incoming::BadQuery { query_id, reason } => self.dead_letter(id, &query_id, &reason),
@@ -439,6 +447,9 @@ impl Poller {
                 if !a.invalid_sources.is_empty() {
                     extra.insert("invalid_sources".into(), a.invalid_sources.into());
                 }
+                if let Some(meta) = a.backend {
+                    extra.insert("backend".into(), meta);
+                }
                 let mut answer = a.answer;
                 truncate_chars(&mut answer, MAX_ANSWER_CHARS);
                 let resp = Response {
@@ -475,7 +486,11 @@ impl Poller {
                         self.release(r.message_id, &e.message, false);
                     }
                 }
-                ErrorCode::Overloaded => self.release(r.message_id, &e.message, true),
+                ErrorCode::Overloaded => {
+                    // Not the question's fault; give the server a moment.
+                    self.release(r.message_id, &e.message, true);
+                    self.claims_paused_until = Instant::now() + Duration::from_millis(250);
+                }
                 ErrorCode::ShuttingDown | ErrorCode::VersionMismatch => {
                     self.release(r.message_id, &e.message, true);
                     self.log_server_down(&e.message);
@@ -483,6 +498,18 @@ impl Poller {
             },
             Err(ClientError::TooLarge(e)) => {
                 self.dead_letter(r.message_id, &query_id, &e.to_string())
+            }
+            Err(ClientError::Lost) => {
+                // The server took the question and died with it: maybe the
+                // question's doing, so the attempt counts (a question that
+                // kills the server every time is dead-lettered).
+                if attempts >= self.cfg.max_attempts {
+                    let why = format!("the server went away while answering, {attempts} times");
+                    self.dead_letter(r.message_id, &query_id, &why);
+                } else {
+                    self.release(r.message_id, "the server went away while answering", false);
+                }
+                self.log_server_down("the server went away while answering");
             }
             Err(e) => {
                 // No server, server gone, silent past its deadline, transport
@@ -526,6 +553,10 @@ impl Poller {
 
     fn extend_leases(&mut self) {
         let now = Instant::now();
+        if self.extend_retry_at.is_some_and(|t| now < t) {
+            return;
+        }
+        self.extend_retry_at = None;
         let half = self.cfg.lease / 2;
         let due: Vec<i64> = self
             .in_flight
@@ -550,7 +581,10 @@ impl Poller {
                     }
                 }
             }
-            Err(e) => log::warn!("extending leases failed: {e}"),
+            Err(e) => {
+                log::warn!("extending leases failed, retrying in 1 s: {e}");
+                self.extend_retry_at = Some(now + Duration::from_secs(1));
+            }
         }
     }
 
@@ -618,6 +652,8 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         last_status_write: Instant::now(),
         next_health: Instant::now() + cfg.heartbeat,
         probe_client: None,
+        claims_paused_until: Instant::now(),
+        extend_retry_at: None,
         cfg,
     };
     log::info!(
@@ -641,7 +677,11 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
             break;
         }
         p.probe();
-        if stop_at.is_none() && p.server == ServerState::Up && want_claim {
+        if stop_at.is_none()
+            && p.server == ServerState::Up
+            && want_claim
+            && now >= p.claims_paused_until
+        {
             want_claim = p.claim();
         }
         p.extend_leases();
@@ -658,13 +698,26 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         if let Some(d) = stop_at {
             wake = wake.min(d);
         }
+        if want_claim && p.claims_paused_until > now {
+            wake = wake.min(p.claims_paused_until);
+        }
+        if let Some(t) = p.extend_retry_at {
+            wake = wake.min(t);
+        }
         if p.status != Some(p.wanted_status()) {
             wake = wake.min(p.last_status_write + Duration::from_secs(1));
         }
         if let Some(lease) = p.in_flight.values().map(|f| f.lease_until).min() {
             wake = wake.min(lease - p.cfg.lease / 2);
         }
-        if want_claim && p.in_flight.len() < p.cfg.concurrency {
+        // Wake at once only when a claim can actually happen now; otherwise
+        // (server down, stopping, paused, full) the timers above decide.
+        if want_claim
+            && stop_at.is_none()
+            && p.server == ServerState::Up
+            && now >= p.claims_paused_until
+            && p.in_flight.len() < p.cfg.concurrency
+        {
             wake = now;
         }
         let first = match events.recv_timeout(wake.saturating_duration_since(Instant::now())) {
@@ -679,7 +732,7 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         for ev in evs {
             match ev {
                 Event::Wake => woke = true,
-                Event::Result(r) => p.on_result(r),
+                Event::Result(r) => p.on_result(*r),
                 Event::Stop => {
                     if stop_at.is_none() {
                         log::info!(

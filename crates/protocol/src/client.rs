@@ -45,9 +45,14 @@ pub enum ClientError {
         /// The time allowed.
         after: Duration,
     },
-    /// The server closed the connection (it stopped or crashed).
+    /// The server closed the connection before our request reached it
+    /// (it stopped or crashed earlier).
     #[error("the server closed the connection")]
     ServerGone,
+    /// The server took our request, then closed the connection without
+    /// replying (it stopped or crashed while answering).
+    #[error("the server closed the connection while answering")]
+    Lost,
     /// The request would exceed the frame cap.
     #[error("request too large: {0}")]
     TooLarge(FrameError),
@@ -65,7 +70,10 @@ pub enum ClientError {
 impl ClientError {
     /// True for "nobody is serving": no server, or it went away.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, ClientError::NoServer { .. } | ClientError::ServerGone)
+        matches!(
+            self,
+            ClientError::NoServer { .. } | ClientError::ServerGone | ClientError::Lost
+        )
     }
 }
 
@@ -245,12 +253,19 @@ impl Client {
         let bytes = frame::encode_capped(req, self.max_frame).map_err(ClientError::TooLarge)?;
         fifo::write_all(&self.req, &bytes, deadline)
             .map_err(map_read("sending request", timeout))?;
+        // From here on the server has our request: a closed connection means
+        // it went away while answering.
+        let lost = |e: ClientError| match e {
+            ClientError::ServerGone => ClientError::Lost,
+            other => other,
+        };
         loop {
             let line = self
                 .reader
                 .read_frame(Some(deadline))
-                .map_err(map_read("waiting for reply", timeout))?
-                .ok_or(ClientError::ServerGone)?;
+                .map_err(map_read("waiting for reply", timeout))
+                .map_err(lost)?
+                .ok_or(ClientError::Lost)?;
             let reply: Reply =
                 frame::decode(&line).map_err(|e| ClientError::Protocol(e.to_string()))?;
             match reply.id() {

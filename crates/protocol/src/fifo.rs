@@ -392,6 +392,18 @@ impl FrameReader {
         }
     }
 
+    /// Take the bytes buffered without a newline (after EOF: the last,
+    /// unterminated line). Empty while discarding an oversized line.
+    pub fn take_pending(&mut self) -> Vec<u8> {
+        self.scanned = 0;
+        if self.discarding {
+            self.discarding = false;
+            self.buf.clear();
+            return Vec::new();
+        }
+        std::mem::take(&mut self.buf)
+    }
+
     /// Bytes buffered without a newline yet (0 when discarding).
     pub fn pending(&self) -> usize {
         if self.discarding { 1 } else { self.buf.len() }

@@ -144,6 +144,9 @@ pub struct Answer {
     /// Citations that did not check out against the context (external engines).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub invalid_sources: Vec<String>,
+    /// Facts the backend reported (claude: session_id, duration_ms, total_cost_usd, usage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<serde_json::Value>,
 }
 
 /// Server statistics.

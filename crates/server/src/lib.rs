@@ -43,10 +43,12 @@ use crate::pool::Job;
 use crate::stats::Counters;
 
 /// Which engine answers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     /// The built-in context engine over `--context` paths.
     Builtin,
+    /// A supervised external program (see [`engine::external`]).
+    External(engine::wire::Kind),
 }
 
 /// Everything `autopoll-server` is told on its command line.
@@ -74,6 +76,24 @@ pub struct ServerConfig {
     pub max_sessions: usize,
     /// Questions queued for workers at most.
     pub queue: usize,
+    /// External backends: the program and its arguments.
+    pub command: Vec<String>,
+    /// External backends: silence after which a question's instance is killed.
+    pub watchdog: Duration,
+    /// External backends: time between SIGTERM and SIGKILL.
+    pub kill_grace: Duration,
+    /// External backends: silence allowed before a fresh instance's first output.
+    pub start_timeout: Duration,
+    /// External backends: recycle an instance after this many answers.
+    pub max_requests: Option<u64>,
+    /// External backends: recycle an instance after this age.
+    pub max_age: Option<Duration>,
+    /// External backends: unplanned starts allowed per `restart_window`.
+    pub restart_limit: u32,
+    /// External backends: the crash-loop window.
+    pub restart_window: Duration,
+    /// External backends: a prompt template file instead of the built-in one.
+    pub prompt_template: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -91,6 +111,15 @@ impl ServerConfig {
             reload_interval: Duration::from_secs(1),
             max_sessions: 256,
             queue: 1_024,
+            command: Vec::new(),
+            watchdog: Duration::from_secs(120),
+            kill_grace: Duration::from_secs(5),
+            start_timeout: Duration::from_secs(60),
+            max_requests: None,
+            max_age: None,
+            restart_limit: 5,
+            restart_window: Duration::from_secs(60),
+            prompt_template: None,
         }
     }
 }
@@ -198,12 +227,38 @@ pub(crate) fn stats_reply(shared: &Shared, id: u64) -> Stats {
     }
 }
 
-/// Build the configured engine.
+/// Build the configured engine (external instances start here, warm).
 pub fn build_engine(config: &ServerConfig) -> Result<Arc<dyn Engine>, ServerError> {
+    let catalog = BuiltinEngine::load(&config.contexts).map_err(ServerError::Config)?;
     match config.backend {
-        Backend::Builtin => Ok(Arc::new(
-            BuiltinEngine::load(&config.contexts).map_err(ServerError::Config)?,
-        )),
+        Backend::Builtin => {
+            if !config.command.is_empty() {
+                return Err(ServerError::Config(
+                    "a command after `--` needs --backend jsonl, claude or spawn".into(),
+                ));
+            }
+            Ok(Arc::new(catalog))
+        }
+        Backend::External(kind) => {
+            let prompt = engine::prompt::Prompt::load(config.prompt_template.as_deref())
+                .map_err(ServerError::Config)?;
+            let cfg = engine::external::ExternalConfig {
+                kind,
+                command: config.command.clone(),
+                workers: config.workers,
+                watchdog: config.watchdog,
+                kill_grace: config.kill_grace,
+                start_timeout: config.start_timeout,
+                max_requests: config.max_requests,
+                max_age: config.max_age,
+                restart_limit: config.restart_limit,
+                restart_window: config.restart_window,
+                prompt,
+            };
+            let e = engine::external::ExternalEngine::start(cfg, catalog)
+                .map_err(ServerError::Config)?;
+            Ok(Arc::new(e))
+        }
     }
 }
 

@@ -56,12 +56,23 @@ pub fn start(
                     for job in jobs.iter() {
                         let t = Instant::now();
                         let result = if t >= job.deadline {
+                            // Waiting is the server's load, not the question's fault.
                             Err(EngineError {
-                                code: ErrorCode::Timeout,
+                                code: ErrorCode::Overloaded,
                                 message: "the request waited in the queue past its deadline".into(),
                             })
                         } else {
-                            engine.answer(&job.question, job.deadline)
+                            // A panicking engine costs one error reply, not a worker.
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                engine.answer(&job.question, job.deadline)
+                            }))
+                            .unwrap_or_else(|_| {
+                                log::error!("event=engine_panic worker={i}");
+                                Err(EngineError {
+                                    code: ErrorCode::Engine,
+                                    message: "the engine panicked on this question".into(),
+                                })
+                            })
                         };
                         counters.in_flight(-1);
                         let _ = job.reply.send(Outcome {

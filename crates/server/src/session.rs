@@ -116,15 +116,17 @@ pub(crate) fn run(shared: &Arc<Shared>, hello: Hello, n: u64) -> Result<(), End>
     let mut pending: HashMap<u64, Pending> = HashMap::new();
     let mut input_open = true;
     let mut stopping = false;
+    let mut grace = None;
     let result = loop {
         if !stopping && shared.shutdown.is_triggered() {
             stopping = true;
+            // Our own clock if we see the stop before main sets the deadline.
+            grace = Some(
+                shared
+                    .grace_deadline()
+                    .unwrap_or_else(|| Instant::now() + shared.config.grace),
+            );
         }
-        let grace = if stopping {
-            shared.grace_deadline()
-        } else {
-            None
-        };
         if (stopping || !input_open) && pending.is_empty() {
             break Ok(());
         }
@@ -150,7 +152,14 @@ pub(crate) fn run(shared: &Arc<Shared>, hello: Hello, n: u64) -> Result<(), End>
             .into_iter()
             .flatten()
             .min();
-        let mut fds = vec![fifo::pollfd(waker.fd(), libc::POLLIN)];
+        // [waker, reply, input?, shutdown?]. The reply FIFO is watched for
+        // POLLERR: the client is gone, even before it opened its request
+        // FIFO (a FIFO never written to reports no POLLHUP).
+        let mut fds = vec![
+            fifo::pollfd(waker.fd(), libc::POLLIN),
+            fifo::pollfd(std::os::fd::AsRawFd::as_raw_fd(&out), 0),
+        ];
+        let input_at = fds.len();
         if input_open {
             fds.push(fifo::pollfd(reader.fd(), libc::POLLIN));
         }
@@ -161,6 +170,9 @@ pub(crate) fn run(shared: &Arc<Shared>, hello: Hello, n: u64) -> Result<(), End>
             break Err(End::Io(format!("poll: {e}")));
         }
         waker.drain();
+        if fds[1].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+            break Err(End::ClientGone);
+        }
 
         // Finished work first, so answers go out before anything else.
         let mut failed = None;
@@ -178,6 +190,7 @@ pub(crate) fn run(shared: &Arc<Shared>, hello: Hello, n: u64) -> Result<(), End>
                     engine: shared.engine.name().to_string(),
                     elapsed_ms: p.received.elapsed().as_secs_f64() * 1000.0,
                     invalid_sources: a.invalid_sources,
+                    backend: a.meta,
                 }),
                 Err(e) => error(Some(o.id), e.code, e.message),
             };
@@ -198,7 +211,7 @@ pub(crate) fn run(shared: &Arc<Shared>, hello: Hello, n: u64) -> Result<(), End>
             break Err(e);
         }
 
-        if input_open && fds[1].revents != 0 {
+        if input_open && fds[input_at].revents != 0 {
             match reader.fill() {
                 Ok(Fill::Data(_)) | Ok(Fill::WouldBlock) => {}
                 Ok(Fill::Eof) => input_open = false,

@@ -127,6 +127,7 @@ impl BuiltinEngine {
                 invalid_sources: Vec::new(),
                 found: false,
                 context_version: index.version().to_string(),
+                meta: None,
             };
         };
         let mut answer = String::new();
@@ -162,6 +163,7 @@ impl BuiltinEngine {
             invalid_sources: Vec::new(),
             found: true,
             context_version: index.version().to_string(),
+            meta: None,
         }
     }
 

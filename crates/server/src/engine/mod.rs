@@ -2,9 +2,13 @@
 //! [`Engine`] trait; this issue brings the built-in context engine.
 
 pub mod builtin;
+pub mod citations;
 pub mod context;
+pub mod external;
 pub mod index;
+pub mod prompt;
 pub mod text;
+pub mod wire;
 
 use std::time::Instant;
 
@@ -23,6 +27,8 @@ pub struct EngineAnswer {
     pub found: bool,
     /// Content hash of the context answered from.
     pub context_version: String,
+    /// Backend facts to pass on (claude: session_id, duration_ms, total_cost_usd, usage).
+    pub meta: Option<serde_json::Value>,
 }
 
 /// Why an engine could not answer.

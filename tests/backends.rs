@@ -1,0 +1,454 @@
+//! External backends end to end: the real server supervising fixture
+//! programs (tests/fixtures/jsonl_backend.py, stream_json_backend.py) that
+//! speak the jsonl and Claude Code stream-json protocols.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use autopoll_protocol::{ClientError, ErrorCode};
+use common::{Env, TIMEOUT, alive, children_of, describe, fixture, path_str, wait_until};
+
+fn notes(env: &Env) -> String {
+    let p = env.path("NOTES.md");
+    std::fs::write(&p, "line one\nline two\nline three\n").unwrap();
+    path_str(&p).to_string()
+}
+
+fn jsonl(env: &Env, name: &str, flags: &[&str], fixture_args: &[&str]) -> common::Server {
+    let ctx = notes(env);
+    let mut args: Vec<String> = vec!["--backend".into(), "jsonl".into(), "--context".into(), ctx];
+    args.extend(flags.iter().map(|s| s.to_string()));
+    args.push("--".into());
+    args.push("python3".into());
+    args.push(fixture("jsonl_backend.py"));
+    args.extend(fixture_args.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    env.server(name, &refs)
+}
+
+fn instance_pids(s: &common::Server) -> Vec<u32> {
+    s.client()
+        .unwrap()
+        .stats(TIMEOUT)
+        .unwrap()
+        .instances
+        .iter()
+        .filter_map(|w| w.pid)
+        .collect()
+}
+
+fn pid_in(answer: &str) -> String {
+    answer.split_whitespace().nth(1).unwrap().to_string()
+}
+
+#[test]
+fn jsonl_answers_with_checked_citations() {
+    let env = Env::new();
+    let s = jsonl(&env, "j", &["--workers", "2"], &[]);
+    let a = s
+        .client()
+        .unwrap()
+        .ask("what is on line one?", TIMEOUT)
+        .unwrap();
+    assert!(
+        a.answer.contains("answers: what is on line one?"),
+        "{}",
+        a.answer
+    );
+    assert_eq!(a.engine, "jsonl");
+    assert_eq!(a.sources.len(), 1);
+    assert!(a.sources[0].ends_with("NOTES.md:1-2"), "{:?}", a.sources);
+    assert_eq!(
+        a.invalid_sources.len(),
+        1,
+        "the made-up range is not passed on as true"
+    );
+    assert!(a.invalid_sources[0].ends_with("NOTES.md:9999-10000"));
+    assert!(a.found);
+    // Warm: both instances started with the server; the answer came from one of them.
+    let pids = instance_pids(&s);
+    assert_eq!(pids.len(), 2);
+    assert!(pids.iter().any(|p| p.to_string() == pid_in(&a.answer)));
+    // Its stderr is in the server's log, with the worker id.
+    assert!(
+        s.stderr().contains("stderr: jsonl fixture started"),
+        "{}",
+        s.stderr()
+    );
+    assert!(s.stderr().contains("worker=0 pid="));
+}
+
+#[test]
+fn claude_stream_json_answers_carry_session_and_cost_through_the_bridge() {
+    let env = Env::new();
+    let ctx = notes(&env);
+    let s = env.server(
+        "c",
+        &[
+            "--backend",
+            "claude",
+            "--context",
+            &ctx,
+            "--workers",
+            "1",
+            "--",
+            "python3",
+            &fixture("stream_json_backend.py"),
+        ],
+    );
+    let a = s
+        .client()
+        .unwrap()
+        .ask("what is on line two?", TIMEOUT)
+        .unwrap();
+    assert!(
+        a.answer.contains("turn 1 on 'what is on line two?'"),
+        "{}",
+        a.answer
+    );
+    assert!(a.sources[0].ends_with("NOTES.md:1-2"));
+    let meta = a.backend.clone().unwrap();
+    assert!(meta["session_id"].as_str().unwrap().len() >= 32, "{meta}");
+    assert_eq!(meta["total_cost_usd"], 0.0125);
+    assert_eq!(meta["usage"]["output_tokens"], 40);
+    // The same warm process takes the next turn.
+    let b = s.client().unwrap().ask("and line three?", TIMEOUT).unwrap();
+    assert!(b.answer.contains("turn 2"), "{}", b.answer);
+    assert_eq!(b.backend.unwrap()["session_id"], meta["session_id"]);
+    // An error result is an error reply, and the instance lives on.
+    let e = s.client().unwrap().ask("[fail] this", TIMEOUT).unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Server(r) if r.code == ErrorCode::Engine),
+        "{e}"
+    );
+    let st = s.client().unwrap().stats(TIMEOUT).unwrap();
+    let w = &st.instances[0];
+    assert_eq!((w.served, w.restarts), (2, 0));
+    assert!(
+        (w.cost_usd.unwrap() - 0.025).abs() < 1e-9,
+        "{:?}",
+        w.cost_usd
+    );
+    // Through the whole pipeline: the response keeps session id and cost.
+    let conv = env.conversation();
+    let _p = env.poller(&conv, "c", &[]);
+    let ids = env.send_queries(&conv, "cl", 1, "what is on line one?");
+    let got = env.expect_each_answered_once(&ids, TIMEOUT);
+    let r = &got[0].1;
+    assert_eq!(r["llm_type"], "claude");
+    assert_eq!(r["backend"]["total_cost_usd"], 0.0125);
+    assert!(r["backend"]["session_id"].is_string());
+}
+
+/// A hung instance: the question fails at the watchdog, the instance is
+/// replaced, the next question is answered; after 200 hangs the server has
+/// exactly --workers children and no zombie.
+#[test]
+fn hung_instances_are_killed_and_replaced_leaving_no_zombies() {
+    let env = Env::new();
+    let s = jsonl(
+        &env,
+        "h",
+        &["--workers", "2", "--watchdog", "0.1", "--kill-grace", "0.1"],
+        &[],
+    );
+    let mut c = s.client().unwrap();
+    let before = instance_pids(&s);
+    let e = c.ask("[hang] forever", TIMEOUT).unwrap_err();
+    match &e {
+        ClientError::Server(r) => {
+            assert_eq!(r.code, ErrorCode::Timeout);
+            assert!(
+                r.message.contains("watchdog") && r.message.contains("killed and replaced"),
+                "{}",
+                r.message
+            );
+        }
+        other => panic!("expected a timeout reply, got {other}"),
+    }
+    assert!(
+        c.ask("next one", TIMEOUT)
+            .unwrap()
+            .answer
+            .contains("answers: next one")
+    );
+    wait_until("the hung instance is replaced", TIMEOUT, || {
+        let now = instance_pids(&s);
+        now.len() == 2 && now != before
+    });
+    // SIGTERM ignored: the group still goes, by SIGKILL after the grace.
+    let e = c.ask("[hang-hard] stubborn", TIMEOUT).unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Server(r) if r.code == ErrorCode::Timeout),
+        "{e}"
+    );
+    // The reply goes out first; the kill escalates in the background.
+    wait_until("SIGKILL after the grace", TIMEOUT, || {
+        s.stderr().contains("how=\"signal 9\"")
+    });
+    // 200 hangs over two clients.
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c = s.client().unwrap();
+            std::thread::spawn(move || {
+                for i in 0..100 {
+                    let e = c.ask(&format!("[hang] {i}"), TIMEOUT).unwrap_err();
+                    assert!(
+                        matches!(&e, ClientError::Server(r) if r.code == ErrorCode::Timeout),
+                        "{e}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(c.ask("still here?", TIMEOUT).unwrap().found);
+    wait_until("exactly two live children", TIMEOUT, || {
+        let kids = children_of(s.pid());
+        kids.len() == 2 && kids.iter().all(|(_, st)| *st != 'Z')
+    });
+    let st = c.stats(TIMEOUT).unwrap();
+    let restarts: u64 = st.instances.iter().map(|w| w.restarts).sum();
+    assert_eq!(restarts, 202, "one replacement per hang (2 + 200)");
+    assert!(
+        st.instances.iter().all(|w| w.state != "down"),
+        "hangs are not a crash loop"
+    );
+}
+
+#[test]
+fn slow_answers_with_progress_and_slow_starts_are_not_killed() {
+    let env = Env::new();
+    let s = jsonl(
+        &env,
+        "slow",
+        &[
+            "--workers",
+            "1",
+            "--watchdog",
+            "0.35",
+            "--start-timeout",
+            "10",
+        ],
+        &["--start-delay", "1"],
+    );
+    let mut c = s.client().unwrap();
+    // The first question waits out the slow start (1 s > watchdog).
+    let first = c.ask("first", TIMEOUT).unwrap();
+    // 0.6 s of work with output every 0.1 s: the watchdog keeps resetting.
+    let slow = c.ask("[slow] please", TIMEOUT).unwrap();
+    assert_eq!(pid_in(&first.answer), pid_in(&slow.answer), "no restart");
+}
+
+#[test]
+fn garbage_output_is_logged_and_skipped() {
+    let env = Env::new();
+    let s = jsonl(&env, "g", &["--workers", "1"], &["--garbage"]);
+    let mut c = s.client().unwrap();
+    for q in ["one", "two"] {
+        assert!(c.ask(q, TIMEOUT).unwrap().answer.contains(q));
+    }
+    assert!(s.stderr().contains("not the protocol"), "{}", s.stderr());
+    assert_eq!(c.stats(TIMEOUT).unwrap().instances[0].restarts, 0);
+}
+
+#[test]
+fn an_instance_that_crashes_is_restarted_and_an_error_answer_keeps_it() {
+    let env = Env::new();
+    // The fixture exits after 3 responses (error responses count).
+    let s = jsonl(&env, "cr", &["--workers", "1"], &["--crash-after", "3"]);
+    let mut c = s.client().unwrap();
+    let first: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|q| pid_in(&c.ask(q, TIMEOUT).unwrap().answer))
+        .collect();
+    assert!(first.iter().all(|p| *p == first[0]), "{first:?}");
+    let d = c.ask("d", TIMEOUT).unwrap(); // the old one exited: a fresh instance answers
+    assert_ne!(pid_in(&d.answer), first[0]);
+    let e = c.ask("[error] now", TIMEOUT).unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Server(r) if r.code == ErrorCode::Engine && r.message.contains("asked to fail")),
+        "{e}"
+    );
+    let f = c.ask("f", TIMEOUT).unwrap();
+    assert_eq!(
+        pid_in(&d.answer),
+        pid_in(&f.answer),
+        "an error answer does not cost the instance"
+    );
+    let e = c.ask("[crash] mid-question", TIMEOUT).unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Server(r) if r.code == ErrorCode::Engine),
+        "{e}"
+    );
+    assert!(c.ask("g", TIMEOUT).is_ok());
+}
+
+#[test]
+fn a_crash_loop_stops_at_the_breaker_and_status_says_so() {
+    let env = Env::new();
+    let s = jsonl(
+        &env,
+        "loop",
+        &[
+            "--workers",
+            "1",
+            "--restart-limit",
+            "3",
+            "--restart-window",
+            "60",
+        ],
+        &["--exit-at-start"],
+    );
+    let mut c = s.client().unwrap();
+    wait_until("the engine is reported down", TIMEOUT, || {
+        c.stats(TIMEOUT).unwrap().engine.down
+    });
+    let st = c.stats(TIMEOUT).unwrap();
+    assert_eq!(st.instances[0].state, "down");
+    assert!(
+        st.instances[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("crash loop")
+    );
+    let starts = s.stderr().matches("event=instance_started").count();
+    assert_eq!(starts, 4, "the first start and 3 restarts: {}", s.stderr());
+    let e = c.ask("anyone?", TIMEOUT).unwrap_err();
+    assert!(e.to_string().contains("engine is down"), "{e}");
+    // Not spinning: no further starts while down.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(s.stderr().matches("event=instance_started").count(), starts);
+    let out = env.at("loop", &["status"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("(DOWN)") && text.contains("crash loop"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn max_requests_recycles_on_schedule() {
+    let env = Env::new();
+    let s = jsonl(&env, "rec", &["--workers", "1", "--max-requests", "3"], &[]);
+    let mut c = s.client().unwrap();
+    let pids: Vec<String> = (0..7)
+        .map(|i| pid_in(&c.ask(&format!("q{i}"), TIMEOUT).unwrap().answer))
+        .collect();
+    assert!(pids[0] == pids[1] && pids[1] == pids[2], "{pids:?}");
+    assert!(
+        pids[3] != pids[2] && pids[3] == pids[4] && pids[4] == pids[5],
+        "{pids:?}"
+    );
+    assert!(pids[6] != pids[5], "{pids:?}");
+    let st = c.stats(TIMEOUT).unwrap();
+    assert_eq!((st.instances[0].served, st.instances[0].restarts), (7, 2));
+    assert!(s.stderr().contains("reason=\"max requests reached\""));
+}
+
+#[test]
+fn sigterm_or_kill_9_of_the_server_leaves_no_child_behind() {
+    let env = Env::new();
+    let mut s = jsonl(&env, "t", &["--workers", "3"], &[]);
+    let pids = instance_pids(&s);
+    assert_eq!(pids.len(), 3);
+    s.signal(libc::SIGTERM);
+    assert_eq!(s.wait_exit(TIMEOUT), Some(0), "{}", s.stderr());
+    for p in &pids {
+        assert!(!alive(*p as i32), "instance {p} outlived the server");
+    }
+    // kill -9: the instances die with it (PR_SET_PDEATHSIG).
+    let mut s = jsonl(&env, "k", &["--workers", "2"], &[]);
+    let pids = instance_pids(&s);
+    s.signal(libc::SIGKILL);
+    s.wait_exit(TIMEOUT);
+    wait_until("the instances die with the server", TIMEOUT, || {
+        pids.iter().all(|p| !alive(*p as i32))
+    });
+}
+
+#[test]
+fn spawn_runs_one_reaped_process_per_question() {
+    let env = Env::new();
+    let ctx = notes(&env);
+    let s = env.server(
+        "sp",
+        &[
+            "--backend",
+            "spawn",
+            "--context",
+            &ctx,
+            "--workers",
+            "2",
+            "--watchdog",
+            "0.5",
+            "--start-timeout",
+            "0.5",
+            "--kill-grace",
+            "0.1",
+            "--",
+            "python3",
+            &fixture("jsonl_backend.py"),
+            "--once",
+        ],
+    );
+    let mut c = s.client().unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..10 {
+        let a = c.ask(&format!("question {i}"), TIMEOUT).unwrap();
+        assert!(a.answer.contains(&format!("question {i}")), "{}", a.answer);
+        assert!(a.sources[0].ends_with("NOTES.md:1-2"));
+        seen.insert(pid_in(&a.answer));
+    }
+    assert_eq!(seen.len(), 10, "a new process each time");
+    let e = c.ask("[hang] x", TIMEOUT).unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Server(r) if r.code == ErrorCode::Timeout),
+        "{e}"
+    );
+    let e = c.ask("[error] x", TIMEOUT).unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Server(r) if r.code == ErrorCode::Engine),
+        "{e}"
+    );
+    wait_until("no child left", TIMEOUT, || children_of(s.pid()).is_empty());
+}
+
+#[test]
+fn bad_backend_configuration_is_refused() {
+    let env = Env::new();
+    let ctx = notes(&env);
+    let rt = env.runtime();
+    for (args, needle) in [
+        (
+            vec!["--backend", "jsonl", "--context", &ctx],
+            "needs the command after `--`",
+        ),
+        (
+            vec![
+                "--backend",
+                "jsonl",
+                "--context",
+                &ctx,
+                "--",
+                "no-such-program-xyz",
+            ],
+            "not found in PATH",
+        ),
+        (vec!["--context", &ctx, "--", "python3"], "needs --backend"),
+    ] {
+        let out = env
+            .cmd("autopoll-server")
+            .args(["-q", "--runtime-dir", path_str(&rt)])
+            .args(&args)
+            .output()
+            .unwrap();
+        common::assert_one_line_error(&out, 12, needle);
+    }
+}
