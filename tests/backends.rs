@@ -452,3 +452,54 @@ fn bad_backend_configuration_is_refused() {
         common::assert_one_line_error(&out, 12, needle);
     }
 }
+
+#[test]
+fn max_age_recycles_an_idle_instance() {
+    let env = Env::new();
+    let s = jsonl(&env, "age", &["--workers", "1", "--max-age", "0.5"], &[]);
+    let first = instance_pids(&s);
+    wait_until("the instance is recycled by age", TIMEOUT, || {
+        let now = instance_pids(&s);
+        now.len() == 1 && now != first
+    });
+    assert!(
+        s.stderr().contains("reason=\"max age reached\""),
+        "{}",
+        s.stderr()
+    );
+    assert!(
+        s.client()
+            .unwrap()
+            .ask("still answering?", TIMEOUT)
+            .unwrap()
+            .found
+    );
+}
+
+#[test]
+fn workers_answer_in_parallel() {
+    let env = Env::new();
+    let s = jsonl(&env, "par", &["--workers", "2"], &[]);
+    // Two slow questions (0.6 s each, with progress) at once: both instances busy together.
+    let askers: Vec<_> = (0..2)
+        .map(|i| {
+            let mut c = s.client().unwrap();
+            std::thread::spawn(move || c.ask(&format!("[slow] {i}"), TIMEOUT).unwrap())
+        })
+        .collect();
+    let mut c = s.client().unwrap();
+    wait_until("both instances busy at the same time", TIMEOUT, || {
+        c.stats(TIMEOUT)
+            .unwrap()
+            .instances
+            .iter()
+            .filter(|w| w.state == "busy")
+            .count()
+            == 2
+    });
+    let pids: std::collections::HashSet<String> = askers
+        .into_iter()
+        .map(|t| pid_in(&t.join().unwrap().answer))
+        .collect();
+    assert_eq!(pids.len(), 2, "answered by two different instances");
+}
