@@ -564,7 +564,7 @@ fn a_backlog_drains_without_outside_wakeups() {
 fn the_poller_does_not_spin_while_its_server_is_down() {
     let env = Env::new();
     let (conv, _) = setup(&env);
-    let p = env.poller(&conv, "default", &[]);
+    let p = env.poller(&conv, "default", &["--heartbeat", "0.5"]);
     env.send_queries(&conv, "idle", 2, "cache?");
     wait_until("status blocked", TIMEOUT, || {
         env.shard_status(&conv).as_deref() == Some("blocked")
@@ -602,4 +602,62 @@ fn a_question_lost_with_its_server_counts_an_attempt() {
     let got = env.expect_each_answered_once(&all, TIMEOUT);
     let lost = &got.iter().find(|(q, _)| q == "q-lost-0").unwrap().1;
     assert_eq!(lost["attempts"], 2, "{lost}");
+}
+
+/// Regression: with its token expired while running, the poller retried
+/// the heartbeat on every loop (the status change looked urgent), spinning.
+/// It must keep answering, quietly, and resume heartbeats after a renewal.
+#[test]
+fn an_expired_token_while_running_neither_spins_nor_stops_answers() {
+    let env = Env::new();
+    let (_, ctx) = setup(&env);
+    let s = env.server("default", &["--context", &ctx]);
+    env.ok(&["bridge", "init"]);
+    let v = env.json(&[
+        "bridge",
+        "create",
+        "--role-a",
+        "x",
+        "--role-b",
+        "y",
+        "--ttl-hours",
+        "0.0003",
+    ]);
+    let conv = common::Conversation {
+        id: v["conversation_id"].as_str().unwrap().into(),
+        token_a: v["session_a_token"].as_str().unwrap().into(),
+        token_b: v["session_b_token"].as_str().unwrap().into(),
+    };
+    let p = env.poller(&conv, "default", &["--heartbeat", "0.5"]);
+    let first = env.send_queries(&conv, "before", 1, "cache?");
+    env.expect_each_answered_once(&first, TIMEOUT);
+    // ~1 s TTL: wait for the poller to notice the expiry.
+    wait_until("the token is rejected", TIMEOUT, || {
+        p.log().contains("event=token_rejected")
+    });
+    // Questions already queued by the coordinator are still answered; the
+    // status changes this brings (working, then waiting) cannot be written.
+    let b = env.bridge();
+    let qid = "q-after-expiry";
+    b.connection()
+        .execute(
+            "INSERT INTO messages (conversation_id, from_session, to_session, message, metadata, timestamp) VALUES (?1, 'a', 'b', ?2, '{}', ?3)",
+            rusqlite::params![conv.id, shard::query_text(qid, "cache?"), autopoll_bridge::clock::now_string()],
+        )
+        .unwrap();
+    wait_until("the queued question is answered", TIMEOUT, || {
+        env.responses().iter().any(|(q, _)| q == qid)
+    });
+    // Then the server goes too: `blocked` is wanted, and cannot be written.
+    drop(s);
+    wait_until("the poller sees the server down", TIMEOUT, || {
+        p.log().contains("event=server_down")
+    });
+    let before = common::cpu_ticks(p.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = common::cpu_ticks(p.pid()) - before;
+    assert!(
+        used < 40,
+        "spinning with an expired token: {used} ticks in 2 s"
+    );
 }

@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 mod ask_cmd;
+mod bench_cmd;
 pub(crate) mod bridge_cmd;
 pub mod exit;
 pub mod logging;
@@ -15,6 +16,7 @@ mod server_cmd;
 mod table;
 mod target;
 
+pub use bench_cmd::bench_main;
 pub use poller_cmd::poller_main;
 pub use server_cmd::server_main;
 

@@ -40,11 +40,9 @@ fn ask(
         Some(c) => c,
         None => client.insert(Client::connect(paths, opts)?),
     };
-    c.ask_within(
-        &job.question,
-        job.server_timeout,
-        job.server_timeout + MARGIN,
-    )
+    let id = c.send_ask(&job.question, job.server_timeout)?;
+    crate::fault::point("after_send");
+    c.wait_answer(id, job.server_timeout + MARGIN)
 }
 
 /// Run one asker until `jobs` closes.

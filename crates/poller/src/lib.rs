@@ -19,6 +19,7 @@
 #![deny(missing_docs)]
 
 pub mod asker;
+pub mod fault;
 pub mod watch;
 
 use std::collections::HashMap;
@@ -159,6 +160,10 @@ struct Poller {
     claims_paused_until: Instant,
     /// After a failed lease extension, the next try.
     extend_retry_at: Option<Instant>,
+    /// The last claim failure, logged once until claims work again.
+    last_claim_error: Option<String>,
+    /// Heartbeats are failing (logged once until one works again).
+    heartbeat_failing: bool,
 }
 
 fn truncate_chars(s: &mut String, max: usize) {
@@ -242,6 +247,10 @@ impl Poller {
         if !(force || due || urgent || settled) {
             return;
         }
+        // A failing bridge is retried on its timer, however urgent the change.
+        if self.heartbeat_failing && !due {
+            return;
+        }
         match self.bridge.heartbeat(
             &self.cfg.conversation,
             self.cfg.session,
@@ -254,6 +263,9 @@ impl Poller {
                 }
                 self.status = Some(want);
                 self.last_status_write = now;
+                if std::mem::take(&mut self.heartbeat_failing) {
+                    log::info!("event=heartbeat_recovered");
+                }
                 self.next_heartbeat = now + self.cfg.heartbeat;
             }
             Err(e @ (BridgeError::Expired { .. } | BridgeError::InvalidToken { .. })) => {
@@ -264,10 +276,18 @@ impl Poller {
                     );
                     self.token_warned = true;
                 }
+                // Retried on the heartbeat timer only (a renewal brings it back).
+                self.heartbeat_failing = true;
                 self.next_heartbeat = Instant::now() + self.cfg.heartbeat;
             }
             Err(e) => {
-                log::warn!("heartbeat failed: {e}");
+                if !self.heartbeat_failing {
+                    log::warn!(
+                        "event=heartbeat_failed reason={:?}: retrying every second",
+                        e.to_string()
+                    );
+                    self.heartbeat_failing = true;
+                }
                 self.next_heartbeat = Instant::now() + Duration::from_secs(1);
             }
         }
@@ -293,10 +313,22 @@ impl Poller {
         ) {
             Ok(b) => b,
             Err(e) => {
-                log::warn!("claim failed: {e}");
-                return false;
+                // A failed write (disk full, I/O error) still touches the
+                // WAL, and that wakes us: without a pause this would spin.
+                // On a full disk even reads spin inside SQLite (it cannot
+                // update the WAL index), so everything backs off to 1 s.
+                self.claims_paused_until = Instant::now() + Duration::from_secs(1);
+                let msg = e.to_string();
+                if self.last_claim_error.as_deref() != Some(msg.as_str()) {
+                    log::warn!("event=claim_failed reason={msg:?}: retrying every second");
+                    self.last_claim_error = Some(msg);
+                }
+                return true;
             }
         };
+        if self.last_claim_error.take().is_some() {
+            log::info!("event=claim_recovered");
+        }
         for d in &batch.dead_lettered {
             log::warn!(
                 "event=dead_lettered message_id={} query_id={} attempts={} reason={:?}",
@@ -305,6 +337,9 @@ impl Poller {
                 d.attempts,
                 d.last_error.as_deref().unwrap_or("attempts exhausted")
             );
+        }
+        if !batch.claimed.is_empty() {
+            fault::point("after_claim");
         }
         let full = batch.claimed.len() + batch.dead_lettered.len() >= room;
         let now = Instant::now();
@@ -441,6 +476,7 @@ impl Poller {
         let (query_id, attempts, claimed_at) = (f.query_id.clone(), f.attempts, f.claimed_at);
         match r.outcome {
             Ok(a) => {
+                fault::point("after_reply");
                 let took = claimed_at.elapsed();
                 let mut extra = serde_json::Map::new();
                 extra.insert("found".into(), Value::Bool(a.found));
@@ -527,6 +563,7 @@ impl Poller {
             return;
         }
         let batch: Vec<BridgeAnswer> = self.answers.iter().map(|(a, _, _)| a.clone()).collect();
+        fault::point("before_commit");
         match self.bridge.complete(&self.claimer, &batch) {
             Ok(ids) => {
                 for ((a, qid, took), rid) in self.answers.drain(..).zip(ids) {
@@ -654,6 +691,8 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         probe_client: None,
         claims_paused_until: Instant::now(),
         extend_retry_at: None,
+        last_claim_error: None,
+        heartbeat_failing: false,
         cfg,
     };
     log::info!(
@@ -669,6 +708,8 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
     let mut next_version = Instant::now() + p.cfg.version_check;
     let mut want_claim = true;
     let mut stop_at: Option<Instant> = None;
+    // A pending re-check of data_version after an early wake: (when, tries left).
+    let mut recheck: Option<(Instant, u32)> = None;
     loop {
         let now = Instant::now();
         if let Some(deadline) = stop_at
@@ -688,10 +729,15 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         p.health_check();
         p.heartbeat(false);
 
-        let mut wake = [next_version, next_rescan, p.next_heartbeat, p.next_health]
+        let mut wake = [next_version, next_rescan, p.next_heartbeat]
             .into_iter()
             .min()
             .unwrap_or(now);
+        // The health check runs only while the server is up and idle; a
+        // stale time from before would wake us at once, forever.
+        if p.server == ServerState::Up && p.in_flight.is_empty() {
+            wake = wake.min(p.next_health);
+        }
         if let ServerState::Down { next_probe, .. } = p.server {
             wake = wake.min(next_probe);
         }
@@ -704,7 +750,10 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         if let Some(t) = p.extend_retry_at {
             wake = wake.min(t);
         }
-        if p.status != Some(p.wanted_status()) {
+        if let Some((t, _)) = recheck {
+            wake = wake.min(t);
+        }
+        if p.status != Some(p.wanted_status()) && !p.heartbeat_failing {
             wake = wake.min(p.last_status_write + Duration::from_secs(1));
         }
         if let Some(lease) = p.in_flight.values().map(|f| f.lease_until).min() {
@@ -747,10 +796,27 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         }
         p.flush();
         let now = Instant::now();
-        if woke || now >= next_version {
-            next_version = now + p.cfg.version_check;
+        let recheck_due = recheck.is_some_and(|(t, _)| now >= t);
+        // While the bridge refuses writes, our own failing attempts touch the
+        // WAL and wake us: only the 1 s timer counts then.
+        let woke = woke && p.last_claim_error.is_none();
+        if woke || recheck_due || now >= next_version {
+            // While the bridge refuses writes, look at it once a second only.
+            let every = if p.last_claim_error.is_some() {
+                Duration::from_secs(1)
+            } else {
+                p.cfg.version_check
+            };
+            next_version = now + every;
             if p.changed() {
                 want_claim = true;
+                recheck = None;
+            } else if woke && p.last_claim_error.is_none() {
+                // The WAL is written before the commit shows in the shared
+                // index: a wake may come a moment early. Look again shortly.
+                recheck = Some((now + Duration::from_millis(1), 4));
+            } else if let Some((_, left)) = recheck.filter(|_| recheck_due) {
+                recheck = (left > 1).then(|| (now + Duration::from_millis(4), left - 1));
             }
         }
         if now >= next_rescan {

@@ -250,11 +250,25 @@ impl Client {
         timeout: Duration,
     ) -> Result<Reply, ClientError> {
         let deadline = Instant::now() + timeout;
+        self.send(req, deadline)?;
+        self.wait(id, deadline, timeout)
+    }
+
+    fn send(&mut self, req: &Request, deadline: Instant) -> Result<(), ClientError> {
         let bytes = frame::encode_capped(req, self.max_frame).map_err(ClientError::TooLarge)?;
-        fifo::write_all(&self.req, &bytes, deadline)
-            .map_err(map_read("sending request", timeout))?;
-        // From here on the server has our request: a closed connection means
-        // it went away while answering.
+        let after = deadline.saturating_duration_since(Instant::now());
+        fifo::write_all(&self.req, &bytes, deadline).map_err(map_read("sending request", after))
+    }
+
+    /// Wait for the reply to request `id`.
+    fn wait(
+        &mut self,
+        id: u64,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Reply, ClientError> {
+        // The server has our request: a closed connection now means it went
+        // away while answering.
         let lost = |e: ClientError| match e {
             ClientError::ServerGone => ClientError::Lost,
             other => other,
@@ -280,6 +294,33 @@ impl Client {
         }
     }
 
+    /// Send a question without waiting; returns its id for [`Client::wait_answer`].
+    pub fn send_ask(
+        &mut self,
+        question: &str,
+        server_timeout: Duration,
+    ) -> Result<u64, ClientError> {
+        let id = self.id();
+        let req = Request::Ask(AskRequest {
+            id,
+            question: question.to_string(),
+            timeout_ms: Some(u64::try_from(server_timeout.as_millis()).unwrap_or(u64::MAX)),
+        });
+        self.send(&req, Instant::now() + server_timeout)?;
+        Ok(id)
+    }
+
+    /// Wait up to `wait` for the answer to question `id`.
+    pub fn wait_answer(&mut self, id: u64, wait: Duration) -> Result<Answer, ClientError> {
+        match self.wait(id, Instant::now() + wait, wait)? {
+            Reply::Answer(a) => Ok(a),
+            Reply::Error(e) => Err(ClientError::Server(e)),
+            other => Err(ClientError::Protocol(format!(
+                "expected answer, got {other:?}"
+            ))),
+        }
+    }
+
     /// Ask a question; the server gets `timeout` as its deadline too.
     pub fn ask(&mut self, question: &str, timeout: Duration) -> Result<Answer, ClientError> {
         self.ask_within(question, timeout, timeout)
@@ -294,19 +335,8 @@ impl Client {
         server_timeout: Duration,
         wait: Duration,
     ) -> Result<Answer, ClientError> {
-        let id = self.id();
-        let req = Request::Ask(AskRequest {
-            id,
-            question: question.to_string(),
-            timeout_ms: Some(u64::try_from(server_timeout.as_millis()).unwrap_or(u64::MAX)),
-        });
-        match self.call(&req, id, wait)? {
-            Reply::Answer(a) => Ok(a),
-            Reply::Error(e) => Err(ClientError::Server(e)),
-            other => Err(ClientError::Protocol(format!(
-                "expected answer, got {other:?}"
-            ))),
-        }
+        let id = self.send_ask(question, server_timeout)?;
+        self.wait_answer(id, wait)
     }
 
     /// The server's statistics.

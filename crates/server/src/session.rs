@@ -66,6 +66,33 @@ fn error(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Reply 
     })
 }
 
+/// The reply for a finished question, counted in the stats.
+fn reply_for(
+    shared: &Shared,
+    id: u64,
+    result: Result<crate::engine::EngineAnswer, crate::engine::EngineError>,
+    received: Instant,
+) -> Reply {
+    let reply = match result {
+        Ok(a) => Reply::Answer(Answer {
+            id,
+            answer: a.answer,
+            sources: a.sources,
+            found: a.found,
+            context_version: a.context_version,
+            engine: shared.engine.name().to_string(),
+            elapsed_ms: received.elapsed().as_secs_f64() * 1000.0,
+            invalid_sources: a.invalid_sources,
+            backend: a.meta,
+        }),
+        Err(e) => error(Some(id), e.code, e.message),
+    };
+    shared
+        .counters
+        .finished(received.elapsed(), matches!(reply, Reply::Error(_)));
+    reply
+}
+
 struct Pending {
     deadline: Instant,
     received: Instant,
@@ -169,7 +196,9 @@ pub(crate) fn run(shared: &Arc<Shared>, hello: Hello, n: u64) -> Result<(), End>
         if let Err(e) = fifo::poll(&mut fds, deadline) {
             break Err(End::Io(format!("poll: {e}")));
         }
-        waker.drain();
+        if fds[0].revents != 0 {
+            waker.drain();
+        }
         if fds[1].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
             break Err(End::ClientGone);
         }
@@ -180,23 +209,7 @@ pub(crate) fn run(shared: &Arc<Shared>, hello: Hello, n: u64) -> Result<(), End>
             let Some(p) = pending.remove(&o.id) else {
                 continue; // already timed out
             };
-            let reply = match o.result {
-                Ok(a) => Reply::Answer(Answer {
-                    id: o.id,
-                    answer: a.answer,
-                    sources: a.sources,
-                    found: a.found,
-                    context_version: a.context_version,
-                    engine: shared.engine.name().to_string(),
-                    elapsed_ms: p.received.elapsed().as_secs_f64() * 1000.0,
-                    invalid_sources: a.invalid_sources,
-                    backend: a.meta,
-                }),
-                Err(e) => error(Some(o.id), e.code, e.message),
-            };
-            shared
-                .counters
-                .finished(p.received.elapsed(), matches!(reply, Reply::Error(_)));
+            let reply = reply_for(shared, o.id, o.result, p.received);
             log::trace!(
                 "session={n} id={} engine_ms={:.3}",
                 o.id,
@@ -342,6 +355,11 @@ fn handle(
                 .map_or(limit, |ms| Duration::from_millis(ms).min(limit));
             let now = Instant::now();
             let deadline = now + timeout;
+            if shared.engine.is_inline() {
+                // Microseconds of work: a hop to the pool and back would cost more.
+                let result = shared.engine.answer(&a.question, deadline);
+                return Some(reply_for(shared, id, result, now));
+            }
             shared.counters.in_flight(1);
             let job = Job {
                 id,

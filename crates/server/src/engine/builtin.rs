@@ -257,6 +257,10 @@ impl Engine for BuiltinEngine {
         Ok(self.answer_now(question))
     }
 
+    fn is_inline(&self) -> bool {
+        true
+    }
+
     fn info(&self) -> EngineInfo {
         let index = self.index();
         let st = match self.state.lock() {

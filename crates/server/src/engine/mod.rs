@@ -49,6 +49,12 @@ pub trait Engine: Send + Sync {
     fn answer(&self, question: &str, deadline: Instant) -> Result<EngineAnswer, EngineError>;
     /// What the engine holds, for `stats`.
     fn info(&self) -> EngineInfo;
+    /// True when answering takes microseconds and never blocks (the
+    /// built-in engine): sessions then answer in their own thread instead of
+    /// handing the question to the worker pool and back.
+    fn is_inline(&self) -> bool {
+        false
+    }
     /// Per-instance state (external backends).
     fn instances(&self) -> Vec<WorkerInfo> {
         Vec::new()
