@@ -13,6 +13,11 @@
 //! - `asker-N`: `--concurrency` of them, each with its own server connection
 //!   ([`asker`]); sends `Result`s.
 //!
+//! Under systemd (`Type=notify`, [`PollerConfig::notify`]): `READY=1` once
+//! polling starts, `WATCHDOG=1` from the `poller` loop (which then wakes at
+//! least every half watchdog interval), `STOPPING=1` on shutdown. A loop
+//! stuck anywhere stops the pings, and systemd restarts the poller.
+//!
 //! A question is never marked read before its answer is committed: the
 //! answer row, the read flag and the claim's removal go in one transaction,
 //! and only while this poller still owns the claim (see `autopoll_bridge`).
@@ -30,7 +35,9 @@ use autopoll_bridge::{
     Answer as BridgeAnswer, Bridge, BridgeOptions, ClaimOptions, Claimer, Error as BridgeError,
     Session, SessionState,
 };
-use autopoll_protocol::{Client, ClientError, ClientOptions, ErrorCode, ServerPaths, Shutdown};
+use autopoll_protocol::{
+    Client, ClientError, ClientOptions, ErrorCode, Notifier, NotifyConfig, ServerPaths, Shutdown,
+};
 use crossbeam_channel::{RecvTimeoutError, Sender};
 use serde_json::Value;
 
@@ -67,6 +74,8 @@ pub struct PollerConfig {
     pub heartbeat: Duration,
     /// How often `PRAGMA data_version` is checked without an inotify wake.
     pub version_check: Duration,
+    /// systemd notification (`NOTIFY_SOCKET`, watchdog); none by default.
+    pub notify: NotifyConfig,
 }
 
 impl PollerConfig {
@@ -92,6 +101,7 @@ impl PollerConfig {
             grace: Duration::from_secs(10),
             heartbeat: Duration::from_secs(10),
             version_check: Duration::from_millis(100),
+            notify: NotifyConfig::default(),
         }
     }
 }
@@ -664,12 +674,20 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         p.claimer.owner(),
         p.cfg.concurrency
     );
+    let mut notifier = Notifier::new(&p.cfg.notify);
+    notifier.ready(&format!(
+        "answering session {} of {} through server `{}`",
+        p.cfg.session, p.cfg.conversation, p.cfg.server.name
+    ));
     let rescan_every = (p.cfg.lease / 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut next_rescan = Instant::now();
     let mut next_version = Instant::now() + p.cfg.version_check;
     let mut want_claim = true;
     let mut stop_at: Option<Instant> = None;
     loop {
+        // Only this loop pings: if it hangs, the pings stop and systemd
+        // (WatchdogSec=) kills and restarts the poller.
+        notifier.watchdog();
         let now = Instant::now();
         if let Some(deadline) = stop_at
             && (p.in_flight.is_empty() || now >= deadline)
@@ -697,6 +715,9 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         }
         if let Some(d) = stop_at {
             wake = wake.min(d);
+        }
+        if let Some(w) = notifier.wake_within() {
+            wake = wake.min(now + w);
         }
         if want_claim && p.claims_paused_until > now {
             wake = wake.min(p.claims_paused_until);
@@ -735,6 +756,7 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
                 Event::Result(r) => p.on_result(*r),
                 Event::Stop => {
                     if stop_at.is_none() {
+                        notifier.stopping("stopping: finishing in-flight questions");
                         log::info!(
                             "event=stopping in_flight={} grace_secs={}",
                             p.in_flight.len(),
