@@ -146,7 +146,11 @@ fn pings_stop_while_stopped(l: &mut Listener, pid: i32, what: &str) {
 #[test]
 fn server_says_ready_pings_its_watchdog_and_goes_quiet_when_stopped() {
     let env = Env::new();
-    std::fs::write(env.path("NOTES.md"), "# Notes\nThe cache holds 64 entries.\n").unwrap();
+    std::fs::write(
+        env.path("NOTES.md"),
+        "# Notes\nThe cache holds 64 entries.\n",
+    )
+    .unwrap();
     let mut l = Listener::at_path(&env);
     let log = std::fs::File::create(env.path("server.log")).unwrap();
     let mut child = env

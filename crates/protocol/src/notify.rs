@@ -148,8 +148,7 @@ impl Notifier {
     /// The longest a main loop may sleep between iterations so that pings
     /// arrive in time: half the watchdog interval (`None`: no watchdog).
     pub fn wake_within(&self) -> Option<Duration> {
-        self.watchdog
-            .map(|w| (w / 2).max(Duration::from_millis(1)))
+        self.watchdog.map(|w| (w / 2).max(Duration::from_millis(1)))
     }
 
     /// Send one message (several `KEY=value` lines). Errors are logged, not returned.
@@ -193,7 +192,10 @@ impl Notifier {
             return;
         };
         let now = Instant::now();
-        if self.last_ping.is_some_and(|t| now.duration_since(t) < every / 4) {
+        if self
+            .last_ping
+            .is_some_and(|t| now.duration_since(t) < every / 4)
+        {
             return;
         }
         self.last_ping = Some(now);
