@@ -222,7 +222,7 @@ fn poller_says_ready_pings_its_watchdog_and_goes_quiet_when_stopped() {
 }
 
 #[test]
-fn without_a_watchdog_only_ready_and_stopping_are_sent() {
+fn without_a_watchdog_only_ready_and_stopping_are_sent_and_instances_do_not_inherit_the_socket() {
     let env = Env::new();
     std::fs::write(env.path("NOTES.md"), "# Notes\nSome text.\n").unwrap();
     let mut l = Listener::at_path(&env);
@@ -231,6 +231,8 @@ fn without_a_watchdog_only_ready_and_stopping_are_sent() {
         .args(["--name", "nowd", "--runtime-dir"])
         .arg(env.runtime())
         .args(["--context", path_str(&env.path("NOTES.md"))])
+        .args(["--backend", "jsonl", "--", "python3"])
+        .arg(common::fixture("jsonl_backend.py"))
         .env("NOTIFY_SOCKET", &l.name)
         // A watchdog meant for another process is not ours.
         .env("WATCHDOG_USEC", WATCHDOG_USEC)
@@ -240,6 +242,22 @@ fn without_a_watchdog_only_ready_and_stopping_are_sent() {
         .spawn()
         .unwrap();
     l.expect("READY=1", "autopoll-server");
+    // The instance has none of systemd's variables (checked once it has
+    // answered, so it is past any wrapper script).
+    let paths = autopoll_protocol::ServerPaths::new(&env.runtime(), "nowd").unwrap();
+    let mut c = autopoll_protocol::Client::connect(&paths, &Default::default()).unwrap();
+    c.ask("what is on line one?", TIMEOUT).unwrap();
+    let stats = c.stats(TIMEOUT).unwrap();
+    let pid = stats.instances[0].pid.unwrap();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+    assert!(vars.iter().any(|kv| kv.starts_with(b"AUTOPOLL_WORKER=")));
+    for v in ["NOTIFY_SOCKET=", "WATCHDOG_USEC=", "WATCHDOG_PID="] {
+        assert!(
+            !vars.iter().any(|kv| kv.starts_with(v.as_bytes())),
+            "the instance inherited {v}"
+        );
+    }
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     l.expect("STOPPING=1", "autopoll-server");

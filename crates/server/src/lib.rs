@@ -263,7 +263,10 @@ pub fn build_engine(config: &ServerConfig) -> Result<Arc<dyn Engine>, ServerErro
                 restart_limit: config.restart_limit,
                 restart_window: config.restart_window,
                 prompt,
-                server_dir: config.runtime_dir.join(&config.name),
+                // Absolute, as `autopoll doctor` compares it.
+                server_dir: ServerPaths::new(&config.runtime_dir, &config.name)
+                    .map(|p| p.dir)
+                    .map_err(ServerError::Config)?,
             };
             let e = engine::external::ExternalEngine::start(cfg, catalog)
                 .map_err(ServerError::Config)?;
