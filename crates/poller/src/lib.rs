@@ -277,7 +277,7 @@ impl Poller {
                 self.next_heartbeat = Instant::now() + self.cfg.heartbeat;
             }
             Err(e) => {
-                log::warn!("heartbeat failed: {e}");
+                log::warn!("event=bridge_error op=heartbeat reason={:?}", e.to_string());
                 self.next_heartbeat = Instant::now() + Duration::from_secs(1);
             }
         }
@@ -303,7 +303,7 @@ impl Poller {
         ) {
             Ok(b) => b,
             Err(e) => {
-                log::warn!("claim failed: {e}");
+                log::warn!("event=bridge_error op=claim reason={:?}", e.to_string());
                 return false;
             }
         };
@@ -356,7 +356,11 @@ impl Poller {
                     // this only fails if an old job for the same message is
                     // still queued (our own expired lease re-claimed).
                     if let Err(e) = self.jobs.try_send(job) {
-                        log::warn!("no asker free for message {id} ({e}); releasing it");
+                        log::warn!(
+                            "event=no_asker message_id={id} query_id={} reason={:?}: releasing it",
+                            self.in_flight.get(&id).map_or("", |f| f.query_id.as_str()),
+                            e.to_string()
+                        );
                         self.release(id, "no asker free", true);
                     }
                 }
@@ -370,7 +374,11 @@ impl Poller {
         if !skip.is_empty()
             && let Err(e) = self.bridge.skip(&self.claimer, &skip, "not a query")
         {
-            log::warn!("marking non-questions read failed (they will be retried): {e}");
+            log::warn!(
+                "event=bridge_error op=skip count={} reason={:?}: retried later",
+                skip.len(),
+                e.to_string()
+            );
         }
         full
     }
@@ -386,27 +394,34 @@ impl Poller {
                 "event=stale message_id={id} query_id={query_id}: claim lost before dead-lettering"
             ),
             Err(e) => {
-                log::warn!("dead-lettering message {id} failed (lease expiry retries it): {e}")
+                log::warn!(
+                    "event=bridge_error op=dead_letter message_id={id} query_id={query_id} reason={:?}: lease expiry retries it",
+                    e.to_string()
+                )
             }
         }
     }
 
     fn release(&mut self, id: i64, error: &str, refund: bool) {
-        let qid = self.in_flight.remove(&id).map(|f| (f.query_id, f.attempts));
+        let (q, attempt) = self
+            .in_flight
+            .remove(&id)
+            .map_or((String::new(), 0), |f| (f.query_id, f.attempts));
         match self
             .bridge
             .release(&self.claimer, &[id], Some(error), refund)
         {
-            Ok(0) => log::warn!("event=stale message_id={id}: the claim was already taken over"),
-            Ok(_) => {
-                if let Some((q, attempt)) = qid {
-                    log::info!(
-                        "event=query_retry message_id={id} query_id={q} attempt={attempt} refund={refund} reason={error:?}"
-                    );
-                }
-            }
+            Ok(0) => log::warn!(
+                "event=stale message_id={id} query_id={q}: the claim was already taken over"
+            ),
+            Ok(_) => log::info!(
+                "event=query_retry message_id={id} query_id={q} attempt={attempt} refund={refund} reason={error:?}"
+            ),
             Err(e) => {
-                log::warn!("release of message {id} failed (its lease will expire instead): {e}")
+                log::warn!(
+                    "event=bridge_error op=release message_id={id} query_id={q} reason={:?}: its lease will expire instead",
+                    e.to_string()
+                )
             }
         }
     }
@@ -555,7 +570,11 @@ impl Poller {
                 }
             }
             Err(e) => {
-                log::warn!("writing {} answers failed, will retry: {e}", batch.len());
+                log::warn!(
+                    "event=bridge_error op=complete count={} reason={:?}: retrying in 0.5 s",
+                    batch.len(),
+                    e.to_string()
+                );
                 self.flush_after = Instant::now() + Duration::from_millis(500);
             }
         }
@@ -592,7 +611,11 @@ impl Poller {
                 }
             }
             Err(e) => {
-                log::warn!("extending leases failed, retrying in 1 s: {e}");
+                log::warn!(
+                    "event=bridge_error op=extend count={} reason={:?}: retrying in 1 s",
+                    due.len(),
+                    e.to_string()
+                );
                 self.extend_retry_at = Some(now + Duration::from_secs(1));
             }
         }
@@ -796,7 +819,11 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
             Some("poller stopped before the answer came"),
             true,
         ) {
-            log::warn!("releasing claims failed (their leases will expire): {e}");
+            log::warn!(
+                "event=bridge_error op=release count={} reason={:?}: their leases will expire",
+                left.len(),
+                e.to_string()
+            );
         }
     }
     let held = p.bridge.held_by(&p.claimer).unwrap_or_default();
