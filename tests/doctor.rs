@@ -456,3 +456,66 @@ fn live_instances_of_an_external_backend_are_not_orphans() {
     let detail = check(&v, "children")["detail"].as_str().unwrap();
     assert!(detail.contains("1 instances running"), "{detail}");
 }
+
+#[test]
+fn a_token_expiring_under_a_running_poller_is_fixed_by_the_printed_renew() {
+    let env = Env::new();
+    let conv = env.conversation();
+    let _server = env.server(NAME, &["--context", &context(&env)]);
+    let p = env.poller(&conv, NAME, &["--heartbeat", "0.2"]);
+    wait_until("the poller's first heartbeat", TIMEOUT, || {
+        env.shard_status(&conv).is_some()
+    });
+    // The conversation expires while the poller runs.
+    let past = clock::format(clock::from_system(
+        SystemTime::now() - Duration::from_secs(60),
+    ));
+    env.bridge()
+        .connection()
+        .execute(
+            "UPDATE conversations SET expires_at = ?1 WHERE id = ?2",
+            [&past, &conv.id],
+        )
+        .unwrap();
+    wait_until("the poller notices", TIMEOUT, || {
+        p.log().contains("event=token_rejected")
+    });
+    // Questions are still answered (sent as the Python side would, by SQL:
+    // an expired token cannot send).
+    env.bridge()
+        .connection()
+        .execute(
+            "INSERT INTO messages (conversation_id, from_session, to_session, message, metadata, timestamp, read)
+             VALUES (?1, 'a', 'b', ?2, NULL, ?3, 0)",
+            [
+                conv.id.as_str(),
+                &shard::query_text("q-late", "how big is the cache?"),
+                &clock::now_string(),
+            ],
+        )
+        .unwrap();
+    env.expect_each_answered_once(&["q-late".to_string()], TIMEOUT);
+
+    let (code, v) = doctor(&env, Some(&conv));
+    assert_eq!(code, 13);
+    assert_eq!(status(&v, "token"), "fail", "{v:#}");
+    let f = fix(&v, "token").to_string();
+    run_fix(&env, &f, &[("AUTOPOLL_TOKEN", &conv.token_b)]);
+    // Heartbeats resume by themselves; everything passes.
+    let before = env
+        .bridge()
+        .session_status(&conv.id, Session::B)
+        .unwrap()
+        .unwrap()
+        .last_heartbeat;
+    wait_until("a new heartbeat after the renewal", TIMEOUT, || {
+        env.bridge()
+            .session_status(&conv.id, Session::B)
+            .unwrap()
+            .unwrap()
+            .last_heartbeat
+            != before
+    });
+    let (code, v) = doctor(&env, Some(&conv));
+    assert_eq!(code, 0, "{v:#}");
+}
