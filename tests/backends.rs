@@ -25,7 +25,18 @@ fn jsonl(env: &Env, name: &str, flags: &[&str], fixture_args: &[&str]) -> common
     args.push(fixture("jsonl_backend.py"));
     args.extend(fixture_args.iter().map(|s| s.to_string()));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    env.server(name, &refs)
+    let s = env.server(name, &refs);
+    // "serving" comes before the instance threads have started their
+    // children: wait until each instance has a pid (or is down).
+    wait_until("every instance started", TIMEOUT, || {
+        let st = s.client().unwrap().stats(TIMEOUT).unwrap();
+        !st.instances.is_empty()
+            && st
+                .instances
+                .iter()
+                .all(|w| w.pid.is_some() || w.state == "down")
+    });
+    s
 }
 
 fn instance_pids(s: &common::Server) -> Vec<u32> {

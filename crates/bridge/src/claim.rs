@@ -218,8 +218,9 @@ fn dead_letter_held(
         audit::actions::DEAD_LETTER,
         &json!({ "message_id": msg.id, "query_id": query_id, "attempts": h.attempts, "error": error }),
     )?;
-    log::warn!(
-        "event=dead_lettered conversation={} message_id={} query_id={query_id} attempts={}",
+    // Callers log the event with its reason (the poller: `event=dead_lettered`).
+    log::debug!(
+        "dead-lettered conversation={} message_id={} query_id={query_id} attempts={}",
         h.conversation_id,
         msg.id,
         h.attempts

@@ -40,7 +40,7 @@ pub use claim::{Answer, ClaimBatch, ClaimOptions, Claimed, Claimer, DeadLettered
 pub use conversation::{ConversationInfo, NewConversation};
 pub use error::{Error, Result};
 pub use message::{Message, Sent};
-pub use stats::SessionStats;
+pub use stats::{SessionStats, UnseenDeadLetter};
 pub use status::{PartnerStatus, SessionState, SessionStatus};
 
 /// The Python server's conversation lifetime.

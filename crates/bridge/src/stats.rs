@@ -40,7 +40,61 @@ pub struct SessionStats {
     pub expired: bool,
 }
 
+/// A dead-lettered question whose error response the asker has not read yet.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnseenDeadLetter {
+    /// The question's message id.
+    pub message_id: i64,
+    /// Its query_id (from the error response).
+    pub query_id: String,
+    /// The error response's message id (unread).
+    pub response_id: i64,
+    /// When it was dead-lettered.
+    pub completed_at: String,
+    /// Attempts it took.
+    pub attempts: u32,
+    /// Why (the last error).
+    pub detail: Option<String>,
+}
+
 impl Bridge {
+    /// Dead letters of questions to `session` of `conversation` whose error
+    /// response (to the other session) is still unread, oldest first.
+    pub fn unseen_dead_letters(
+        &self,
+        conversation: &str,
+        session: Session,
+    ) -> Result<Vec<UnseenDeadLetter>> {
+        let map = self.map();
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT o.message_id, o.response_id, o.completed_at, o.attempts, o.detail, r.message
+                 FROM autopoll_outcomes o JOIN messages r ON r.id = o.response_id
+                 WHERE o.conversation_id = ?1 AND o.to_session = ?2
+                   AND o.outcome = 'dead_letter' AND r.read = 0
+                 ORDER BY o.message_id",
+            )
+            .map_err(&map)?;
+        let rows = st
+            .query_map(params![conversation, session.as_str()], |r| {
+                let text: String = r.get(5)?;
+                let query_id = crate::shard::Response::parse(&text)
+                    .map(|resp| resp.query_id)
+                    .unwrap_or_default();
+                Ok(UnseenDeadLetter {
+                    message_id: r.get(0)?,
+                    response_id: r.get(1)?,
+                    completed_at: r.get(2)?,
+                    attempts: r.get(3)?,
+                    detail: r.get(4)?,
+                    query_id,
+                })
+            })
+            .map_err(&map)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(&map)
+    }
+
     /// Statistics for both sessions of one conversation, or of all.
     pub fn stats(&self, conversation: Option<&str>) -> Result<Vec<SessionStats>> {
         let convs = match conversation {
@@ -127,7 +181,7 @@ impl Bridge {
 mod tests {
     use super::*;
     use crate::testutil::Fixture;
-    use crate::{Answer, ClaimOptions, Claimer, SessionState};
+    use crate::{Answer, ClaimOptions, Claimer, SessionState, shard};
 
     #[test]
     fn stats_count_each_state() {
@@ -170,5 +224,57 @@ mod tests {
         assert_eq!((a.unread, a.claimed, a.answered), (2, 0, 0));
         assert!(!a.alive);
         assert_eq!(f.bridge.stats(None).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn unseen_dead_letters_are_those_whose_error_response_is_unread() {
+        let mut f = Fixture::new();
+        let conv = f.id().to_string();
+        let q1 = f.send_a(&shard::query_text("q-1", "one?"));
+        let q2 = f.send_a(&shard::query_text("q-2", "two?"));
+        let q3 = f.send_a(&shard::query_text("q-3", "three?"));
+        let me = Claimer::new("s").unwrap();
+        f.bridge
+            .claim(&me, &conv, Session::B, &ClaimOptions::default())
+            .unwrap();
+        assert!(
+            f.bridge
+                .unseen_dead_letters(&conv, Session::B)
+                .unwrap()
+                .is_empty()
+        );
+        f.bridge.dead_letter(&me, q1, "too hard").unwrap();
+        f.bridge.dead_letter(&me, q2, "crashed").unwrap();
+        f.bridge
+            .complete(
+                &me,
+                &[Answer {
+                    message_id: q3,
+                    text: "fine".into(),
+                }],
+            )
+            .unwrap();
+        let unseen = f.bridge.unseen_dead_letters(&conv, Session::B).unwrap();
+        let ids: Vec<(&str, i64)> = unseen
+            .iter()
+            .map(|d| (d.query_id.as_str(), d.message_id))
+            .collect();
+        assert_eq!(ids, [("q-1", q1), ("q-2", q2)]);
+        assert_eq!(unseen[0].detail.as_deref(), Some("too hard"));
+        // Session a reads its messages: the dead letters are seen.
+        let ta = f.conv.session_a_token.clone();
+        f.bridge.read_unread(&conv, Session::A, &ta).unwrap();
+        assert!(
+            f.bridge
+                .unseen_dead_letters(&conv, Session::B)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            f.bridge
+                .unseen_dead_letters(&conv, Session::A)
+                .unwrap()
+                .is_empty()
+        );
     }
 }

@@ -31,6 +31,8 @@ pub const NO_SERVER: u8 = 10;
 pub const ALREADY_RUNNING: u8 = 11;
 /// `autopoll-server`: bad configuration (context missing or unreadable, bad flag values).
 pub const CONFIG: u8 = 12;
+/// `autopoll doctor`: at least one check failed.
+pub const DOCTOR: u8 = 13;
 
 /// The table printed under every `--help`.
 pub const EXIT_CODES_HELP: &str = "\
@@ -47,7 +49,8 @@ Exit codes:
   9  invalid input
  10  no server running under that name
  11  a server of that name is already running
- 12  bad server configuration (context missing or unreadable)";
+ 12  bad server configuration (context missing or unreadable)
+ 13  autopoll doctor found a problem (each FAIL line says how to fix it)";
 
 /// A failure to report: an exit code and a one-line message.
 #[derive(Debug)]

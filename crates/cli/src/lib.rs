@@ -9,6 +9,7 @@
 mod ask_cmd;
 mod bench_cmd;
 pub(crate) mod bridge_cmd;
+mod doctor_cmd;
 pub mod exit;
 pub mod logging;
 mod poller_cmd;
@@ -35,7 +36,7 @@ use crate::exit::CliError;
     long_about = "autopoll lets agent sessions ask a long-lived memory shard questions through the \
                   shared SQLite bridge of the Python MCP bridge server, and get cited answers in \
                   milliseconds.\n\nThis command administers the bridge file, asks a running \
-                  autopoll-server directly, and shows its status.",
+                  autopoll-server directly, shows its status, and checks a whole setup (doctor).",
     after_help = exit::EXIT_CODES_HELP
 )]
 struct Cli {
@@ -56,6 +57,9 @@ enum Command {
     /// Show a running autopoll-server's statistics, and with --db the bridge's queues.
     #[command(after_help = exit::EXIT_CODES_HELP)]
     Status(ask_cmd::StatusArgs),
+    /// Check a shard's setup: bridge, token, server, permissions, poller, queue, disk; print fixes.
+    #[command(after_help = exit::EXIT_CODES_HELP)]
+    Doctor(doctor_cmd::DoctorArgs),
 }
 
 /// The `autopoll` binary's main: parse, run, map the result to an exit code.
@@ -69,6 +73,7 @@ pub fn autopoll_main() -> ExitCode {
         Command::Bridge(args) => bridge_cmd::run(args),
         Command::Ask(args) => ask_cmd::ask(args),
         Command::Status(args) => ask_cmd::status(args),
+        Command::Doctor(args) => doctor_cmd::run(args),
     };
     exit::report("autopoll", result)
 }

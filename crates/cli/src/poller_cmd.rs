@@ -130,6 +130,7 @@ fn poll(cli: PollerCli) -> Result<(), CliError> {
     cfg.max_question_bytes = cli.max_question_bytes;
     cfg.grace = Duration::from_secs_f64(cli.grace);
     cfg.heartbeat = Duration::from_secs_f64(cli.heartbeat);
+    cfg.notify = autopoll_protocol::NotifyConfig::from_env();
     autopoll_poller::run(cfg, shutdown).map_err(|e| match e {
         PollerError::Bridge(b @ autopoll_bridge::Error::InvalidToken { .. }) => CliError::new(
             exit::AUTH,

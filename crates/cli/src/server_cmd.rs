@@ -155,6 +155,7 @@ fn serve(cli: ServerCli) -> Result<(), CliError> {
     config.grace = Duration::from_secs_f64(cli.grace);
     config.reload_interval = Duration::from_secs_f64(cli.reload_interval);
     config.max_sessions = cli.max_clients.max(1);
+    config.notify = autopoll_protocol::NotifyConfig::from_env();
     let name = config.name.clone();
     autopoll_server::run(config, shutdown, |ready| {
         let e = &ready.engine;

@@ -13,6 +13,11 @@
 //! - `asker-N`: `--concurrency` of them, each with its own server connection
 //!   ([`asker`]); sends `Result`s.
 //!
+//! Under systemd (`Type=notify`, [`PollerConfig::notify`]): `READY=1` once
+//! polling starts, `WATCHDOG=1` from the `poller` loop (which then wakes at
+//! least every half watchdog interval), `STOPPING=1` on shutdown. A loop
+//! stuck anywhere stops the pings, and systemd restarts the poller.
+//!
 //! A question is never marked read before its answer is committed: the
 //! answer row, the read flag and the claim's removal go in one transaction,
 //! and only while this poller still owns the claim (see `autopoll_bridge`).
@@ -31,7 +36,9 @@ use autopoll_bridge::{
     Answer as BridgeAnswer, Bridge, BridgeOptions, ClaimOptions, Claimer, Error as BridgeError,
     Session, SessionState,
 };
-use autopoll_protocol::{Client, ClientError, ClientOptions, ErrorCode, ServerPaths, Shutdown};
+use autopoll_protocol::{
+    Client, ClientError, ClientOptions, ErrorCode, Notifier, NotifyConfig, ServerPaths, Shutdown,
+};
 use crossbeam_channel::{RecvTimeoutError, Sender};
 use serde_json::Value;
 
@@ -68,6 +75,8 @@ pub struct PollerConfig {
     pub heartbeat: Duration,
     /// How often `PRAGMA data_version` is checked without an inotify wake.
     pub version_check: Duration,
+    /// systemd notification (`NOTIFY_SOCKET`, watchdog); none by default.
+    pub notify: NotifyConfig,
 }
 
 impl PollerConfig {
@@ -93,6 +102,7 @@ impl PollerConfig {
             grace: Duration::from_secs(10),
             heartbeat: Duration::from_secs(10),
             version_check: Duration::from_millis(100),
+            notify: NotifyConfig::default(),
         }
     }
 }
@@ -381,7 +391,11 @@ impl Poller {
                     // this only fails if an old job for the same message is
                     // still queued (our own expired lease re-claimed).
                     if let Err(e) = self.jobs.try_send(job) {
-                        log::warn!("no asker free for message {id} ({e}); releasing it");
+                        log::warn!(
+                            "event=no_asker message_id={id} query_id={} reason={:?}: releasing it",
+                            self.in_flight.get(&id).map_or("", |f| f.query_id.as_str()),
+                            e.to_string()
+                        );
                         self.release(id, "no asker free", true);
                     }
                 }
@@ -395,7 +409,11 @@ impl Poller {
         if !skip.is_empty()
             && let Err(e) = self.bridge.skip(&self.claimer, &skip, "not a query")
         {
-            log::warn!("marking non-questions read failed (they will be retried): {e}");
+            log::warn!(
+                "event=bridge_error op=skip count={} reason={:?}: retried later",
+                skip.len(),
+                e.to_string()
+            );
         }
         full
     }
@@ -411,27 +429,34 @@ impl Poller {
                 "event=stale message_id={id} query_id={query_id}: claim lost before dead-lettering"
             ),
             Err(e) => {
-                log::warn!("dead-lettering message {id} failed (lease expiry retries it): {e}")
+                log::warn!(
+                    "event=bridge_error op=dead_letter message_id={id} query_id={query_id} reason={:?}: lease expiry retries it",
+                    e.to_string()
+                )
             }
         }
     }
 
     fn release(&mut self, id: i64, error: &str, refund: bool) {
-        let qid = self.in_flight.remove(&id).map(|f| (f.query_id, f.attempts));
+        let (q, attempt) = self
+            .in_flight
+            .remove(&id)
+            .map_or((String::new(), 0), |f| (f.query_id, f.attempts));
         match self
             .bridge
             .release(&self.claimer, &[id], Some(error), refund)
         {
-            Ok(0) => log::warn!("event=stale message_id={id}: the claim was already taken over"),
-            Ok(_) => {
-                if let Some((q, attempt)) = qid {
-                    log::info!(
-                        "event=query_retry message_id={id} query_id={q} attempt={attempt} refund={refund} reason={error:?}"
-                    );
-                }
-            }
+            Ok(0) => log::warn!(
+                "event=stale message_id={id} query_id={q}: the claim was already taken over"
+            ),
+            Ok(_) => log::info!(
+                "event=query_retry message_id={id} query_id={q} attempt={attempt} refund={refund} reason={error:?}"
+            ),
             Err(e) => {
-                log::warn!("release of message {id} failed (its lease will expire instead): {e}")
+                log::warn!(
+                    "event=bridge_error op=release message_id={id} query_id={q} reason={:?}: its lease will expire instead",
+                    e.to_string()
+                )
             }
         }
     }
@@ -582,7 +607,11 @@ impl Poller {
                 }
             }
             Err(e) => {
-                log::warn!("writing {} answers failed, will retry: {e}", batch.len());
+                log::warn!(
+                    "event=bridge_error op=complete count={} reason={:?}: retrying in 0.5 s",
+                    batch.len(),
+                    e.to_string()
+                );
                 self.flush_after = Instant::now() + Duration::from_millis(500);
             }
         }
@@ -619,7 +648,11 @@ impl Poller {
                 }
             }
             Err(e) => {
-                log::warn!("extending leases failed, retrying in 1 s: {e}");
+                log::warn!(
+                    "event=bridge_error op=extend count={} reason={:?}: retrying in 1 s",
+                    due.len(),
+                    e.to_string()
+                );
                 self.extend_retry_at = Some(now + Duration::from_secs(1));
             }
         }
@@ -703,6 +736,11 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         p.claimer.owner(),
         p.cfg.concurrency
     );
+    let mut notifier = Notifier::new(&p.cfg.notify);
+    notifier.ready(&format!(
+        "answering session {} of {} through server `{}`",
+        p.cfg.session, p.cfg.conversation, p.cfg.server.name
+    ));
     let rescan_every = (p.cfg.lease / 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut next_rescan = Instant::now();
     let mut next_version = Instant::now() + p.cfg.version_check;
@@ -711,6 +749,9 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
     // A pending re-check of data_version after an early wake: (when, tries left).
     let mut recheck: Option<(Instant, u32)> = None;
     loop {
+        // Only this loop pings: if it hangs, the pings stop and systemd
+        // (WatchdogSec=) kills and restarts the poller.
+        notifier.watchdog();
         let now = Instant::now();
         if let Some(deadline) = stop_at
             && (p.in_flight.is_empty() || now >= deadline)
@@ -743,6 +784,9 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         }
         if let Some(d) = stop_at {
             wake = wake.min(d);
+        }
+        if let Some(w) = notifier.wake_within() {
+            wake = wake.min(now + w);
         }
         if want_claim && p.claims_paused_until > now {
             wake = wake.min(p.claims_paused_until);
@@ -784,6 +828,7 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
                 Event::Result(r) => p.on_result(*r),
                 Event::Stop => {
                     if stop_at.is_none() {
+                        notifier.stopping("stopping: finishing in-flight questions");
                         log::info!(
                             "event=stopping in_flight={} grace_secs={}",
                             p.in_flight.len(),
@@ -840,7 +885,11 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
             Some("poller stopped before the answer came"),
             true,
         ) {
-            log::warn!("releasing claims failed (their leases will expire): {e}");
+            log::warn!(
+                "event=bridge_error op=release count={} reason={:?}: their leases will expire",
+                left.len(),
+                e.to_string()
+            );
         }
     }
     let held = p.bridge.held_by(&p.claimer).unwrap_or_default();

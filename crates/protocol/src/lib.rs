@@ -10,6 +10,7 @@
 //!   server makes on FIFO paths a client names.
 //! - [`paths`]: the private runtime directory and a server's files in it.
 //! - [`client`]: the client side of the handshake and request/reply matching.
+//! - [`notify`]: systemd's `NOTIFY_SOCKET` protocol (ready, watchdog, stopping).
 //!
 //! The wire format is documented for other languages in `docs/PROTOCOL.md`.
 #![deny(missing_docs)]
@@ -17,6 +18,7 @@
 pub mod client;
 pub mod fifo;
 pub mod frame;
+pub mod notify;
 pub mod paths;
 pub mod stop;
 
@@ -25,6 +27,7 @@ pub use frame::{
     Answer, AskRequest, Echo, EngineInfo, ErrorCode, ErrorReply, FrameError, Hello, Reply, Request,
     Stats, StatsRequest, Welcome, WorkerInfo,
 };
+pub use notify::{Notifier, NotifyConfig};
 pub use paths::{ServerPaths, runtime_dir};
 pub use stop::Shutdown;
 

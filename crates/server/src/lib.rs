@@ -14,6 +14,11 @@
 //! Shutdown ([`Shutdown::trigger`], wired to SIGINT/SIGTERM by the binary):
 //! stop accepting and remove the FIFO, let sessions finish in-flight
 //! requests within `--grace`, remove the pid and lock files, return.
+//!
+//! Under systemd (`Type=notify`, [`ServerConfig::notify`]): `READY=1` once
+//! the FIFO accepts hellos, `WATCHDOG=1` from the accept loop (which wakes at
+//! least every half watchdog interval, so an idle server keeps pinging and a
+//! hung one stops), `STOPPING=1` when shutdown begins.
 #![deny(missing_docs)]
 
 pub mod engine;
@@ -32,7 +37,8 @@ pub use autopoll_protocol::Shutdown;
 use autopoll_protocol::fifo::{self, Fill, FrameReader};
 use autopoll_protocol::frame;
 use autopoll_protocol::{
-    DEFAULT_MAX_FRAME, ErrorCode, ErrorReply, Hello, MAX_HELLO, Reply, Request, ServerPaths, Stats,
+    DEFAULT_MAX_FRAME, ErrorCode, ErrorReply, Hello, MAX_HELLO, Notifier, NotifyConfig, Reply,
+    Request, ServerPaths, Stats,
 };
 use crossbeam_channel::Sender;
 
@@ -94,6 +100,8 @@ pub struct ServerConfig {
     pub restart_window: Duration,
     /// External backends: a prompt template file instead of the built-in one.
     pub prompt_template: Option<PathBuf>,
+    /// systemd notification (`NOTIFY_SOCKET`, watchdog); none by default.
+    pub notify: NotifyConfig,
 }
 
 impl ServerConfig {
@@ -120,6 +128,7 @@ impl ServerConfig {
             restart_limit: 5,
             restart_window: Duration::from_secs(60),
             prompt_template: None,
+            notify: NotifyConfig::default(),
         }
     }
 }
@@ -254,6 +263,10 @@ pub fn build_engine(config: &ServerConfig) -> Result<Arc<dyn Engine>, ServerErro
                 restart_limit: config.restart_limit,
                 restart_window: config.restart_window,
                 prompt,
+                // Absolute, as `autopoll doctor` compares it.
+                server_dir: ServerPaths::new(&config.runtime_dir, &config.name)
+                    .map(|p| p.dir)
+                    .map_err(ServerError::Config)?,
             };
             let e = engine::external::ExternalEngine::start(cfg, catalog)
                 .map_err(ServerError::Config)?;
@@ -400,6 +413,17 @@ pub fn run(
         fifo: requests.clone(),
         engine: engine.info(),
     });
+    let mut notifier = Notifier::new(&shared.config.notify);
+    notifier.ready(&format!(
+        "serving `{}` at {} ({} engine)",
+        shared.name,
+        requests.display(),
+        engine.name()
+    ));
+    // Idle, the accept loop still turns often enough to keep the watchdog fed.
+    let idle_wait = notifier
+        .wake_within()
+        .map_or(Duration::from_secs(60), |w| w.min(Duration::from_secs(60)));
     log::info!(
         "event=serving name={} fifo={} workers={} engine={}",
         shared.name,
@@ -416,6 +440,9 @@ pub fn run(
     let session_ids = AtomicU64::new(0);
     let mut next_sweep = Instant::now() + Duration::from_secs(60);
     while !shutdown.is_triggered() {
+        // Only this loop pings: if it hangs, the pings stop and systemd
+        // (WatchdogSec=) kills and restarts the server.
+        notifier.watchdog();
         if Instant::now() >= next_sweep {
             sweep_clients(&paths.clients());
             next_sweep = Instant::now() + Duration::from_secs(60);
@@ -424,7 +451,7 @@ pub fn run(
             fifo::pollfd(reader.fd(), libc::POLLIN),
             fifo::pollfd(shutdown.fd(), libc::POLLIN),
         ];
-        if let Err(e) = fifo::poll(&mut fds, Some(Instant::now() + Duration::from_secs(60))) {
+        if let Err(e) = fifo::poll(&mut fds, Some(Instant::now() + idle_wait)) {
             log::error!("poll on {}: {e}", requests.display());
             std::thread::sleep(Duration::from_millis(100));
             continue;
@@ -494,6 +521,7 @@ pub fn run(
     }
 
     // Stop accepting: new clients find no FIFO and report "no server".
+    notifier.stopping("stopping: finishing in-flight questions");
     log::info!(
         "event=stopping name={} grace_secs={}",
         shared.name,

@@ -29,6 +29,7 @@ use std::fs::File;
 use std::io::{self, BufRead, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -77,6 +78,10 @@ pub struct ExternalConfig {
     pub restart_window: Duration,
     /// The prompt template.
     pub prompt: Prompt,
+    /// The server's directory, given to every instance as
+    /// `AUTOPOLL_SERVER_DIR` so `autopoll doctor` can tell its processes
+    /// (and orphans of an earlier run) from others.
+    pub server_dir: PathBuf,
 }
 
 struct Job {
@@ -159,11 +164,12 @@ struct Running {
 /// process; stderr is logged line by line.
 fn spawn(
     worker: usize,
-    command: &[String],
+    cfg: &ExternalConfig,
     slot: &Slot,
     replace: Option<&str>,
 ) -> io::Result<Running> {
-    let (prog, args) = command
+    let (prog, args) = cfg
+        .command
         .split_first()
         .ok_or_else(|| io::Error::other("no command given after --"))?;
     let mut cmd = Command::new(prog);
@@ -177,7 +183,14 @@ fn spawn(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .env("AUTOPOLL_WORKER", worker.to_string())
+        // systemd's notify variables are the server's alone.
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         .process_group(0);
+    if !cfg.server_dir.as_os_str().is_empty() {
+        cmd.env("AUTOPOLL_SERVER_DIR", &cfg.server_dir);
+    }
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -394,7 +407,7 @@ impl Instance {
             }
             self.breaker.record(Instant::now());
         }
-        match spawn(self.worker, &self.cfg.command, &self.slot, None) {
+        match spawn(self.worker, &self.cfg, &self.slot, None) {
             Ok(r) => {
                 log::info!(
                     "event=instance_started worker={} pid={} restart={}",
@@ -554,7 +567,7 @@ impl Instance {
             .any(|a| a.contains("{question}"));
         let mut run = spawn(
             self.worker,
-            &self.cfg.command,
+            &self.cfg,
             &self.slot,
             as_arg.then_some(job.prompt.as_str()),
         )
