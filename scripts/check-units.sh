@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Check the systemd user units in docs/systemd/ with `systemd-analyze verify`
-# (Debian's systemd package). .ci/run runs it after the tests.
+# (Debian's systemd package, installed here when missing and possible).
 #
 #   scripts/check-units.sh [BIN_DIR]
 #
@@ -18,6 +18,14 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 bin=${1:-${CARGO_TARGET_DIR:-$here/target}/debug}
 
+# On a fresh CI machine, fetch Debian's systemd package (the checker only; no
+# systemd is started). Skipped when not root or without apt-get.
+if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "check-units: installing Debian's systemd package for systemd-analyze"
+  timeout 300 apt-get install -y -qq systemd >/dev/null 2>&1 \
+    || { timeout 300 apt-get update -qq >/dev/null 2>&1 && timeout 300 apt-get install -y -qq systemd >/dev/null 2>&1; } \
+    || echo "check-units: could not install systemd"
+fi
 if ! command -v systemd-analyze >/dev/null 2>&1; then
   echo "check-units: NOT VERIFIED: systemd-analyze is not installed (Debian: apt-get install systemd);"
   echo "check-units: the unit files in docs/systemd/ were not checked on this machine."

@@ -26,23 +26,6 @@ fn figure(name: &str, text: String) {
     println!("FIGURE {name}: {text}");
 }
 
-fn rng(s: &mut u64) -> u64 {
-    *s ^= *s << 13;
-    *s ^= *s >> 7;
-    *s ^= *s << 17;
-    *s
-}
-
-fn seed() -> u64 {
-    let s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    println!("seed {s}");
-    s
-}
-
 fn setup(env: &Env) -> (common::Conversation, String) {
     let conv = env.conversation();
     let ctx = env.path("NOTES.md");
@@ -98,11 +81,11 @@ fn poller_kill_9_at_random_moments() {
     let _s = env.server("default", &["--context", &ctx]);
     let ids = env.send_queries(&conv, "rnd", n(200, 1_000), "cache?");
     let trials = n(8, 200);
-    let mut s = seed();
+    let mut s = common::seed();
     let mut bad = 0;
     for _ in 0..trials {
         let mut p = env.poller(&conv, "default", &["--lease", "0.5", "--concurrency", "4"]);
-        std::thread::sleep(Duration::from_millis(rng(&mut s) % 60));
+        std::thread::sleep(Duration::from_millis(common::rng(&mut s) % 60));
         p.kill9();
         if integrity(&env) != "ok" {
             bad += 1;
@@ -125,11 +108,11 @@ fn poller_killed_at_each_point_of_a_question() {
     let _s = env.server("default", &["--context", &ctx]);
     let ids = env.send_queries(&conv, "pt", n(100, 1_000), "cache?");
     let per_point = n(2, 50);
-    let mut s = seed();
+    let mut s = common::seed();
     let mut died = HashMap::new();
     for point in ["after_claim", "after_send", "after_reply", "before_commit"] {
         for _ in 0..per_point {
-            let after = (1 + rng(&mut s) % 8).to_string();
+            let after = (1 + common::rng(&mut s) % 8).to_string();
             let mut p = env
                 .cmd("autopoll-poller")
                 .env("AUTOPOLL_CONVERSATION", &conv.id)
@@ -183,10 +166,10 @@ fn server_kill_9_during_a_run() {
     let ids = env.send_queries(&conv, "srv", n(300, 1_000), "cache?");
     let _p = env.poller(&conv, "default", &["--lease", "1", "--concurrency", "4"]);
     let trials = n(4, 200);
-    let mut s = seed();
+    let mut s = common::seed();
     for _ in 0..trials {
         let server = env.server("default", &["--context", &ctx]);
-        std::thread::sleep(Duration::from_millis(rng(&mut s) % 40));
+        std::thread::sleep(Duration::from_millis(common::rng(&mut s) % 40));
         drop(server); // kill -9
     }
     let server = env.server("default", &["--context", &ctx]);
@@ -232,7 +215,7 @@ fn engine_instance_kill_9_during_a_run() {
         &["--lease", "1", "--concurrency", "4", "--max-attempts", "50"],
     );
     let trials = n(6, 200);
-    let mut seedv = seed();
+    let mut seedv = common::seed();
     let mut c = s.client().unwrap();
     for _ in 0..trials {
         let pids: Vec<u32> = c
@@ -242,11 +225,11 @@ fn engine_instance_kill_9_during_a_run() {
             .iter()
             .filter_map(|w| w.pid)
             .collect();
-        if let Some(&pid) = pids.get((rng(&mut seedv) % 2) as usize) {
+        if let Some(&pid) = pids.get((common::rng(&mut seedv) % 2) as usize) {
             // SAFETY: signalling a process of our test.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
-        std::thread::sleep(Duration::from_millis(20 + rng(&mut seedv) % 60));
+        std::thread::sleep(Duration::from_millis(20 + common::rng(&mut seedv) % 60));
     }
     let _q = env.poller(&conv, "default", &["--lease", "1"]);
     wait_until("every question answered", TIMEOUT * 4, || {
@@ -453,12 +436,12 @@ fn random_frames_do_not_stop_the_server_and_memory_stays_bounded() {
             .unwrap()
     };
     let before = rss(s.pid());
-    let mut seedv = seed();
+    let mut seedv = common::seed();
     let shared = fifo::open_fifo(&s.paths().requests(), true).unwrap();
     let (w, mut r) = raw_session(&s);
     for i in 0..frames {
-        let len = (rng(&mut seedv) % 3000) as usize;
-        let mut f: Vec<u8> = (0..len).map(|_| rng(&mut seedv) as u8).collect();
+        let len = (common::rng(&mut seedv) % 3000) as usize;
+        let mut f: Vec<u8> = (0..len).map(|_| common::rng(&mut seedv) as u8).collect();
         f.retain(|&b| b != b'\n');
         f.push(b'\n');
         if i % 2 == 0 {

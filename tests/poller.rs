@@ -27,23 +27,6 @@ fn setup(env: &Env) -> (common::Conversation, String) {
     (conv, path_str(&ctx).to_string())
 }
 
-fn rng(seed: &mut u64) -> u64 {
-    *seed ^= *seed << 13;
-    *seed ^= *seed >> 7;
-    *seed ^= *seed << 17;
-    *seed
-}
-
-fn seed() -> u64 {
-    let s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    eprintln!("random seed {s}");
-    s
-}
-
 #[test]
 fn a_thousand_queries_each_get_exactly_one_response_and_bridge_ask_round_trips() {
     let env = Env::new();
@@ -175,10 +158,10 @@ fn poller_killed_9_at_random_moments_loses_nothing_and_answers_nothing_twice() {
     let (conv, ctx) = setup(&env);
     let _server = env.server("default", &["--context", &ctx]);
     let ids = env.send_queries(&conv, "kill", 1_000, "cache?");
-    let mut s = seed();
+    let mut s = common::seed();
     for trial in 0..6 {
         let mut p = env.poller(&conv, "default", &["--lease", "1", "--concurrency", "4"]);
-        let ms = 5 + rng(&mut s) % 150;
+        let ms = 5 + common::rng(&mut s) % 150;
         std::thread::sleep(Duration::from_millis(ms));
         p.kill9();
         let integrity: String = env

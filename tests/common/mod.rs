@@ -519,3 +519,22 @@ pub fn cpu_ticks(pid: i32) -> u64 {
     // After "(comm)": state=0 ppid=1 ... utime=11 stime=12.
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
+
+/// A random seed from the clock, printed so a failing run can be replayed.
+pub fn seed() -> u64 {
+    let s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    println!("seed {s}");
+    s
+}
+
+/// xorshift64: the next pseudo-random number from `s`.
+pub fn rng(s: &mut u64) -> u64 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    *s
+}

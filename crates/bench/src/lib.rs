@@ -30,6 +30,8 @@ pub struct Options {
     pub bin_dir: PathBuf,
     /// tests/fixtures of the source tree (for the persistent-vs-spawn figure).
     pub fixtures: PathBuf,
+    /// Run only these measurements (empty: all).
+    pub only: Vec<String>,
 }
 
 /// One line of the table.
@@ -719,6 +721,7 @@ fn endurance(opts: &Options, r: &mut Report) -> Res<()> {
     let wal = w.dir.path().join("bridge.db-wal");
     let mut wal_max = 0u64;
     let mut start: Option<(procs::Snapshot, procs::Snapshot)> = None;
+    let mut series: Vec<Value> = Vec::new();
     let t = Instant::now();
     let mut done = 0usize;
     while done < total {
@@ -740,6 +743,7 @@ fn endurance(opts: &Options, r: &mut Report) -> Res<()> {
             wal_max = wal_max.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
             std::thread::sleep(Duration::from_millis(20));
         }
+        series.push(json!({"answered": done, "server_rss_kib": procs::rss_kib(s.pid()), "poller_rss_kib": procs::rss_kib(p.pid())}));
         if start.is_none() && done >= 2 * batch {
             // After two warm-up batches (and an idle moment between them):
             // caches, pools and connections have their working size.
@@ -754,6 +758,10 @@ fn endurance(opts: &Options, r: &mut Report) -> Res<()> {
         growth(s0.rss_kib, s1.rss_kib),
         growth(p0.rss_kib, p1.rss_kib),
     );
+    // The second half alone: growth that has stopped shows as ~0 here.
+    let mid = &series[series.len() / 2];
+    let gp_half = growth(mid["poller_rss_kib"].as_u64().unwrap_or(0), p1.rss_kib);
+    let gs_half = growth(mid["server_rss_kib"].as_u64().unwrap_or(0), s1.rss_kib);
     let flat = s0.fds == s1.fds
         && p0.fds == p1.fds
         && s0.threads == s1.threads
@@ -763,14 +771,17 @@ fn endurance(opts: &Options, r: &mut Report) -> Res<()> {
     let ok = gs <= 5.0 && gp <= 5.0 && flat && zombies == 0 && wal_max <= 64 << 20;
     r.row(
         "Endurance",
-        format!("{total} questions in {secs:.0} s; RSS {gs:+.1}% server, {gp:+.1}% poller; WAL max {:.1} MiB", wal_max as f64 / 1048576.0),
+        format!(
+            "{total} questions in {secs:.0} s; RSS {gs:+.1}% server, {gp:+.1}% poller (second half {gs_half:+.1}% / {gp_half:+.1}%); WAL max {:.1} MiB",
+            wal_max as f64 / 1048576.0
+        ),
         format!("fds {}->{} / {}->{}, threads {}->{} / {}->{}, zombies {zombies}", s0.fds, s1.fds, p0.fds, p1.fds, s0.threads, s1.threads, p0.threads, p1.threads),
         "RSS <= +5%, rest flat, 0 zombies, WAL <= 64 MiB",
         Some(ok),
     );
     r.json.insert(
         "endurance".into(),
-        json!({"questions": total, "seconds": secs, "server_start": s0.json(), "server_end": s1.json(), "poller_start": p0.json(), "poller_end": p1.json(), "server_rss_growth_percent": gs, "poller_rss_growth_percent": gp, "wal_max_bytes": wal_max, "flat": flat}),
+        json!({"questions": total, "seconds": secs, "server_start": s0.json(), "server_end": s1.json(), "poller_start": p0.json(), "poller_end": p1.json(), "server_rss_growth_percent": gs, "poller_rss_growth_percent": gp, "server_rss_growth_second_half_percent": gs_half, "poller_rss_growth_second_half_percent": gp_half, "rss_by_batch": series, "wal_max_bytes": wal_max, "flat": flat}),
     );
     Ok(())
 }
@@ -882,6 +893,9 @@ pub fn run(opts: &Options) -> Report {
         ("engine", engine),
     ];
     for (name, step) in steps {
+        if !opts.only.is_empty() && !opts.only.iter().any(|o| o == name) {
+            continue;
+        }
         eprintln!("bench: {name} ...");
         if let Err(err) = step(opts, &mut r) {
             r.row(name, format!("FAILED: {err}"), "-".into(), "-", Some(false));

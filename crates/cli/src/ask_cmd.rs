@@ -17,7 +17,7 @@ pub struct AskArgs {
     #[command(flatten)]
     target: Target,
     /// Seconds to wait for the answer, connecting included.
-    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = timeout_secs)]
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = crate::flags::positive_secs)]
     timeout: f64,
     /// Print a JSON object: answer, sources, found, context_version, engine, elapsed_ms.
     #[arg(long)]
@@ -39,18 +39,11 @@ pub struct StatusArgs {
     #[arg(long, env = "AUTOPOLL_CONVERSATION", value_name = "ID")]
     conversation: Option<String>,
     /// Seconds to wait for the server.
-    #[arg(long, value_name = "SECS", default_value_t = 5.0, value_parser = timeout_secs)]
+    #[arg(long, value_name = "SECS", default_value_t = 5.0, value_parser = crate::flags::positive_secs)]
     timeout: f64,
     /// Print the statistics as JSON.
     #[arg(long)]
     json: bool,
-}
-
-fn timeout_secs(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
-        _ => Err(format!("{s:?} is not a number of seconds in (0, 86400]")),
-    }
 }
 
 fn connect(target: &Target, timeout: Duration, client: &str) -> Result<Client, CliError> {

@@ -30,6 +30,10 @@ struct BenchCli {
     /// tests/fixtures of the source tree (for the persistent-vs-spawn figure).
     #[arg(long, value_name = "DIR")]
     fixtures: Option<PathBuf>,
+    /// Run only this measurement (repeatable): ipc, pickup, old_design, drain,
+    /// persistent_vs_spawn, idle, endurance, engine.
+    #[arg(long, value_name = "NAME")]
+    only: Vec<String>,
 }
 
 /// `autopoll-bench`'s main.
@@ -59,6 +63,7 @@ pub fn bench_main() -> ExitCode {
         quick: cli.quick,
         bin_dir,
         fixtures,
+        only: cli.only,
     };
     let report = autopoll_bench::run(&opts);
     print!("{}", report.table());

@@ -118,7 +118,7 @@ enum BridgeCmd {
         #[command(flatten)]
         auth: Auth,
         /// Seconds to wait for the answer before exiting with code 5 (the query stays queued).
-        #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = secs)]
+        #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = crate::flags::secs)]
         timeout: f64,
         /// The question, or `-` to read it from stdin.
         #[arg(value_name = "QUESTION|-")]
@@ -157,13 +157,6 @@ fn hours(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(h) if h.is_finite() && h > 0.0 && h <= 24.0 * 365.0 => Ok(h),
         _ => Err(format!("{s:?} is not a number of hours in (0, 8760]")),
-    }
-}
-
-fn secs(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && (0.0..=86_400.0).contains(&v) => Ok(v),
-        _ => Err(format!("{s:?} is not a number of seconds in [0, 86400]")),
     }
 }
 

@@ -45,13 +45,13 @@ pub struct DoctorArgs {
     #[arg(long, value_enum, default_value = "b")]
     session: SessionArg,
     /// Fail when an unread message to the session has waited longer than this, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = positive_secs)]
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = crate::flags::positive_secs)]
     max_wait: f64,
     /// Fail when the session's heartbeat is older than this, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 120.0, value_parser = positive_secs)]
+    #[arg(long, value_name = "SECS", default_value_t = 120.0, value_parser = crate::flags::positive_secs)]
     heartbeat_max: f64,
     /// Seconds to wait for the server's answer.
-    #[arg(long, value_name = "SECS", default_value_t = 3.0, value_parser = positive_secs)]
+    #[arg(long, value_name = "SECS", default_value_t = 3.0, value_parser = crate::flags::positive_secs)]
     timeout: f64,
     /// Print {"ok": bool, "checks": [{"name","status","detail","fix"}]}.
     #[arg(long)]
@@ -62,13 +62,6 @@ pub struct DoctorArgs {
 enum SessionArg {
     A,
     B,
-}
-
-fn positive_secs(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 && v <= 31_536_000.0 => Ok(v),
-        _ => Err(format!("{s:?} is not a positive number of seconds")),
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

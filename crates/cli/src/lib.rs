@@ -11,6 +11,7 @@ mod bench_cmd;
 pub(crate) mod bridge_cmd;
 mod doctor_cmd;
 pub mod exit;
+mod flags;
 pub mod logging;
 mod poller_cmd;
 mod server_cmd;

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use autopoll_bridge::Session;
 use autopoll_poller::{PollerConfig, PollerError};
-use autopoll_protocol::Shutdown;
 use clap::{Parser, ValueEnum};
 
 use crate::exit::{self, CliError};
@@ -55,13 +54,13 @@ struct PollerCli {
     #[arg(long, value_name = "ID")]
     shard_id: Option<String>,
     /// Claim lease in seconds: a claim not finished or extended by then is taken over.
-    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = positive_secs)]
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = crate::flags::positive_secs)]
     lease: f64,
     /// Failed attempts after which a question gets an error response (dead letter).
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     max_attempts: u32,
     /// The server's deadline per question, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = positive_secs)]
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = crate::flags::positive_secs)]
     query_timeout: f64,
     /// Questions in flight to the server at once.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -70,28 +69,11 @@ struct PollerCli {
     #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024)]
     max_question_bytes: usize,
     /// On SIGINT/SIGTERM, how long in-flight questions may take, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = secs)]
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = crate::flags::secs)]
     grace: f64,
     /// How often the heartbeat in session_status is refreshed, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = positive_secs)]
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = crate::flags::positive_secs)]
     heartbeat: f64,
-}
-
-fn secs(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && (0.0..=86_400.0).contains(&v) => Ok(v),
-        _ => Err(format!("{s:?} is not a number of seconds in [0, 86400]")),
-    }
-}
-
-fn positive_secs(s: &str) -> Result<f64, String> {
-    secs(s).and_then(|v| {
-        if v > 0.0 {
-            Ok(v)
-        } else {
-            Err("must be more than 0".into())
-        }
-    })
 }
 
 /// `autopoll-poller`'s main.
@@ -105,15 +87,7 @@ pub fn poller_main() -> ExitCode {
 }
 
 fn poll(cli: PollerCli) -> Result<(), CliError> {
-    let shutdown = Shutdown::new()
-        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot create a pipe: {e}")))?;
-    let sd = shutdown.clone();
-    ctrlc::set_handler(move || sd.trigger()).map_err(|e| {
-        CliError::new(
-            exit::FAILURE,
-            format!("cannot install signal handlers: {e}"),
-        )
-    })?;
+    let shutdown = crate::flags::shutdown_on_signals()?;
     let paths = cli.target.paths()?;
     let mut cfg = PollerConfig::new(cli.db, cli.conversation, cli.token, paths);
     cfg.session = match cli.session {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use autopoll_server::{Backend, ServerConfig, ServerError, Shutdown};
+use autopoll_server::{Backend, ServerConfig, ServerError};
 use clap::{Parser, ValueEnum};
 
 use crate::exit::{self, CliError};
@@ -51,40 +51,40 @@ struct ServerCli {
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     workers: u16,
     /// Longest any request may take, in seconds (clients may ask for less).
-    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = positive_secs)]
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = crate::flags::positive_secs)]
     request_timeout: f64,
     /// Largest frame accepted, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = autopoll_protocol::DEFAULT_MAX_FRAME)]
     max_frame_bytes: usize,
     /// On SIGINT/SIGTERM, how long in-flight requests may take to finish, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = secs)]
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = crate::flags::secs)]
     grace: f64,
     /// How often context files are checked for changes, in seconds (0: never).
-    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = secs)]
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = crate::flags::secs)]
     reload_interval: f64,
     /// Most client sessions at once.
     #[arg(long, value_name = "N", default_value_t = 256)]
     max_clients: usize,
     /// External backends: seconds without any output before a question's instance is killed.
-    #[arg(long, value_name = "SECS", default_value_t = 120.0, value_parser = positive_secs)]
+    #[arg(long, value_name = "SECS", default_value_t = 120.0, value_parser = crate::flags::positive_secs)]
     watchdog: f64,
     /// External backends: seconds between SIGTERM and SIGKILL of an instance's process group.
-    #[arg(long, value_name = "SECS", default_value_t = 5.0, value_parser = secs)]
+    #[arg(long, value_name = "SECS", default_value_t = 5.0, value_parser = crate::flags::secs)]
     kill_grace: f64,
     /// External backends: seconds a fresh instance may stay silent before its first output.
-    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = positive_secs)]
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = crate::flags::positive_secs)]
     start_timeout: f64,
     /// External backends: recycle an instance after this many answers (0: never).
     #[arg(long, value_name = "N", default_value_t = 0)]
     max_requests: u64,
     /// External backends: recycle an instance after this many seconds (0: never).
-    #[arg(long, value_name = "SECS", default_value_t = 0.0, value_parser = secs)]
+    #[arg(long, value_name = "SECS", default_value_t = 0.0, value_parser = crate::flags::secs)]
     max_age: f64,
     /// External backends: unplanned starts allowed per --restart-window before an instance is down.
     #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
     restart_limit: u32,
     /// External backends: the crash-loop window, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = positive_secs)]
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = crate::flags::positive_secs)]
     restart_window: f64,
     /// External backends: prompt template file ({files}, {question}, {context_version}, {example}).
     #[arg(long, value_name = "FILE")]
@@ -92,23 +92,6 @@ struct ServerCli {
     /// External backends: the program to run and its arguments.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
-}
-
-fn secs(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && (0.0..=86_400.0).contains(&v) => Ok(v),
-        _ => Err(format!("{s:?} is not a number of seconds in [0, 86400]")),
-    }
-}
-
-fn positive_secs(s: &str) -> Result<f64, String> {
-    secs(s).and_then(|v| {
-        if v > 0.0 {
-            Ok(v)
-        } else {
-            Err("must be more than 0".into())
-        }
-    })
 }
 
 /// `autopoll-server`'s main.
@@ -122,15 +105,7 @@ pub fn server_main() -> ExitCode {
 }
 
 fn serve(cli: ServerCli) -> Result<(), CliError> {
-    let shutdown = Shutdown::new()
-        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot create a pipe: {e}")))?;
-    let sd = shutdown.clone();
-    ctrlc::set_handler(move || sd.trigger()).map_err(|e| {
-        CliError::new(
-            exit::FAILURE,
-            format!("cannot install signal handlers: {e}"),
-        )
-    })?;
+    let shutdown = crate::flags::shutdown_on_signals()?;
     let mut config = ServerConfig::new(&cli.target.name, &cli.target.runtime());
     use autopoll_server::engine::wire::Kind;
     config.backend = match cli.backend {
