@@ -210,7 +210,7 @@ pub struct EngineInfo {
     pub down: bool,
 }
 
-/// One external engine instance (issue 5).
+/// One external engine instance (`--backend jsonl|claude|spawn`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct WorkerInfo {
     /// Worker index.
