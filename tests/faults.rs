@@ -622,15 +622,8 @@ fn a_full_disk_answers_nothing_without_a_commit_and_recovers() {
         .stderr(std::fs::File::create(env.path("poller-disk.log")).unwrap())
         .spawn()
         .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let pid = p.id() as i32;
-    let _p = Kill(p);
+    let _p = common::KillOnDrop(p);
     std::thread::sleep(Duration::from_millis(500));
     let ticks0 = common::cpu_ticks(pid);
     std::thread::sleep(Duration::from_secs(2));
@@ -710,14 +703,7 @@ fn another_user_cannot_reach_the_server() {
         .args(["-q", "--runtime-dir", path_str(&rt), "--context", &ctx])
         .spawn()
         .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _srv = Kill(out);
+    let _srv = common::KillOnDrop(out);
     let paths = autopoll_protocol::ServerPaths::new(&rt, "default").unwrap();
     wait_until("server up", TIMEOUT, || paths.requests().exists());
     let as_nobody = |script: &str| {

@@ -220,9 +220,12 @@ fn a_client_killed_mid_request_does_not_disturb_the_others() {
         steady.stats(TIMEOUT).unwrap().sessions == 1
     });
     assert!(steady.ask("transport replies", TIMEOUT).unwrap().found);
-    // The dead client's half frame goes with its session: no reply could reach it.
+    // The dead client's half frame may be read (and counted as a failed
+    // request) or dropped with its session, depending on which of its two
+    // FIFOs the kernel reports closed first; the two real asks both worked.
     let st = steady.stats(TIMEOUT).unwrap();
-    assert_eq!((st.requests, st.errors), (2, 0));
+    assert!(st.errors <= 1, "{st:?}");
+    assert_eq!(st.requests - st.errors, 2, "{st:?}");
 }
 
 #[test]

@@ -273,18 +273,10 @@ impl Server {
 
     /// Wait for the server to exit (bounded); returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server did not exit within {timeout:?}: {}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let path = self.stderr_path.clone();
+        wait_child_exit(&mut self.child, timeout, "server", || {
+            std::fs::read_to_string(&path).unwrap_or_default()
+        })
     }
 
     pub fn stderr(&self) -> String {
@@ -439,18 +431,10 @@ impl Poller {
     }
 
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "poller did not exit within {timeout:?}: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let path = self.log.clone();
+        wait_child_exit(&mut self.child, timeout, "poller", || {
+            std::fs::read_to_string(&path).unwrap_or_default()
+        })
     }
 
     /// kill -9 and reap.
@@ -537,4 +521,36 @@ pub fn rng(s: &mut u64) -> u64 {
     *s ^= *s >> 7;
     *s ^= *s << 17;
     *s
+}
+
+/// Wait (bounded) for `child` to exit; its exit code. Panics with what
+/// `log` returns when it does not.
+pub fn wait_child_exit(
+    child: &mut std::process::Child,
+    timeout: Duration,
+    who: &str,
+    log: impl Fn() -> String,
+) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{who} did not exit within {timeout:?}: {}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A child process killed (-9) and reaped when dropped.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

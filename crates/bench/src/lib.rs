@@ -249,6 +249,45 @@ impl World {
     }
 }
 
+/// Send `text` from session a, then wait (checking every `poll`) until a
+/// response row to session a is committed after it: the pickup-to-answer
+/// time, measured from the committed question to the committed answer.
+fn ask_through_bridge(
+    w: &World,
+    b: &mut Bridge,
+    ro: &rusqlite::Connection,
+    text: &str,
+    poll: Duration,
+    limit: Duration,
+) -> Res<Duration> {
+    let sent = b
+        .send(
+            &w.conv.conversation_id,
+            Session::A,
+            &w.conv.session_a_token,
+            text,
+            None,
+        )
+        .map_err(e("send"))?;
+    let t = Instant::now();
+    loop {
+        let answered = ro
+            .query_row(
+                "SELECT id FROM messages WHERE to_session = 'a' AND id > ?1 LIMIT 1",
+                [sent.id],
+                |r| r.get::<_, i64>(0),
+            )
+            .is_ok();
+        if answered {
+            return Ok(t.elapsed());
+        }
+        if t.elapsed() > limit {
+            return Err(format!("no answer within {limit:?}"));
+        }
+        std::thread::sleep(poll);
+    }
+}
+
 /// Count of responses to session a (read-only connection).
 fn responses(ro: &rusqlite::Connection) -> i64 {
     ro.query_row(
@@ -422,35 +461,16 @@ fn pickup(opts: &Options, r: &mut Report) -> Res<()> {
             &format!("q-pk-{i}"),
             "what about sokalo rekato in the transport section?",
         );
-        let sent = b
-            .send(
-                &w.conv.conversation_id,
-                Session::A,
-                &w.conv.session_a_token,
-                &text,
-                None,
-            )
-            .map_err(e("send"))?;
-        let t = Instant::now();
-        let deadline = t + Duration::from_secs(30);
-        loop {
-            let got: Option<i64> = ro
-                .query_row(
-                    "SELECT id FROM messages WHERE to_session = 'a' AND id > ?1 LIMIT 1",
-                    [sent.id],
-                    |r| r.get(0),
-                )
-                .ok();
-            if got.is_some() {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(format!("query {i} not answered within 30 s"));
-            }
-            std::thread::sleep(Duration::from_micros(50));
-        }
+        let took = ask_through_bridge(
+            &w,
+            &mut b,
+            &ro,
+            &text,
+            Duration::from_micros(50),
+            Duration::from_secs(30),
+        )?;
         if i >= 20 {
-            lat.push(t.elapsed().as_secs_f64() * 1e6);
+            lat.push(took.as_secs_f64() * 1e6);
         }
     }
     let lat = sorted(lat);
@@ -498,30 +518,15 @@ fn old_design(opts: &Options, r: &mut Report) -> Res<()> {
     let mut lat = Vec::new();
     for i in 0..n {
         let text = shard::query_text(&format!("q-old-{i}"), "what about the cache?");
-        let sent = b
-            .send(
-                &w.conv.conversation_id,
-                Session::A,
-                &w.conv.session_a_token,
-                &text,
-                None,
-            )
-            .map_err(e("send"))?;
-        let t = Instant::now();
-        while ro
-            .query_row(
-                "SELECT id FROM messages WHERE to_session = 'a' AND id > ?1 LIMIT 1",
-                [sent.id],
-                |r| r.get::<_, i64>(0),
-            )
-            .is_err()
-        {
-            if t.elapsed() > Duration::from_secs(60) {
-                return Err("the old shard did not answer within 60 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        lat.push(t.elapsed().as_secs_f64() * 1e6);
+        let took = ask_through_bridge(
+            &w,
+            &mut b,
+            &ro,
+            &text,
+            Duration::from_millis(5),
+            Duration::from_secs(60),
+        )?;
+        lat.push(took.as_secs_f64() * 1e6);
         // Arrive at a random point of its 5 s cycle, as a coordinator would.
         std::thread::sleep(Duration::from_millis(700 * (i as u64 % 7)));
     }
