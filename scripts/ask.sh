@@ -13,7 +13,7 @@
 set -u
 
 usage() {
-    sed -n '3,5p' "$0" | sed 's/^#   //'
+    sed -n '2,5p' "$0" | sed -e 's/^#   /  /' -e 's/^# \{0,1\}//'
 }
 
 name=${AUTOPOLL_NAME:-default}
