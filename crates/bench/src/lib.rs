@@ -370,6 +370,11 @@ fn ipc(opts: &Options, r: &mut Report) -> Res<()> {
     }
     let mut echo = Vec::with_capacity(n);
     let mut ask = Vec::with_capacity(n);
+    // The reply quotes passages: more bytes come back than the 200 sent.
+    let reply_bytes = {
+        let a = c.ask(&question, t).map_err(e("ask"))?;
+        autopoll_protocol::frame::encode(&autopoll_protocol::Reply::Answer(a)).len()
+    };
     for _ in 0..n {
         let s = Instant::now();
         c.echo(&payload, t).map_err(e("echo"))?;
@@ -407,7 +412,7 @@ fn ipc(opts: &Options, r: &mut Report) -> Res<()> {
         "IPC ask round trip p50 / p99",
         format!("{:.3} / {:.3} ms", pct(&ask, 0.5), pct(&ask, 0.99)),
         format!(
-            "raw pipe {:.3} / {:.3} ms; ratio {ratio:.2}x",
+            "raw pipe {:.3} / {:.3} ms; ratio {ratio:.2}x (reply {reply_bytes} B vs 200 B)",
             pct(&raw, 0.5),
             pct(&raw, 0.99)
         ),
@@ -424,7 +429,7 @@ fn ipc(opts: &Options, r: &mut Report) -> Res<()> {
     r.json.insert(
         "ipc".into(),
         json!({
-            "samples": n, "bytes": 200,
+            "samples": n, "bytes": 200, "ask_reply_bytes": reply_bytes,
             "ask_p50_ms": pct(&ask, 0.5), "ask_p99_ms": pct(&ask, 0.99),
             "echo_p50_ms": pct(&echo, 0.5), "echo_p99_ms": pct(&echo, 0.99),
             "raw_p50_ms": pct(&raw, 0.5), "raw_p99_ms": pct(&raw, 0.99),
