@@ -218,13 +218,26 @@ fn hung_instances_are_killed_and_replaced_leaving_no_zombies() {
         t.join().unwrap();
     }
     assert!(c.ask("still here?", TIMEOUT).unwrap().found);
-    wait_until("exactly two live children", TIMEOUT, || {
-        let kids = children_of(s.pid());
-        kids.len() == 2 && kids.iter().all(|(_, st)| *st != 'Z')
-    });
+    // The error reply goes out before the kill: wait for the last
+    // replacement too, then count children.
+    wait_until(
+        "202 replacements and exactly two live children",
+        TIMEOUT,
+        || {
+            let restarts: u64 = c
+                .stats(TIMEOUT)
+                .unwrap()
+                .instances
+                .iter()
+                .map(|w| w.restarts)
+                .sum();
+            let kids = children_of(s.pid());
+            restarts == 202 && kids.len() == 2 && kids.iter().all(|(_, st)| *st != 'Z')
+        },
+    );
     let st = c.stats(TIMEOUT).unwrap();
     let restarts: u64 = st.instances.iter().map(|w| w.restarts).sum();
-    assert_eq!(restarts, 202, "one replacement per hang (2 + 200)");
+    assert_eq!(restarts, 202, "one replacement per hang (2 + 200), no more");
     assert!(
         st.instances.iter().all(|w| w.state != "down"),
         "hangs are not a crash loop"

@@ -695,7 +695,7 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
     let mut askers = Vec::new();
     for i in 0..cfg.concurrency {
         let (jobs, tx, paths) = (jobs_rx.clone(), events_tx.clone(), cfg.server.clone());
-        let connect = Duration::from_secs(2);
+        let connect = Duration::from_secs(5);
         askers.push(
             std::thread::Builder::new()
                 .name(format!("asker-{i}"))
