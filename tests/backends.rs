@@ -527,3 +527,77 @@ fn workers_answer_in_parallel() {
         .collect();
     assert_eq!(pids.len(), 2, "answered by two different instances");
 }
+
+/// Regression: a question queued behind an instance being recycled (one that
+/// ignores SIGTERM and stdin closing) was never answered at shutdown; its pool
+/// worker waited out the question's deadline and the server took ~60 s to
+/// exit. Also: no instance may start once shutdown has begun.
+#[test]
+fn shutdown_is_not_held_up_by_a_question_queued_behind_a_recycle() {
+    let env = Env::new();
+    let mut s = jsonl(
+        &env,
+        "stub",
+        &[
+            "--workers",
+            "1",
+            "--max-requests",
+            "1",
+            "--grace",
+            "1",
+            "--kill-grace",
+            "1.5",
+        ],
+        &["--stubborn"],
+    );
+    s.client().unwrap().ask("first", TIMEOUT).unwrap(); // then the recycle starts
+    let mut late = s.client().unwrap();
+    let queued = std::thread::spawn(move || late.ask("queued behind the recycle", TIMEOUT));
+    std::thread::sleep(Duration::from_millis(300));
+    s.signal(libc::SIGTERM);
+    // Bounded by the grace and the kill grace, not by the question's 60 s deadline.
+    assert_eq!(s.wait_exit(TIMEOUT), Some(0), "{}", s.stderr());
+    let _ = queued.join().unwrap();
+    let log = s.stderr();
+    let after_stop = &log[log.find("event=stopping").unwrap()..];
+    assert!(
+        !after_stop.contains("event=instance_started"),
+        "an instance started during shutdown: {log}"
+    );
+}
+
+/// Regression: a backend that dies soon after starting, with questions
+/// waiting, was restarted without backoff and never tripped the breaker
+/// (each death looked like the question's fault).
+#[test]
+fn an_instance_that_dies_on_every_question_trips_the_breaker() {
+    let env = Env::new();
+    let ctx = notes(&env);
+    let s = env.server(
+        "dies",
+        &[
+            "--backend",
+            "jsonl",
+            "--context",
+            &ctx,
+            "--workers",
+            "1",
+            "--restart-limit",
+            "3",
+            "--restart-window",
+            "60",
+            "--",
+            "sh",
+            "-c",
+            "sleep 0.3; exit 1",
+        ],
+    );
+    let mut c = s.client().unwrap();
+    wait_until("the engine is reported down", TIMEOUT, || {
+        let _ = c.ask("anyone?", TIMEOUT); // keep questions coming, as a poller would
+        c.stats(TIMEOUT).unwrap().engine.down
+    });
+    let e = c.ask("now?", TIMEOUT).unwrap_err();
+    assert!(e.to_string().contains("engine is down"), "{e}");
+    assert!(s.stderr().contains("event=instance_down"), "{}", s.stderr());
+}

@@ -519,3 +519,27 @@ fn a_token_expiring_under_a_running_poller_is_fixed_by_the_printed_renew() {
     let (code, v) = doctor(&env, Some(&conv));
     assert_eq!(code, 0, "{v:#}");
 }
+
+/// Regression: doctor passed a token valid for the *other* session (swapped
+/// tokens in an env file), though the poller refuses to start with it.
+#[test]
+fn the_coordinators_token_fails_the_token_line() {
+    let env = Env::new();
+    let conv = env.conversation();
+    let swapped = Conversation {
+        id: conv.id.clone(),
+        token_a: conv.token_a.clone(),
+        token_b: conv.token_a.clone(),
+    };
+    let (code, report) = doctor(&env, Some(&swapped));
+    assert_eq!(code, 13);
+    assert_eq!(status(&report, "token"), "fail", "{report:#}");
+    assert!(
+        check(&report, "token")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("session a's token"),
+        "{report:#}"
+    );
+    assert!(fix(&report, "token").contains("AUTOPOLL_TOKEN"));
+}

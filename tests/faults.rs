@@ -744,3 +744,112 @@ fn another_user_cannot_reach_the_server() {
     assert!(String::from_utf8_lossy(&r2.stderr).contains("Permission denied"));
     figure("another user", "uid 65534 gets 'Permission denied' on the runtime dir (0700), and on the FIFO itself (0600) even with the dirs opened to 0755".into());
 }
+
+/// Regression: with a question in flight and the bridge's disk full, failed
+/// lease extensions left the lease's wake time in the past and the poller
+/// spun (~80% CPU) until space returned.
+#[test]
+fn a_full_disk_with_a_question_in_flight_does_not_spin_the_poller() {
+    let env = Env::new();
+    let mnt = env.path("small-disk-2");
+    std::fs::create_dir(&mnt).unwrap();
+    let out = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "this test needs to mount a tmpfs (root): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+    let db = mnt.join("bridge.db");
+    let ctx = env.path("NOTES.md");
+    std::fs::write(&ctx, "# Notes\nWe kept the cache at 64 entries.\n").unwrap();
+    let mut b = autopoll_bridge::Bridge::open_or_create(&db).unwrap();
+    let c = b
+        .create_conversation("a", "b", Duration::from_secs(3600))
+        .unwrap();
+    let ro = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
+    let _: i64 = ro
+        .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+        .unwrap();
+    // The question hangs in the backend, so its lease needs extending.
+    let _s = env.server(
+        "default",
+        &[
+            "--backend",
+            "jsonl",
+            "--context",
+            path_str(&ctx),
+            "--workers",
+            "1",
+            "--watchdog",
+            "60",
+            "--",
+            "python3",
+            &fixture("jsonl_backend.py"),
+        ],
+    );
+    let p = Command::new(env!("CARGO_BIN_EXE_autopoll-poller"))
+        .args([
+            "-q",
+            "--db",
+            path_str(&db),
+            "--conversation",
+            &c.conversation_id,
+            "--runtime-dir",
+            path_str(&env.runtime()),
+            "--lease",
+            "2",
+        ])
+        .env("AUTOPOLL_TOKEN", &c.session_b_token)
+        .spawn()
+        .unwrap();
+    let pid = p.id() as i32;
+    let _p = common::KillOnDrop(p);
+    b.send(
+        &c.conversation_id,
+        autopoll_bridge::Session::A,
+        &c.session_a_token,
+        &autopoll_bridge::shard::query_text("q-hang", "[hang] forever"),
+        None,
+    )
+    .unwrap();
+    drop(b);
+    wait_until("the question is in flight", TIMEOUT, || {
+        ro.query_row(
+            "SELECT count(*) FROM autopoll_claims WHERE owner IS NOT NULL",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+            == 1
+    });
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(mnt.join("filler")).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+    }
+    std::thread::sleep(Duration::from_millis(1_500)); // past the first failed extension
+    let ticks0 = common::cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let ticks = common::cpu_ticks(pid) - ticks0;
+    figure(
+        "full disk, question in flight",
+        format!("poller CPU {ticks} ticks in 2 s while lease extensions fail"),
+    );
+    assert!(
+        ticks < 40,
+        "the poller spun while its leases could not be extended: {ticks} ticks"
+    );
+}

@@ -461,6 +461,15 @@ fn check_token(ctx: &Ctx<'_>, b: &Bridge, conv: &str) -> (Check, bool) {
             ),
             renew,
         ),
+        Some(s) if s != ctx.session => Check::fail(
+            "token",
+            format!(
+                "this is session {s}'s token ({}), but the poller answers for session {}",
+                info.role(s),
+                ctx.session
+            ),
+            "set AUTOPOLL_TOKEN to the token `autopoll bridge create` printed for the shard's session (session b's unless --session says otherwise)",
+        ),
         Some(s) => {
             let detail = format!(
                 "valid for session {s} ({}); expires in {} (at {} UTC)",

@@ -801,7 +801,10 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
             wake = wake.min(p.last_status_write + Duration::from_secs(1));
         }
         if let Some(lease) = p.in_flight.values().map(|f| f.lease_until).min() {
-            wake = wake.min(lease - p.cfg.lease / 2);
+            // A failed extension is retried at extend_retry_at, not before:
+            // the lease time stays in the past meanwhile and must not spin us.
+            let due = lease - p.cfg.lease / 2;
+            wake = wake.min(p.extend_retry_at.map_or(due, |r| due.max(r)));
         }
         // Wake at once only when a claim can actually happen now; otherwise
         // (server down, stopping, paused, full) the timers above decide.

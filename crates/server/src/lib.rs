@@ -544,11 +544,26 @@ pub fn run(
     }
     engine.shutdown();
     let all_done = left == 0;
+    // How long a worker may still need: an external instance's kill grace.
+    let worker_grace = shared.config.kill_grace + Duration::from_secs(2);
     drop(shared);
     if all_done {
-        // Every job sender is gone: workers finish their current job and exit.
+        // Every job sender is gone: workers finish their current job and
+        // exit. Bounded all the same: a worker still in an engine call past
+        // this is left to the process exit.
+        let until = Instant::now() + worker_grace;
+        while workers.iter().any(|w| !w.is_finished()) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         for w in workers {
-            let _ = w.join();
+            if w.is_finished() {
+                let _ = w.join();
+            } else {
+                log::warn!(
+                    "event=stop_timeout worker={:?}: still in the engine; not waited for",
+                    w.thread().name()
+                );
+            }
         }
     }
     let _ = std::fs::remove_file(paths.pid());

@@ -210,10 +210,16 @@ fn spawn(
             .take()
             .ok_or_else(|| io::Error::other("no stdout"))?,
     ));
-    if let Some(s) = &stdin {
-        set_nonblocking(s)?;
+    let nonblocking = stdin
+        .as_ref()
+        .map_or(Ok(()), set_nonblocking)
+        .and_then(|()| set_nonblocking(&stdout));
+    if let Err(e) = nonblocking {
+        kill_group(pid, libc::SIGKILL);
+        let _ = child.wait();
+        slot.pgid.store(0, Ordering::SeqCst);
+        return Err(e);
     }
-    set_nonblocking(&stdout)?;
     if let Some(err) = child.stderr.take() {
         let spawned = std::thread::Builder::new()
             .name(format!("instance-{worker}-stderr"))
@@ -273,10 +279,25 @@ fn stop_running(mut run: Running, grace: Duration, slot: &Slot, polite: bool) ->
     }
     if status.is_none() {
         kill_group(run.pid, libc::SIGKILL);
-        status = run.child.wait().ok();
+        status = wait_for(&mut run.child, Duration::from_secs(5));
     }
     kill_group(run.pid, libc::SIGKILL); // stragglers in the group
     slot.pgid.store(0, Ordering::SeqCst);
+    if status.is_none() {
+        // SIGKILLed and still there: stuck in the kernel (a hung mount).
+        // Reap it whenever it goes, without holding up this instance.
+        let mut child = run.child;
+        let pid = run.pid;
+        log::error!(
+            "event=instance_stuck pid={pid}: not gone 5 s after SIGKILL; a reaper thread waits for it"
+        );
+        let _ = std::thread::Builder::new()
+            .name(format!("reaper-{pid}"))
+            .spawn(move || {
+                let _ = child.wait();
+            });
+        return "stuck after SIGKILL".into();
+    }
     match status {
         Some(st) => match (st.code(), st.signal()) {
             (Some(c), _) => format!("exit {c}"),
@@ -378,6 +399,9 @@ impl Instance {
         if self.run.is_some() {
             return true;
         }
+        if self.stop.is_triggered() {
+            return false; // never start an instance once shutdown has begun
+        }
         let now = Instant::now();
         if unplanned {
             if let Err(until) = self.breaker.allow(now) {
@@ -399,7 +423,7 @@ impl Instance {
             }
             if self.failures > 0 {
                 let backoff = Duration::from_millis(100)
-                    .saturating_mul(1 << self.failures.min(6).saturating_sub(1))
+                    .saturating_mul(1 << self.failures.saturating_sub(1).min(6))
                     .min(Duration::from_secs(5));
                 if wait_stop(&self.stop, now + backoff) {
                     return false;
@@ -644,6 +668,14 @@ impl Instance {
             if self.stop.is_triggered() {
                 self.end("server stopping", false);
                 self.slot.set(|w| w.state = "stopped".into());
+                // Nobody will take what is still queued: answer it now, so no
+                // pool worker waits out its deadline (and stalls shutdown).
+                while let Ok(job) = jobs.try_recv() {
+                    let _ = job.reply.send(Err(EngineError {
+                        code: ErrorCode::ShuttingDown,
+                        message: "the server is stopping".into(),
+                    }));
+                }
                 return;
             }
             if !spawn_mode && !self.ensure(unplanned) {
@@ -725,10 +757,14 @@ impl Instance {
             } else {
                 self.ask(&job)
             };
-            if fate == Fate::Silent && Instant::now() < job.deadline {
-                // Asking is read-only: one more try on a fresh instance.
+            if fate == Fate::Silent && Instant::now() < job.deadline && !self.stop.is_triggered() {
+                // It died without a word about this question: probably it was
+                // already dying, or it cannot start properly. That is crash-loop
+                // evidence (backoff, breaker); asking is read-only, so one more
+                // try on a fresh instance.
+                self.failures += 1;
                 self.end("exited before answering", false);
-                if self.ensure(false) {
+                if self.ensure(true) {
                     (result, fate) = self.ask(&job);
                 }
             }
@@ -758,9 +794,14 @@ impl Instance {
             if fate != Fate::Alive {
                 // The question's doing (a hang, a crash on this input): replace
                 // the instance at once. The poller's attempts deal with a
-                // question that keeps doing it; only exits while idle and
-                // failed starts count towards the crash-loop breaker.
+                // question that keeps doing it. Exits while idle, exits
+                // before saying anything, and failed starts count towards the
+                // crash-loop breaker.
                 self.end("watchdog, deadline or exit during a question", false);
+                if fate == Fate::Silent {
+                    self.failures += 1;
+                    unplanned = true;
+                }
                 continue;
             }
             self.slot.set(|w| w.state = "idle".into());
