@@ -10,8 +10,9 @@
 //!   SIGTERM, then SIGKILL after `--kill-grace`, is reaped, and a fresh
 //!   instance starts; the question gets an error reply;
 //! - replaced at once after a question killed it (watchdog, deadline, exit
-//!   while answering); restarted after it exits on its own (while idle, or
-//!   failing to start) with backoff (0.1 s doubling to 5 s) and at most
+//!   after it started answering); restarted after it exits on its own (while
+//!   idle, before saying anything about a question, or failing to start) with
+//!   backoff (0.1 s doubling to 5 s) and at most
 //!   `--restart-limit` such starts per `--restart-window`: beyond that the
 //!   instance is reported down instead of spinning;
 //! - recycled (stdin closed, then the same escalation) after
