@@ -197,22 +197,7 @@ fn a_stopped_server_fails_the_server_line_with_the_command_to_start_it() {
 #[test]
 fn an_expired_token_fails_the_token_line_and_the_printed_renew_fixes_it() {
     let env = Env::new();
-    env.ok(&["bridge", "init"]);
-    let c = env.json(&[
-        "bridge",
-        "create",
-        "--role-a",
-        "coordinator",
-        "--role-b",
-        "shard",
-        "--ttl-hours",
-        "0.0001",
-    ]);
-    let conv = Conversation {
-        id: c["conversation_id"].as_str().unwrap().into(),
-        token_a: c["session_a_token"].as_str().unwrap().into(),
-        token_b: c["session_b_token"].as_str().unwrap().into(),
-    };
+    let conv = env.conversation_with_ttl("0.0001");
     wait_until("the conversation expires", TIMEOUT, || {
         env.bridge().conversation(&conv.id).unwrap().expired
     });

@@ -17,6 +17,42 @@ fn full() -> bool {
     std::env::var("AUTOPOLL_FAULT_FULL").as_deref() == Ok("1")
 }
 
+/// A 16 MiB tmpfs (needs root), unmounted when dropped; `fill` takes all
+/// its free space with one file.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(env: &Env, name: &str) -> SmallDisk {
+        let mnt = env.path(name);
+        std::fs::create_dir(&mnt).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "this test needs to mount a tmpfs (root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk(mnt)
+    }
+
+    fn fill(&self, file: impl AsRef<std::path::Path>) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(file).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// `small` by default, `big` in the full suite.
 fn n(small: usize, big: usize) -> usize {
     if full() { big } else { small }
@@ -549,25 +585,8 @@ fn a_writer_holding_the_lock_costs_no_error_and_no_question() {
 fn a_full_disk_answers_nothing_without_a_commit_and_recovers() {
     // A small tmpfs holds the bridge; a filler file takes the rest.
     let env = Env::new();
-    let mnt = env.path("small-disk");
-    std::fs::create_dir(&mnt).unwrap();
-    let out = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
-        .arg(&mnt)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "this test needs to mount a tmpfs (root): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(mnt.clone());
+    let disk = SmallDisk::mount(&env, "small-disk");
+    let mnt = disk.0.clone();
     let db = mnt.join("bridge.db");
     let (ctx_conv, ctx) = {
         let ctx = env.path("NOTES.md");
@@ -609,13 +628,7 @@ fn a_full_disk_answers_nothing_without_a_commit_and_recovers() {
         .unwrap();
     // Fill the disk.
     let filler = mnt.join("filler");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&filler).unwrap();
-        let chunk = vec![0u8; 64 * 1024];
-        while f.write_all(&chunk).is_ok() {}
-        let _ = f.sync_all();
-    }
+    disk.fill(&filler);
     let _s = env.server("default", &["--context", &ctx]);
     let p = Command::new(env!("CARGO_BIN_EXE_autopoll-poller"))
         .args([
@@ -751,25 +764,8 @@ fn another_user_cannot_reach_the_server() {
 #[test]
 fn a_full_disk_with_a_question_in_flight_does_not_spin_the_poller() {
     let env = Env::new();
-    let mnt = env.path("small-disk-2");
-    std::fs::create_dir(&mnt).unwrap();
-    let out = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
-        .arg(&mnt)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "this test needs to mount a tmpfs (root): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(mnt.clone());
+    let disk = SmallDisk::mount(&env, "small-disk-2");
+    let mnt = disk.0.clone();
     let db = mnt.join("bridge.db");
     let ctx = env.path("NOTES.md");
     std::fs::write(&ctx, "# Notes\nWe kept the cache at 64 entries.\n").unwrap();
@@ -834,12 +830,7 @@ fn a_full_disk_with_a_question_in_flight_does_not_spin_the_poller() {
         .unwrap()
             == 1
     });
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(mnt.join("filler")).unwrap();
-        let chunk = vec![0u8; 64 * 1024];
-        while f.write_all(&chunk).is_ok() {}
-    }
+    disk.fill(mnt.join("filler"));
     std::thread::sleep(Duration::from_millis(1_500)); // past the first failed extension
     let ticks0 = common::cpu_ticks(pid);
     std::thread::sleep(Duration::from_secs(2));

@@ -420,21 +420,7 @@ fn wrong_or_expired_token_refuses_to_start_saying_how_to_renew() {
     let mut p = env.poller(&bad, "default", &[]);
     assert_eq!(p.wait_exit(TIMEOUT), Some(3));
     assert!(p.log().contains("autopoll bridge renew"), "{}", p.log());
-    let v = env.json(&[
-        "bridge",
-        "create",
-        "--role-a",
-        "x",
-        "--role-b",
-        "y",
-        "--ttl-hours",
-        "0.0001",
-    ]);
-    let expired = common::Conversation {
-        id: v["conversation_id"].as_str().unwrap().into(),
-        token_a: v["session_a_token"].as_str().unwrap().into(),
-        token_b: v["session_b_token"].as_str().unwrap().into(),
-    };
+    let expired = env.conversation_with_ttl("0.0001");
     let t = Instant::now();
     wait_until("expiry", TIMEOUT, || {
         t.elapsed() > Duration::from_millis(400)
@@ -600,22 +586,7 @@ fn an_expired_token_while_running_neither_spins_nor_stops_answers() {
     let env = Env::new();
     let (_, ctx) = setup(&env);
     let s = env.server("default", &["--context", &ctx]);
-    env.ok(&["bridge", "init"]);
-    let v = env.json(&[
-        "bridge",
-        "create",
-        "--role-a",
-        "x",
-        "--role-b",
-        "y",
-        "--ttl-hours",
-        "0.0003",
-    ]);
-    let conv = common::Conversation {
-        id: v["conversation_id"].as_str().unwrap().into(),
-        token_a: v["session_a_token"].as_str().unwrap().into(),
-        token_b: v["session_b_token"].as_str().unwrap().into(),
-    };
+    let conv = env.conversation_with_ttl("0.0003");
     let p = env.poller(&conv, "default", &["--heartbeat", "0.5"]);
     let first = env.send_queries(&conv, "before", 1, "cache?");
     env.expect_each_answered_once(&first, TIMEOUT);

@@ -95,15 +95,27 @@ impl Env {
 
     /// `bridge init` then `bridge create`; returns the conversation.
     pub fn conversation(&self) -> Conversation {
+        self.create_conversation(&[])
+    }
+
+    /// Like [`Env::conversation`], with `--ttl-hours HOURS` (short ones to
+    /// test expiry).
+    pub fn conversation_with_ttl(&self, hours: &str) -> Conversation {
+        self.create_conversation(&["--ttl-hours", hours])
+    }
+
+    fn create_conversation(&self, extra: &[&str]) -> Conversation {
         self.ok(&["bridge", "init"]);
-        let v = self.json(&[
+        let mut a = vec![
             "bridge",
             "create",
             "--role-a",
             "coordinator",
             "--role-b",
             "shard",
-        ]);
+        ];
+        a.extend_from_slice(extra);
+        let v = self.json(&a);
         Conversation {
             id: v["conversation_id"].as_str().unwrap().into(),
             token_a: v["session_a_token"].as_str().unwrap().into(),

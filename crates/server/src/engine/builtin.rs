@@ -170,10 +170,10 @@ impl BuiltinEngine {
     /// Re-read what changed; rebuild and swap the index if anything did.
     /// Returns whether the index changed.
     pub fn reload(&self) -> bool {
-        let mut st = match self.state.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let found = match context::discover(&st.roots) {
             Ok(f) => f,
             Err(e) => {
@@ -263,10 +263,10 @@ impl Engine for BuiltinEngine {
 
     fn info(&self) -> EngineInfo {
         let index = self.index();
-        let st = match self.state.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         EngineInfo {
             name: "builtin".into(),
             context_version: index.version().to_string(),

@@ -195,6 +195,18 @@ pub fn split(text: &str) -> (Vec<Passage>, u32) {
         /// nothing to quote, so it runs on into the next one.
         body: usize,
     }
+    impl Open {
+        /// A passage starting (and, so far, ending) at line `i`.
+        fn at(i: usize, byte_start: usize, byte_end: usize, body: usize) -> Open {
+            Open {
+                start: i,
+                last: i,
+                byte_start,
+                byte_end,
+                body,
+            }
+        }
+    }
     let mut out = Vec::new();
     let mut headings: Vec<(usize, String)> = Vec::new();
     let mut cur: Option<Open> = None;
@@ -235,15 +247,7 @@ pub fn split(text: &str) -> (Vec<Passage>, u32) {
                         o.last = i;
                         o.byte_end = line_end;
                     }
-                    None => {
-                        cur = Some(Open {
-                            start: i,
-                            last: i,
-                            byte_start: line_start,
-                            byte_end: line_end,
-                            body: 0,
-                        })
-                    }
+                    None => cur = Some(Open::at(i, line_start, line_end, 0)),
                 }
                 continue;
             }
@@ -269,15 +273,7 @@ pub fn split(text: &str) -> (Vec<Passage>, u32) {
                 o.byte_end = line_end;
                 o.body += 1;
             }
-            None => {
-                cur = Some(Open {
-                    start: i,
-                    last: i,
-                    byte_start: line_start,
-                    byte_end: line_end,
-                    body: 1,
-                })
-            }
+            None => cur = Some(Open::at(i, line_start, line_end, 1)),
         }
         let limit = if in_fence { 2 * MAX_LINES } else { MAX_LINES };
         if cur.as_ref().is_some_and(|o| o.last - o.start + 1 >= limit) {
