@@ -210,12 +210,19 @@ impl Env {
     /// Start `autopoll-server --name NAME` with `args`, in this test's runtime
     /// dir, and wait until it answers `stats`.
     pub fn server(&self, name: &str, args: &[&str]) -> Server {
+        self.server_env(name, args, &[])
+    }
+
+    /// [`Env::server`] with extra environment variables (the server's
+    /// external instances inherit them).
+    pub fn server_env(&self, name: &str, args: &[&str], vars: &[(&str, String)]) -> Server {
         let stderr_path = self.path(&format!("server-{name}-{}.log", std::process::id()));
         let err = std::fs::File::create(&stderr_path).unwrap();
         let child = self
             .cmd("autopoll-server")
             .args(["--name", name, "--runtime-dir", path_str(&self.runtime())])
             .args(args)
+            .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(err)
             .spawn()

@@ -90,6 +90,7 @@ pub fn ask(args: AskArgs) -> Result<(), CliError> {
                 "elapsed_ms": elapsed_ms,
                 "server_ms": a.elapsed_ms,
                 "invalid_sources": a.invalid_sources,
+                "backend": a.backend,
             })
         );
     } else {
@@ -143,6 +144,9 @@ fn print_stats(s: &Stats, fifo: &std::path::Path) {
         e.context_version
     );
     println!("loaded     {} ({} reloads)", e.loaded_at, e.reloads);
+    if let Some(c) = s.cost_usd {
+        println!("cost       ${c:.4} since start (the answers' own costs, all workers)");
+    }
     if let Some(err) = &e.last_reload_error {
         println!("reload     FAILED, kept the previous index: {err}");
     }

@@ -520,6 +520,22 @@ fn check_server(ctx: &Ctx<'_>, paths: &autopoll_protocol::ServerPaths) -> (Check
                 if s.engine.down { " (DOWN)" } else { "" }
             );
             if s.engine.down {
+                // Why the instances are down (a CLI that cannot start says so
+                // on stderr; the server keeps the last lines).
+                let why: Vec<String> = s
+                    .instances
+                    .iter()
+                    .filter_map(|w| {
+                        w.last_error
+                            .as_ref()
+                            .map(|e| format!("worker {}: {e}", w.worker))
+                    })
+                    .collect();
+                let detail = if why.is_empty() {
+                    detail
+                } else {
+                    format!("{detail}; {}", why.join("; "))
+                };
                 (Check::fail("server", detail, ctx.start_server()), Some(s))
             } else {
                 (Check::pass("server", detail), Some(s))

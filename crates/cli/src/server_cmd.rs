@@ -17,7 +17,7 @@ enum BackendArg {
     Builtin,
     /// A long-lived program reading one JSON request per line, writing one JSON response per line.
     Jsonl,
-    /// Claude Code in stream-json mode, kept warm (`-- claude -p --input-format stream-json ...`).
+    /// Claude Code in stream-json mode, kept warm. With no command after `--`, autopoll runs `claude` (or --claude-bin) itself: --model, read-only --tools, the instructions once as the system prompt.
     Claude,
     /// One process per question, the old way (prompt on stdin, or in an argument `{question}`).
     Spawn,
@@ -89,7 +89,22 @@ struct ServerCli {
     /// External backends: prompt template file ({files}, {question}, {context_version}, {example}).
     #[arg(long, value_name = "FILE")]
     prompt_template: Option<PathBuf>,
-    /// External backends: the program to run and its arguments.
+    /// claude: the Claude Code program autopoll runs (when no command follows `--`).
+    #[arg(long, value_name = "PATH", default_value = "claude")]
+    claude_bin: String,
+    /// claude: the model (an alias such as haiku, sonnet, opus, or a full model name).
+    #[arg(long, value_name = "NAME", default_value = autopoll_server::engine::external::claude::DEFAULT_MODEL)]
+    model: String,
+    /// claude: the built-in tools the model may use, comma-separated. Read-only by default: a shard answers untrusted questions (docs/BACKENDS.md).
+    #[arg(long, value_name = "LIST", default_value = autopoll_server::engine::external::claude::DEFAULT_TOOLS)]
+    tools: String,
+    /// claude: API retries the CLI may make per call (CLAUDE_CODE_MAX_RETRIES); past them the question fails fast.
+    #[arg(long, value_name = "N", default_value_t = autopoll_server::engine::external::claude::DEFAULT_RETRIES, value_parser = clap::value_parser!(u32).range(0..=20))]
+    claude_retries: u32,
+    /// claude: recycle an instance whose session history holds more than N input tokens (0: never).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    max_session_tokens: u64,
+    /// External backends: the program to run and its arguments (claude: optional, and it then replaces autopoll's own command line).
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
 }
@@ -114,6 +129,40 @@ fn serve(cli: ServerCli) -> Result<(), CliError> {
         BackendArg::Claude => Backend::External(Kind::Claude),
         BackendArg::Spawn => Backend::External(Kind::Spawn),
     };
+    let claude_flags = [
+        ("--claude-bin", cli.claude_bin != "claude"),
+        (
+            "--model",
+            cli.model != autopoll_server::engine::external::claude::DEFAULT_MODEL,
+        ),
+        (
+            "--tools",
+            cli.tools != autopoll_server::engine::external::claude::DEFAULT_TOOLS,
+        ),
+    ];
+    if let Some((flag, _)) = claude_flags.iter().find(|(_, given)| *given) {
+        if !matches!(cli.backend, BackendArg::Claude) {
+            return Err(CliError::new(
+                exit::CONFIG,
+                format!("{flag} is for --backend claude"),
+            ));
+        }
+        if !cli.command.is_empty() {
+            return Err(CliError::new(
+                exit::CONFIG,
+                format!(
+                    "{flag} has no effect with a command after `--`: that command replaces autopoll's own claude command line, so put the setting in it"
+                ),
+            ));
+        }
+    }
+    config.claude = autopoll_server::engine::external::claude::ClaudeOptions {
+        bin: cli.claude_bin,
+        model: cli.model,
+        tools: cli.tools,
+        max_session_tokens: (cli.max_session_tokens > 0).then_some(cli.max_session_tokens),
+    };
+    config.claude_retries = cli.claude_retries;
     config.command = cli.command;
     config.watchdog = Duration::from_secs_f64(cli.watchdog);
     config.kill_grace = Duration::from_secs_f64(cli.kill_grace);

@@ -183,6 +183,10 @@ pub struct Stats {
     /// Per engine instance (external backends); empty for the built-in engine.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub instances: Vec<WorkerInfo>,
+    /// What the engine's answers cost since start, USD, where the backend
+    /// reports cost (the sum over instances, replaced ones included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
 }
 
 /// What the engine holds.
@@ -225,7 +229,8 @@ pub struct WorkerInfo {
     pub restarts: u64,
     /// Last error.
     pub last_error: Option<String>,
-    /// Cost so far, USD, where the backend reports it.
+    /// What this worker's answers cost so far, USD (each answer's own cost,
+    /// summed over every process the worker ran), where the backend reports it.
     pub cost_usd: Option<f64>,
 }
 

@@ -100,6 +100,10 @@ pub struct ServerConfig {
     pub restart_window: Duration,
     /// External backends: a prompt template file instead of the built-in one.
     pub prompt_template: Option<PathBuf>,
+    /// `claude` with no command after `--`: how autopoll runs Claude Code.
+    pub claude: engine::external::claude::ClaudeOptions,
+    /// `claude`: API retries the CLI may make per call.
+    pub claude_retries: u32,
     /// systemd notification (`NOTIFY_SOCKET`, watchdog); none by default.
     pub notify: NotifyConfig,
 }
@@ -128,6 +132,8 @@ impl ServerConfig {
             restart_limit: 5,
             restart_window: Duration::from_secs(60),
             prompt_template: None,
+            claude: engine::external::claude::ClaudeOptions::default(),
+            claude_retries: engine::external::claude::DEFAULT_RETRIES,
             notify: NotifyConfig::default(),
         }
     }
@@ -217,6 +223,7 @@ impl Shared {
 
 pub(crate) fn stats_reply(shared: &Shared, id: u64) -> Stats {
     let s = shared.counters.snapshot();
+    let instances = shared.engine.instances();
     Stats {
         id,
         server: shared.name.clone(),
@@ -232,7 +239,11 @@ pub(crate) fn stats_reply(shared: &Shared, id: u64) -> Stats {
         latency_p99_ms: s.p99_ms,
         workers: shared.config.workers,
         engine: shared.engine.info(),
-        instances: shared.engine.instances(),
+        cost_usd: instances
+            .iter()
+            .filter_map(|w| w.cost_usd)
+            .reduce(|a, b| a + b),
+        instances,
     }
 }
 
@@ -249,8 +260,18 @@ pub fn build_engine(config: &ServerConfig) -> Result<Arc<dyn Engine>, ServerErro
             Ok(Arc::new(catalog))
         }
         Backend::External(kind) => {
-            let prompt = engine::prompt::Prompt::load(config.prompt_template.as_deref())
-                .map_err(ServerError::Config)?;
+            use engine::prompt::Prompt;
+            // autopoll's own `claude` command line: the template is the
+            // session's system prompt; otherwise one whole prompt per question.
+            let managed = kind == engine::wire::Kind::Claude && config.command.is_empty();
+            let template = config.prompt_template.as_deref();
+            let (prompt, system_prompt) = if managed {
+                (Prompt::load(None), Prompt::load_system(template))
+            } else {
+                (Prompt::load(template), Prompt::load_system(None))
+            };
+            let prompt = prompt.map_err(ServerError::Config)?;
+            let system_prompt = system_prompt.map_err(ServerError::Config)?;
             let cfg = engine::external::ExternalConfig {
                 kind,
                 command: config.command.clone(),
@@ -263,6 +284,9 @@ pub fn build_engine(config: &ServerConfig) -> Result<Arc<dyn Engine>, ServerErro
                 restart_limit: config.restart_limit,
                 restart_window: config.restart_window,
                 prompt,
+                system_prompt,
+                claude: config.claude.clone(),
+                claude_retries: config.claude_retries,
                 // Absolute, as `autopoll doctor` compares it.
                 server_dir: ServerPaths::new(&config.runtime_dir, &config.name)
                     .map(|p| p.dir)

@@ -8,7 +8,7 @@ pub mod external;
 pub mod index;
 pub mod prompt;
 pub mod text;
-pub mod wire;
+pub use external::wire;
 
 use std::time::Instant;
 
