@@ -7,9 +7,12 @@
 //!
 //! Figures: IPC round trip (vs a raw pipe ping-pong), pickup-to-answer
 //! latency through the bridge, backlog drain, persistent vs per-question
-//! process, idle cost, endurance, and the built-in engine.
+//! process, idle cost, endurance, the built-in engine, and the real Claude
+//! Code CLI against a fake API (warm vs per-process, request size and input
+//! tokens per question with autopoll's defaults vs the CLI's).
 #![deny(missing_docs)]
 
+mod claude;
 pub mod procs;
 
 use std::io::{Read, Write};
@@ -32,6 +35,8 @@ pub struct Options {
     pub fixtures: PathBuf,
     /// Run only these measurements (empty: all).
     pub only: Vec<String>,
+    /// The Claude Code CLI for the `claude` figures.
+    pub claude_bin: PathBuf,
 }
 
 /// One line of the table.
@@ -185,10 +190,15 @@ impl World {
     }
 
     fn server(&self, name: &str, args: &[&str]) -> Res<Daemon> {
+        self.server_env(name, args, &[])
+    }
+
+    fn server_env(&self, name: &str, args: &[&str], vars: &[(String, String)]) -> Res<Daemon> {
         let child = Command::new(self.bin.join("autopoll-server"))
             .args(["-q", "--name", name, "--runtime-dir"])
             .arg(self.runtime())
             .args(args)
+            .envs(vars.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -892,7 +902,7 @@ pub fn run(opts: &Options) -> Report {
     );
     r.json.insert("machine".into(), machine());
     type Step = fn(&Options, &mut Report) -> Res<()>;
-    let steps: [(&str, Step); 8] = [
+    let steps: [(&str, Step); 9] = [
         ("ipc", ipc),
         ("pickup", pickup),
         ("old_design", old_design),
@@ -901,6 +911,7 @@ pub fn run(opts: &Options) -> Report {
         ("idle", idle),
         ("endurance", endurance),
         ("engine", engine),
+        ("claude", claude::claude),
     ];
     for (name, step) in steps {
         if !opts.only.is_empty() && !opts.only.iter().any(|o| o == name) {

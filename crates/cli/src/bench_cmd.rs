@@ -31,9 +31,13 @@ struct BenchCli {
     #[arg(long, value_name = "DIR")]
     fixtures: Option<PathBuf>,
     /// Run only this measurement (repeatable): ipc, pickup, old_design, drain,
-    /// persistent_vs_spawn, idle, endurance, engine.
+    /// persistent_vs_spawn, idle, endurance, engine, claude.
     #[arg(long, value_name = "NAME")]
     only: Vec<String>,
+    /// The Claude Code CLI for the claude figures (default: the pinned one that
+    /// scripts/install-test-deps.sh installs in tests/claude-cli, else `claude` from PATH).
+    #[arg(long, value_name = "PATH")]
+    claude_bin: Option<PathBuf>,
 }
 
 /// `autopoll-bench`'s main.
@@ -59,11 +63,20 @@ pub fn bench_main() -> ExitCode {
     let fixtures = cli
         .fixtures
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"));
+    let claude_bin = cli.claude_bin.unwrap_or_else(|| {
+        let pinned = fixtures.join("../claude-cli/node_modules/.bin/claude");
+        if pinned.exists() {
+            pinned
+        } else {
+            PathBuf::from("claude")
+        }
+    });
     let opts = autopoll_bench::Options {
         quick: cli.quick,
         bin_dir,
         fixtures,
         only: cli.only,
+        claude_bin,
     };
     let report = autopoll_bench::run(&opts);
     print!("{}", report.table());

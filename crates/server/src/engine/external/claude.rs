@@ -258,6 +258,9 @@ fn failure(
             "{} after {attempts} attempt{plural}: {detail}",
             last_retry.unwrap_or_else(|| "API error".into())
         ),
+        None if subtype.is_empty() || subtype == "success" => {
+            format!("claude reported an error: {detail}")
+        }
         None => format!("claude reported an error ({subtype}): {detail}"),
     }
 }

@@ -144,11 +144,13 @@ impl Instance {
         self.cfg.kind == Kind::Claude && self.cfg.command.is_empty()
     }
 
+    /// Variables added for the child: Claude Code's retry budget and
+    /// traffic settings for `claude`, and for `spawn` too (where the program
+    /// is usually `claude -p`).
     fn env(&self) -> Vec<(String, String)> {
-        if self.cfg.kind == Kind::Claude {
-            claude::environment(self.cfg.claude_retries)
-        } else {
-            Vec::new()
+        match self.cfg.kind {
+            Kind::Claude | Kind::Spawn => claude::environment(self.cfg.claude_retries),
+            Kind::Jsonl => Vec::new(),
         }
     }
 
@@ -299,16 +301,16 @@ impl Instance {
         if unplanned {
             if let Err(until) = self.breaker.allow(now) {
                 let last = self.slot.get().last_error;
-                let was = self.slot.get().state;
-                let mut msg = format!(
-                    "crash loop: {} unplanned starts within {:?}; down until the window passes",
-                    self.cfg.restart_limit, self.cfg.restart_window
-                );
-                if let Some(l) = last.filter(|l| !l.starts_with("crash loop")) {
-                    msg.push_str("; last failure: ");
-                    msg.push_str(&l);
-                }
-                if was != "down" {
+                let tripped = last.as_deref().is_some_and(|l| l.starts_with("crash loop"));
+                if !tripped {
+                    let mut msg = format!(
+                        "crash loop: {} unplanned starts within {:?}; down until the window passes",
+                        self.cfg.restart_limit, self.cfg.restart_window
+                    );
+                    if let Some(l) = last {
+                        msg.push_str("; last failure: ");
+                        msg.push_str(&l);
+                    }
                     log::error!("event=instance_down worker={} reason={msg:?}", self.worker);
                     self.slot.set(|w| {
                         w.state = "down".into();
