@@ -17,6 +17,7 @@ fn the_quick_bench_measures_everything() {
             "--fixtures",
             &format!("{}/tests/fixtures", env!("CARGO_MANIFEST_DIR")),
         ])
+        .args(["--claude-bin", common::claude_bin()])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", common::describe(&out));
@@ -30,6 +31,8 @@ fn the_quick_bench_measures_everything() {
         "Endurance",
         "Engine index",
         "Engine query",
+        "Claude Code warm (claude) vs per-process (spawn)",
+        "Claude input tokens per question",
     ] {
         assert!(table.contains(metric), "{metric} missing:\n{table}");
     }
@@ -43,6 +46,7 @@ fn the_quick_bench_measures_everything() {
         "idle",
         "endurance",
         "engine",
+        "claude",
     ] {
         assert!(
             v.get(section).is_some_and(|s| s.get("error").is_none()),

@@ -9,33 +9,15 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use autopoll_protocol::{ClientError, ErrorCode};
-use common::{Env, KillOnDrop, TIMEOUT, alive, children_of, fixture, path_str, wait_until};
+use common::{
+    Env, KillOnDrop, TIMEOUT, alive, children_of, claude_bin, fixture, path_str, wait_until,
+};
 use serde_json::{Value, json};
-
-/// The real CLI, installed once per test process.
-fn claude_bin() -> &'static str {
-    static BIN: OnceLock<String> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-test-deps.sh");
-        let out = Command::new(script)
-            .arg("claude")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "installing the pinned Claude Code CLI failed (these tests need it and do not skip):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    })
-}
 
 /// Our fake Anthropic Messages API, killed on drop.
 struct FakeApi {
@@ -99,8 +81,12 @@ impl FakeApi {
     /// no traffic anywhere else.
     fn vars(&self, env: &Env) -> Vec<(&'static str, String)> {
         let home = env.path("home");
+        let tmp = env.path("tmp");
         std::fs::create_dir_all(&home).unwrap();
+        std::fs::create_dir_all(&tmp).unwrap();
         vec![
+            // The CLI keeps a socket and a scratch folder under TMPDIR.
+            ("TMPDIR", path_str(&tmp).to_string()),
             ("ANTHROPIC_BASE_URL", self.url.clone()),
             ("ANTHROPIC_API_KEY", "sk-ant-test-not-a-real-key".into()),
             ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1".into()),
@@ -153,10 +139,14 @@ fn tool_names(call: &Value) -> BTreeSet<String> {
         .collect()
 }
 
-/// A context folder with one notes file.
+/// A context folder with one notes file, under the server's working
+/// directory.
 fn context(env: &Env) -> String {
-    let dir = env.path("ctx");
-    std::fs::create_dir_all(&dir).unwrap();
+    notes_in(&env.path("ctx"))
+}
+
+fn notes_in(dir: &std::path::Path) -> String {
+    std::fs::create_dir_all(dir).unwrap();
     std::fs::write(
         dir.join("NOTES.md"),
         "# Notes\nThe cache holds 64 entries.\nWe chose SQLite for the bridge.\nReleases happen on Fridays.\n",
@@ -171,15 +161,18 @@ struct Shard {
 }
 
 fn shard(env: &Env, extra: &[&str]) -> Shard {
+    shard_over(env, &context(env), extra)
+}
+
+fn shard_over(env: &Env, ctx: &str, extra: &[&str]) -> Shard {
     let api = FakeApi::start(env);
-    let ctx = context(env);
     let mut args = vec![
         "--backend",
         "claude",
         "--claude-bin",
         claude_bin(),
         "--context",
-        &ctx,
+        ctx,
         "--workers",
         "1",
         "--request-timeout",
@@ -329,7 +322,10 @@ fn persistent_api_errors_fail_fast_naming_the_status_and_keep_the_instance() {
     let env = Env::new();
     let sh = shard(&env, &["--claude-retries", "2"]);
     let pid = instance_pid(&sh.server);
-    for (mode, status) in [("500", "500"), ("429", "429")] {
+    for (mode, status) in [
+        ("500", "500 (api_error)"),
+        ("429", "429 (rate_limit_error)"),
+    ] {
         sh.api.mode(mode, None);
         let before = sh.api.calls().len();
         let msg = engine_error(&sh.server, "How many entries does the cache hold?");
@@ -698,4 +694,44 @@ fn past_the_retry_budget_the_turn_is_interrupted_and_the_instance_kept() {
         assert!(a.answer.contains(want), "{q}: {}", a.answer);
     }
     assert_eq!(instance_pid(&s), pid, "the instance was replaced");
+}
+
+#[test]
+fn context_outside_the_working_directory_is_readable_and_nothing_else_is() {
+    let env = Env::new();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let ctx = notes_in(&elsewhere.path().join("notes"));
+    let sh = shard_over(&env, &ctx, &[]);
+    let a = sh
+        .server
+        .client()
+        .unwrap()
+        .ask("How many entries does the cache hold?", TIMEOUT)
+        .unwrap();
+    assert!(a.answer.contains("64"), "{}", a.answer);
+    assert!(!a.answer.contains("Could not read"), "{}", a.answer);
+    // The Read really ran on the file outside the working directory.
+    let calls = sh.api.calls();
+    let results: Vec<String> = calls
+        .iter()
+        .flat_map(|c| {
+            c["body"]["messages"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .flat_map(|m| m["content"].as_array().cloned().unwrap_or_default())
+        .filter(|b| b["type"] == "tool_result")
+        .map(|b| b.to_string())
+        .collect();
+    assert!(
+        results
+            .iter()
+            .any(|r| r.contains("The cache holds 64 entries")),
+        "{results:?}"
+    );
+    assert!(
+        results.iter().all(|r| !r.contains("\"is_error\":true")),
+        "{results:?}"
+    );
 }

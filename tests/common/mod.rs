@@ -573,3 +573,25 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// The pinned Claude Code CLI (tests/claude-cli/package-lock.json),
+/// installed by scripts/install-test-deps.sh once per test process. Panics
+/// with npm's message when it cannot be installed: the tests that need the
+/// real CLI fail, they never skip.
+pub fn claude_bin() -> &'static str {
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-test-deps.sh");
+        let out = Command::new(script)
+            .arg("claude")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "installing the pinned Claude Code CLI failed (these tests need it and do not skip):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    })
+}

@@ -78,8 +78,11 @@ impl Api {
 
     fn vars(&self, w: &World) -> Vec<(String, String)> {
         let home = w.dir.path().join("home");
+        let tmp = w.dir.path().join("tmp");
         let _ = std::fs::create_dir_all(&home);
+        let _ = std::fs::create_dir_all(&tmp);
         vec![
+            ("TMPDIR".into(), tmp.to_string_lossy().into_owned()),
             ("ANTHROPIC_BASE_URL".into(), self.url.clone()),
             ("ANTHROPIC_API_KEY".into(), "sk-ant-bench-not-a-key".into()),
             (
@@ -210,8 +213,8 @@ pub(super) fn claude(opts: &Options, r: &mut Report) -> Res<()> {
         let _s = w.server_env("spawn", &args, &vars)?;
         measure(&w, &api, "spawn", ns)?
     };
-    let warm = pct(&after.wall_ms, 0.5) / 1000.0;
-    let cold = pct(&spawn.wall_ms, 0.5) / 1000.0;
+    let warm = pct(&after.wall_ms, 0.5);
+    let cold = pct(&spawn.wall_ms, 0.5);
     r.row(
         "Claude Code warm (claude) vs per-process (spawn) p50",
         format!("{warm:.0} ms vs {cold:.0} ms = {:.1}x", cold / warm),
@@ -245,8 +248,8 @@ pub(super) fn claude(opts: &Options, r: &mut Report) -> Res<()> {
     );
     let side = |x: &Run| {
         json!({
-            "wall_p50_ms": pct(&x.wall_ms, 0.5) / 1000.0,
-            "wall_p99_ms": pct(&x.wall_ms, 0.99) / 1000.0,
+            "wall_p50_ms": pct(&x.wall_ms, 0.5),
+            "wall_p99_ms": pct(&x.wall_ms, 0.99),
             "request_bytes_per_question": x.bytes_per_q,
             "api_calls_per_question": x.calls_per_q,
             "input_tokens_per_question": x.input_tokens_per_q,

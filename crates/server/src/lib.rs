@@ -287,6 +287,7 @@ pub fn build_engine(config: &ServerConfig) -> Result<Arc<dyn Engine>, ServerErro
                 system_prompt,
                 claude: config.claude.clone(),
                 claude_retries: config.claude_retries,
+                context_dirs: context_dirs(&config.contexts),
                 // Absolute, as `autopoll doctor` compares it.
                 server_dir: ServerPaths::new(&config.runtime_dir, &config.name)
                     .map(|p| p.dir)
@@ -297,6 +298,29 @@ pub fn build_engine(config: &ServerConfig) -> Result<Arc<dyn Engine>, ServerErro
             Ok(Arc::new(e))
         }
     }
+}
+
+/// The folders of the `--context` roots, absolute and without repeats: a
+/// directory itself, a file's parent.
+fn context_dirs(roots: &[PathBuf]) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    for r in roots {
+        let Ok(abs) = std::fs::canonicalize(r) else {
+            continue;
+        };
+        let dir = if abs.is_dir() {
+            abs
+        } else {
+            match abs.parent() {
+                Some(p) => p.to_path_buf(),
+                None => continue,
+            }
+        };
+        if !out.contains(&dir) {
+            out.push(dir);
+        }
+    }
+    out
 }
 
 /// Client FIFO names older than this are leftovers of crashed clients. Live

@@ -21,7 +21,7 @@
 //! - **History**: each `assistant` event's usage tells how many input tokens
 //!   the session's history holds, for `--max-session-tokens`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value, json};
 
@@ -37,6 +37,9 @@ pub const DEFAULT_MODEL: &str = "haiku";
 /// API retries the CLI may make per call by default (its own default is 10,
 /// about three minutes of backoff).
 pub const DEFAULT_RETRIES: u32 = 2;
+/// Model round trips one question may take (the CLI has no limit of its
+/// own in `-p` mode): a model that keeps calling tools ends with an error.
+pub const MAX_TURNS: u32 = 20;
 
 /// How autopoll runs Claude Code itself (`--backend claude` with no command
 /// after `--`).
@@ -64,8 +67,10 @@ impl Default for ClaudeOptions {
 }
 
 /// autopoll's own command line for Claude Code, with the session's system
-/// prompt in `system_prompt_file`.
-pub fn command(opts: &ClaudeOptions, system_prompt_file: &Path) -> Vec<String> {
+/// prompt in `system_prompt_file`. Each of `dirs` (the context's folders)
+/// is given with `--add-dir`: the CLI lets its tools read only below its
+/// working directory and those.
+pub fn command(opts: &ClaudeOptions, system_prompt_file: &Path, dirs: &[PathBuf]) -> Vec<String> {
     let mut c: Vec<String> = [
         opts.bin.as_str(),
         "-p",
@@ -77,6 +82,8 @@ pub fn command(opts: &ClaudeOptions, system_prompt_file: &Path) -> Vec<String> {
         "--model",
         &opts.model,
         "--no-session-persistence",
+        "--max-turns",
+        &MAX_TURNS.to_string(),
         // No MCP servers from the user's configuration: they could add tools
         // beyond --tools.
         "--strict-mcp-config",
@@ -86,6 +93,10 @@ pub fn command(opts: &ClaudeOptions, system_prompt_file: &Path) -> Vec<String> {
     .map(|s| s.to_string())
     .collect();
     c.push(system_prompt_file.to_string_lossy().into_owned());
+    for d in dirs {
+        c.push("--add-dir".into());
+        c.push(d.to_string_lossy().into_owned());
+    }
     // Last: --tools takes a variable number of values.
     c.push("--tools".into());
     c.push(opts.tools.clone());
@@ -249,7 +260,11 @@ fn failure(
     let plural = if attempts == 1 { "" } else { "s" };
     match obj.get("api_error_status").and_then(Value::as_u64) {
         Some(status) => {
-            let kind = error_kind(text)
+            let kind = obj
+                .get("api_error_type")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .or_else(|| error_kind(text))
                 .map(|k| format!(" ({k})"))
                 .unwrap_or_default();
             format!("API error {status}{kind} after {attempts} attempt{plural}: {detail}")
@@ -311,7 +326,7 @@ impl Wire for Claude {
     fn event(&mut self, _id: u64, line: &[u8]) -> Event {
         let obj = match wire::object(line) {
             Ok(o) => o,
-            Err(garbage) => return garbage,
+            Err(sample) => return Event::Garbage(sample),
         };
         let subtype = obj.get("subtype").and_then(Value::as_str);
         match obj.get("type").and_then(Value::as_str) {
@@ -444,7 +459,7 @@ mod tests {
         let retry = r#"{"type":"system","subtype":"api_retry","attempt":1,"max_retries":2,"retry_delay_ms":500,"error_status":500,"error":"server_error"}"#;
         assert!(matches!(ev(&mut c, retry), Event::Retry(m) if m.contains("500")));
         assert!(matches!(ev(&mut c, retry), Event::Retry(_)));
-        let err = r#"{"type":"result","subtype":"success","is_error":true,"api_error_status":500,"result":"API Error: 500 {\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":\"Internal server error\"}}","total_cost_usd":0}"#;
+        let err = r#"{"type":"result","subtype":"success","is_error":true,"api_error_status":500,"api_error_type":"api_error","result":"API Error: 500 Internal server error.","total_cost_usd":0}"#;
         match ev(&mut c, err) {
             Event::Failed(m) => {
                 assert!(
@@ -500,11 +515,17 @@ mod tests {
 
     #[test]
     fn autopoll_s_command_line_restricts_tools_and_model() {
-        let c = command(&ClaudeOptions::default(), Path::new("/run/x/system.md"));
+        let c = command(
+            &ClaudeOptions::default(),
+            Path::new("/run/x/system.md"),
+            &[PathBuf::from("/srv/notes")],
+        );
         let s = c.join(" ");
         assert!(s.starts_with("claude -p --input-format stream-json --output-format stream-json --verbose --model haiku"), "{s}");
         assert!(s.ends_with("--tools Read,Grep,Glob"), "{s}");
         assert!(s.contains("--system-prompt-file /run/x/system.md"), "{s}");
         assert!(s.contains("--no-session-persistence"), "{s}");
+        assert!(s.contains("--add-dir /srv/notes"), "{s}");
+        assert!(s.contains("--max-turns 20"), "{s}");
     }
 }

@@ -25,7 +25,7 @@ impl Wire for Jsonl {
     fn event(&mut self, id: u64, line: &[u8]) -> Event {
         match wire::object(line) {
             Ok(obj) => response(id, &obj).unwrap_or(Event::Progress),
-            Err(garbage) => garbage,
+            Err(sample) => Event::Garbage(sample),
         }
     }
 }

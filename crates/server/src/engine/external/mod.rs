@@ -2,9 +2,9 @@
 //! `claude`) or one process per question (`spawn`).
 //!
 //! Layout: this file holds the configuration and the [`Engine`] the server
-//! calls; [`supervisor`] runs one thread per instance; [`process`] starts
+//! calls; `supervisor` runs one thread per instance; `process` starts
 //! and ends children; each wire protocol is its own module ([`jsonl`],
-//! [`claude`], [`spawn`]) behind the [`wire::Wire`] trait.
+//! [`claude`], `spawn`) behind the [`wire::Wire`] trait.
 //!
 //! Each instance has its own supervisor thread (`instance-N`), which owns the
 //! child from spawn to reap:
@@ -91,6 +91,9 @@ pub struct ExternalConfig {
     pub system_prompt: Prompt,
     /// How autopoll runs `claude` (no command after `--`).
     pub claude: claude::ClaudeOptions,
+    /// The folders the context lives in (absolute), which `claude` is
+    /// allowed to read (`--add-dir`).
+    pub context_dirs: Vec<PathBuf>,
     /// API retries the `claude` CLI may make per call
     /// (`CLAUDE_CODE_MAX_RETRIES`); past them a question fails.
     pub claude_retries: u32,

@@ -207,7 +207,7 @@ impl Instance {
             let prompt = self
                 .write_system_prompt(&files, &version)
                 .map_err(|e| format!("cannot write the system prompt file: {e}"))?;
-            claude::command(&self.cfg.claude, &prompt)
+            claude::command(&self.cfg.claude, &prompt, &self.cfg.context_dirs)
         } else {
             self.cfg.command.clone()
         };

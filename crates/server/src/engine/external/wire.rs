@@ -114,12 +114,13 @@ pub fn str_list(v: Option<&Value>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// A line parsed as a JSON object, or the `Garbage` event for it.
-pub fn object(line: &[u8]) -> Result<serde_json::Map<String, Value>, Event> {
+/// A line parsed as a JSON object, or a sample of it for
+/// [`Event::Garbage`].
+pub fn object(line: &[u8]) -> Result<serde_json::Map<String, Value>, String> {
     let text = String::from_utf8_lossy(line);
     match serde_json::from_str::<Value>(text.trim()) {
         Ok(Value::Object(obj)) => Ok(obj),
-        _ => Err(Event::Garbage(text.chars().take(200).collect())),
+        _ => Err(text.chars().take(200).collect()),
     }
 }
 
