@@ -152,7 +152,7 @@ fn notes_in(dir: &std::path::Path) -> String {
         "# Notes\nThe cache holds 64 entries.\nWe chose SQLite for the bridge.\nReleases happen on Fridays.\n",
     )
     .unwrap();
-    path_str(&dir).to_string()
+    path_str(dir).to_string()
 }
 
 struct Shard {
