@@ -513,25 +513,53 @@ fn kill_9_of_the_cli_and_sigterm_of_the_server_leave_nothing_behind() {
     );
 }
 
+/// Start a claude server that cannot start its instance (`args` after the
+/// common ones); wait until the crash-loop breaker trips; its reason.
+fn tripped(
+    env: &Env,
+    name: &str,
+    args: &[&str],
+    vars: &[(&str, String)],
+) -> (common::Server, String) {
+    let ctx = context(env);
+    let mut all = vec![
+        "--backend",
+        "claude",
+        "--context",
+        &ctx,
+        "--workers",
+        "1",
+        "--restart-limit",
+        "2",
+        "--restart-window",
+        "600",
+    ];
+    all.extend_from_slice(args);
+    let s = env.server_env(name, &all, vars);
+    wait_until("the breaker trips", TIMEOUT, || {
+        let st = s.client().unwrap().stats(TIMEOUT).unwrap();
+        st.engine.down
+            && st.instances[0]
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("crash loop"))
+    });
+    let why = s.client().unwrap().stats(TIMEOUT).unwrap().instances[0]
+        .last_error
+        .clone()
+        .unwrap();
+    (s, why)
+}
+
 #[test]
 fn a_cli_that_cannot_start_trips_the_breaker_and_status_says_why() {
     let env = Env::new();
     let api = FakeApi::start(&env);
-    let ctx = context(&env);
     // Without --verbose the CLI refuses stream-json output and exits.
-    let s = env.server_env(
+    let (s, why) = tripped(
+        &env,
         "bad",
         &[
-            "--backend",
-            "claude",
-            "--context",
-            &ctx,
-            "--workers",
-            "1",
-            "--restart-limit",
-            "2",
-            "--restart-window",
-            "600",
             "--",
             claude_bin(),
             "-p",
@@ -542,17 +570,6 @@ fn a_cli_that_cannot_start_trips_the_breaker_and_status_says_why() {
         ],
         &api.vars(&env),
     );
-    wait_until("the breaker trips", TIMEOUT, || {
-        let st = s.client().unwrap().stats(TIMEOUT).unwrap();
-        st.engine.down
-            && st.instances[0]
-                .last_error
-                .as_deref()
-                .is_some_and(|e| e.contains("crash loop"))
-    });
-    let st = s.client().unwrap().stats(TIMEOUT).unwrap();
-    let why = st.instances[0].last_error.clone().unwrap();
-    assert!(why.contains("crash loop"), "{why}");
     assert!(why.contains("--verbose"), "{why}");
     let msg = engine_error(&s, "anything?");
     assert!(msg.contains("--verbose"), "{msg}");
@@ -697,7 +714,7 @@ fn past_the_retry_budget_the_turn_is_interrupted_and_the_instance_kept() {
 }
 
 #[test]
-fn context_outside_the_working_directory_is_readable_and_nothing_else_is() {
+fn context_outside_the_working_directory_is_readable() {
     let env = Env::new();
     let elsewhere = tempfile::tempdir().unwrap();
     let ctx = notes_in(&elsewhere.path().join("notes"));
@@ -733,5 +750,29 @@ fn context_outside_the_working_directory_is_readable_and_nothing_else_is() {
     assert!(
         results.iter().all(|r| !r.contains("\"is_error\":true")),
         "{results:?}"
+    );
+}
+
+#[test]
+fn a_cli_without_credentials_is_down_and_says_how_to_give_it_a_key() {
+    let env = Env::new();
+    let api = FakeApi::start(&env);
+    let mut vars: Vec<(&str, String)> = api
+        .vars(&env)
+        .into_iter()
+        .filter(|(k, _)| *k != "ANTHROPIC_API_KEY")
+        .collect();
+    // The harness's environment may hold a real key: make sure it is not seen.
+    vars.push(("ANTHROPIC_API_KEY", String::new()));
+    let (s, why) = tripped(&env, "nokey", &["--claude-bin", claude_bin()], &vars);
+    assert!(
+        why.contains("no credentials") && why.contains("ANTHROPIC_API_KEY"),
+        "{why}"
+    );
+    let msg = engine_error(&s, "anything?");
+    assert!(msg.contains("ANTHROPIC_API_KEY"), "{msg}");
+    assert!(
+        api.calls().is_empty(),
+        "a CLI without credentials called the API"
     );
 }

@@ -243,6 +243,20 @@ impl Claude {
     }
 }
 
+/// Why the session cannot call the API, when the answer to `initialize`
+/// shows it has no credentials at all (every question would fail with
+/// "Not logged in").
+fn no_credentials(init: &Value) -> Option<String> {
+    let acct = init.get("response")?.get("account")?;
+    let s = |k: &str| acct.get(k).and_then(Value::as_str);
+    let none = s("apiProvider") == Some("firstParty")
+        && s("tokenSource").is_none_or(|t| t == "none")
+        && s("apiKeySource").is_none_or(|k| k == "none");
+    none.then(|| {
+        "Claude Code has no credentials: set ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN) in the server's environment, or log in once with `claude` as the user the server runs as".to_string()
+    })
+}
+
 /// The message for an error result.
 fn failure(
     obj: &Map<String, Value>,
@@ -343,7 +357,10 @@ impl Wire for Claude {
                     .and_then(Value::as_str)
                     .is_some_and(|id| id.starts_with("autopoll-initialize-"));
                 match r.get("subtype").and_then(Value::as_str) {
-                    Some("success") if for_init => Event::Ready,
+                    Some("success") if for_init => match no_credentials(&r) {
+                        Some(why) => Event::Failed(why),
+                        None => Event::Ready,
+                    },
                     Some("error") if for_init => Event::Failed(format!(
                         "claude refused to start the session: {}",
                         r.get("error").map(Value::to_string).unwrap_or_default()
@@ -422,6 +439,17 @@ mod tests {
         let id = hello["request_id"].as_str().unwrap();
         let resp = json!({"type":"control_response","response":{"subtype":"success","request_id":id,"response":{}}});
         assert_eq!(ev(&mut c, &resp.to_string()), Event::Ready);
+        let mut c = Claude::new(true, 2);
+        let id =
+            serde_json::from_slice::<Value>(&c.hello().unwrap()).unwrap()["request_id"].clone();
+        let unauth = json!({"type":"control_response","response":{"subtype":"success","request_id":id,
+            "response":{"account":{"tokenSource":"none","apiProvider":"firstParty"}}}});
+        assert!(
+            matches!(ev(&mut c, &unauth.to_string()), Event::Failed(m) if m.contains("ANTHROPIC_API_KEY"))
+        );
+        let keyed = json!({"type":"control_response","response":{"subtype":"success","request_id":id,
+            "response":{"account":{"tokenSource":"none","apiKeySource":"ANTHROPIC_API_KEY","apiProvider":"firstParty"}}}});
+        assert_eq!(ev(&mut c, &keyed.to_string()), Event::Ready);
         let other =
             json!({"type":"control_response","response":{"subtype":"success","request_id":"x"}});
         assert_eq!(ev(&mut c, &other.to_string()), Event::Progress);
