@@ -10,8 +10,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --locked --quiet --bins
-bin=${CARGO_TARGET_DIR:-$PWD/target}/release
+if [ -n "${AUTOPOLL_BIN_DIR:-}" ]; then
+  bin=$AUTOPOLL_BIN_DIR   # prebuilt binaries (the tests use their debug build)
+else
+  cargo build --release --locked --quiet --bins
+  bin=${CARGO_TARGET_DIR:-$PWD/target}/release
+fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/autopoll-demo.XXXXXX")
 pids=()
 cleanup() {
@@ -21,7 +25,9 @@ cleanup() {
 }
 trap cleanup EXIT
 export AUTOPOLL_DB=$work/bridge.db AUTOPOLL_RUNTIME_DIR=$work/run AUTOPOLL_NAME=demo
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# Bold headings on a terminal only, never into files and pipes.
+if [ -t 1 ]; then bold=$'\033[1m' plain=$'\033[0m'; else bold= plain=; fi
+say() { printf '\n%s== %s%s\n' "$bold" "$*" "$plain"; }
 field() { sed -n "s/.*\"$1\": *\"\([^\"]*\)\".*/\1/p"; }
 
 say "a bridge and a conversation (session a: coordinator, session b: memory shard)"
@@ -44,7 +50,7 @@ say "the coordinator asks through the bridge (autopoll bridge ask)"
 for q in "How is a second answer from a stale poller prevented?" \
          "What does the server do on SIGTERM?" \
          "Which timestamp shape does the bridge write?"; do
-  printf '\n\033[1m? %s\033[0m\n' "$q"
+  printf '\n%s? %s%s\n' "$bold" "$q" "$plain"
   AUTOPOLL_TOKEN=$token_a "$bin/autopoll" bridge ask --session a --timeout 30 "$q" >"$work/answer" 2>"$work/timing"
   head -14 "$work/answer"
   [ "$(wc -l <"$work/answer")" -le 14 ] || echo "  [...]"
@@ -61,7 +67,12 @@ for _ in $(seq 600); do
   [ "${answered:-0}" -ge 203 ] && break
   sleep 0.05
 done
-echo "203 answered (3 asked + 200 queued); sending and answering took $(( ($(date +%s%N) - start) / 1000000 )) ms"
+took=$(( ($(date +%s%N) - start) / 1000000 ))
+if [ "${answered:-0}" -lt 203 ]; then
+  echo "demo: only ${answered:-0} of 203 questions were answered within 30 s" >&2
+  exit 1
+fi
+echo "$answered answered (3 asked + 200 queued); sending and answering took $took ms"
 
 say "status: the server and the bridge"
 "$bin/autopoll" status --db "$AUTOPOLL_DB"

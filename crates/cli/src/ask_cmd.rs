@@ -195,7 +195,8 @@ pub fn status(args: StatusArgs) -> Result<(), CliError> {
     } else {
         match &server {
             Ok(s) => print_stats(s, &args.target.paths()?.requests()),
-            Err(e) => println!("server     NOT RUNNING: {}", e.message),
+            // The reason goes to stderr once, with the exit code.
+            Err(_) => println!("server     NOT RUNNING"),
         }
         if let Some(rows) = &bridge {
             println!();

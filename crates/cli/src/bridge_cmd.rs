@@ -241,6 +241,13 @@ pub fn run(args: BridgeArgs) -> Result<(), CliError> {
             text,
         } => {
             let text = text_or_stdin(text)?;
+            if query && text.trim().is_empty() {
+                // The shard would only dead-letter it; say so now, as `ask` does.
+                return Err(CliError::new(
+                    exit::INVALID,
+                    "the question is empty: give it as the last argument, or `-` to read it from stdin",
+                ));
+            }
             let mut b = open(&common)?;
             let (body, qid) = if query {
                 let qid = match query_id {

@@ -27,7 +27,7 @@ use crate::{DEFAULT_MAX_FRAME, MAX_HELLO, PROTOCOL_VERSION};
 pub enum ClientError {
     /// No server is running under that name.
     #[error(
-        "no server `{name}` running at {dir}: {reason}; start one with `autopoll-server --name {name}`"
+        "no server `{name}` running at {dir}: {reason}; start one with `autopoll-server --name {name} --context PATH` (PATH: the files or folders it answers from)"
     )]
     NoServer {
         /// Server name.

@@ -62,7 +62,7 @@ impl BuiltinEngine {
     /// are skipped with a warning.
     pub fn load(roots: &[std::path::PathBuf]) -> Result<BuiltinEngine, String> {
         if roots.is_empty() {
-            return Err("the builtin engine needs at least one --context PATH (a file or a directory of text/markdown)".into());
+            return Err("at least one --context PATH is needed: the files or folders of text/markdown the shard answers from (and, for external backends, the files the model is told to read and its citations are checked against)".into());
         }
         let found = context::discover(roots)?;
         let mut files = Vec::new();

@@ -1,0 +1,68 @@
+//! Traps a newcomer fell into, each with the message that names the fix
+//! (issue 11): one regression test per trap.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{Env, args, describe};
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn no_server_says_how_to_start_one_that_works_and_says_it_once() {
+    let env = Env::new();
+    let out = env.at("nope", &["ask", "anything?"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(10), "{}", describe(&out));
+    assert!(
+        stderr(&out).contains("autopoll-server --name nope --context PATH"),
+        "{}",
+        describe(&out)
+    );
+    let out = env.at("nope", &["status"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(10), "{}", describe(&out));
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert_eq!(all.matches("no server `nope`").count(), 1, "{all}");
+    assert!(all.contains("NOT RUNNING"), "{all}");
+}
+
+#[test]
+fn an_external_backend_without_context_is_told_what_context_is_for() {
+    let env = Env::new();
+    let out = env
+        .cmd("autopoll-server")
+        .args(["--runtime-dir", common::path_str(&env.runtime())])
+        .args(["--backend", "jsonl", "--", "cat"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(12), "{}", describe(&out));
+    let err = stderr(&out);
+    assert!(err.contains("--context PATH"), "{err}");
+    assert!(!err.contains("builtin"), "{err}");
+}
+
+#[test]
+fn an_empty_query_is_refused_by_send_as_by_ask() {
+    let env = Env::new();
+    let conv = env.conversation();
+    let auth = conv.auth("a");
+    for cmd in [
+        &["bridge", "send", "--query", ""][..],
+        &["bridge", "ask", ""],
+    ] {
+        let out = env.run(&args(cmd, &auth));
+        assert_eq!(out.status.code(), Some(9), "{cmd:?}: {}", describe(&out));
+        assert!(
+            stderr(&out).contains("the question is empty"),
+            "{}",
+            describe(&out)
+        );
+    }
+    // Nothing was queued.
+    let v = env.json(&["bridge", "status"]);
+    assert!(
+        v.as_array().unwrap().iter().all(|r| r["unread"] == 0),
+        "{v}"
+    );
+}
