@@ -66,3 +66,43 @@ fn an_empty_query_is_refused_by_send_as_by_ask() {
         "{v}"
     );
 }
+
+#[test]
+fn a_missing_or_wrong_token_says_what_to_do() {
+    let env = Env::new();
+    let conv = env.conversation();
+    let base = [
+        "bridge",
+        "send",
+        "--conversation",
+        &conv.id,
+        "--session",
+        "a",
+    ];
+    let out = env.run(&[&base[..], &["hello"]].concat());
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        stderr(&out).contains("set AUTOPOLL_TOKEN"),
+        "{}",
+        describe(&out)
+    );
+    let cases = [
+        (conv.token_b.clone(), "that is session b's token"),
+        (format!("{} ", conv.token_a), "64 lowercase hex characters"),
+        (
+            "0".repeat(64),
+            "not this conversation's token for session a",
+        ),
+    ];
+    for (token, hint) in cases {
+        let out = env.run(&[&base[..], &["--token", &token, "hello"]].concat());
+        assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+        let err = stderr(&out);
+        assert!(err.contains("invalid session token"), "{err}");
+        assert!(err.contains(hint), "{hint}: {err}");
+        assert!(
+            !err.contains(&conv.token_a) && !err.contains(&conv.token_b),
+            "{err}"
+        );
+    }
+}

@@ -62,6 +62,35 @@ pub(crate) fn is_expired(expires_at: &str) -> Result<bool> {
     Ok(clock::now() >= clock::parse(expires_at)?)
 }
 
+/// Why a presented token is not `session`'s, for the error message: the
+/// other session's token, not a token's shape, or simply another one.
+fn token_hint(presented: &str, session: Session, others: &str) -> String {
+    let other = session.other();
+    if token::tokens_equal(presented, others) {
+        return format!(
+            "; that is session {other}'s token: give session {session}'s token, or use --session {other}"
+        );
+    }
+    let n = presented.chars().count();
+    if n != 64
+        || !presented
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return format!(
+            "; a token is 64 lowercase hex characters and this one is {n} characters{}: check AUTOPOLL_TOKEN or --token",
+            if presented.trim() != presented {
+                " with spaces around it"
+            } else {
+                ""
+            }
+        );
+    }
+    format!(
+        "; it is not this conversation's token for session {session}: use the one `autopoll bridge create` printed for session {session}, in AUTOPOLL_TOKEN"
+    )
+}
+
 /// Check `token` against `session` of `conversation` and its expiry, on `conn`.
 pub(crate) fn verify_on(
     conn: &Connection,
@@ -84,14 +113,15 @@ pub(crate) fn verify_on(
             hint: "; list conversations with `autopoll bridge status`".into(),
         });
     };
-    let stored = match session {
-        Session::A => ta,
-        Session::B => tb,
+    let (stored, others) = match session {
+        Session::A => (ta, tb),
+        Session::B => (tb, ta),
     };
     if !token::tokens_equal(presented, &stored) {
         return Err(Error::InvalidToken {
             conversation: conversation.to_string(),
             session: session.to_string(),
+            hint: token_hint(presented, session, &others),
         });
     }
     if is_expired(&expires_at)? {
@@ -200,6 +230,7 @@ impl Bridge {
             return Err(Error::InvalidToken {
                 conversation: conversation.to_string(),
                 session: "a or b".into(),
+                hint: "; it is neither session's token: use one that `autopoll bridge create` printed (in AUTOPOLL_TOKEN)".into(),
             });
         };
         let expires_at = clock::format(clock::add(clock::now(), ttl));

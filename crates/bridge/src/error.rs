@@ -9,12 +9,14 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The token does not match the one stored for that session.
-    #[error("invalid session token for conversation {conversation} session {session}")]
+    #[error("invalid session token for conversation {conversation} session {session}{hint}")]
     InvalidToken {
         /// Conversation id.
         conversation: String,
         /// Session name (`a` or `b`).
         session: String,
+        /// What is wrong with it, empty or starting with "; ".
+        hint: String,
     },
     /// The conversation's `expires_at` has passed.
     #[error(

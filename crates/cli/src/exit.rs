@@ -120,9 +120,48 @@ pub fn report(program: &str, result: Result<(), CliError>) -> ExitCode {
     }
 }
 
-/// Print clap's message (help, version or usage error) and exit with its code.
+/// For a missing flag that also comes from the environment, how to set it
+/// (clap names only the flag).
+fn missing_hints(message: &str) -> Vec<String> {
+    let missing = message
+        .split("Usage:")
+        .next()
+        .unwrap_or(message)
+        .to_string();
+    [
+        (
+            "--token",
+            "hint: set AUTOPOLL_TOKEN to your session's token (`autopoll bridge create` printed both); \
+             prefer it to --token, which shows in `ps`",
+        ),
+        (
+            "--conversation",
+            "hint: set AUTOPOLL_CONVERSATION to the conversation id (conv_ + 16 hex; `autopoll bridge status` lists them)",
+        ),
+        (
+            "--db",
+            "hint: set AUTOPOLL_DB to the bridge file (`autopoll bridge init --db PATH` creates one)",
+        ),
+        (
+            "--session",
+            "hint: set AUTOPOLL_SESSION to a or b (a created the conversation)",
+        ),
+    ]
+    .iter()
+    .filter(|(flag, _)| missing.contains(&format!("{flag} <")))
+    .map(|(_, hint)| hint.to_string())
+    .collect()
+}
+
+/// Print clap's message (help, version or usage error) and exit with its
+/// code; a missing flag gets a hint naming its environment variable.
 pub fn clap_exit(e: clap::Error) -> ExitCode {
     let _ = e.print();
+    if e.kind() == clap::error::ErrorKind::MissingRequiredArgument {
+        for line in missing_hints(&e.to_string()) {
+            eprintln!("{line}");
+        }
+    }
     if e.use_stderr() {
         ExitCode::from(USAGE)
     } else {
