@@ -539,3 +539,52 @@ fn an_instance_that_dies_on_every_question_trips_the_breaker() {
     assert!(e.to_string().contains("engine is down"), "{e}");
     assert!(s.stderr().contains("event=instance_down"), "{}", s.stderr());
 }
+
+/// A child that floods progress lines never lets a read time out: the
+/// deadline still ends the question and the instance is replaced, instead
+/// of staying busy for ever (regression: deadlines were checked only when a
+/// read timed out).
+#[test]
+fn a_child_flooding_progress_is_still_bounded_by_the_deadline() {
+    let env = Env::new();
+    let ctx = notes(&env);
+    let s = env.server(
+        "flood",
+        &[
+            "--backend",
+            "jsonl",
+            "--context",
+            &ctx,
+            "--workers",
+            "1",
+            "--request-timeout",
+            "3",
+            "--kill-grace",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            r#"read line; exec yes '{"type":"progress"}'"#,
+        ],
+    );
+    wait_until("the instance runs", TIMEOUT, || {
+        instance_pids(&s).len() == 1
+    });
+    let first = instance_pids(&s)[0];
+    let e = s
+        .client()
+        .unwrap()
+        .ask("flood me", Duration::from_secs(20))
+        .unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Server(r) if r.code == ErrorCode::Timeout),
+        "{e}"
+    );
+    // Not busy for ever: the flooding child was killed and replaced.
+    wait_until("the flooding instance is replaced", TIMEOUT, || {
+        let st = s.client().unwrap().stats(TIMEOUT).unwrap();
+        let w = &st.instances[0];
+        w.state == "idle" && w.pid.is_some_and(|p| p != first)
+    });
+    assert!(!alive(first as i32));
+}

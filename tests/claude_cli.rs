@@ -91,6 +91,23 @@ impl FakeApi {
             ("ANTHROPIC_API_KEY", "sk-ant-test-not-a-real-key".into()),
             ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1".into()),
             ("HOME", path_str(&home).to_string()),
+            // Nothing of the machine's own Claude setup may leak in.
+            (
+                "CLAUDE_CONFIG_DIR",
+                path_str(&home.join(".claude")).to_string(),
+            ),
+            ("ANTHROPIC_AUTH_TOKEN", String::new()),
+            ("CLAUDE_CODE_OAUTH_TOKEN", String::new()),
+            ("CLAUDE_CODE_USE_BEDROCK", String::new()),
+            ("CLAUDE_CODE_USE_VERTEX", String::new()),
+            ("ANTHROPIC_MODEL", String::new()),
+            ("API_TIMEOUT_MS", String::new()),
+            ("CLAUDE_CODE_MAX_RETRIES", String::new()),
+            ("HTTP_PROXY", String::new()),
+            ("HTTPS_PROXY", String::new()),
+            ("http_proxy", String::new()),
+            ("https_proxy", String::new()),
+            ("ALL_PROXY", String::new()),
         ]
     }
 }
@@ -644,7 +661,7 @@ fn spawn_parses_the_cli_json_result_and_keeps_its_error_message() {
 fn retry_events_do_not_feed_the_watchdog() {
     let env = Env::new();
     // A generous retry budget: only the watchdog can end this question.
-    let sh = shard(&env, &["--claude-retries", "10", "--watchdog", "3"]);
+    let sh = shard(&env, &["--claude-retries", "10", "--watchdog", "2.5"]);
     sh.api.mode("500", None);
     match sh.server.client().unwrap().ask(
         "How many entries does the cache hold?",
@@ -653,7 +670,19 @@ fn retry_events_do_not_feed_the_watchdog() {
         Err(ClientError::Server(r)) => {
             assert_eq!(r.code, ErrorCode::Timeout, "{}", r.message);
             assert!(r.message.contains("watchdog"), "{}", r.message);
-            assert!(r.message.contains("API retries"), "{}", r.message);
+            // The CLI announces each retry as the call fails, then waits
+            // about 0.5, 1.1, 2.2, 4.3 s: by 2.5 s three were announced (at
+            // about 0, 0.5 and 1.6 s). Had they fed the watchdog, the fourth
+            // (about 3.8 s in) would have come before it fired, and been
+            // counted.
+            let n: u32 = r
+                .message
+                .split(" after ")
+                .nth(1)
+                .and_then(|t| t.split(' ').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no retry count in {:?}", r.message));
+            assert!((1..=3).contains(&n), "{n} retries: {}", r.message);
         }
         other => panic!("{other:?}"),
     }
@@ -775,4 +804,99 @@ fn a_cli_without_credentials_is_down_and_says_how_to_give_it_a_key() {
         api.calls().is_empty(),
         "a CLI without credentials called the API"
     );
+}
+
+/// A script standing in front of the real CLI: its first `fails` starts
+/// exit (after `delay` seconds) with a message on stderr, the later ones
+/// exec the CLI.
+fn flaky_cli(env: &Env, fails: u32, delay: u32) -> String {
+    let counter = env.path("starts");
+    let script = env.path("flaky-claude.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nn=$(cat {c} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {c}\n\
+             if [ $n -le {fails} ]; then sleep {delay}; echo \"flaky: start $n refused\" >&2; exit 1; fi\n\
+             exec {cli} \"$@\"\n",
+            c = path_str(&counter),
+            cli = claude_bin(),
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path_str(&script).to_string()
+}
+
+#[test]
+fn a_question_while_no_instance_can_start_fails_at_once_with_the_reason() {
+    let env = Env::new();
+    let api = FakeApi::start(&env);
+    let ctx = context(&env);
+    // Each start takes a second to fail, so the question arrives while
+    // the instance is still starting.
+    let bin = flaky_cli(&env, 1000, 1);
+    let s = env.server_env(
+        "never",
+        &[
+            "--backend",
+            "claude",
+            "--claude-bin",
+            &bin,
+            "--context",
+            &ctx,
+            "--workers",
+            "1",
+            "--request-timeout",
+            "120",
+        ],
+        &api.vars(&env),
+    );
+    // Whatever the breaker is doing, the asker hears why, long before its
+    // 120 s deadline (regression: questions waited out their deadline).
+    match s
+        .client()
+        .unwrap()
+        .ask("anything?", Duration::from_secs(120))
+    {
+        Err(ClientError::Server(r)) => {
+            assert_eq!(r.code, ErrorCode::Engine, "{}", r.message);
+            assert!(r.message.contains("flaky: start"), "{}", r.message);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_instance_that_starts_after_failures_is_idle_with_no_stale_error() {
+    let env = Env::new();
+    let api = FakeApi::start(&env);
+    let ctx = context(&env);
+    let bin = flaky_cli(&env, 2, 0);
+    let s = env.server_env(
+        "flaky",
+        &[
+            "--backend",
+            "claude",
+            "--claude-bin",
+            &bin,
+            "--context",
+            &ctx,
+            "--workers",
+            "1",
+        ],
+        &api.vars(&env),
+    );
+    wait_ready(&s);
+    let st = s.client().unwrap().stats(TIMEOUT).unwrap();
+    let w = &st.instances[0];
+    assert_eq!(w.state, "idle");
+    assert_eq!(w.last_error, None, "{w:?}");
+    assert!(!st.engine.down);
+    let a = s
+        .client()
+        .unwrap()
+        .ask("How many entries does the cache hold?", TIMEOUT)
+        .unwrap();
+    assert!(a.answer.contains("64"), "{}", a.answer);
 }

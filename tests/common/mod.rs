@@ -214,19 +214,24 @@ impl Env {
     }
 
     /// [`Env::server`] with extra environment variables (the server's
-    /// external instances inherit them).
+    /// external instances inherit them); an empty value removes the
+    /// variable.
     pub fn server_env(&self, name: &str, args: &[&str], vars: &[(&str, String)]) -> Server {
         let stderr_path = self.path(&format!("server-{name}-{}.log", std::process::id()));
         let err = std::fs::File::create(&stderr_path).unwrap();
-        let child = self
-            .cmd("autopoll-server")
-            .args(["--name", name, "--runtime-dir", path_str(&self.runtime())])
+        let mut cmd = self.cmd("autopoll-server");
+        cmd.args(["--name", name, "--runtime-dir", path_str(&self.runtime())])
             .args(args)
-            .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .unwrap();
+            .stderr(err);
+        for (k, v) in vars {
+            if v.is_empty() {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v);
+            }
+        }
+        let child = cmd.spawn().unwrap();
         let s = Server {
             child,
             name: name.into(),

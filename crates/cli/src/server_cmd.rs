@@ -156,6 +156,20 @@ fn serve(cli: ServerCli) -> Result<(), CliError> {
             ));
         }
     }
+    if cli.max_session_tokens > 0 && !matches!(cli.backend, BackendArg::Claude) {
+        return Err(CliError::new(
+            exit::CONFIG,
+            "--max-session-tokens is for --backend claude",
+        ));
+    }
+    if cli.claude_retries != autopoll_server::engine::external::claude::DEFAULT_RETRIES
+        && !matches!(cli.backend, BackendArg::Claude | BackendArg::Spawn)
+    {
+        return Err(CliError::new(
+            exit::CONFIG,
+            "--claude-retries is for --backend claude (and spawn running claude)",
+        ));
+    }
     config.claude = autopoll_server::engine::external::claude::ClaudeOptions {
         bin: cli.claude_bin,
         model: cli.model,

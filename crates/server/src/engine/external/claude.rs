@@ -127,13 +127,19 @@ pub struct Claude {
     retry_budget: u32,
     /// The session's running total cost at the previous result.
     last_total: f64,
-    /// Retries seen in the current turn, and the last one's description.
+    /// Retries seen in the current turn (for `api_retries`), those of the
+    /// current API call (the budget is per call, as the CLI's own), and the
+    /// last one's description.
     retries: u32,
+    call_retries: u32,
     last_retry: Option<String>,
     /// Results still to come from interrupted turns: not this question's.
     stale: u32,
     /// Input tokens of the latest API call (the history's size).
     history: Option<u64>,
+    /// Spent since the last `take_cost`: every result's share of the
+    /// running total, failed and interrupted turns included.
+    unbilled: f64,
     model: Option<String>,
     next_control: u64,
 }
@@ -147,9 +153,11 @@ impl Claude {
             retry_budget,
             last_total: 0.0,
             retries: 0,
+            call_retries: 0,
             last_retry: None,
             stale: 0,
             history: None,
+            unbilled: 0.0,
             model: None,
             next_control: 1,
         }
@@ -174,9 +182,11 @@ impl Claude {
                 t
             };
             self.last_total = t;
+            self.unbilled += c;
             c
         });
         let retries = std::mem::take(&mut self.retries);
+        let call_retries = std::mem::take(&mut self.call_retries);
         let last_retry = self.last_retry.take();
         if self.stale > 0 {
             // The end of a turn we gave up on: nobody waits for it.
@@ -194,7 +204,7 @@ impl Claude {
             .unwrap_or_default()
             .to_string();
         if is_error || subtype != "success" {
-            return Event::Failed(failure(obj, subtype, &text, retries, last_retry));
+            return Event::Failed(failure(obj, subtype, &text, call_retries, last_retry));
         }
         let meta = json!({
             "session_id": obj.get("session_id"),
@@ -216,6 +226,7 @@ impl Claude {
 
     fn retry(&mut self, obj: &Map<String, Value>) -> Event {
         self.retries += 1;
+        self.call_retries += 1;
         let status = obj
             .get("error_status")
             .or_else(|| obj.get("status"))
@@ -232,10 +243,16 @@ impl Claude {
             (None, None) => "API error".to_string(),
         };
         self.last_retry = Some(what.clone());
-        if self.retries > self.retry_budget {
+        // The CLI numbers the retries of each call; count them ourselves too
+        // in case it does not.
+        let attempt = obj
+            .get("attempt")
+            .and_then(Value::as_u64)
+            .map_or(self.call_retries, |a| a as u32);
+        if attempt > self.retry_budget {
             Event::GiveUp(format!(
                 "{what} after {} attempts; the turn was interrupted",
-                self.retries
+                attempt + 1
             ))
         } else {
             Event::Retry(what)
@@ -323,6 +340,7 @@ impl Wire for Claude {
 
     fn request(&mut self, q: &Question<'_>) -> Vec<u8> {
         self.retries = 0;
+        self.call_retries = 0;
         self.last_retry = None;
         let content = if self.short_messages {
             format!("{}\n\n(context version {})", q.question, q.version)
@@ -369,6 +387,19 @@ impl Wire for Claude {
                 }
             }
             Some("assistant") => {
+                // The CLI's own stand-in for a failed call carries no usage
+                // and ends no retry series.
+                let synthetic = obj.contains_key("is_api_error_message")
+                    || obj
+                        .get("message")
+                        .and_then(|m| m.get("model"))
+                        .and_then(Value::as_str)
+                        == Some("<synthetic>");
+                if synthetic {
+                    return Event::Progress;
+                }
+                // A call that answered: the next retries are a new call's.
+                self.call_retries = 0;
                 if let Some(u) = obj.get("message").and_then(|m| m.get("usage")) {
                     let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
                     self.history = Some(
@@ -391,6 +422,10 @@ impl Wire for Claude {
 
     fn history_tokens(&self) -> Option<u64> {
         self.history
+    }
+
+    fn take_cost(&mut self) -> Option<f64> {
+        Some(std::mem::take(&mut self.unbilled))
     }
 }
 
@@ -498,16 +533,44 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Past the budget: give up, interrupt, and skip that turn's result.
-        for _ in 0..2 {
-            ev(&mut c, retry);
+        let nth = |n: u32| {
+            format!(
+                r#"{{"type":"system","subtype":"api_retry","attempt":{n},"max_retries":9,"error_status":500,"error":"server_error"}}"#
+            )
+        };
+        for n in 1..=2 {
+            assert!(matches!(ev(&mut c, &nth(n)), Event::Retry(_)));
         }
-        assert!(matches!(ev(&mut c, retry), Event::GiveUp(m) if m.contains("after 3 attempts")));
+        assert!(matches!(ev(&mut c, &nth(3)), Event::GiveUp(m) if m.contains("after 4 attempts")));
         let int: Value = serde_json::from_slice(&c.interrupt().unwrap()).unwrap();
         assert_eq!(int["request"]["subtype"], "interrupt");
         let ended = r#"{"type":"result","subtype":"error_during_execution","is_error":true,"result":"","total_cost_usd":0}"#;
         assert_eq!(ev(&mut c, ended), Event::Progress);
         let ok = r#"{"type":"result","subtype":"success","is_error":false,"result":"fine","total_cost_usd":0.01}"#;
         assert!(matches!(ev(&mut c, ok), Event::Done(_)));
+    }
+
+    #[test]
+    fn the_retry_budget_is_per_api_call() {
+        let mut c = Claude::new(true, 1);
+        let retry = r#"{"type":"system","subtype":"api_retry","attempt":1,"max_retries":1,"error_status":500,"error":"server_error"}"#;
+        let answered = r#"{"type":"assistant","message":{"model":"claude-haiku-5-5","usage":{"input_tokens":5}}}"#;
+        let synthetic = r#"{"type":"assistant","message":{"model":"<synthetic>","usage":{"input_tokens":0}},"is_api_error_message":true}"#;
+        // One retry on the first call, one on the second: within budget.
+        assert!(matches!(ev(&mut c, retry), Event::Retry(_)));
+        ev(&mut c, answered);
+        assert!(matches!(ev(&mut c, retry), Event::Retry(_)));
+        // Two on one call (a CLI that ignores its budget): give up.
+        let second = r#"{"type":"system","subtype":"api_retry","attempt":2,"max_retries":5,"error_status":500,"error":"server_error"}"#;
+        assert!(matches!(ev(&mut c, second), Event::GiveUp(m) if m.contains("after 3 attempts")));
+        // A synthetic error message does not start a new series.
+        let mut c = Claude::new(true, 2);
+        ev(&mut c, retry);
+        ev(&mut c, retry);
+        ev(&mut c, synthetic);
+        let err = r#"{"type":"result","subtype":"success","is_error":true,"api_error_status":500,"api_error_type":"api_error","result":"API Error: 500"}"#;
+        assert!(matches!(ev(&mut c, err), Event::Failed(m) if m.contains("after 3 attempts")),);
+        assert_eq!(c.history_tokens(), None);
     }
 
     #[test]

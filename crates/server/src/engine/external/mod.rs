@@ -136,6 +136,11 @@ impl Slot {
     fn get(&self) -> WorkerInfo {
         self.info.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
+
+    /// Running, or about to take a question.
+    fn healthy(&self) -> bool {
+        matches!(self.get().state.as_str(), "idle" | "busy")
+    }
 }
 
 fn timeout(msg: String) -> EngineError {
@@ -202,19 +207,25 @@ impl ExternalEngine {
         let (tx, rx) = crossbeam_channel::bounded::<Job>(cfg.workers.max(1));
         let cfg = Arc::new(cfg);
         let catalog = Arc::new(catalog);
-        let mut slots = Vec::new();
+        let slots: Vec<Arc<Slot>> = (0..cfg.workers.max(1))
+            .map(|worker| {
+                let slot = Arc::new(Slot::default());
+                slot.set(|w| {
+                    w.worker = worker;
+                    w.state = "starting".into();
+                });
+                slot
+            })
+            .collect();
+        let peers: Arc<[Arc<Slot>]> = slots.clone().into();
         let mut threads = Vec::new();
-        for worker in 0..cfg.workers.max(1) {
-            let slot = Arc::new(Slot::default());
-            slot.set(|w| {
-                w.worker = worker;
-                w.state = "starting".into();
-            });
+        for (worker, slot) in slots.iter().enumerate() {
             let inst = Instance::new(
                 worker,
                 cfg.clone(),
                 catalog.clone(),
                 slot.clone(),
+                peers.clone(),
                 stop.clone(),
             );
             let jobs = rx.clone();
@@ -224,7 +235,6 @@ impl ExternalEngine {
                     .spawn(move || inst.main(jobs))
                     .map_err(|e| format!("cannot start instance threads: {e}"))?,
             );
-            slots.push(slot);
         }
         Ok(ExternalEngine {
             kind: cfg.kind,

@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,9 +25,10 @@ const TAIL_LINES: usize = 6;
 /// Longest stderr line kept for error messages, in characters.
 const TAIL_LINE_CHARS: usize = 300;
 
-/// The last few lines a child wrote to stderr.
+/// The last few lines a child wrote to stderr, and whether its stderr has
+/// closed.
 #[derive(Debug, Clone, Default)]
-pub struct StderrTail(Arc<Mutex<VecDeque<String>>>);
+pub struct StderrTail(Arc<(Mutex<VecDeque<String>>, AtomicBool)>);
 
 impl StderrTail {
     fn push(&self, line: &str) {
@@ -35,16 +36,31 @@ impl StderrTail {
         if line.is_empty() {
             return;
         }
-        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut q = self.0.0.lock().unwrap_or_else(|p| p.into_inner());
         if q.len() == TAIL_LINES {
             q.pop_front();
         }
         q.push_back(line.chars().take(TAIL_LINE_CHARS).collect());
     }
 
-    /// `"; stderr: a | b"`, or nothing when it wrote nothing.
+    fn close(&self) {
+        self.0.1.store(true, Ordering::SeqCst);
+    }
+
+    /// `"; stderr: a | b"`, or nothing when it wrote nothing. For a child
+    /// that has exited, waits (at most half a second) until its last
+    /// lines have been read.
     pub fn suffix(&self) -> String {
-        let q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let until = Instant::now() + Duration::from_millis(500);
+        while !self.0.1.load(Ordering::SeqCst) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.now()
+    }
+
+    /// The same, without waiting (the child may still be running).
+    pub fn now(&self) -> String {
+        let q = self.0.0.lock().unwrap_or_else(|p| p.into_inner());
         if q.is_empty() {
             String::new()
         } else {
@@ -169,7 +185,10 @@ pub fn spawn(worker: usize, spec: &Spec<'_>, slot: &Slot) -> io::Result<Running>
                 loop {
                     line.clear();
                     match r.by_ref().take(8_192).read_until(b'\n', &mut line) {
-                        Ok(0) | Err(_) => break,
+                        Ok(0) | Err(_) => {
+                            keep.close();
+                            break;
+                        }
                         Ok(_) => {
                             let text = String::from_utf8_lossy(&line);
                             log::info!("worker={worker} pid={pid} stderr: {}", text.trim_end());

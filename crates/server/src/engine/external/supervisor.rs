@@ -22,6 +22,14 @@ use super::process::{self, Running, Spec};
 use super::wire::{Event, Kind, Question, Raw, Wire};
 use super::{ExternalConfig, Job, Slot, claude, failed, jsonl, spawn, timeout};
 
+/// How a failed start's error begins.
+const START_FAILED: &str = "the instance failed to start: ";
+
+/// An error that describes starting, not answering.
+fn is_start_problem(e: &str) -> bool {
+    e.starts_with(START_FAILED) || e.starts_with("crash loop")
+}
+
 pub(super) struct Breaker {
     starts: VecDeque<Instant>,
     limit: u32,
@@ -93,6 +101,9 @@ pub(super) struct Instance {
     pub(super) cfg: Arc<ExternalConfig>,
     pub(super) catalog: Arc<BuiltinEngine>,
     pub(super) slot: Arc<Slot>,
+    /// Every instance's slot (this one's included): a question is refused at
+    /// once only when no instance can take it.
+    peers: Arc<[Arc<Slot>]>,
     pub(super) stop: Shutdown,
     pub(super) breaker: Breaker,
     run: Option<Running>,
@@ -122,6 +133,7 @@ impl Instance {
         cfg: Arc<ExternalConfig>,
         catalog: Arc<BuiltinEngine>,
         slot: Arc<Slot>,
+        peers: Arc<[Arc<Slot>]>,
         stop: Shutdown,
     ) -> Instance {
         Instance {
@@ -130,6 +142,7 @@ impl Instance {
             cfg,
             catalog,
             slot,
+            peers,
             stop,
             run: None,
             wire: None,
@@ -179,14 +192,18 @@ impl Instance {
             .system_prompt
             .render_system(files, version, &root.to_string_lossy());
         let tmp = path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new()
+        let written = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        std::fs::rename(&tmp, &path)?;
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         Ok(path)
     }
 
@@ -270,6 +287,14 @@ impl Instance {
                 Ok(Some(line)) => match wire.event(0, &line) {
                     Event::Ready => return Ok(()),
                     Event::Failed(m) => return Err(m),
+                    // A child that talks fast enough never lets the read
+                    // time out: the bound is checked after every line.
+                    _ if Instant::now() >= deadline => {
+                        return Err(format!(
+                            "it did not become ready within {:.0} s (--start-timeout)",
+                            self.cfg.start_timeout.as_secs_f64()
+                        ));
+                    }
                     _ => {}
                 },
                 Ok(None) | Err(FifoError::Frame(FrameError::Truncated(_))) => {
@@ -339,9 +364,20 @@ impl Instance {
                     if restarted {
                         w.restarts += 1;
                     }
+                    // A start problem is over once a start works.
+                    if w.last_error.as_deref().is_some_and(is_start_problem) {
+                        w.last_error = None;
+                    }
                 });
                 self.started_once = true;
                 true
+            }
+            Err(_) if self.stop.is_triggered() => {
+                self.slot.set(|w| {
+                    w.state = "stopped".into();
+                    w.pid = None;
+                });
+                false
             }
             Err(e) => {
                 self.failures += 1;
@@ -349,9 +385,12 @@ impl Instance {
                     "event=instance_start_failed worker={} reason={e:?}",
                     self.worker
                 );
+                // Not `down` yet: that is the breaker's word, after
+                // --restart-limit such starts.
                 self.slot.set(|w| {
-                    w.state = "down".into();
-                    w.last_error = Some(format!("the instance failed to start: {e}"));
+                    w.state = "restarting".into();
+                    w.pid = None;
+                    w.last_error = Some(format!("{START_FAILED}{e}"));
                 });
                 false
             }
@@ -432,6 +471,11 @@ impl Instance {
                         quiet_until = Instant::now() + watchdog;
                         allowed = watchdog;
                     }
+                    let now = Instant::now();
+                    let over = match &gave_up {
+                        Some((_, until)) => now >= *until,
+                        None => now >= job.deadline || now >= quiet_until,
+                    };
                     heard = true;
                     if let Some((msg, _)) = &gave_up {
                         // Waiting for the interrupted turn to end: its result
@@ -443,7 +487,33 @@ impl Instance {
                         if wire_idle_after_interrupt(&line) {
                             return (Err(failed(msg.clone())), Fate::Alive);
                         }
+                        if over {
+                            return (
+                                Err(failed(format!(
+                                    "{msg}; it did not stop, so it was replaced"
+                                ))),
+                                Fate::Killed,
+                            );
+                        }
                         continue;
+                    }
+                    // A child that talks fast enough never lets the read time
+                    // out: the deadline (and the watchdog, which only
+                    // progress moves) is checked after every line.
+                    let ends_it =
+                        matches!(ev, Event::Done(_) | Event::Failed(_) | Event::GiveUp(_));
+                    if over && !ends_it {
+                        let why = if Instant::now() >= job.deadline {
+                            "the request's deadline passed".to_string()
+                        } else {
+                            format!("no progress for {:.1} s (watchdog)", allowed.as_secs_f64())
+                        };
+                        return (
+                            Err(timeout(format!(
+                                "{why}; the instance was killed and replaced"
+                            ))),
+                            Fate::Killed,
+                        );
                     }
                     match ev {
                         Event::Progress | Event::Ready => {}
@@ -460,8 +530,12 @@ impl Instance {
                             let Some(int) = wire.interrupt() else {
                                 return (Err(failed(msg)), Fate::Killed);
                             };
-                            let until =
-                                Instant::now() + self.cfg.kill_grace.max(Duration::from_secs(5));
+                            // The pool worker waits until the deadline plus
+                            // the kill grace: answer by then.
+                            let now = Instant::now();
+                            let until = (now + self.cfg.kill_grace.max(Duration::from_secs(5)))
+                                .min(job.deadline + self.cfg.kill_grace)
+                                .max(now + Duration::from_millis(500));
                             if let Some(stdin) = &run.stdin
                                 && fifo::write_all(stdin, &int, until).is_err()
                             {
@@ -540,9 +614,15 @@ impl Instance {
 
     /// Why the running instance should be recycled before its next
     /// question, if it should.
-    fn stale(&self) -> Option<String> {
+    /// `for_question`: a question waits for it. While idle, a session that
+    /// has read nothing is recycled at most every 30 s, so a context that
+    /// changes all the time does not restart the CLI every second.
+    fn stale(&self, for_question: bool) -> Option<String> {
         let r = self.run.as_ref()?;
-        if self.cfg.recycle_on_reload() && r.version != self.catalog.index().version() {
+        let changed = self.cfg.recycle_on_reload() && r.version != self.catalog.index().version();
+        let worth_it =
+            for_question || r.served > 0 || r.started.elapsed() >= Duration::from_secs(30);
+        if changed && worth_it {
             return Some("the context changed".into());
         }
         if self.cfg.max_age.is_some_and(|a| r.started.elapsed() >= a) {
@@ -576,8 +656,17 @@ impl Instance {
             }
             if !spawn_mode && !self.ensure(unplanned) {
                 // A failed or refused start: the next try goes through
-                // backoff and the breaker.
+                // backoff and the breaker. Questions waiting meanwhile get
+                // the reason now, unless another instance can answer them.
                 unplanned = true;
+                if !self.peers.iter().any(|p| p.healthy()) {
+                    let why = self.slot.get().last_error.unwrap_or_default();
+                    while let Ok(job) = jobs.try_recv() {
+                        let _ = job
+                            .reply
+                            .send(Err(failed(format!("no instance available: {why}"))));
+                    }
+                }
                 continue;
             }
             unplanned = false;
@@ -613,7 +702,7 @@ impl Instance {
                         self.failures += 1;
                         self.end(&msg, false);
                         unplanned = true;
-                    } else if let Some(why) = self.stale() {
+                    } else if let Some(why) = self.stale(false) {
                         // Recycled while idle, so the next question does not
                         // wait for the start.
                         self.end(&why, true);
@@ -657,7 +746,7 @@ impl Instance {
                         .send(Err(failed(format!("no instance available: {err}"))));
                     continue;
                 }
-            } else if let Some(why) = self.stale() {
+            } else if let Some(why) = self.stale(true) {
                 self.end(&why, true);
                 if !self.ensure(false) {
                     let err = self.slot.get().last_error.unwrap_or_default();
@@ -667,6 +756,14 @@ impl Instance {
                     unplanned = true;
                     continue;
                 }
+            }
+            if Instant::now() >= job.deadline {
+                // Replacing the instance took it: do not ask a fresh,
+                // healthy instance with no time left (it would be killed).
+                let _ = job.reply.send(Err(timeout(
+                    "the request's deadline passed while a fresh instance started".into(),
+                )));
+                continue;
             }
             self.slot.set(|w| w.state = "busy".into());
             let (mut result, mut fate) = if spawn_mode {
@@ -678,29 +775,46 @@ impl Instance {
             } else {
                 self.ask(&job)
             };
+            // Whether this question's crash was already counted.
+            let mut counted = false;
             if fate == Fate::Silent && Instant::now() < job.deadline && !self.stop.is_triggered() {
                 // It died without a word about this question: probably it was
                 // already dying, or it cannot start properly. That is crash-loop
                 // evidence (backoff, breaker); asking is read-only, so one more
                 // try on a fresh instance.
                 self.failures += 1;
+                counted = true;
                 self.end("exited before answering", false);
                 if self.ensure(true) {
-                    (result, fate) = self.ask(&job);
+                    if Instant::now() >= job.deadline {
+                        result = Err(timeout(
+                            "the request's deadline passed while a fresh instance started".into(),
+                        ));
+                        fate = Fate::Alive;
+                    } else {
+                        self.slot.set(|w| w.state = "busy".into());
+                        (result, fate) = self.ask(&job);
+                        counted = false;
+                    }
                 }
             }
+            // What the instance spent on this question, whatever came of
+            // it (a failed turn costs too).
+            let spent = self
+                .wire
+                .as_mut()
+                .and_then(|w| w.take_cost())
+                .or_else(|| result.as_ref().ok().and_then(|r| r.cost_usd));
+            if let Some(c) = spent {
+                self.slot.set(|w| *w.cost_usd.get_or_insert(0.0) += c);
+            }
             match &result {
-                Ok(raw) => {
+                Ok(_) => {
                     self.failures = 0;
                     if let Some(r) = self.run.as_mut() {
                         r.served += 1;
                     }
-                    self.slot.set(|w| {
-                        w.served += 1;
-                        if let Some(c) = raw.cost_usd {
-                            *w.cost_usd.get_or_insert(0.0) += c;
-                        }
-                    });
+                    self.slot.set(|w| w.served += 1);
                 }
                 Err(e) => {
                     log::warn!(
@@ -720,7 +834,9 @@ impl Instance {
                 // crash-loop breaker.
                 self.end("watchdog, deadline or exit during a question", false);
                 if fate == Fate::Silent {
-                    self.failures += 1;
+                    if !counted {
+                        self.failures += 1;
+                    }
                     unplanned = true;
                 }
                 continue;

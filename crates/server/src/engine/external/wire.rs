@@ -95,6 +95,12 @@ pub trait Wire: Send {
     fn interrupt(&mut self) -> Option<Vec<u8>> {
         None
     }
+    /// What the instance spent since the last call, failed and interrupted
+    /// turns included, where the protocol tracks it (`None`: use the
+    /// answer's own `cost_usd`).
+    fn take_cost(&mut self) -> Option<f64> {
+        None
+    }
     /// Input tokens the instance's history holds now, where known (for
     /// `--max-session-tokens`).
     fn history_tokens(&self) -> Option<u64> {
