@@ -382,24 +382,44 @@ fn a_foreign_sqlite_file_is_never_changed_by_any_command_or_the_poller() {
     let auth = conv.auth("a");
     let runs: Vec<(&str, Vec<&str>)> = vec![
         ("bridge status", vec!["bridge", "status", "--db", d]),
-        ("bridge status --json", vec!["bridge", "status", "--json", "--db", d]),
+        (
+            "bridge status --json",
+            vec!["bridge", "status", "--json", "--db", d],
+        ),
         ("bridge read", args(&["bridge", "read", "--db", d], &auth)),
-        ("bridge send", args(&["bridge", "send", "--db", d, "hello"], &auth)),
+        (
+            "bridge send",
+            args(&["bridge", "send", "--db", d, "hello"], &auth),
+        ),
         (
             "bridge send --query",
             args(&["bridge", "send", "--query", "--db", d, "hello?"], &auth),
         ),
         (
             "bridge ask",
-            args(&["bridge", "ask", "--timeout", "0.1", "--db", d, "hi?"], &auth),
+            args(
+                &["bridge", "ask", "--timeout", "0.1", "--db", d, "hi?"],
+                &auth,
+            ),
         ),
         (
             "bridge renew",
-            vec!["bridge", "renew", "--db", d, "--conversation", &conv.id, "--token", &conv.token_a],
+            vec![
+                "bridge",
+                "renew",
+                "--db",
+                d,
+                "--conversation",
+                &conv.id,
+                "--token",
+                &conv.token_a,
+            ],
         ),
         (
             "bridge create",
-            vec!["bridge", "create", "--db", d, "--role-a", "x", "--role-b", "y"],
+            vec![
+                "bridge", "create", "--db", d, "--role-a", "x", "--role-b", "y",
+            ],
         ),
         ("bridge init", vec!["bridge", "init", "--db", d]),
     ];
@@ -412,15 +432,16 @@ fn a_foreign_sqlite_file_is_never_changed_by_any_command_or_the_poller() {
         if *what == "bridge init" {
             assert!(err.contains("--force"), "{what}: {err}");
         }
-        assert_eq!(std::fs::read(&db).unwrap(), before, "{what} changed the file");
+        assert_eq!(
+            std::fs::read(&db).unwrap(),
+            before,
+            "{what} changed the file"
+        );
         assert_eq!(files_like(&env, "their-app"), ["their-app.db"], "{what}");
     }
 
     // `autopoll status --db` (no server either: the bridge refusal wins).
-    let out = env
-        .at("nobody", &["status", "--db", d])
-        .output()
-        .unwrap();
+    let out = env.at("nobody", &["status", "--db", d]).output().unwrap();
     assert_one_line_error(&out, 7, "is not a bridge file");
     // doctor: the bridge line fails naming the file, and blames no permissions.
     let out = env
@@ -440,13 +461,26 @@ fn a_foreign_sqlite_file_is_never_changed_by_any_command_or_the_poller() {
         .unwrap();
     assert_eq!(bridge["status"], "fail", "{v:#}");
     assert!(bridge["detail"].as_str().unwrap().contains(d), "{v:#}");
-    assert!(bridge["fix"].as_str().unwrap().contains("autopoll bridge init --db"), "{v:#}");
-    assert!(!bridge["fix"].as_str().unwrap().contains("writable"), "{v:#}");
+    assert!(
+        bridge["fix"]
+            .as_str()
+            .unwrap()
+            .contains("autopoll bridge init --db"),
+        "{v:#}"
+    );
+    assert!(
+        !bridge["fix"].as_str().unwrap().contains("writable"),
+        "{v:#}"
+    );
     // A poller start is refused with the named exit code.
     let mut p = env.poller(&conv, "nobody", &["--db", d]);
     assert_eq!(p.wait_exit(TIMEOUT), Some(7), "{}", p.log());
     assert!(p.log().contains("is not a bridge file"), "{}", p.log());
-    assert_eq!(std::fs::read(&db).unwrap(), before, "doctor/status/poller changed it");
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        before,
+        "doctor/status/poller changed it"
+    );
     assert_eq!(files_like(&env, "their-app"), ["their-app.db"]);
 
     // With --force, init does add the tables (and keeps theirs).
@@ -479,8 +513,15 @@ fn an_empty_or_missing_path_is_not_created_by_status_or_doctor() {
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("FAIL bridge") && text.contains(d), "{}", describe(&out));
-        assert!(text.contains(&format!("fix: autopoll bridge init --db {d}")), "{text}");
+        assert!(
+            text.contains("FAIL bridge") && text.contains(d),
+            "{}",
+            describe(&out)
+        );
+        assert!(
+            text.contains(&format!("fix: autopoll bridge init --db {d}")),
+            "{text}"
+        );
     }
     assert!(!env.path("missing.db").exists());
     assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0);
@@ -506,8 +547,14 @@ fn a_file_that_is_not_sqlite_is_named_and_doctor_blames_no_permissions() {
         .output()
         .unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
-    let line = report.lines().find(|l| l.starts_with("FAIL bridge")).unwrap();
-    assert!(line.contains(d) && line.contains("not a SQLite database"), "{report}");
+    let line = report
+        .lines()
+        .find(|l| l.starts_with("FAIL bridge"))
+        .unwrap();
+    assert!(
+        line.contains(d) && line.contains("not a SQLite database"),
+        "{report}"
+    );
     assert!(!report.contains("readable and writable"), "{report}");
     assert_eq!(std::fs::read_to_string(&p).unwrap(), text);
     assert_eq!(files_like(&env, "notes"), ["notes.db"]);

@@ -273,6 +273,21 @@ impl Bridge {
             .map_err(self.map())
     }
 
+    /// `PRAGMA wal_checkpoint(TRUNCATE)`: copy every committed transaction
+    /// from the WAL into the database file and empty the WAL. Returns false
+    /// when another connection's read kept it from finishing.
+    ///
+    /// Called before closing a connection whose file was replaced or deleted
+    /// under it: SQLite finds the `-wal` and `-shm` by name, so left full
+    /// they would be read as part of whatever file is put at the path next.
+    pub fn checkpoint_truncate(&self) -> Result<bool> {
+        let busy: i64 = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+            .map_err(self.map())?;
+        Ok(busy == 0)
+    }
+
     /// The journal mode the file is in (`wal` normally).
     pub fn journal_mode(&self) -> Result<String> {
         self.conn

@@ -243,12 +243,7 @@ pub fn inspect(path: &Path, timeout_ms: u64) -> Result<FileKind> {
 }
 
 /// Turn a [`FileKind`] into the refusal the options call for, if any.
-pub(crate) fn refuse(
-    kind: FileKind,
-    path: &Path,
-    create: bool,
-    allow_foreign: bool,
-) -> Result<()> {
+pub(crate) fn refuse(kind: FileKind, path: &Path, create: bool, allow_foreign: bool) -> Result<()> {
     match kind {
         FileKind::Bridge => Ok(()),
         FileKind::Empty if create => Ok(()),
@@ -261,7 +256,12 @@ pub(crate) fn refuse(
         }),
         FileKind::Foreign(_) if allow_foreign => Ok(()),
         FileKind::Foreign(tables) => {
-            let mut list = tables.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+            let mut list = tables
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ");
             if tables.len() > 5 {
                 list.push_str(&format!(" and {} more", tables.len() - 5));
             }
@@ -370,13 +370,19 @@ mod tests {
             let e = Bridge::open_with(&db, opts).unwrap_err();
             assert!(matches!(e, Error::NotABridge { .. }), "{e}");
             let msg = e.to_string();
-            assert!(msg.contains("theirs.db") && msg.contains("invoices"), "{msg}");
+            assert!(
+                msg.contains("theirs.db") && msg.contains("invoices"),
+                "{msg}"
+            );
             assert!(msg.contains("autopoll bridge init --db"), "{msg}");
             assert!(e.is_not_a_bridge());
         }
         assert_eq!(std::fs::read(&db).unwrap(), before);
         assert_eq!(beside(&db), vec!["theirs.db".to_string()]);
-        assert_eq!(inspect(&db, 100).unwrap(), FileKind::Foreign(vec!["invoices".into()]));
+        assert_eq!(
+            inspect(&db, 100).unwrap(),
+            FileKind::Foreign(vec!["invoices".into()])
+        );
     }
 
     #[test]
@@ -412,8 +418,8 @@ mod tests {
     fn a_file_that_is_not_sqlite_is_named_and_unchanged() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("notes.txt");
-        let text = "this is not a database, it is a long enough text file to have a header\n"
-            .repeat(20);
+        let text =
+            "this is not a database, it is a long enough text file to have a header\n".repeat(20);
         std::fs::write(&db, &text).unwrap();
         for opts in [
             BridgeOptions::default(),
