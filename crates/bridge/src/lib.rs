@@ -183,8 +183,8 @@ impl Bridge {
 
     /// Open with explicit options.
     ///
-    /// An existing file is first opened read-only and [classified]
-    /// (schema::classify): an empty one is refused unless `create`, someone
+    /// An existing file is first opened read-only and classified
+    /// ([`schema::classify`]): an empty one is refused unless `create`, someone
     /// else's database unless `allow_foreign`, a non-SQLite file or a schema
     /// mismatch always, and all of these before anything is written.
     pub fn open_with(path: impl AsRef<Path>, opts: BridgeOptions) -> Result<Self> {
