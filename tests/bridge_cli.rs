@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use autopoll_bridge::shard::{self, Response};
 use autopoll_bridge::{Answer, Bridge, ClaimOptions, Claimer, Session};
-use common::{Env, TIMEOUT, args, assert_one_line_error, describe, wait_until};
+use common::{Env, TIMEOUT, args, assert_one_line_error, describe, path_str, wait_until};
 use serde_json::Value;
 
 #[test]
@@ -136,7 +136,7 @@ fn missing_file_is_one_line_and_exit_4() {
 }
 
 #[test]
-fn foreign_sqlite_file_is_a_schema_mismatch_exit_7() {
+fn a_file_whose_conversations_table_lacks_columns_is_a_schema_mismatch_exit_7() {
     let env = Env::new();
     let db = env.path("other.db");
     rusqlite::Connection::open(&db)
@@ -342,4 +342,220 @@ fn busy_timeout_is_waited_out_not_failed() {
     holder.execute_batch("COMMIT").unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", describe(&out));
+}
+
+/// Someone else's SQLite file, in rollback-journal mode, with a table and rows.
+fn their_database(env: &Env) -> std::path::PathBuf {
+    let db = env.path("their-app.db");
+    let c = rusqlite::Connection::open(&db).unwrap();
+    c.execute_batch(
+        "PRAGMA journal_mode=DELETE;
+         CREATE TABLE invoices (id INTEGER PRIMARY KEY, customer TEXT, total REAL);
+         INSERT INTO invoices (customer, total) VALUES ('acme', 12.5), ('globex', 99.0);",
+    )
+    .unwrap();
+    let mode: String = c
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "delete");
+    db
+}
+
+/// Every file in the test's folder whose name starts with `prefix`.
+fn files_like(env: &Env, prefix: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(env.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_foreign_sqlite_file_is_never_changed_by_any_command_or_the_poller() {
+    let env = Env::new();
+    let conv = env.conversation(); // a real bridge too, for tokens that look right
+    let db = their_database(&env);
+    let before = std::fs::read(&db).unwrap();
+    let d = path_str(&db);
+    let auth = conv.auth("a");
+    let runs: Vec<(&str, Vec<&str>)> = vec![
+        ("bridge status", vec!["bridge", "status", "--db", d]),
+        (
+            "bridge status --json",
+            vec!["bridge", "status", "--json", "--db", d],
+        ),
+        ("bridge read", args(&["bridge", "read", "--db", d], &auth)),
+        (
+            "bridge send",
+            args(&["bridge", "send", "--db", d, "hello"], &auth),
+        ),
+        (
+            "bridge send --query",
+            args(&["bridge", "send", "--query", "--db", d, "hello?"], &auth),
+        ),
+        (
+            "bridge ask",
+            args(
+                &["bridge", "ask", "--timeout", "0.1", "--db", d, "hi?"],
+                &auth,
+            ),
+        ),
+        (
+            "bridge renew",
+            vec![
+                "bridge",
+                "renew",
+                "--db",
+                d,
+                "--conversation",
+                &conv.id,
+                "--token",
+                &conv.token_a,
+            ],
+        ),
+        (
+            "bridge create",
+            vec![
+                "bridge", "create", "--db", d, "--role-a", "x", "--role-b", "y",
+            ],
+        ),
+        ("bridge init", vec!["bridge", "init", "--db", d]),
+    ];
+    for (what, a) in &runs {
+        let out = env.run(a);
+        assert_one_line_error(&out, 7, "is not a bridge file");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(d) && err.contains("invoices"), "{what}: {err}");
+        assert!(err.contains("autopoll bridge init --db"), "{what}: {err}");
+        if *what == "bridge init" {
+            assert!(err.contains("--force"), "{what}: {err}");
+        }
+        assert_eq!(
+            std::fs::read(&db).unwrap(),
+            before,
+            "{what} changed the file"
+        );
+        assert_eq!(files_like(&env, "their-app"), ["their-app.db"], "{what}");
+    }
+
+    // `autopoll status --db` (no server either: the bridge refusal wins).
+    let out = env.at("nobody", &["status", "--db", d]).output().unwrap();
+    assert_one_line_error(&out, 7, "is not a bridge file");
+    // doctor: the bridge line fails naming the file, and blames no permissions.
+    let out = env
+        .cmd("autopoll")
+        .args(["doctor", "--name", "nobody", "--runtime-dir"])
+        .arg(env.runtime())
+        .args(["--db", d, "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(13), "{}", describe(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bridge = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "bridge")
+        .unwrap();
+    assert_eq!(bridge["status"], "fail", "{v:#}");
+    assert!(bridge["detail"].as_str().unwrap().contains(d), "{v:#}");
+    assert!(
+        bridge["fix"]
+            .as_str()
+            .unwrap()
+            .contains("autopoll bridge init --db"),
+        "{v:#}"
+    );
+    assert!(
+        !bridge["fix"].as_str().unwrap().contains("writable"),
+        "{v:#}"
+    );
+    // A poller start is refused with the named exit code.
+    let mut p = env.poller(&conv, "nobody", &["--db", d]);
+    assert_eq!(p.wait_exit(TIMEOUT), Some(7), "{}", p.log());
+    assert!(p.log().contains("is not a bridge file"), "{}", p.log());
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        before,
+        "doctor/status/poller changed it"
+    );
+    assert_eq!(files_like(&env, "their-app"), ["their-app.db"]);
+
+    // With --force, init does add the tables (and keeps theirs).
+    env.ok(&["bridge", "init", "--force", "--db", d]);
+    env.ok(&["bridge", "status", "--db", d]);
+    let c = rusqlite::Connection::open(&db).unwrap();
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM invoices", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 2);
+}
+
+#[test]
+fn an_empty_or_missing_path_is_not_created_by_status_or_doctor() {
+    let env = Env::new();
+    let empty = env.path("empty.db");
+    std::fs::write(&empty, b"").unwrap();
+    for name in ["empty.db", "missing.db"] {
+        let p = env.path(name);
+        let d = path_str(&p);
+        let out = env.run(&["bridge", "status", "--db", d]);
+        assert_one_line_error(&out, 4, "autopoll bridge init --db");
+        let out = env.at("nobody", &["status", "--db", d]).output().unwrap();
+        assert_one_line_error(&out, 4, "autopoll bridge init --db");
+        let out = env
+            .cmd("autopoll")
+            .args(["doctor", "--name", "nobody", "--runtime-dir"])
+            .arg(env.runtime())
+            .args(["--db", d])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("FAIL bridge") && text.contains(d),
+            "{}",
+            describe(&out)
+        );
+        assert!(
+            text.contains(&format!("fix: autopoll bridge init --db {d}")),
+            "{text}"
+        );
+    }
+    assert!(!env.path("missing.db").exists());
+    assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0);
+    assert_eq!(files_like(&env, "empty"), ["empty.db"]);
+    assert_eq!(files_like(&env, "missing"), Vec::<String>::new());
+}
+
+#[test]
+fn a_file_that_is_not_sqlite_is_named_and_doctor_blames_no_permissions() {
+    let env = Env::new();
+    let p = env.path("notes.db");
+    let text = "not a database at all, just some notes someone saved here\n".repeat(40);
+    std::fs::write(&p, &text).unwrap();
+    let d = path_str(&p);
+    let out = env.run(&["bridge", "status", "--db", d]);
+    assert_one_line_error(&out, 7, "is not a SQLite database");
+    assert!(String::from_utf8_lossy(&out.stderr).contains(d));
+    let out = env
+        .cmd("autopoll")
+        .args(["doctor", "--name", "nobody", "--runtime-dir"])
+        .arg(env.runtime())
+        .args(["--db", d])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    let line = report
+        .lines()
+        .find(|l| l.starts_with("FAIL bridge"))
+        .unwrap();
+    assert!(
+        line.contains(d) && line.contains("not a SQLite database"),
+        "{report}"
+    );
+    assert!(!report.contains("readable and writable"), "{report}");
+    assert_eq!(std::fs::read_to_string(&p).unwrap(), text);
+    assert_eq!(files_like(&env, "notes"), ["notes.db"]);
 }

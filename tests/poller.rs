@@ -498,7 +498,9 @@ fn poller_help_lists_every_flag() {
         "--max-question-bytes",
         "--grace",
         "--heartbeat",
+        "--missing-grace",
         "Exit codes:",
+        " 14  autopoll-poller: the bridge file stayed missing",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
@@ -619,4 +621,254 @@ fn an_expired_token_while_running_neither_spins_nor_stops_answers() {
         used < 40,
         "spinning with an expired token: {used} ticks in 2 s"
     );
+}
+
+/// A consistent copy of the bridge at `to` (what a backup tool makes).
+fn backup(env: &Env, to: &std::path::Path) {
+    let b = env.bridge();
+    b.connection()
+        .execute("VACUUM INTO ?1", [path_str(to)])
+        .unwrap();
+}
+
+/// Send queries `q-PREFIX-i` from session a into the bridge at `db`.
+fn send_into(
+    db: &std::path::Path,
+    conv: &common::Conversation,
+    prefix: &str,
+    n: usize,
+) -> Vec<String> {
+    let mut b = autopoll_bridge::Bridge::open(db).unwrap();
+    (0..n)
+        .map(|i| {
+            let qid = format!("q-{prefix}-{i}");
+            let text = shard::query_text(&qid, "how big is the cache?");
+            b.send(&conv.id, Session::A, &conv.token_a, &text, None)
+                .unwrap();
+            qid
+        })
+        .collect()
+}
+
+/// query_ids of the responses in the bridge at `db`, and how many
+/// questions to b are marked read.
+fn answered_in(db: &std::path::Path) -> (Vec<String>, i64) {
+    let b = autopoll_bridge::Bridge::open(db).unwrap();
+    let c = b.connection();
+    let mut st = c
+        .prepare("SELECT message FROM messages WHERE to_session = 'a' ORDER BY id")
+        .unwrap();
+    let ids = st
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|m| {
+            let v: serde_json::Value = serde_json::from_str(&m.unwrap()).unwrap();
+            v["query_id"].as_str().unwrap_or("").to_string()
+        })
+        .collect();
+    let read = c
+        .query_row(
+            "SELECT count(*) FROM messages WHERE to_session = 'b' AND read = 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    (ids, read)
+}
+
+fn count(log: &str, needle: &str) -> usize {
+    log.lines().filter(|l| l.contains(needle)).count()
+}
+
+/// The bridge `mv`ed over while questions are in flight (the server is
+/// stopped with SIGSTOP so they stay there): the new file's queued queries
+/// are each answered once in it; the answers to the old file's questions
+/// are dropped, not written into the new file (whose ids are other
+/// messages); in the old file those questions stay unread and claimed, and a
+/// poller on it answers each once after the leases.
+#[test]
+fn bridge_replaced_by_mv_mid_question_answers_the_new_file_and_loses_nothing_of_the_old() {
+    let env = Env::new();
+    let (conv, ctx) = setup(&env);
+    let new = env.path("new.db");
+    backup(&env, &new); // the same conversation, none of the old file's messages
+    let b_ids = send_into(&new, &conv, "new", 3);
+    let server = env.server("default", &["--context", &ctx]);
+    let mut p = env.poller(&conv, "default", &["--lease", "2", "--concurrency", "4"]);
+    wait_until("the poller polls", TIMEOUT, || {
+        p.log().contains("event=polling")
+    });
+    server.signal(libc::SIGSTOP);
+    let a_ids = send_into(&env.db(), &conv, "old", 3);
+    wait_until("the old questions are in flight", TIMEOUT, || {
+        count(&p.log(), "event=query_claimed") == 3
+    });
+    let old = env.path("old.db");
+    std::fs::hard_link(env.db(), &old).unwrap(); // keep the old file reachable for the checks
+    std::fs::rename(&new, env.db()).unwrap();
+    wait_until("the poller notices", TIMEOUT, || {
+        p.log().contains("event=bridge_replaced")
+    });
+    server.signal(libc::SIGCONT);
+    wait_until("the old answers are dropped", TIMEOUT, || {
+        count(&p.log(), "event=answer_dropped") == 3
+    });
+    // Each new question answered once, no answer of an old one in the new file.
+    let got = env.expect_each_answered_once(&b_ids, TIMEOUT);
+    assert!(got.iter().all(|(q, _)| q.starts_with("q-new-")), "{got:?}");
+    assert!(p.log().contains("event=bridge_reopened"), "{}", p.log());
+    assert_eq!(count(&p.log(), "event=bridge_replaced"), 1, "{}", p.log());
+    // The old file: nothing marked read, nothing answered.
+    let (ids, read) = answered_in(&old);
+    assert_eq!((ids.len(), read), (0, 0), "{ids:?}");
+    // A poller on the old file answers each of its questions exactly once.
+    let mut p2 = env.poller(&conv, "default", &["--db", path_str(&old)]);
+    wait_until("the old questions are answered", TIMEOUT, || {
+        answered_in(&old).0.len() >= a_ids.len()
+    });
+    std::thread::sleep(Duration::from_millis(300)); // a straggling second answer would show now
+    let (mut ids, read) = answered_in(&old);
+    ids.sort();
+    let mut want = a_ids.clone();
+    want.sort();
+    assert_eq!(ids, want, "{}", p2.log());
+    assert_eq!(read, 3);
+    assert!(p.alive() && p2.alive());
+    // And the new file still holds exactly its own answers.
+    env.expect_each_answered_once(&b_ids, TIMEOUT);
+}
+
+/// Deleted, then restored from a backup holding a query: answered after
+/// the restore, and the heartbeat is written into the restored file.
+#[test]
+fn bridge_deleted_then_restored_answers_after_the_restore() {
+    let env = Env::new();
+    let (conv, ctx) = setup(&env);
+    let _server = env.server("default", &["--context", &ctx]);
+    let mut p = env.poller(&conv, "default", &[]);
+    let first = env.send_queries(&conv, "before", 1, "how big is the cache?");
+    env.expect_each_answered_once(&first, TIMEOUT);
+    let saved = env.path("backup.db");
+    backup(&env, &saved);
+    let later = send_into(&saved, &conv, "restored", 1);
+    std::fs::remove_file(env.db()).unwrap();
+    wait_until("the poller sees it missing", TIMEOUT, || {
+        p.log().contains("event=bridge_missing")
+    });
+    assert!(
+        p.log().contains("reason=\"the file is gone\""),
+        "{}",
+        p.log()
+    );
+    std::fs::rename(&saved, env.db()).unwrap();
+    let mut want = first.clone();
+    want.extend(later);
+    env.expect_each_answered_once(&want, TIMEOUT);
+    let log = p.log();
+    assert_eq!(count(&log, "event=bridge_missing"), 1, "{log}");
+    let reopened = log.find("event=bridge_reopened").expect("reopened");
+    assert!(log[reopened..].contains("event=status"), "{log}");
+    wait_until("a heartbeat in the restored file", TIMEOUT, || {
+        env.shard_status(&conv).as_deref() == Some("waiting")
+    });
+    assert!(p.alive());
+}
+
+/// The bridge's folder removed: the poller exits with code 14 after
+/// --missing-grace (so systemd restarts it). Before that, a folder
+/// recreated with a bridge in it within the grace is watched again and used.
+#[test]
+fn bridge_folder_removed_exits_14_after_missing_grace_and_a_recreated_one_is_watched_again() {
+    let env = Env::new();
+    let (conv, ctx) = setup(&env);
+    let _server = env.server("default", &["--context", &ctx]);
+    let dir = env.path("shard");
+    std::fs::create_dir(&dir).unwrap();
+    let db = dir.join("bridge.db");
+    backup(&env, &db);
+    let mut p = env.poller(
+        &conv,
+        "default",
+        &["--db", path_str(&db), "--missing-grace", "5"],
+    );
+    wait_until("the poller polls", TIMEOUT, || {
+        p.log().contains("event=polling")
+    });
+
+    // Removed and recreated within the grace: used again.
+    let keep = env.path("keep.db");
+    autopoll_bridge::Bridge::open(&db)
+        .unwrap()
+        .connection()
+        .execute("VACUUM INTO ?1", [path_str(&keep)])
+        .unwrap();
+    let ids = send_into(&keep, &conv, "back", 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+    wait_until("the poller sees the folder gone", TIMEOUT, || {
+        p.log().contains("reason=\"its folder is gone\"")
+    });
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::rename(&keep, &db).unwrap();
+    wait_until("answered in the recreated folder", TIMEOUT, || {
+        answered_in(&db).0 == ids
+    });
+    assert!(p.log().contains("event=watch_restored"), "{}", p.log());
+
+    // Removed for good: exit 14 once the grace has passed.
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(p.wait_exit(TIMEOUT), Some(14), "{}", p.log());
+    let log = p.log();
+    assert!(log.contains("event=bridge_gone"), "{log}");
+    assert!(log.contains("giving up so a supervisor restarts"), "{log}");
+    // Logged once per state change: a closed connection twice, and perhaps
+    // "the file is gone" between the folder's return and the file's.
+    assert_eq!(count(&log, "connection closed"), 2, "{log}");
+    // Between two reopens, each reason is logged at most once.
+    for stretch in log.split("event=bridge_reopened") {
+        let reasons: Vec<&str> = stretch
+            .lines()
+            .filter(|l| l.contains("event=bridge_missing"))
+            .filter_map(|l| l.split("reason=\"").nth(1)?.split('"').next())
+            .collect();
+        let mut unique = reasons.clone();
+        unique.dedup();
+        assert_eq!(unique, reasons, "a state logged twice: {log}");
+    }
+}
+
+/// A replacement that is not a bridge is refused (and left unchanged) and
+/// waited out like a missing file; a bridge put back in its place is used.
+#[test]
+fn bridge_replaced_by_a_foreign_file_is_refused_untouched_then_a_bridge_is_used() {
+    let env = Env::new();
+    let (conv, ctx) = setup(&env);
+    let _server = env.server("default", &["--context", &ctx]);
+    let mut p = env.poller(&conv, "default", &[]);
+    wait_until("the poller polls", TIMEOUT, || {
+        p.log().contains("event=polling")
+    });
+    let good = env.path("good.db");
+    backup(&env, &good);
+    let ids = send_into(&good, &conv, "good", 1);
+    let theirs = env.path("theirs.db");
+    rusqlite::Connection::open(&theirs)
+        .unwrap()
+        .execute_batch("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+        .unwrap();
+    let bytes = std::fs::read(&theirs).unwrap();
+    std::fs::rename(&theirs, env.db()).unwrap();
+    wait_until("the foreign file is refused", TIMEOUT, || {
+        p.log().contains("event=bridge_refused")
+    });
+    assert!(p.log().contains("is not a bridge file"), "{}", p.log());
+    std::thread::sleep(Duration::from_millis(1_500)); // retried once a second: logged once
+    assert_eq!(count(&p.log(), "event=bridge_refused"), 1, "{}", p.log());
+    assert_eq!(
+        std::fs::read(env.db()).unwrap(),
+        bytes,
+        "the refused file was changed"
+    );
+    std::fs::rename(&good, env.db()).unwrap();
+    env.expect_each_answered_once(&ids, TIMEOUT);
+    assert!(p.alive());
 }

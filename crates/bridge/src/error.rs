@@ -48,7 +48,7 @@ pub enum Error {
     /// The file's tables do not have a column autopoll (or the Python server) needs.
     #[error(
         "bridge schema mismatch in {path}: table `{table}` lacks column `{column}` \
-         (is this a bridge file of the Python MCP bridge server?)"
+         (is this a bridge file of the Python MCP bridge server?); autopoll left it unchanged"
     )]
     SchemaMismatch {
         /// The database file.
@@ -57,6 +57,33 @@ pub enum Error {
         table: String,
         /// The missing column.
         column: String,
+    },
+    /// A SQLite file that holds tables, none of them the bridge's: someone
+    /// else's database. Nothing was written to it.
+    #[error(
+        "{path} is not a bridge file: it is a SQLite database of something else (tables: {tables}); \
+         autopoll left it unchanged. Point --db (AUTOPOLL_DB) at the bridge file the Python server \
+         uses, or make a new bridge: `autopoll bridge init --db {suggestion}`"
+    )]
+    NotABridge {
+        /// The database file.
+        path: PathBuf,
+        /// Its tables, comma-separated (at most a few).
+        tables: String,
+        /// A path beside it where a new bridge could go, quoted for a shell.
+        suggestion: String,
+    },
+    /// A file that is not a SQLite database at all. Nothing was written to it.
+    #[error(
+        "{path} is not a SQLite database (file is not a database); autopoll left it unchanged. \
+         Point --db (AUTOPOLL_DB) at the bridge file the Python server uses, or make a new bridge: \
+         `autopoll bridge init --db {suggestion}`"
+    )]
+    NotADatabase {
+        /// The file.
+        path: PathBuf,
+        /// A path beside it where a new bridge could go, quoted for a shell.
+        suggestion: String,
     },
     /// A send went over the configured rate limit.
     #[error(
@@ -104,6 +131,15 @@ impl Error {
         }
     }
 
+    /// True when the file is not a bridge (someone else's database, not
+    /// SQLite, or a schema mismatch): autopoll refused it without writing.
+    pub fn is_not_a_bridge(&self) -> bool {
+        matches!(
+            self,
+            Error::NotABridge { .. } | Error::NotADatabase { .. } | Error::SchemaMismatch { .. }
+        )
+    }
+
     /// True for failures that may pass when retried later (lock contention).
     pub fn is_transient(&self) -> bool {
         matches!(self, Error::Busy { .. })
@@ -123,4 +159,32 @@ pub(crate) fn sql(timeout_ms: u64) -> impl Fn(rusqlite::Error) -> Error {
         }
         Error::Sqlite(e)
     }
+}
+
+/// Quote for a POSIX shell when needed (for commands printed in messages).
+pub fn sh_quote(s: &str) -> String {
+    let safe = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-:@%+=,".contains(&b));
+    if safe {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Where a new bridge could go beside `path` (for "make a new one" hints):
+/// `bridge.db` in the same folder, or `bridge-new.db` when that is `path`.
+pub fn new_bridge_suggestion(path: &std::path::Path) -> String {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let name = if path.file_name().is_some_and(|n| n == "bridge.db") {
+        "bridge-new.db"
+    } else {
+        "bridge.db"
+    };
+    let p = match dir {
+        Some(d) => d.join(name),
+        None => std::path::PathBuf::from(name),
+    };
+    sh_quote(&p.to_string_lossy())
 }

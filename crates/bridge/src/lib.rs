@@ -127,6 +127,10 @@ pub struct BridgeOptions {
     /// Create the file (and tables) when it does not exist. When false, a
     /// missing file is [`Error::NotFound`].
     pub create: bool,
+    /// Open a file that holds tables but none of the bridge's, adding the
+    /// bridge's tables to it (`bridge init --force`). When false, such a
+    /// file is refused untouched with [`Error::NotABridge`].
+    pub allow_foreign: bool,
     /// How long to wait for another writer's lock before [`Error::Busy`].
     pub busy_timeout: Duration,
     /// Send limits, `None` for none.
@@ -139,6 +143,7 @@ impl Default for BridgeOptions {
     fn default() -> Self {
         BridgeOptions {
             create: false,
+            allow_foreign: false,
             busy_timeout: DEFAULT_BUSY_TIMEOUT,
             rate_limit: None,
             max_message_chars: MAX_MESSAGE_CHARS,
@@ -177,6 +182,11 @@ impl Bridge {
     }
 
     /// Open with explicit options.
+    ///
+    /// An existing file is first opened read-only and classified
+    /// ([`schema::classify`]): an empty one is refused unless `create`, someone
+    /// else's database unless `allow_foreign`, a non-SQLite file or a schema
+    /// mismatch always, and all of these before anything is written.
     pub fn open_with(path: impl AsRef<Path>, opts: BridgeOptions) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let timeout_ms = ms(opts.busy_timeout);
@@ -184,16 +194,25 @@ impl Bridge {
         let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
             | OpenFlags::SQLITE_OPEN_URI;
+        let exists = path.exists();
         if opts.create {
             flags |= OpenFlags::SQLITE_OPEN_CREATE;
-        } else if !path.exists() {
+        } else if !exists {
             return Err(Error::NotFound {
                 what: format!("bridge file {}", path.display()),
                 hint: format!(
                     "; create it with `autopoll bridge init --db {}`",
-                    path.display()
+                    error::sh_quote(&path.to_string_lossy())
                 ),
             });
+        }
+        if exists {
+            schema::refuse(
+                schema::inspect(&path, timeout_ms)?,
+                &path,
+                opts.create,
+                opts.allow_foreign,
+            )?;
         }
         let mut conn = Connection::open_with_flags(&path, flags).map_err(|e| match e {
             rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::CannotOpen => {
@@ -206,6 +225,14 @@ impl Bridge {
             e => map(e),
         })?;
         conn.busy_timeout(opts.busy_timeout).map_err(&map)?;
+        // Again on the connection that will write: the file may have been
+        // replaced since the read-only look. Still nothing written.
+        schema::refuse(
+            schema::classify(&conn, &path, timeout_ms)?,
+            &path,
+            opts.create,
+            opts.allow_foreign,
+        )?;
         let mode: String = conn
             .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
             .map_err(&map)?;
@@ -244,6 +271,21 @@ impl Bridge {
         self.conn
             .query_row("PRAGMA data_version", [], |r| r.get(0))
             .map_err(self.map())
+    }
+
+    /// `PRAGMA wal_checkpoint(TRUNCATE)`: copy every committed transaction
+    /// from the WAL into the database file and empty the WAL. Returns false
+    /// when another connection's read kept it from finishing.
+    ///
+    /// Called before closing a connection whose file was replaced or deleted
+    /// under it: SQLite finds the `-wal` and `-shm` by name, so left full
+    /// they would be read as part of whatever file is put at the path next.
+    pub fn checkpoint_truncate(&self) -> Result<bool> {
+        let busy: i64 = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+            .map_err(self.map())?;
+        Ok(busy == 0)
     }
 
     /// The journal mode the file is in (`wal` normally).

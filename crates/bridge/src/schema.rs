@@ -6,6 +6,10 @@
 //! `messages` (`autopoll_messages_unread`, only over unread rows) keeps claim
 //! scans cheap on a file with a long history; an index does not change the
 //! table's definition, and the Python server's statements work unchanged.
+//!
+//! Before anything is written, a file is [classified](classify) with reads
+//! only: a file that holds tables but not the bridge's, or that is not SQLite
+//! at all, is refused untouched (no tables added, no switch to WAL).
 
 use std::path::Path;
 
@@ -165,6 +169,111 @@ pub const REQUIRED_COLUMNS: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// What a file holds, as far as autopoll cares (see [`classify`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileKind {
+    /// No tables at all (a new or zero-length file).
+    Empty,
+    /// At least one of the four shared tables, each present one with the
+    /// columns the bridge needs.
+    Bridge,
+    /// Tables, none of them the bridge's: someone else's database.
+    Foreign(Vec<String>),
+}
+
+/// Classify the database behind `conn` with reads only: [`FileKind`], or
+/// [`Error::SchemaMismatch`] when a shared table lacks a column, or
+/// [`Error::NotADatabase`] when the file is not SQLite.
+pub fn classify(conn: &Connection, path: &Path, timeout_ms: u64) -> Result<FileKind> {
+    let map = crate::error::sql(timeout_ms);
+    let not_db = |e: rusqlite::Error| match &e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::NotADatabase => {
+            Error::NotADatabase {
+                path: path.to_path_buf(),
+                suggestion: crate::error::new_bridge_suggestion(path),
+            }
+        }
+        _ => map(e),
+    };
+    let mut stmt = conn
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'table' \
+             AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name",
+        )
+        .map_err(not_db)?;
+    let tables: Vec<String> = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .and_then(|rows| rows.collect())
+        .map_err(not_db)?;
+    if tables.is_empty() {
+        return Ok(FileKind::Empty);
+    }
+    let shared: Vec<(&str, &[&str])> = REQUIRED_COLUMNS[..4]
+        .iter()
+        .filter(|(t, _)| tables.iter().any(|have| have == t))
+        .copied()
+        .collect();
+    if shared.is_empty() {
+        return Ok(FileKind::Foreign(tables));
+    }
+    check_columns(conn, path, &shared)?;
+    Ok(FileKind::Bridge)
+}
+
+/// Open `path` read-only and [`classify`] it. Writes nothing (a file in
+/// rollback-journal mode stays byte for byte as it was; no `-wal` or `-shm`
+/// appears beside it).
+pub fn inspect(path: &Path, timeout_ms: u64) -> Result<FileKind> {
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | rusqlite::OpenFlags::SQLITE_OPEN_URI;
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| match e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::CannotOpen => {
+            Error::Io {
+                op: "cannot open bridge file",
+                path: path.to_path_buf(),
+                source: std::io::Error::from_raw_os_error(f.extended_code & 0xff),
+            }
+        }
+        e => crate::error::sql(timeout_ms)(e),
+    })?;
+    conn.busy_timeout(std::time::Duration::from_millis(timeout_ms))
+        .map_err(crate::error::sql(timeout_ms))?;
+    classify(&conn, path, timeout_ms)
+}
+
+/// Turn a [`FileKind`] into the refusal the options call for, if any.
+pub(crate) fn refuse(kind: FileKind, path: &Path, create: bool, allow_foreign: bool) -> Result<()> {
+    match kind {
+        FileKind::Bridge => Ok(()),
+        FileKind::Empty if create => Ok(()),
+        FileKind::Empty => Err(Error::NotFound {
+            what: format!("bridge tables in {} (the file is empty)", path.display()),
+            hint: format!(
+                "; autopoll left it unchanged; create them with `autopoll bridge init --db {}`",
+                crate::error::sh_quote(&path.to_string_lossy())
+            ),
+        }),
+        FileKind::Foreign(_) if allow_foreign => Ok(()),
+        FileKind::Foreign(tables) => {
+            let mut list = tables
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ");
+            if tables.len() > 5 {
+                list.push_str(&format!(" and {} more", tables.len() - 5));
+            }
+            Err(Error::NotABridge {
+                path: path.to_path_buf(),
+                tables: list,
+                suggestion: crate::error::new_bridge_suggestion(path),
+            })
+        }
+    }
+}
+
 /// Create what is missing, then check every required column is there.
 pub(crate) fn ensure(conn: &mut Connection, path: &Path, timeout_ms: u64) -> Result<()> {
     let map = crate::error::sql(timeout_ms);
@@ -221,4 +330,137 @@ pub fn table_columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<Str
     let mut stmt = conn.prepare("SELECT name FROM pragma_table_info(?1)")?;
     let rows = stmt.query_map([table], |r| r.get::<_, String>(0))?;
     rows.collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Bridge, BridgeOptions};
+
+    fn foreign(dir: &Path) -> std::path::PathBuf {
+        let db = dir.join("theirs.db");
+        let c = Connection::open(&db).unwrap();
+        c.execute_batch(
+            "CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL);
+             INSERT INTO invoices (total) VALUES (12.5), (99.0);",
+        )
+        .unwrap();
+        db
+    }
+
+    fn beside(db: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(db.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_foreign_file_is_refused_byte_for_byte_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = foreign(dir.path());
+        let before = std::fs::read(&db).unwrap();
+        for create in [false, true] {
+            let opts = BridgeOptions {
+                create,
+                ..BridgeOptions::default()
+            };
+            let e = Bridge::open_with(&db, opts).unwrap_err();
+            assert!(matches!(e, Error::NotABridge { .. }), "{e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains("theirs.db") && msg.contains("invoices"),
+                "{msg}"
+            );
+            assert!(msg.contains("autopoll bridge init --db"), "{msg}");
+            assert!(e.is_not_a_bridge());
+        }
+        assert_eq!(std::fs::read(&db).unwrap(), before);
+        assert_eq!(beside(&db), vec!["theirs.db".to_string()]);
+        assert_eq!(
+            inspect(&db, 100).unwrap(),
+            FileKind::Foreign(vec!["invoices".into()])
+        );
+    }
+
+    #[test]
+    fn allow_foreign_adds_the_bridge_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = foreign(dir.path());
+        let opts = BridgeOptions {
+            create: true,
+            allow_foreign: true,
+            ..BridgeOptions::default()
+        };
+        let b = Bridge::open_with(&db, opts).unwrap();
+        assert_eq!(b.journal_mode().unwrap(), "wal");
+        drop(b);
+        assert_eq!(inspect(&db, 100).unwrap(), FileKind::Bridge);
+    }
+
+    #[test]
+    fn an_empty_file_is_not_found_and_left_alone_unless_creating() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("empty.db");
+        std::fs::write(&db, b"").unwrap();
+        let e = Bridge::open(&db).unwrap_err();
+        assert!(matches!(e, Error::NotFound { .. }), "{e}");
+        assert!(e.to_string().contains("autopoll bridge init --db"), "{e}");
+        assert_eq!(std::fs::metadata(&db).unwrap().len(), 0);
+        assert_eq!(beside(&db), vec!["empty.db".to_string()]);
+        Bridge::open_or_create(&db).unwrap();
+        assert_eq!(inspect(&db, 100).unwrap(), FileKind::Bridge);
+    }
+
+    #[test]
+    fn a_file_that_is_not_sqlite_is_named_and_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("notes.txt");
+        let text =
+            "this is not a database, it is a long enough text file to have a header\n".repeat(20);
+        std::fs::write(&db, &text).unwrap();
+        for opts in [
+            BridgeOptions::default(),
+            BridgeOptions {
+                create: true,
+                allow_foreign: true,
+                ..BridgeOptions::default()
+            },
+        ] {
+            let e = Bridge::open_with(&db, opts).unwrap_err();
+            assert!(matches!(e, Error::NotADatabase { .. }), "{e}");
+            assert!(e.to_string().contains("notes.txt"), "{e}");
+            assert!(e.to_string().contains("not a database"), "{e}");
+        }
+        assert_eq!(std::fs::read_to_string(&db).unwrap(), text);
+        assert_eq!(beside(&db), vec!["notes.txt".to_string()]);
+    }
+
+    #[test]
+    fn a_bridge_in_wal_mode_opens_after_the_read_only_look() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("bridge.db");
+        let mut b = Bridge::open_or_create(&db).unwrap();
+        b.create_conversation("c", "s", crate::DEFAULT_TTL).unwrap();
+        // Still open: the -wal and -shm exist; a second opener classifies it.
+        let b2 = Bridge::open(&db).unwrap();
+        assert_eq!(b2.list_conversations().unwrap().len(), 1);
+        drop((b, b2));
+        // Closed (no -wal or -shm left): still a bridge.
+        assert_eq!(inspect(&db, 100).unwrap(), FileKind::Bridge);
+        Bridge::open(&db).unwrap();
+    }
+
+    #[test]
+    fn a_file_with_only_the_python_tables_is_a_bridge() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("py.db");
+        let c = Connection::open(&db).unwrap();
+        c.execute_batch(SHARED_DDL).unwrap();
+        drop(c);
+        assert_eq!(inspect(&db, 100).unwrap(), FileKind::Bridge);
+        Bridge::open(&db).unwrap();
+    }
 }

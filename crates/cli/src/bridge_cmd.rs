@@ -67,9 +67,16 @@ impl From<SessionArg> for Session {
 #[derive(Debug, Subcommand)]
 enum BridgeCmd {
     /// Create the bridge file and its tables (idempotent; an existing file is checked and kept).
+    ///
+    /// A file that is someone else's SQLite database (tables, none of them the
+    /// bridge's) is refused unchanged unless --force.
     Init {
         #[command(flatten)]
         common: Common,
+        /// Add the bridge's tables to a SQLite file that holds other tables
+        /// (and switch it to WAL). Without it such a file is left alone.
+        #[arg(long)]
+        force: bool,
     },
     /// Create a conversation; prints its id and both sessions' tokens.
     Create {
@@ -190,14 +197,26 @@ fn open(common: &Common) -> Result<Bridge, CliError> {
 /// Run a bridge subcommand.
 pub fn run(args: BridgeArgs) -> Result<(), CliError> {
     match args.cmd {
-        BridgeCmd::Init { common } => {
+        BridgeCmd::Init { common, force } => {
             let b = Bridge::open_with(
                 &common.db,
                 BridgeOptions {
                     create: true,
+                    allow_foreign: force,
                     ..BridgeOptions::default()
                 },
-            )?;
+            )
+            .map_err(|e| match e {
+                e @ autopoll_bridge::Error::NotABridge { .. } => CliError::new(
+                    exit::SCHEMA,
+                    format!(
+                        "{e}; or, if you really mean to add the bridge's tables to it: \
+                         `autopoll bridge init --force --db {}`",
+                        autopoll_bridge::error::sh_quote(&common.db.to_string_lossy())
+                    ),
+                ),
+                e => e.into(),
+            })?;
             let mode = b.journal_mode()?;
             if common.json {
                 print_json(&json!({

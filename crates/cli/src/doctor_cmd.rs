@@ -360,7 +360,11 @@ fn check_bridge(db: &Path) -> (Check, Option<Bridge>) {
                 }
                 BridgeError::SchemaMismatch { .. } => format!(
                     "point --db (AUTOPOLL_DB) at the bridge file the Python server uses; or make a new one: autopoll bridge init --db {}",
-                    shp(db)
+                    autopoll_bridge::error::new_bridge_suggestion(db)
+                ),
+                BridgeError::NotABridge { .. } | BridgeError::NotADatabase { .. } => format!(
+                    "it was left unchanged; point --db (AUTOPOLL_DB) at the bridge file the Python server uses, or make a new one: autopoll bridge init --db {}",
+                    autopoll_bridge::error::new_bridge_suggestion(db)
                 ),
                 BridgeError::Busy { .. } => format!(
                     "another process holds the write lock: find it with `fuser {}` and stop it",

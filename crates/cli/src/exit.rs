@@ -19,7 +19,8 @@ pub const NOT_FOUND: u8 = 4;
 pub const TIMEOUT: u8 = 5;
 /// The bridge stayed locked by another writer past the busy timeout.
 pub const BUSY: u8 = 6;
-/// The bridge file's schema is not the bridge's.
+/// The file is not a bridge (someone else's SQLite file, not SQLite, or a
+/// schema mismatch); it was left unchanged.
 pub const SCHEMA: u8 = 7;
 /// A configured send rate limit was hit.
 pub const RATE_LIMITED: u8 = 8;
@@ -33,6 +34,9 @@ pub const ALREADY_RUNNING: u8 = 11;
 pub const CONFIG: u8 = 12;
 /// `autopoll doctor`: at least one check failed.
 pub const DOCTOR: u8 = 13;
+/// `autopoll-poller`: its bridge file stayed missing (or replaced by something
+/// that is not a bridge) past `--missing-grace`; a supervisor should restart it.
+pub const BRIDGE_GONE: u8 = 14;
 
 /// The table printed under every `--help`.
 pub const EXIT_CODES_HELP: &str = "\
@@ -44,13 +48,16 @@ Exit codes:
   4  bridge file, conversation or message not found
   5  timed out waiting for an answer
   6  bridge busy (locked by another writer past the busy timeout)
-  7  bridge schema mismatch
+  7  not a bridge file (another program's SQLite file, not SQLite, or a schema
+     mismatch); it was left unchanged
   8  rate limited
   9  invalid input
  10  no server running under that name
  11  a server of that name is already running
  12  bad server configuration (context missing or unreadable)
- 13  autopoll doctor found a problem (each FAIL line says how to fix it)";
+ 13  autopoll doctor found a problem (each FAIL line says how to fix it)
+ 14  autopoll-poller: the bridge file stayed missing or not a bridge past
+     --missing-grace (restart it once the file is back)";
 
 /// A failure to report: an exit code and a one-line message.
 #[derive(Debug)]
@@ -77,7 +84,9 @@ impl From<BridgeError> for CliError {
             BridgeError::InvalidToken { .. } | BridgeError::Expired { .. } => AUTH,
             BridgeError::NotFound { .. } => NOT_FOUND,
             BridgeError::Busy { .. } => BUSY,
-            BridgeError::SchemaMismatch { .. } => SCHEMA,
+            BridgeError::SchemaMismatch { .. }
+            | BridgeError::NotABridge { .. }
+            | BridgeError::NotADatabase { .. } => SCHEMA,
             BridgeError::RateLimited { .. } => RATE_LIMITED,
             BridgeError::Invalid(_) => INVALID,
             BridgeError::Io { .. } | BridgeError::Sqlite(_) => FAILURE,

@@ -29,8 +29,13 @@ enum SessionArg {
                   messages within milliseconds (inotify on the bridge plus PRAGMA data_version), \
                   keeps up to --concurrency questions in flight, survives restarts of the server \
                   (status `blocked` meanwhile) and of itself (leases), and dead-letters a question \
-                  after --max-attempts failures. SIGINT or SIGTERM: stop claiming, finish in-flight \
-                  questions within --grace, release the rest, exit 0.",
+                  after --max-attempts failures. It checks ten times a second that the bridge path \
+                  still names the file it opened: when the file is replaced, deleted or its folder \
+                  removed, it closes the connection (logging event=bridge_replaced or \
+                  event=bridge_missing), reopens the file once a bridge is back at the path, and \
+                  exits with code 14 when none is back within --missing-grace. It refuses a file \
+                  that is not a bridge (exit 7), leaving it unchanged. SIGINT or SIGTERM: stop \
+                  claiming, finish in-flight questions within --grace, release the rest, exit 0.",
     after_help = exit::EXIT_CODES_HELP
 )]
 struct PollerCli {
@@ -71,6 +76,10 @@ struct PollerCli {
     /// On SIGINT/SIGTERM, how long in-flight questions may take, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = crate::flags::secs)]
     grace: f64,
+    /// How long the bridge file may stay missing (or replaced by a file that is
+    /// not a bridge) before the poller exits with code 14, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = crate::flags::secs)]
+    missing_grace: f64,
     /// How often the heartbeat in session_status is refreshed, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = crate::flags::positive_secs)]
     heartbeat: f64,
@@ -104,6 +113,7 @@ fn poll(cli: PollerCli) -> Result<(), CliError> {
     cfg.max_question_bytes = cli.max_question_bytes;
     cfg.grace = Duration::from_secs_f64(cli.grace);
     cfg.heartbeat = Duration::from_secs_f64(cli.heartbeat);
+    cfg.missing_grace = Duration::from_secs_f64(cli.missing_grace);
     cfg.notify = autopoll_protocol::NotifyConfig::from_env();
     autopoll_poller::run(cfg, shutdown).map_err(|e| match e {
         PollerError::Bridge(b @ autopoll_bridge::Error::InvalidToken { .. }) => CliError::new(
@@ -116,5 +126,6 @@ fn poll(cli: PollerCli) -> Result<(), CliError> {
         PollerError::Bridge(b) => CliError::from(b),
         PollerError::Config(m) => CliError::new(exit::USAGE, m),
         PollerError::Io(m) => CliError::new(exit::FAILURE, m),
+        e @ PollerError::BridgeGone { .. } => CliError::new(exit::BRIDGE_GONE, e.to_string()),
     })
 }

@@ -11,6 +11,8 @@ use crate::Event;
 
 /// A question for an asker.
 pub struct AskJob {
+    /// The bridge connection it was claimed on (handed back in the result).
+    pub generation: u64,
     /// The bridge message it came from.
     pub message_id: i64,
     /// The question text.
@@ -21,6 +23,8 @@ pub struct AskJob {
 
 /// What an asker got.
 pub struct AskResult {
+    /// The job's [`AskJob::generation`].
+    pub generation: u64,
     /// The bridge message.
     pub message_id: i64,
     /// The answer, or why not.
@@ -74,6 +78,7 @@ pub fn run(
             client = None;
         }
         let r = AskResult {
+            generation: job.generation,
             message_id: job.message_id,
             outcome,
         };

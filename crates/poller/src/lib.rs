@@ -9,7 +9,9 @@
 //!   every write: claims, completions (batched), lease extensions, dead
 //!   letters, heartbeats. It waits on one crossbeam channel of [`Event`]s.
 //! - `bridge-watch`: inotify on the bridge's directory ([`watch`]); sends
-//!   `Wake` on a commit by anyone, `Stop` on shutdown.
+//!   `Wake` on a commit by anyone and when the file is replaced or removed,
+//!   `Stop` on shutdown. It re-establishes its watch when the folder is
+//!   removed and recreated.
 //! - `asker-N`: `--concurrency` of them, each with its own server connection
 //!   ([`asker`]); sends `Result`s.
 //!
@@ -21,9 +23,17 @@
 //! A question is never marked read before its answer is committed: the
 //! answer row, the read flag and the claim's removal go in one transaction,
 //! and only while this poller still owns the claim (see `autopoll_bridge`).
+//!
+//! The bridge file is watched ([`conn`]): when its path names another file
+//! or none, the connection is closed, questions in flight on it are
+//! orphaned (their answers are never written into another file), and the
+//! file is reopened, validated, once it is back; past
+//! [`PollerConfig::missing_grace`] without it, [`run`] fails with
+//! [`PollerError::BridgeGone`] so a supervisor restarts the poller.
 #![deny(missing_docs)]
 
 pub mod asker;
+pub mod conn;
 pub mod fault;
 pub mod watch;
 
@@ -77,6 +87,9 @@ pub struct PollerConfig {
     pub version_check: Duration,
     /// systemd notification (`NOTIFY_SOCKET`, watchdog); none by default.
     pub notify: NotifyConfig,
+    /// How long the bridge file may stay missing (or not a bridge) before
+    /// [`run`] gives up with [`PollerError::BridgeGone`].
+    pub missing_grace: Duration,
 }
 
 impl PollerConfig {
@@ -103,6 +116,7 @@ impl PollerConfig {
             heartbeat: Duration::from_secs(10),
             version_check: Duration::from_millis(100),
             notify: NotifyConfig::default(),
+            missing_grace: Duration::from_secs(60),
         }
     }
 }
@@ -119,6 +133,20 @@ pub enum PollerError {
     /// An OS resource could not be set up.
     #[error("{0}")]
     Io(String),
+    /// The bridge file stayed missing, or not a bridge, past the grace.
+    #[error(
+        "the bridge file {path} has been unusable for {secs:.0} s ({why}); giving up so a \
+         supervisor restarts the poller. Put the bridge back at that path (or fix --db) and \
+         start the poller again"
+    )]
+    BridgeGone {
+        /// The bridge path.
+        path: PathBuf,
+        /// Seconds without a usable file.
+        secs: f64,
+        /// The last reason.
+        why: String,
+    },
 }
 
 /// Messages to the main loop.
@@ -135,6 +163,8 @@ pub enum Event {
 const MAX_ANSWER_CHARS: usize = 45_000;
 
 struct InFlight {
+    /// The connection it was claimed on (see [`conn`]).
+    generation: u64,
     query_id: String,
     attempts: u32,
     lease_until: Instant,
@@ -152,7 +182,17 @@ enum ServerState {
 
 struct Poller {
     cfg: PollerConfig,
-    bridge: Bridge,
+    /// `None` while the file is missing or refused (see [`conn`]).
+    bridge: Option<Bridge>,
+    /// The device and inode of the file `bridge` is on.
+    file_id: Option<conn::FileId>,
+    /// Counts connections opened; tags questions with the one they came from.
+    generation: u64,
+    /// Without a connection since...
+    gone: Option<conn::Gone>,
+    /// Questions in flight on a closed connection: (generation, message id)
+    /// to query id. Their answers are dropped.
+    orphans: HashMap<(u64, i64), String>,
     claimer: Claimer,
     jobs: Sender<AskJob>,
     in_flight: HashMap<i64, InFlight>,
@@ -261,12 +301,17 @@ impl Poller {
         if self.heartbeat_failing && !due {
             return;
         }
-        match self.bridge.heartbeat(
-            &self.cfg.conversation,
-            self.cfg.session,
-            &self.cfg.token,
-            want,
-        ) {
+        if self.bridge.is_none() {
+            return;
+        }
+        match live(&mut self.bridge).and_then(|b| {
+            b.heartbeat(
+                &self.cfg.conversation,
+                self.cfg.session,
+                &self.cfg.token,
+                want,
+            )
+        }) {
             Ok(()) => {
                 if changed {
                     log::info!("event=status status={}", want.as_str());
@@ -306,7 +351,8 @@ impl Poller {
     /// Claim what fits; returns whether more may be waiting (the batch
     /// filled every free slot, or there was no free slot to try).
     fn claim(&mut self) -> bool {
-        let room = self.cfg.concurrency.saturating_sub(self.in_flight.len());
+        let busy = self.in_flight.len() + self.orphans.len();
+        let room = self.cfg.concurrency.saturating_sub(busy);
         if room == 0 {
             return true;
         }
@@ -315,12 +361,14 @@ impl Poller {
             lease: self.cfg.lease,
             max_attempts: self.cfg.max_attempts,
         };
-        let batch = match self.bridge.claim(
-            &self.claimer,
-            &self.cfg.conversation,
-            self.cfg.session,
-            &opts,
-        ) {
+        let batch = match live(&mut self.bridge).and_then(|b| {
+            b.claim(
+                &self.claimer,
+                &self.cfg.conversation,
+                self.cfg.session,
+                &opts,
+            )
+        }) {
             Ok(b) => b,
             Err(e) => {
                 // A failed write (disk full, I/O error) still touches the
@@ -376,6 +424,7 @@ impl Poller {
                     self.in_flight.insert(
                         id,
                         InFlight {
+                            generation: self.generation,
                             query_id: q.query_id,
                             attempts: c.attempts,
                             lease_until: now + self.cfg.lease,
@@ -383,6 +432,7 @@ impl Poller {
                         },
                     );
                     let job = AskJob {
+                        generation: self.generation,
                         message_id: id,
                         question: q.question,
                         server_timeout: self.cfg.query_timeout,
@@ -407,7 +457,8 @@ impl Poller {
             }
         }
         if !skip.is_empty()
-            && let Err(e) = self.bridge.skip(&self.claimer, &skip, "not a query")
+            && let Err(e) =
+                live(&mut self.bridge).and_then(|b| b.skip(&self.claimer, &skip, "not a query"))
         {
             log::warn!(
                 "event=bridge_error op=skip count={} reason={:?}: retried later",
@@ -420,7 +471,7 @@ impl Poller {
 
     fn dead_letter(&mut self, id: i64, query_id: &str, why: &str) {
         self.in_flight.remove(&id);
-        match self.bridge.dead_letter(&self.claimer, id, why) {
+        match live(&mut self.bridge).and_then(|b| b.dead_letter(&self.claimer, id, why)) {
             Ok(Some(d)) => log::warn!(
                 "event=dead_lettered message_id={id} query_id={query_id} attempts={} reason={why:?}",
                 d.attempts
@@ -442,9 +493,8 @@ impl Poller {
             .in_flight
             .remove(&id)
             .map_or((String::new(), 0), |f| (f.query_id, f.attempts));
-        match self
-            .bridge
-            .release(&self.claimer, &[id], Some(error), refund)
+        match live(&mut self.bridge)
+            .and_then(|b| b.release(&self.claimer, &[id], Some(error), refund))
         {
             Ok(0) => log::warn!(
                 "event=stale message_id={id} query_id={q}: the claim was already taken over"
@@ -495,7 +545,18 @@ impl Poller {
     }
 
     fn on_result(&mut self, r: AskResult) {
-        let Some(f) = self.in_flight.get(&r.message_id) else {
+        let Some(f) = self
+            .in_flight
+            .get(&r.message_id)
+            .filter(|f| f.generation == r.generation)
+        else {
+            if let Some(q) = self.orphans.remove(&(r.generation, r.message_id)) {
+                log::warn!(
+                    "event=answer_dropped message_id={} query_id={q} reason=\"its bridge file was replaced or removed\": \
+                     not written to the file now at the path; the question stays unread in the old file",
+                    r.message_id
+                );
+            }
             return;
         };
         let (query_id, attempts, claimed_at) = (f.query_id.clone(), f.attempts, f.claimed_at);
@@ -589,7 +650,7 @@ impl Poller {
         }
         let batch: Vec<BridgeAnswer> = self.answers.iter().map(|(a, _, _)| a.clone()).collect();
         fault::point("before_commit");
-        match self.bridge.complete(&self.claimer, &batch) {
+        match live(&mut self.bridge).and_then(|b| b.complete(&self.claimer, &batch)) {
             Ok(ids) => {
                 for ((a, qid, took), rid) in self.answers.drain(..).zip(ids) {
                     self.in_flight.remove(&a.message_id);
@@ -633,7 +694,7 @@ impl Poller {
         if due.is_empty() {
             return;
         }
-        match self.bridge.extend(&self.claimer, &due, self.cfg.lease) {
+        match live(&mut self.bridge).and_then(|b| b.extend(&self.claimer, &due, self.cfg.lease)) {
             Ok(n) => {
                 if n < due.len() {
                     log::warn!(
@@ -659,7 +720,10 @@ impl Poller {
     }
 
     fn changed(&mut self) -> bool {
-        match self.bridge.data_version() {
+        let Some(b) = &self.bridge else {
+            return false;
+        };
+        match b.data_version() {
             Ok(v) if v != self.data_version => {
                 self.data_version = v;
                 true
@@ -668,6 +732,196 @@ impl Poller {
             Err(_) => true,
         }
     }
+
+    /// On every wake: is the path still our file? If not, close the
+    /// connection; while there is none, reopen when a bridge is back.
+    /// Returns true when a connection was (re)opened (claim at once), and
+    /// fails when the file has been gone longer than the grace.
+    fn watch_file(&mut self) -> Result<bool, PollerError> {
+        let seen = conn::look(&self.cfg.db);
+        if self.bridge.is_some() {
+            match &seen {
+                conn::Seen::File(sig) if Some(sig.id) == self.file_id => return Ok(false),
+                conn::Seen::File(sig) => {
+                    let (old, n) = (self.file_id.map_or(0, |f| f.ino), self.in_flight.len());
+                    self.close(conn::Why::Refused(String::new()));
+                    log::warn!(
+                        "event=bridge_replaced path={} old_inode={old} new_inode={} in_flight={n}: \
+                         old connection closed; the new file is opened once it proves a bridge",
+                        self.cfg.db.display(),
+                        sig.id.ino,
+                    );
+                }
+                conn::Seen::Missing(why) => {
+                    let n = self.in_flight.len();
+                    self.close(conn::Why::Missing(why.clone()));
+                    log::warn!(
+                        "event=bridge_missing path={} reason={why:?} in_flight={n}: connection closed; \
+                         waiting for the file to come back (exit {} s from now if it does not)",
+                        self.cfg.db.display(),
+                        self.cfg.missing_grace.as_secs_f64()
+                    );
+                }
+            }
+        }
+        self.reopen(&seen)
+    }
+
+    /// Close the connection; everything in flight on it becomes an orphan.
+    fn close(&mut self, why: conn::Why) {
+        for (id, f) in self.in_flight.drain() {
+            self.orphans.insert((f.generation, id), f.query_id);
+        }
+        for (a, qid, _) in self.answers.drain(..) {
+            log::warn!(
+                "event=answer_dropped message_id={} query_id={qid} reason=\"its bridge file was replaced or removed before the answer's commit\": \
+                 the question stays unread in the old file",
+                a.message_id
+            );
+        }
+        // The -wal and -shm are found by name: emptied now, they cannot be
+        // read as part of the next file at the path (and the old file, if it
+        // lives on elsewhere, holds all its commits itself).
+        if let Some(b) = self.bridge.take() {
+            match b.checkpoint_truncate() {
+                Ok(true) => {}
+                Ok(false) => log::warn!(
+                    "event=checkpoint_incomplete path={}: another process is reading the old file; \
+                     its -wal beside the path may still hold old pages (see docs/OPERATIONS.md)",
+                    self.cfg.db.display()
+                ),
+                Err(e) => log::warn!(
+                    "event=checkpoint_failed path={} reason={:?}",
+                    self.cfg.db.display(),
+                    e.to_string()
+                ),
+            }
+        }
+        self.file_id = None;
+        self.status = None;
+        let mut gone = conn::Gone::new();
+        gone.note(why);
+        self.gone = Some(gone);
+    }
+
+    fn reopen(&mut self, seen: &conn::Seen) -> Result<bool, PollerError> {
+        let Some(gone) = self.gone.as_mut() else {
+            return Ok(false);
+        };
+        let now = Instant::now();
+        let db = self.cfg.db.display().to_string();
+        if let conn::Seen::Missing(why) = seen
+            && gone.note(conn::Why::Missing(why.clone()))
+        {
+            log::warn!("event=bridge_missing path={db} reason={why:?}: waiting for it");
+        }
+        if gone.ready(seen, now) {
+            let conn::Seen::File(sig) = seen else {
+                return Ok(false);
+            };
+            match open_checked(&self.cfg, sig.id) {
+                Ok((b, version)) => {
+                    let after = gone.since.elapsed();
+                    self.gone = None;
+                    self.generation += 1;
+                    self.file_id = Some(sig.id);
+                    self.data_version = version;
+                    self.bridge = Some(b);
+                    self.status = None;
+                    self.heartbeat_failing = false;
+                    self.last_claim_error = None;
+                    self.extend_retry_at = None;
+                    self.flush_after = now;
+                    self.next_heartbeat = now;
+                    log::info!(
+                        "event=bridge_reopened path={db} inode={} after_secs={:.1} orphans={}",
+                        sig.id.ino,
+                        after.as_secs_f64(),
+                        self.orphans.len()
+                    );
+                    // Claims of ours in this file from an earlier connection
+                    // (the same file moved back, a backup taken while we held
+                    // them): their answers were dropped, so free them now
+                    // rather than after their leases.
+                    let held = live(&mut self.bridge)
+                        .and_then(|b| b.held_by(&self.claimer))
+                        .unwrap_or_default();
+                    if !held.is_empty() {
+                        let r = live(&mut self.bridge).and_then(|b| {
+                            b.release(
+                                &self.claimer,
+                                &held,
+                                Some("the poller reopened the bridge file"),
+                                true,
+                            )
+                        });
+                        log::info!(
+                            "event=released count={} reason=\"held from an earlier connection to this file\" ok={}",
+                            held.len(),
+                            r.is_ok()
+                        );
+                    }
+                    return Ok(true);
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    if gone.note(conn::Why::Refused(why.clone())) {
+                        log::error!(
+                            "event=bridge_refused path={db} reason={why:?}: not using it; \
+                             waiting for a bridge at that path"
+                        );
+                    }
+                    gone.refused(*sig, now);
+                }
+            }
+        }
+        let gone_for = gone.since.elapsed();
+        if gone_for >= self.cfg.missing_grace {
+            let why = match &gone.why {
+                Some(conn::Why::Missing(w)) => w.clone(),
+                Some(conn::Why::Refused(w)) if !w.is_empty() => format!("refused: {w}"),
+                _ => "replaced by a file not opened yet".into(),
+            };
+            log::error!(
+                "event=bridge_gone path={db} secs={:.1} reason={why:?}: exiting",
+                gone_for.as_secs_f64()
+            );
+            return Err(PollerError::BridgeGone {
+                path: self.cfg.db.clone(),
+                secs: gone_for.as_secs_f64(),
+                why,
+            });
+        }
+        Ok(false)
+    }
+}
+
+/// Open the file at the path, check it is still `id` and that our
+/// conversation and token are in it.
+fn open_checked(cfg: &PollerConfig, id: conn::FileId) -> Result<(Bridge, i64), BridgeError> {
+    let b = Bridge::open_with(&cfg.db, BridgeOptions::default())?;
+    match conn::look(&cfg.db) {
+        conn::Seen::File(sig) if sig.id == id => {}
+        _ => {
+            return Err(BridgeError::Invalid(
+                "the file changed again while it was being opened".into(),
+            ));
+        }
+    }
+    match b.verify(&cfg.conversation, cfg.session, &cfg.token) {
+        Ok(()) | Err(BridgeError::Expired { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    let v = b.data_version()?;
+    Ok((b, v))
+}
+
+/// The open connection, or an error saying there is none.
+fn live(b: &mut Option<Bridge>) -> Result<&mut Bridge, BridgeError> {
+    b.as_mut().ok_or_else(|| BridgeError::NotFound {
+        what: "a bridge connection".into(),
+        hint: " (closed: the file was replaced or removed)".into(),
+    })
 }
 
 /// Check the token, then poll until `shutdown`; returns after releasing
@@ -678,6 +932,10 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
             "--concurrency and --max-attempts must be at least 1".into(),
         ));
     }
+    let file_id = match conn::look(&cfg.db) {
+        conn::Seen::File(sig) => Some(sig.id),
+        conn::Seen::Missing(_) => None,
+    };
     let bridge = Bridge::open_with(&cfg.db, BridgeOptions::default())?;
     bridge.verify(&cfg.conversation, cfg.session, &cfg.token)?;
     let claimer = Claimer::new(&cfg.shard_id)?;
@@ -708,7 +966,11 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
 
     let data_version = bridge.data_version()?;
     let mut p = Poller {
-        bridge,
+        bridge: Some(bridge),
+        file_id,
+        generation: 1,
+        gone: None,
+        orphans: HashMap::new(),
         claimer,
         jobs: jobs_tx,
         in_flight: HashMap::new(),
@@ -760,6 +1022,7 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         }
         p.probe();
         if stop_at.is_none()
+            && p.bridge.is_some()
             && p.server == ServerState::Up
             && want_claim
             && now >= p.claims_paused_until
@@ -770,10 +1033,12 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         p.health_check();
         p.heartbeat(false);
 
-        let mut wake = [next_version, next_rescan, p.next_heartbeat]
-            .into_iter()
-            .min()
-            .unwrap_or(now);
+        let mut wake = next_version.min(next_rescan);
+        // Without a connection there is no heartbeat to write (the timers
+        // above bring the file check round ten times a second).
+        if p.bridge.is_some() {
+            wake = wake.min(p.next_heartbeat);
+        }
         // The health check runs only while the server is up and idle; a
         // stale time from before would wake us at once, forever.
         if p.server == ServerState::Up && p.in_flight.is_empty() {
@@ -797,7 +1062,7 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         if let Some((t, _)) = recheck {
             wake = wake.min(t);
         }
-        if p.status != Some(p.wanted_status()) && !p.heartbeat_failing {
+        if p.bridge.is_some() && p.status != Some(p.wanted_status()) && !p.heartbeat_failing {
             wake = wake.min(p.last_status_write + Duration::from_secs(1));
         }
         if let Some(lease) = p.in_flight.values().map(|f| f.lease_until).min() {
@@ -810,6 +1075,7 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         // (server down, stopping, paused, full) the timers above decide.
         if want_claim
             && stop_at.is_none()
+            && p.bridge.is_some()
             && p.server == ServerState::Up
             && now >= p.claims_paused_until
             && p.in_flight.len() < p.cfg.concurrency
@@ -841,6 +1107,11 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
                     }
                 }
             }
+        }
+        // Before any write: is the path still our file?
+        if p.watch_file()? {
+            want_claim = true;
+            recheck = None;
         }
         p.flush();
         let now = Instant::now();
@@ -875,19 +1146,27 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
     }
 
     // Release what is still unanswered, so others need not wait for leases.
+    // (Without a connection, orphans' claims keep their leases in the old file.)
+    if p.bridge.is_some()
+        && !matches!(conn::look(&p.cfg.db), conn::Seen::File(s) if Some(s.id) == p.file_id)
+    {
+        p.close(conn::Why::Missing("checked at shutdown".into()));
+    }
     p.flush();
     let left: Vec<i64> = p.in_flight.keys().copied().collect();
-    if !left.is_empty() {
+    if !left.is_empty() && p.bridge.is_some() {
         log::warn!(
             "event=released count={} reason=\"shutdown before answers came\"",
             left.len()
         );
-        if let Err(e) = p.bridge.release(
-            &p.claimer,
-            &left,
-            Some("poller stopped before the answer came"),
-            true,
-        ) {
+        if let Err(e) = live(&mut p.bridge).and_then(|b| {
+            b.release(
+                &p.claimer,
+                &left,
+                Some("poller stopped before the answer came"),
+                true,
+            )
+        }) {
             log::warn!(
                 "event=bridge_error op=release count={} reason={:?}: their leases will expire",
                 left.len(),
@@ -895,11 +1174,11 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
             );
         }
     }
-    let held = p.bridge.held_by(&p.claimer).unwrap_or_default();
-    if !held.is_empty() {
-        let _ = p
-            .bridge
-            .release(&p.claimer, &held, Some("poller stopped"), true);
+    if let Some(b) = p.bridge.as_mut() {
+        let held = b.held_by(&p.claimer).unwrap_or_default();
+        if !held.is_empty() {
+            let _ = b.release(&p.claimer, &held, Some("poller stopped"), true);
+        }
     }
     drop(p.jobs);
     shutdown.trigger();

@@ -10,7 +10,8 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use autopoll_protocol::fifo;
@@ -18,10 +19,25 @@ use crossbeam_channel::Sender;
 
 use crate::Event;
 
+/// While the folder is not watched, how often to try again.
+pub const REWATCH: Duration = Duration::from_millis(100);
+
+const MASK: u32 = libc::IN_MODIFY
+    | libc::IN_CREATE
+    | libc::IN_MOVED_TO
+    | libc::IN_CLOSE_WRITE
+    | libc::IN_DELETE
+    | libc::IN_MOVED_FROM
+    | libc::IN_DELETE_SELF
+    | libc::IN_MOVE_SELF;
+
 /// An inotify watch on the directory holding the bridge file.
 pub struct Watch {
     fd: OwnedFd,
     names: Vec<Vec<u8>>,
+    dir: PathBuf,
+    /// The watch descriptor and the folder's (dev, ino), while watched.
+    watched: Option<(i32, (u64, u64))>,
 }
 
 impl Watch {
@@ -46,20 +62,46 @@ impl Watch {
         }
         // SAFETY: fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let c = CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
-        let mask = libc::IN_MODIFY | libc::IN_CREATE | libc::IN_MOVED_TO | libc::IN_CLOSE_WRITE;
-        // SAFETY: valid fd and NUL-terminated path.
-        if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), mask) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Watch {
+        let mut w = Watch {
             fd,
             names: vec![file, wal],
-        })
+            dir,
+            watched: None,
+        };
+        w.add()?;
+        Ok(w)
     }
 
-    /// Read pending events; true if one concerns the bridge.
-    fn drain(&self) -> bool {
+    /// Watch the folder now at the path (dropping an older watch).
+    fn add(&mut self) -> io::Result<()> {
+        let meta = std::fs::metadata(&self.dir)?;
+        let c = CString::new(self.dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        // SAFETY: valid fd and NUL-terminated path.
+        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), MASK) };
+        if wd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if let Some((old, _)) = self.watched
+            && old != wd
+        {
+            // SAFETY: removing a watch of ours; an already dropped one just fails.
+            unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), old) };
+        }
+        self.watched = Some((wd, (meta.dev(), meta.ino())));
+        Ok(())
+    }
+
+    /// Whether the watched folder is still the one at the path.
+    fn current(&self) -> bool {
+        match (self.watched, std::fs::metadata(&self.dir)) {
+            (Some((_, id)), Ok(m)) => id == (m.dev(), m.ino()),
+            _ => false,
+        }
+    }
+
+    /// Read pending events; true if one concerns the bridge (or the folder
+    /// itself, whose watch is then dropped).
+    fn drain(&mut self) -> bool {
         let mut buf = [0u8; 4096];
         let mut relevant = false;
         loop {
@@ -82,6 +124,19 @@ impl Watch {
                 if self.names.iter().any(|w| w.as_slice() == name) {
                     relevant = true;
                 }
+                let gone = libc::IN_IGNORED | libc::IN_DELETE_SELF | libc::IN_MOVE_SELF;
+                if ev.mask & gone != 0 && self.watched.is_some_and(|(wd, _)| wd == ev.wd) {
+                    log::info!(
+                        "event=watch_lost dir={}: the bridge's folder was removed or renamed",
+                        self.dir.display()
+                    );
+                    if ev.mask & libc::IN_IGNORED == 0 {
+                        // SAFETY: removing a watch of ours.
+                        unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), ev.wd) };
+                    }
+                    self.watched = None;
+                    relevant = true;
+                }
                 off = name_end;
             }
         }
@@ -89,13 +144,29 @@ impl Watch {
 
     /// Run until `stop` is readable: send [`Event::Wake`] for each burst of
     /// relevant events and [`Event::Stop`] when told to stop.
-    pub fn run(self, stop_fd: std::os::fd::RawFd, events: Sender<Event>) {
+    pub fn run(mut self, stop_fd: std::os::fd::RawFd, events: Sender<Event>) {
+        let mut next_check = Instant::now() + Duration::from_secs(1);
         loop {
+            let now = Instant::now();
+            if self.watched.is_none() || now >= next_check {
+                next_check = now + Duration::from_secs(1);
+                if !self.current() && self.add().is_ok() {
+                    log::info!("event=watch_restored dir={}", self.dir.display());
+                    if events.send(Event::Wake).is_err() {
+                        return;
+                    }
+                }
+            }
+            let until = if self.watched.is_some() {
+                next_check
+            } else {
+                Instant::now() + REWATCH
+            };
             let mut fds = [
                 fifo::pollfd(self.fd.as_raw_fd(), libc::POLLIN),
                 fifo::pollfd(stop_fd, libc::POLLIN),
             ];
-            if fifo::poll(&mut fds, Some(Instant::now() + Duration::from_secs(60))).is_err() {
+            if fifo::poll(&mut fds, Some(until)).is_err() {
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
