@@ -216,17 +216,26 @@ impl Env {
     /// [`Env::server`] with extra environment variables (the server's
     /// external instances inherit them).
     pub fn server_env(&self, name: &str, args: &[&str], vars: &[(&str, String)]) -> Server {
+        self.server_with(name, args, |c| {
+            c.envs(vars.iter().map(|(k, v)| (*k, v.as_str())));
+        })
+    }
+
+    /// [`Env::server`] with `setup` applied to the command before it is
+    /// spawned (extra variables, a `pre_exec` hook).
+    pub fn server_with(
+        &self,
+        name: &str,
+        args: &[&str],
+        setup: impl FnOnce(&mut Command),
+    ) -> Server {
         let stderr_path = self.path(&format!("server-{name}-{}.log", std::process::id()));
         let err = std::fs::File::create(&stderr_path).unwrap();
-        let child = self
-            .cmd("autopoll-server")
-            .args(["--name", name, "--runtime-dir", path_str(&self.runtime())])
-            .args(args)
-            .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .unwrap();
+        let mut cmd = self.cmd("autopoll-server");
+        cmd.args(["--name", name, "--runtime-dir", path_str(&self.runtime())])
+            .args(args);
+        setup(&mut cmd);
+        let child = cmd.stdout(Stdio::null()).stderr(err).spawn().unwrap();
         let s = Server {
             child,
             name: name.into(),

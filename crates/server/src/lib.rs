@@ -374,31 +374,40 @@ fn sweep_clients(dir: &Path) {
     }
 }
 
-/// Logs bad hellos: the first at once, then a summary at most every 10 s.
+/// Logs bad hellos, each with what was wrong and which client sent it: up to
+/// [`BAD_HELLO_BURST`] lines per 10 s, then one summary of how many more were
+/// dropped, so a flood of junk cannot flood the log.
 struct BadHelloLog {
     suppressed: u64,
-    last: Option<Instant>,
+    window: Option<Instant>,
+    logged: u32,
 }
+
+/// Bad hellos logged in full per 10 s window.
+const BAD_HELLO_BURST: u32 = 20;
 
 impl BadHelloLog {
     fn note(&mut self, why: &str) {
         let now = Instant::now();
         if self
-            .last
+            .window
             .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
         {
-            if self.suppressed > 0 {
-                log::warn!(
-                    "event=bad_hello reason={why:?} (and {} more since the last report)",
-                    self.suppressed
-                );
-            } else {
-                log::warn!("event=bad_hello reason={why:?}");
-            }
-            self.suppressed = 0;
-            self.last = Some(now);
-        } else {
+            self.window = Some(now);
+            self.logged = 0;
+        }
+        if self.logged >= BAD_HELLO_BURST {
             self.suppressed += 1;
+            return;
+        }
+        self.logged += 1;
+        if self.suppressed > 0 {
+            log::warn!(
+                "event=bad_hello reason={why:?} (and {} more not logged)",
+                std::mem::take(&mut self.suppressed)
+            );
+        } else {
+            log::warn!("event=bad_hello reason={why:?}");
         }
     }
 }
@@ -540,7 +549,8 @@ pub fn run(
     let mut lines = Vec::new();
     let mut bad = BadHelloLog {
         suppressed: 0,
-        last: None,
+        window: None,
+        logged: 0,
     };
     let session_ids = AtomicU64::new(0);
     let mut next_sweep = Instant::now() + Duration::from_secs(60);
