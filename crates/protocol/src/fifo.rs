@@ -848,6 +848,34 @@ mod tests {
     }
 
     #[test]
+    fn fifo_dir_opens_only_its_own_plain_entries() {
+        use std::ffi::OsStr;
+        let dir = tempfile::tempdir().unwrap();
+        let inner = dir.path().join("clients");
+        std::fs::create_dir(&inner).unwrap();
+        mkfifo(&inner.join("a"), 0o600).unwrap();
+        mkfifo(&dir.path().join("outside"), 0o600).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("outside"), inner.join("link")).unwrap();
+        let d = FifoDir::open(&inner).unwrap();
+        let id = d.check(OsStr::new("a")).unwrap();
+        let (_f, got) = d.open_checked(OsStr::new("a"), false).unwrap();
+        assert_eq!(got, id);
+        for bad in ["../outside", "..", ".", "", "x/y"] {
+            let e = d.check(OsStr::new(bad)).unwrap_err();
+            assert!(e.to_string().contains("plain file name"), "{bad}: {e}");
+        }
+        let e = d.check(OsStr::new("link")).unwrap_err();
+        assert!(e.to_string().contains("symlink"), "{e}");
+        assert!(matches!(
+            d.open_checked(OsStr::new("gone"), false),
+            Err(FifoError::Missing { .. })
+        ));
+        // A symlinked directory itself is refused.
+        std::os::unix::fs::symlink(&inner, dir.path().join("dirlink")).unwrap();
+        assert!(FifoDir::open(&dir.path().join("dirlink")).is_err());
+    }
+
+    #[test]
     fn waker_wakes_poll() {
         let w = Waker::new().unwrap();
         let mut fds = [pollfd(w.fd(), libc::POLLIN)];
