@@ -502,6 +502,7 @@ fn server_help_lists_every_flag_and_the_exit_codes() {
         "--grace",
         "--reload-interval",
         "--max-clients",
+        "--idle-timeout",
         "Exit codes:",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");

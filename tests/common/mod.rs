@@ -217,21 +217,32 @@ impl Env {
     /// external instances inherit them); an empty value removes the
     /// variable.
     pub fn server_env(&self, name: &str, args: &[&str], vars: &[(&str, String)]) -> Server {
+        self.server_with(name, args, |c| {
+            for (k, v) in vars {
+                if v.is_empty() {
+                    c.env_remove(k);
+                } else {
+                    c.env(k, v);
+                }
+            }
+        })
+    }
+
+    /// [`Env::server`] with `setup` applied to the command before it is
+    /// spawned (extra variables, a `pre_exec` hook).
+    pub fn server_with(
+        &self,
+        name: &str,
+        args: &[&str],
+        setup: impl FnOnce(&mut Command),
+    ) -> Server {
         let stderr_path = self.path(&format!("server-{name}-{}.log", std::process::id()));
         let err = std::fs::File::create(&stderr_path).unwrap();
         let mut cmd = self.cmd("autopoll-server");
         cmd.args(["--name", name, "--runtime-dir", path_str(&self.runtime())])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(err);
-        for (k, v) in vars {
-            if v.is_empty() {
-                cmd.env_remove(k);
-            } else {
-                cmd.env(k, v);
-            }
-        }
-        let child = cmd.spawn().unwrap();
+            .args(args);
+        setup(&mut cmd);
+        let child = cmd.stdout(Stdio::null()).stderr(err).spawn().unwrap();
         let s = Server {
             child,
             name: name.into(),

@@ -62,9 +62,12 @@ struct ServerCli {
     /// How often context files are checked for changes, in seconds (0: never).
     #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = crate::flags::secs)]
     reload_interval: f64,
-    /// Most client sessions at once.
+    /// Most client sessions at once (fewer when the open-file limit allows fewer; more get `overloaded`).
     #[arg(long, value_name = "N", default_value_t = 256)]
     max_clients: usize,
+    /// Close a client session that sends nothing for this many seconds with nothing in flight (clients reconnect on their next request).
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = crate::flags::positive_secs)]
+    idle_timeout: f64,
     /// External backends: seconds without any output before a question's instance is killed.
     #[arg(long, value_name = "SECS", default_value_t = 120.0, value_parser = crate::flags::positive_secs)]
     watchdog: f64,
@@ -193,6 +196,7 @@ fn serve(cli: ServerCli) -> Result<(), CliError> {
     config.grace = Duration::from_secs_f64(cli.grace);
     config.reload_interval = Duration::from_secs_f64(cli.reload_interval);
     config.max_sessions = cli.max_clients.max(1);
+    config.idle_timeout = Duration::from_secs_f64(cli.idle_timeout);
     config.notify = autopoll_protocol::NotifyConfig::from_env();
     let name = config.name.clone();
     autopoll_server::run(config, shutdown, |ready| {

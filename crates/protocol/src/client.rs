@@ -9,6 +9,14 @@
 //! 5. read the `welcome` on the reply FIFO (bounded);
 //! 6. open the request FIFO for writing (the server already reads it);
 //! 7. unlink both names: the open descriptors are all that is needed.
+//!
+//! Idle sessions: the server closes a session that sends nothing for its
+//! `--idle-timeout` (the welcome's `idle_timeout_ms`). A [`Client`] whose
+//! connection sat idle for half of that, with nothing outstanding, connects
+//! afresh before its next request; one whose request meets a closed session
+//! (EPIPE, or the server's idle notice) reconnects and sends it once more,
+//! which is safe because a closed session never reads it. Callers see no
+//! error for either.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -16,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use crate::fifo::{self, FifoError, FrameReader};
 use crate::frame::{
-    self, Answer, AskRequest, Echo, ErrorReply, FrameError, Hello, Reply, Request, Stats,
-    StatsRequest, Welcome,
+    self, Answer, AskRequest, Echo, ErrorCode, ErrorReply, FrameError, Hello, Reply, Request,
+    Stats, StatsRequest, Welcome,
 };
 use crate::paths::ServerPaths;
 use crate::{DEFAULT_MAX_FRAME, MAX_HELLO, PROTOCOL_VERSION};
@@ -117,6 +125,15 @@ pub struct Client {
     welcome: Welcome,
     next_id: u64,
     max_frame: usize,
+    /// Where and how to connect again (after an idle close).
+    paths: ServerPaths,
+    opts: ClientOptions,
+    /// The end of the last exchange (connect, send, or a wait that ended).
+    last_used: Instant,
+    /// Requests sent whose wait has not ended yet.
+    unanswered: usize,
+    /// The server's idle notice arrived: the session is closed.
+    closed_idle: bool,
 }
 
 fn map_read(what: &'static str, after: Duration) -> impl Fn(FifoError) -> ClientError {
@@ -227,7 +244,31 @@ impl Client {
             max_frame: welcome.max_frame_bytes.min(opts.max_frame),
             welcome,
             next_id: 1,
+            paths: paths.clone(),
+            opts: opts.clone(),
+            last_used: Instant::now(),
+            unanswered: 0,
+            closed_idle: false,
         })
+    }
+
+    /// Replace this connection by a fresh one (ids keep counting up).
+    fn reconnect(&mut self) -> Result<(), ClientError> {
+        let next_id = self.next_id;
+        let fresh = Client::connect(&self.paths, &self.opts)?;
+        *self = fresh;
+        self.next_id = next_id;
+        Ok(())
+    }
+
+    /// Whether the server may be about to close this idle connection.
+    fn stale(&self) -> bool {
+        self.unanswered == 0
+            && (self.closed_idle
+                || self
+                    .welcome
+                    .idle_timeout_ms
+                    .is_some_and(|ms| self.last_used.elapsed() >= Duration::from_millis(ms) / 2))
     }
 
     /// What the server said in its welcome.
@@ -251,17 +292,50 @@ impl Client {
     ) -> Result<Reply, ClientError> {
         let deadline = Instant::now() + timeout;
         self.send(req, deadline)?;
-        self.wait(id, deadline, timeout)
+        match self.wait(id, deadline, timeout) {
+            // Closed for idleness before it read our request: once more.
+            Err(ClientError::ServerGone) if self.closed_idle => {
+                self.send(req, deadline)?;
+                self.wait(id, deadline, timeout)
+            }
+            other => other,
+        }
     }
 
     fn send(&mut self, req: &Request, deadline: Instant) -> Result<(), ClientError> {
         let bytes = frame::encode_capped(req, self.max_frame).map_err(ClientError::TooLarge)?;
+        if self.stale() {
+            self.reconnect()?;
+        }
         let after = deadline.saturating_duration_since(Instant::now());
-        fifo::write_all(&self.req, &bytes, deadline).map_err(map_read("sending request", after))
+        let mut sent = fifo::write_all(&self.req, &bytes, deadline);
+        if matches!(sent, Err(FifoError::Closed)) && self.unanswered == 0 {
+            // The server closed this session (idle, or it restarted): it
+            // never read the request, so a fresh connection may carry it.
+            log::debug!("session closed by the server; connecting again");
+            self.reconnect()?;
+            sent = fifo::write_all(&self.req, &bytes, deadline);
+        }
+        sent.map_err(map_read("sending request", after))?;
+        self.unanswered += 1;
+        self.last_used = Instant::now();
+        Ok(())
     }
 
     /// Wait for the reply to request `id`.
     fn wait(
+        &mut self,
+        id: u64,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Reply, ClientError> {
+        let r = self.wait_reply(id, deadline, timeout);
+        self.unanswered = self.unanswered.saturating_sub(1);
+        self.last_used = Instant::now();
+        r
+    }
+
+    fn wait_reply(
         &mut self,
         id: u64,
         deadline: Instant,
@@ -286,6 +360,13 @@ impl Client {
                 Some(got) if got == id => return Ok(reply),
                 None => {
                     if let Reply::Error(e) = reply {
+                        if e.code == ErrorCode::Timeout {
+                            // The idle notice: the session closed before
+                            // reading our request, which was not delivered.
+                            log::debug!("the server closed the session: {}", e.message);
+                            self.closed_idle = true;
+                            return Err(ClientError::ServerGone);
+                        }
                         return Err(ClientError::Server(e));
                     }
                 }
@@ -336,7 +417,14 @@ impl Client {
         wait: Duration,
     ) -> Result<Answer, ClientError> {
         let id = self.send_ask(question, server_timeout)?;
-        self.wait_answer(id, wait)
+        match self.wait_answer(id, wait) {
+            // Closed for idleness before it read the question: once more.
+            Err(ClientError::ServerGone) if self.closed_idle => {
+                let id = self.send_ask(question, server_timeout)?;
+                self.wait_answer(id, wait)
+            }
+            other => other,
+        }
     }
 
     /// The server's statistics.

@@ -6,8 +6,13 @@
 //! server". A reader sees EOF (POLLHUP, then `read` = 0) when the last writer
 //! goes, and handles it without spinning; a writer whose reader went gets
 //! EPIPE (Rust ignores SIGPIPE), reported as [`FifoError::Closed`].
+//!
+//! [`FifoDir`] holds a directory open (the server's `clients/`), so a name
+//! checked and opened in it is resolved with `fstatat`/`openat` relative to
+//! that descriptor: a FIFO a client names can only ever be an entry directly
+//! in that folder, never a file reached through a symlink.
 
-use std::ffi::CString;
+use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -147,7 +152,7 @@ pub fn open_fifo(path: &Path, write: bool) -> Result<File, FifoError> {
 }
 
 /// Identity of a file, to detect a swap between check and open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FileId {
     dev: u64,
     ino: u64,
@@ -185,24 +190,7 @@ pub fn check_client_fifo(path: &Path) -> Result<FileId, FifoError> {
         }
         Err(e) => return Err(io_err("cannot stat", path, e)),
     };
-    let ft = md.file_type();
-    if ft.is_symlink() {
-        return Err(unsafe_("is a symlink".into()));
-    }
-    if !ft.is_fifo() {
-        return Err(unsafe_("is not a FIFO".into()));
-    }
-    // SAFETY: geteuid cannot fail.
-    let me = unsafe { libc::geteuid() };
-    if md.uid() != me {
-        return Err(unsafe_(format!("is owned by uid {}, not {me}", md.uid())));
-    }
-    if md.mode() & 0o077 != 0 {
-        return Err(unsafe_(format!(
-            "has mode {:o}; a client FIFO must be private (0600)",
-            md.mode() & 0o777
-        )));
-    }
+    check_stat(path, md.mode(), md.uid())?;
     Ok(FileId {
         dev: md.dev(),
         ino: md.ino(),
@@ -235,6 +223,180 @@ pub fn open_checked_write_until(path: &Path, deadline: Instant) -> Result<File, 
             }
             Err(FifoError::NoReader { .. }) => return Err(FifoError::Timeout),
             other => return other,
+        }
+    }
+}
+
+impl FileId {
+    /// The identity of the file at `path` itself (a symlink is not followed).
+    pub fn of_path(path: &Path) -> io::Result<FileId> {
+        let md = std::fs::symlink_metadata(path)?;
+        Ok(FileId {
+            dev: md.dev(),
+            ino: md.ino(),
+        })
+    }
+}
+
+/// The checks on a client FIFO's `lstat` data: not a symlink, a FIFO, ours,
+/// private.
+fn check_stat(path: &Path, mode: u32, uid: u32) -> Result<(), FifoError> {
+    let unsafe_ = |reason: String| FifoError::Unsafe {
+        path: path.to_path_buf(),
+        reason,
+    };
+    match mode & libc::S_IFMT {
+        libc::S_IFLNK => return Err(unsafe_("is a symlink".into())),
+        libc::S_IFIFO => {}
+        _ => return Err(unsafe_("is not a FIFO".into())),
+    }
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if uid != me {
+        return Err(unsafe_(format!("is owned by uid {uid}, not {me}")));
+    }
+    if mode & 0o077 != 0 {
+        return Err(unsafe_(format!(
+            "has mode {:o}; a client FIFO must be private (0600)",
+            mode & 0o777
+        )));
+    }
+    Ok(())
+}
+
+fn open_error(path: &Path, e: io::Error) -> FifoError {
+    match e.raw_os_error() {
+        Some(libc::ENXIO) => FifoError::NoReader {
+            path: path.to_path_buf(),
+        },
+        Some(libc::ENOENT) => FifoError::Missing {
+            path: path.to_path_buf(),
+        },
+        Some(libc::ELOOP) => FifoError::Unsafe {
+            path: path.to_path_buf(),
+            reason: "is a symlink".into(),
+        },
+        _ => io_err("cannot open", path, e),
+    }
+}
+
+/// A directory held open by descriptor: names are checked and opened in it
+/// with `fstatat`/`openat`, so they can only be its own entries.
+#[derive(Debug)]
+pub struct FifoDir {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl FifoDir {
+    /// Open directory `path` (itself not a symlink).
+    pub fn open(path: &Path) -> Result<FifoDir, FifoError> {
+        let c = cstring(path)?;
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW;
+        // SAFETY: c is a valid path; the returned fd is owned below.
+        let fd = unsafe { libc::open(c.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(open_error(path, io::Error::last_os_error()));
+        }
+        Ok(FifoDir {
+            // SAFETY: fd is a fresh descriptor we own.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The directory's path (for messages).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn name_c(&self, name: &OsStr) -> Result<(CString, PathBuf), FifoError> {
+        let full = self.path.join(name);
+        let bytes = name.as_bytes();
+        if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
+            return Err(FifoError::Unsafe {
+                path: full,
+                reason: "is not a plain file name".into(),
+            });
+        }
+        Ok((cstring(Path::new(name))?, full))
+    }
+
+    /// [`check_client_fifo`]'s checks on entry `name` of this directory
+    /// (`fstatat` without following a symlink); returns its identity.
+    pub fn check(&self, name: &OsStr) -> Result<FileId, FifoError> {
+        let (c, full) = self.name_c(name)?;
+        // SAFETY: an all-zero stat is a valid out-parameter.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid dirfd, NUL-terminated name, valid out-pointer.
+        let rc = unsafe {
+            libc::fstatat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::NotFound {
+                return Err(FifoError::Missing { path: full });
+            }
+            return Err(io_err("cannot stat", &full, e));
+        }
+        check_stat(&full, st.st_mode, st.st_uid)?;
+        Ok(FileId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        })
+    }
+
+    /// Check entry `name`, open it without blocking (never following a
+    /// symlink), and make sure the descriptor is the file that was checked.
+    pub fn open_checked(&self, name: &OsStr, write: bool) -> Result<(File, FileId), FifoError> {
+        let id = self.check(name)?;
+        let (c, full) = self.name_c(name)?;
+        let access = if write {
+            libc::O_WRONLY
+        } else {
+            libc::O_RDONLY
+        };
+        let flags = access | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOFOLLOW;
+        // SAFETY: valid dirfd and name; the returned fd is owned below.
+        let fd = unsafe { libc::openat(self.fd.as_raw_fd(), c.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(open_error(&full, io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        if FileId::of(&file).map_err(|e| io_err("cannot stat", &full, e))? != id {
+            return Err(FifoError::Unsafe {
+                path: full,
+                reason: "was replaced between check and open".into(),
+            });
+        }
+        Ok((file, id))
+    }
+
+    /// [`FifoDir::open_checked`] for writing, retrying while nobody reads
+    /// yet (ENXIO) until `deadline`.
+    pub fn open_checked_write_until(
+        &self,
+        name: &OsStr,
+        deadline: Instant,
+    ) -> Result<(File, FileId), FifoError> {
+        let mut pause = Duration::from_micros(200);
+        loop {
+            match self.open_checked(name, true) {
+                Err(FifoError::NoReader { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(
+                        pause.min(deadline.saturating_duration_since(Instant::now())),
+                    );
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+                Err(FifoError::NoReader { .. }) => return Err(FifoError::Timeout),
+                other => return other,
+            }
         }
     }
 }
@@ -683,6 +845,34 @@ mod tests {
         ));
         // open_checked on the good one.
         open_checked(&fifo, false).unwrap();
+    }
+
+    #[test]
+    fn fifo_dir_opens_only_its_own_plain_entries() {
+        use std::ffi::OsStr;
+        let dir = tempfile::tempdir().unwrap();
+        let inner = dir.path().join("clients");
+        std::fs::create_dir(&inner).unwrap();
+        mkfifo(&inner.join("a"), 0o600).unwrap();
+        mkfifo(&dir.path().join("outside"), 0o600).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("outside"), inner.join("link")).unwrap();
+        let d = FifoDir::open(&inner).unwrap();
+        let id = d.check(OsStr::new("a")).unwrap();
+        let (_f, got) = d.open_checked(OsStr::new("a"), false).unwrap();
+        assert_eq!(got, id);
+        for bad in ["../outside", "..", ".", "", "x/y"] {
+            let e = d.check(OsStr::new(bad)).unwrap_err();
+            assert!(e.to_string().contains("plain file name"), "{bad}: {e}");
+        }
+        let e = d.check(OsStr::new("link")).unwrap_err();
+        assert!(e.to_string().contains("symlink"), "{e}");
+        assert!(matches!(
+            d.open_checked(OsStr::new("gone"), false),
+            Err(FifoError::Missing { .. })
+        ));
+        // A symlinked directory itself is refused.
+        std::os::unix::fs::symlink(&inner, dir.path().join("dirlink")).unwrap();
+        assert!(FifoDir::open(&dir.path().join("dirlink")).is_err());
     }
 
     #[test]

@@ -122,6 +122,11 @@ pub struct Welcome {
     pub engine: String,
     /// The largest frame the server accepts.
     pub max_frame_bytes: usize,
+    /// The server closes a session that sends no frame for this long
+    /// (`--idle-timeout`); a client should connect afresh before reusing a
+    /// connection idle for about half of it. Absent from older servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
 }
 
 /// An answer.

@@ -6,10 +6,16 @@
 //!
 //! Threads (all named):
 //! - `main` (in [`run`]): holds the lock, reads hello frames from the shared
-//!   request FIFO, validates the FIFO pair each names, spawns a session;
+//!   request FIFO without ever waiting on one writer, vets the FIFO pair each
+//!   names (module `hello`), spawns a session;
 //! - `session-N`: one per client (module `session`);
 //! - `worker-N`: `--workers` of them, fed by one bounded crossbeam channel;
 //! - `context-reload`: re-reads changed context files every `--reload-interval`.
+//!
+//! Limits: the soft open-file limit is raised to the hard one at start, and
+//! sessions are capped at what the descriptors left after a reserve allow
+//! ([`limits`]), so a crowd gets `overloaded` refusals, never EMFILE. A
+//! session silent for `--idle-timeout` is closed.
 //!
 //! Shutdown ([`Shutdown::trigger`], wired to SIGINT/SIGTERM by the binary):
 //! stop accepting and remove the FIFO, let sessions finish in-flight
@@ -22,11 +28,14 @@
 #![deny(missing_docs)]
 
 pub mod engine;
+pub(crate) mod hello;
+pub mod limits;
 pub mod lock;
 pub mod pool;
 pub(crate) mod session;
 pub mod stats;
 
+use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,11 +43,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub use autopoll_protocol::Shutdown;
-use autopoll_protocol::fifo::{self, Fill, FrameReader};
+use autopoll_protocol::fifo::{self, FifoDir, FileId, Fill};
 use autopoll_protocol::frame;
 use autopoll_protocol::{
-    DEFAULT_MAX_FRAME, ErrorCode, ErrorReply, Hello, MAX_HELLO, Notifier, NotifyConfig, Reply,
-    Request, ServerPaths, Stats,
+    DEFAULT_MAX_FRAME, ErrorCode, ErrorReply, MAX_HELLO, Notifier, NotifyConfig, Reply,
+    ServerPaths, Stats,
 };
 use crossbeam_channel::Sender;
 
@@ -80,6 +89,8 @@ pub struct ServerConfig {
     pub reload_interval: Duration,
     /// Most client sessions at once.
     pub max_sessions: usize,
+    /// A session that sends no frame for this long (with nothing in flight) is closed.
+    pub idle_timeout: Duration,
     /// Questions queued for workers at most.
     pub queue: usize,
     /// External backends: the program and its arguments.
@@ -122,6 +133,7 @@ impl ServerConfig {
             grace: Duration::from_secs(10),
             reload_interval: Duration::from_secs(1),
             max_sessions: 256,
+            idle_timeout: Duration::from_secs(60),
             queue: 1_024,
             command: Vec::new(),
             watchdog: Duration::from_secs(120),
@@ -184,6 +196,10 @@ pub(crate) struct Shared {
     pub(crate) shutdown: Shutdown,
     grace_deadline: Mutex<Option<Instant>>,
     live: (Mutex<usize>, Condvar),
+    /// The `clients/` folder, held open: sessions open their FIFOs in it.
+    pub(crate) clients: FifoDir,
+    /// The FIFOs of live sessions (a hello naming one is refused).
+    in_use: Mutex<HashSet<FileId>>,
 }
 
 impl Shared {
@@ -194,11 +210,21 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    fn session_started(&self) {
+    fn session_started(&self, ids: [FileId; 2]) {
         *self.live.0.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.in_use
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(ids);
     }
 
-    fn session_ended(&self) {
+    fn session_ended(&self, ids: [FileId; 2]) {
+        {
+            let mut in_use = self.in_use.lock().unwrap_or_else(|p| p.into_inner());
+            for id in ids {
+                in_use.remove(&id);
+            }
+        }
         let mut n = self.live.0.lock().unwrap_or_else(|p| p.into_inner());
         *n = n.saturating_sub(1);
         self.live.1.notify_all();
@@ -348,31 +374,40 @@ fn sweep_clients(dir: &Path) {
     }
 }
 
-/// Logs bad hellos: the first at once, then a summary at most every 10 s.
+/// Logs bad hellos, each with what was wrong and which client sent it: up to
+/// [`BAD_HELLO_BURST`] lines per 10 s, then one summary of how many more were
+/// dropped, so a flood of junk cannot flood the log.
 struct BadHelloLog {
     suppressed: u64,
-    last: Option<Instant>,
+    window: Option<Instant>,
+    logged: u32,
 }
+
+/// Bad hellos logged in full per 10 s window.
+const BAD_HELLO_BURST: u32 = 20;
 
 impl BadHelloLog {
     fn note(&mut self, why: &str) {
         let now = Instant::now();
         if self
-            .last
+            .window
             .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
         {
-            if self.suppressed > 0 {
-                log::warn!(
-                    "event=bad_hello reason={why:?} (and {} more since the last report)",
-                    self.suppressed
-                );
-            } else {
-                log::warn!("event=bad_hello reason={why:?}");
-            }
-            self.suppressed = 0;
-            self.last = Some(now);
-        } else {
+            self.window = Some(now);
+            self.logged = 0;
+        }
+        if self.logged >= BAD_HELLO_BURST {
             self.suppressed += 1;
+            return;
+        }
+        self.logged += 1;
+        if self.suppressed > 0 {
+            log::warn!(
+                "event=bad_hello reason={why:?} (and {} more not logged)",
+                std::mem::take(&mut self.suppressed)
+            );
+        } else {
+            log::warn!("event=bad_hello reason={why:?}");
         }
     }
 }
@@ -392,6 +427,13 @@ pub fn run(
             "--max-frame-bytes must be at least {MAX_HELLO}"
         )));
     }
+    if config.idle_timeout.is_zero() {
+        return Err(ServerError::Config(
+            "--idle-timeout must be more than 0".into(),
+        ));
+    }
+    let fd_limit =
+        limits::raise_nofile().map_err(io_err("cannot read the open-file limit", Path::new("")))?;
     let paths = ServerPaths::new(&config.runtime_dir, &config.name).map_err(ServerError::Config)?;
     paths
         .create_private()
@@ -413,11 +455,15 @@ pub fn run(
     fifo::mkfifo(&requests, 0o600).map_err(|e| ServerError::Config(e.to_string()))?;
     let shared_reader =
         fifo::open_fifo(&requests, false).map_err(|e| ServerError::Config(e.to_string()))?;
+    let requests_id = FileId::of(&shared_reader).map_err(io_err("cannot stat", &requests))?;
     // Our own writer keeps the FIFO from reporting EOF between clients.
     let keepalive =
         fifo::open_fifo(&requests, true).map_err(|e| ServerError::Config(e.to_string()))?;
-    std::fs::write(paths.pid(), format!("{}\n", std::process::id()))
-        .map_err(io_err("cannot write", &paths.pid()))?;
+    let clients_dir =
+        FifoDir::open(&paths.clients()).map_err(|e| ServerError::Config(e.to_string()))?;
+    let clients_canon = std::fs::canonicalize(paths.clients())
+        .map_err(io_err("cannot resolve", &paths.clients()))?;
+    lock::write_pid_file(&paths.pid()).map_err(io_err("cannot write", &paths.pid()))?;
 
     let counters = Arc::new(Counters::new());
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(config.queue.max(1));
@@ -431,6 +477,8 @@ pub fn run(
         shutdown: shutdown.clone(),
         grace_deadline: Mutex::new(None),
         live: (Mutex::new(0), Condvar::new()),
+        clients: clients_dir,
+        in_use: Mutex::new(HashSet::new()),
         config,
     });
 
@@ -480,10 +528,29 @@ pub fn run(
         engine.name()
     );
 
-    let mut reader = FrameReader::new(shared_reader, MAX_HELLO);
+    // Sessions fit in the descriptors left now, less a reserve.
+    let open_now = limits::open_fds().unwrap_or(32);
+    let fd_cap = limits::session_capacity(fd_limit, open_now);
+    let max_sessions = (shared.config.max_sessions as u64).min(fd_cap).max(1);
+    if fd_cap < shared.config.max_sessions as u64 {
+        log::warn!(
+            "event=fd_limit open_files_limit={fd_limit} open={open_now} sessions_max={max_sessions}: \
+             fewer than --max-clients {}; raise the limit (LimitNOFILE=, ulimit -n) for more",
+            shared.config.max_sessions
+        );
+    }
+    let limit_note = if max_sessions < shared.config.max_sessions as u64 {
+        format!("the open-file limit ({fd_limit}) allows {max_sessions}")
+    } else {
+        format!("--max-clients {max_sessions}")
+    };
+
+    let mut stream = hello::HelloStream::new(shared_reader);
+    let mut lines = Vec::new();
     let mut bad = BadHelloLog {
         suppressed: 0,
-        last: None,
+        window: None,
+        logged: 0,
     };
     let session_ids = AtomicU64::new(0);
     let mut next_sweep = Instant::now() + Duration::from_secs(60);
@@ -496,7 +563,7 @@ pub fn run(
             next_sweep = Instant::now() + Duration::from_secs(60);
         }
         let mut fds = [
-            fifo::pollfd(reader.fd(), libc::POLLIN),
+            fifo::pollfd(stream.fd(), libc::POLLIN),
             fifo::pollfd(shutdown.fd(), libc::POLLIN),
         ];
         if let Err(e) = fifo::poll(&mut fds, Some(Instant::now() + idle_wait)) {
@@ -510,7 +577,7 @@ pub fn run(
         if fds[0].revents == 0 {
             continue;
         }
-        match reader.fill() {
+        match stream.fill(&mut lines) {
             Ok(Fill::Data(_)) | Ok(Fill::WouldBlock) => {}
             Ok(Fill::Eof) => {
                 // Cannot happen while we hold a writer; never spin on it.
@@ -522,48 +589,81 @@ pub fn run(
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        while let Some(item) = reader.next_buffered() {
-            let hello: Hello = match item
-                .map_err(|e| e.to_string())
-                .and_then(|l| frame::decode::<Request>(&l).map_err(|e| e.to_string()))
-            {
-                Ok(Request::Hello(h)) => h,
-                Ok(_) => {
-                    bad.note("only hello frames belong on the shared FIFO");
-                    continue;
+        for line in lines.drain(..) {
+            let hello = match hello::parse(&line) {
+                Ok((h, 0)) => h,
+                Ok((h, junk)) => {
+                    bad.note(&format!(
+                        "{junk} bytes of an unfinished frame came before the hello of client {:?} \
+                         (a writer sent part of a frame); the hello was read",
+                        h.client
+                    ));
+                    h
                 }
                 Err(e) => {
                     bad.note(&e);
                     continue;
                 }
             };
-            if let Err(e) = fifo::check_client_fifo(&hello.request_fifo)
-                .and_then(|_| fifo::check_client_fifo(&hello.reply_fifo))
-            {
-                bad.note(&e.to_string());
-                continue;
-            }
-            if shared.counters.sessions() >= shared.config.max_sessions as u64 {
-                refuse_busy(&hello, shared.config.max_sessions);
+            let vetted = {
+                let in_use = shared.in_use.lock().unwrap_or_else(|p| p.into_inner());
+                hello::vet(
+                    hello,
+                    &hello::Rules {
+                        clients: &shared.clients,
+                        clients_canon: &clients_canon,
+                        requests: &requests,
+                        requests_id,
+                        in_use: &in_use,
+                    },
+                )
+            };
+            let vetted = match vetted {
+                Ok(v) => v,
+                Err(r) => {
+                    bad.note(&format!(
+                        "hello of client {:?} refused: {}{}",
+                        r.hello.client,
+                        r.reason,
+                        if r.reply_to.is_some() {
+                            " (told the client)"
+                        } else {
+                            ""
+                        }
+                    ));
+                    if let Some((name, id)) = &r.reply_to {
+                        refuse(&shared.clients, name, *id, ErrorCode::Invalid, &r.reason);
+                    }
+                    continue;
+                }
+            };
+            if shared.counters.sessions() >= max_sessions {
+                log::warn!("event=session_refused reason=\"{max_sessions} sessions already open\"");
+                let (name, id) = (&vetted.reply, vetted.ids[1]);
+                let msg = format!(
+                    "the server already has {max_sessions} sessions open ({limit_note}); try again shortly"
+                );
+                refuse(&shared.clients, name, id, ErrorCode::Overloaded, &msg);
                 continue;
             }
             let n = session_ids.fetch_add(1, Ordering::Relaxed) + 1;
             let s = shared.clone();
-            s.session_started();
+            let ids = vetted.ids;
+            s.session_started(ids);
             s.counters.session(true);
             let spawned = std::thread::Builder::new()
                 .name(format!("session-{n}"))
                 .spawn(move || {
-                    if let Err(e) = session::run(&s, hello, n) {
+                    if let Err(e) = session::run(&s, vetted, n) {
                         log::info!("event=session_ended session={n} reason={:?}", e.to_string());
                     }
                     s.counters.session(false);
-                    s.session_ended();
+                    s.session_ended(ids);
                 });
             if let Err(e) = spawned {
                 log::error!("cannot start a session thread: {e}");
                 shared.counters.session(false);
-                shared.session_ended();
+                shared.session_ended(ids);
             }
         }
     }
@@ -576,7 +676,7 @@ pub fn run(
         shared.config.grace.as_secs_f64()
     );
     let _ = std::fs::remove_file(&requests);
-    drop(reader);
+    drop(stream);
     drop(keepalive);
     let deadline = Instant::now() + shared.config.grace;
     *shared
@@ -620,19 +720,24 @@ pub fn run(
     Ok(())
 }
 
-/// Tell a client we are full, without a session thread.
-fn refuse_busy(hello: &Hello, max: usize) {
-    log::warn!("event=session_refused reason=\"{max} sessions already open\"");
-    if let Ok(out) = fifo::open_checked(&hello.reply_fifo, true) {
-        let reply = Reply::Error(ErrorReply {
-            id: None,
-            code: ErrorCode::Overloaded,
-            message: format!("the server already has {max} sessions open; try again shortly"),
-        });
-        let _ = fifo::write_all(
-            &out,
-            &frame::encode(&reply),
-            Instant::now() + Duration::from_millis(50),
-        );
+/// Tell a client no, without a session thread: open its reply FIFO (an
+/// entry of `clients/` that passed every check, still the same file), write
+/// one error frame, close. Never waits more than 50 ms.
+fn refuse(clients: &FifoDir, reply: &std::ffi::OsStr, id: FileId, code: ErrorCode, message: &str) {
+    let Ok((out, got)) = clients.open_checked(reply, true) else {
+        return;
+    };
+    if got != id {
+        return;
     }
+    let reply = Reply::Error(ErrorReply {
+        id: None,
+        code,
+        message: message.to_string(),
+    });
+    let _ = fifo::write_all(
+        &out,
+        &frame::encode(&reply),
+        Instant::now() + Duration::from_millis(50),
+    );
 }

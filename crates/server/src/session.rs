@@ -4,6 +4,12 @@
 //! at each request's deadline). It polls the request FIFO, its own waker
 //! (rung by workers) and the server's shutdown waker: no busy loop, and
 //! every wait is bounded by the next deadline.
+//!
+//! A session with nothing in flight that receives no complete frame for
+//! `--idle-timeout` is closed: it sends an `error` frame with a null `id`
+//! and code `timeout` (the idle notice), then closes both FIFOs. A partial
+//! frame does not count as activity, so a client trickling bytes cannot hold
+//! a session either.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -13,11 +19,12 @@ use std::time::{Duration, Instant};
 use autopoll_protocol::fifo::{self, FifoError, Fill, FrameReader, Waker};
 use autopoll_protocol::frame::{self, FrameError};
 use autopoll_protocol::{
-    Answer, Echo, ErrorCode, ErrorReply, Hello, PROTOCOL_VERSION, Reply, Request, Welcome,
+    Answer, Echo, ErrorCode, ErrorReply, PROTOCOL_VERSION, Reply, Request, Welcome,
 };
 use crossbeam_channel::TrySendError;
 
 use crate::Shared;
+use crate::hello::Vetted;
 use crate::pool::{Job, Outcome};
 
 /// How long the client has to open its side of the pair.
@@ -98,12 +105,32 @@ struct Pending {
     received: Instant,
 }
 
+/// The FIFO opened must be the one vetted (and registered as in use).
+fn same(opened: Result<(File, fifo::FileId), FifoError>, want: fifo::FileId) -> Result<File, End> {
+    match opened {
+        Ok((f, got)) if got == want => Ok(f),
+        Ok(_) => Err(End::Handshake(FifoError::Unsafe {
+            path: Default::default(),
+            reason: "a client FIFO was replaced after its hello was checked".into(),
+        })),
+        Err(e) => Err(End::Handshake(e)),
+    }
+}
+
 /// Run one session to its end.
-pub(crate) fn run(shared: &Arc<Shared>, hello: Hello, n: u64) -> Result<(), End> {
+pub(crate) fn run(shared: &Arc<Shared>, vetted: Vetted, n: u64) -> Result<(), End> {
     let handshake_deadline = Instant::now() + HANDSHAKE;
-    let input = fifo::open_checked(&hello.request_fifo, false).map_err(End::Handshake)?;
-    let out = fifo::open_checked_write_until(&hello.reply_fifo, handshake_deadline)
-        .map_err(End::Handshake)?;
+    let input = same(
+        shared.clients.open_checked(&vetted.request, false),
+        vetted.ids[0],
+    )?;
+    let out = same(
+        shared
+            .clients
+            .open_checked_write_until(&vetted.reply, handshake_deadline),
+        vetted.ids[1],
+    )?;
+    let hello = vetted.hello;
     if hello.version != PROTOCOL_VERSION {
         send(
             &out,
@@ -133,6 +160,9 @@ pub(crate) fn run(shared: &Arc<Shared>, hello: Hello, n: u64) -> Result<(), End>
             pid: std::process::id(),
             engine: shared.engine.name().to_string(),
             max_frame_bytes: shared.config.max_frame,
+            idle_timeout_ms: Some(
+                u64::try_from(shared.config.idle_timeout.as_millis()).unwrap_or(u64::MAX),
+            ),
         }),
     )?;
     log::debug!("event=session_opened session={n} client={:?}", hello.client);
@@ -144,6 +174,9 @@ pub(crate) fn run(shared: &Arc<Shared>, hello: Hello, n: u64) -> Result<(), End>
     let mut input_open = true;
     let mut stopping = false;
     let mut grace = None;
+    let idle = shared.config.idle_timeout;
+    // The last complete frame received or reply sent.
+    let mut last_active = Instant::now();
     let result = loop {
         if !stopping && shared.shutdown.is_triggered() {
             stopping = true;
@@ -175,7 +208,8 @@ pub(crate) fn run(shared: &Arc<Shared>, hello: Hello, n: u64) -> Result<(), End>
             break Ok(());
         }
         let next = pending.values().map(|p| p.deadline).min();
-        let deadline = [next, grace, Some(Instant::now() + IDLE_POLL)]
+        let idle_at = (pending.is_empty() && input_open && !stopping).then(|| last_active + idle);
+        let deadline = [next, grace, idle_at, Some(Instant::now() + IDLE_POLL)]
             .into_iter()
             .flatten()
             .min();
@@ -219,6 +253,7 @@ pub(crate) fn run(shared: &Arc<Shared>, hello: Hello, n: u64) -> Result<(), End>
                 failed = Some(e);
                 break;
             }
+            last_active = Instant::now();
         }
         if let Some(e) = failed {
             break Err(e);
@@ -239,6 +274,9 @@ pub(crate) fn run(shared: &Arc<Shared>, hello: Hello, n: u64) -> Result<(), End>
             }
             if !input_open && reader.pending() > 0 {
                 frames.push(Err(FrameError::Truncated(reader.pending())));
+            }
+            if !frames.is_empty() {
+                last_active = Instant::now();
             }
             for item in frames {
                 let reply = handle(
@@ -272,6 +310,7 @@ pub(crate) fn run(shared: &Arc<Shared>, hello: Hello, n: u64) -> Result<(), End>
             pending.remove(&id);
             shared.counters.finished(Duration::ZERO, true);
             log::warn!("event=request_timeout session={n} id={id}");
+            last_active = Instant::now();
             if let Err(e) = send(
                 &out,
                 &error(
@@ -286,6 +325,29 @@ pub(crate) fn run(shared: &Arc<Shared>, hello: Hello, n: u64) -> Result<(), End>
         }
         if let Some(e) = failed {
             break Err(e);
+        }
+
+        if pending.is_empty()
+            && input_open
+            && !stopping
+            && Instant::now().duration_since(last_active) >= idle
+        {
+            // Not a wait on the client: a full pipe means it is not reading.
+            let notice = error(
+                None,
+                ErrorCode::Timeout,
+                format!(
+                    "session closed: no request for {} s (the server's --idle-timeout); connect again",
+                    idle.as_secs_f64()
+                ),
+            );
+            let _ = fifo::write_all(
+                &out,
+                &frame::encode(&notice),
+                Instant::now() + Duration::from_millis(50),
+            );
+            log::debug!("event=session_idle session={n} client={:?}", hello.client);
+            break Ok(());
         }
     };
     // Work still queued for a vanished client keeps its in-flight count until
