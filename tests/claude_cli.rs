@@ -19,6 +19,30 @@ use common::{
 };
 use serde_json::{Value, json};
 
+/// At most two of these tests run their CLIs at once: each CLI instance is
+/// a 400 MB native program that takes most of a core to start, and a 2-core
+/// CI machine running all of them in parallel starves the servers under test.
+static FREE_SLOTS: std::sync::Mutex<usize> = std::sync::Mutex::new(2);
+static SLOT_FREED: std::sync::Condvar = std::sync::Condvar::new();
+
+struct CliSlot;
+
+fn cli_slot() -> CliSlot {
+    let mut free = FREE_SLOTS.lock().unwrap_or_else(|p| p.into_inner());
+    while *free == 0 {
+        free = SLOT_FREED.wait(free).unwrap_or_else(|p| p.into_inner());
+    }
+    *free -= 1;
+    CliSlot
+}
+
+impl Drop for CliSlot {
+    fn drop(&mut self) {
+        *FREE_SLOTS.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        SLOT_FREED.notify_one();
+    }
+}
+
 /// Our fake Anthropic Messages API, killed on drop.
 struct FakeApi {
     _child: KillOnDrop,
@@ -230,6 +254,7 @@ const FORBIDDEN: [&str; 9] = [
 
 #[test]
 fn claude_answers_with_haiku_read_only_tools_short_messages_and_true_cost() {
+    let _slot = cli_slot();
     let env = Env::new();
     let sh = shard(&env, &[]);
     let ask = |q: &str| sh.server.client().unwrap().ask(q, TIMEOUT).unwrap();
@@ -336,6 +361,7 @@ fn engine_error(s: &common::Server, q: &str) -> String {
 
 #[test]
 fn persistent_api_errors_fail_fast_naming_the_status_and_keep_the_instance() {
+    let _slot = cli_slot();
     let env = Env::new();
     let sh = shard(&env, &["--claude-retries", "2"]);
     let pid = instance_pid(&sh.server);
@@ -368,6 +394,7 @@ fn persistent_api_errors_fail_fast_naming_the_status_and_keep_the_instance() {
 
 #[test]
 fn transient_api_errors_are_retried_and_counted() {
+    let _slot = cli_slot();
     let env = Env::new();
     let sh = shard(&env, &["--claude-retries", "2"]);
     for mode in ["500", "529", "429"] {
@@ -386,6 +413,7 @@ fn transient_api_errors_are_retried_and_counted() {
 
 #[test]
 fn a_hung_api_or_bad_json_ends_the_question_and_the_shard_recovers() {
+    let _slot = cli_slot();
     let env = Env::new();
     let sh = shard(&env, &["--watchdog", "5", "--claude-retries", "0"]);
     let pid = instance_pid(&sh.server);
@@ -424,6 +452,7 @@ fn a_hung_api_or_bad_json_ends_the_question_and_the_shard_recovers() {
 
 #[test]
 fn a_context_change_recycles_the_session_so_the_next_answer_reads_new_files() {
+    let _slot = cli_slot();
     let env = Env::new();
     let sh = shard(&env, &[]);
     let a = sh
@@ -465,6 +494,7 @@ fn a_context_change_recycles_the_session_so_the_next_answer_reads_new_files() {
 
 #[test]
 fn max_session_tokens_recycles_a_grown_session() {
+    let _slot = cli_slot();
     let env = Env::new();
     let sh = shard(&env, &["--max-session-tokens", "10"]);
     let first = instance_pid(&sh.server);
@@ -486,6 +516,7 @@ fn max_session_tokens_recycles_a_grown_session() {
 
 #[test]
 fn kill_9_of_the_cli_and_sigterm_of_the_server_leave_nothing_behind() {
+    let _slot = cli_slot();
     let env = Env::new();
     let mut sh = shard(&env, &[]);
     let pid = instance_pid(&sh.server);
@@ -570,6 +601,7 @@ fn tripped(
 
 #[test]
 fn a_cli_that_cannot_start_trips_the_breaker_and_status_says_why() {
+    let _slot = cli_slot();
     let env = Env::new();
     let api = FakeApi::start(&env);
     // Without --verbose the CLI refuses stream-json output and exits.
@@ -618,6 +650,7 @@ fn a_cli_that_cannot_start_trips_the_breaker_and_status_says_why() {
 
 #[test]
 fn spawn_parses_the_cli_json_result_and_keeps_its_error_message() {
+    let _slot = cli_slot();
     let env = Env::new();
     let api = FakeApi::start(&env);
     let ctx = context(&env);
@@ -659,6 +692,7 @@ fn spawn_parses_the_cli_json_result_and_keeps_its_error_message() {
 
 #[test]
 fn retry_events_do_not_feed_the_watchdog() {
+    let _slot = cli_slot();
     let env = Env::new();
     // A generous retry budget: only the watchdog can end this question.
     let sh = shard(&env, &["--claude-retries", "10", "--watchdog", "2.5"]);
@@ -690,6 +724,7 @@ fn retry_events_do_not_feed_the_watchdog() {
 
 #[test]
 fn past_the_retry_budget_the_turn_is_interrupted_and_the_instance_kept() {
+    let _slot = cli_slot();
     let env = Env::new();
     let api = FakeApi::start(&env);
     let ctx = context(&env);
@@ -744,6 +779,7 @@ fn past_the_retry_budget_the_turn_is_interrupted_and_the_instance_kept() {
 
 #[test]
 fn context_outside_the_working_directory_is_readable() {
+    let _slot = cli_slot();
     let env = Env::new();
     let elsewhere = tempfile::tempdir().unwrap();
     let ctx = notes_in(&elsewhere.path().join("notes"));
@@ -784,6 +820,7 @@ fn context_outside_the_working_directory_is_readable() {
 
 #[test]
 fn a_cli_without_credentials_is_down_and_says_how_to_give_it_a_key() {
+    let _slot = cli_slot();
     let env = Env::new();
     let api = FakeApi::start(&env);
     let mut vars: Vec<(&str, String)> = api
@@ -830,6 +867,7 @@ fn flaky_cli(env: &Env, fails: u32, delay: u32) -> String {
 
 #[test]
 fn a_question_while_no_instance_can_start_fails_at_once_with_the_reason() {
+    let _slot = cli_slot();
     let env = Env::new();
     let api = FakeApi::start(&env);
     let ctx = context(&env);
@@ -869,6 +907,7 @@ fn a_question_while_no_instance_can_start_fails_at_once_with_the_reason() {
 
 #[test]
 fn an_instance_that_starts_after_failures_is_idle_with_no_stale_error() {
+    let _slot = cli_slot();
     let env = Env::new();
     let api = FakeApi::start(&env);
     let ctx = context(&env);

@@ -106,3 +106,47 @@ fn a_missing_or_wrong_token_says_what_to_do() {
         );
     }
 }
+
+#[test]
+fn a_failed_start_and_a_clean_stop_leave_nothing_in_the_runtime_dir() {
+    let env = Env::new();
+    let rt = common::path_str(&env.runtime()).to_string();
+    // A start that fails after taking the lock (no such context file).
+    let out = env
+        .cmd("autopoll-server")
+        .args([
+            "--runtime-dir",
+            &rt,
+            "--name",
+            "s",
+            "--context",
+            "missing.md",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(12), "{}", describe(&out));
+    assert!(!env.runtime().join("s/lock").exists(), "lock left behind");
+    assert!(
+        !env.runtime().join("s").exists(),
+        "server folder left behind"
+    );
+    // A clean stop.
+    std::fs::write(env.path("NOTES.md"), "# Notes\nsome text\n").unwrap();
+    let mut s = env.server("s", &["--context", "NOTES.md"]);
+    s.client()
+        .unwrap()
+        .ask("some text?", common::TIMEOUT)
+        .unwrap();
+    s.signal(libc::SIGTERM);
+    assert_eq!(s.wait_exit(common::TIMEOUT), Some(0), "{}", s.stderr());
+    assert!(
+        !env.runtime().join("s/clients").exists(),
+        "clients/ left behind"
+    );
+    assert!(
+        !env.runtime().join("s").exists(),
+        "server folder left behind"
+    );
+    // And the next start works as ever.
+    let _again = env.server("s", &["--context", "NOTES.md"]);
+}

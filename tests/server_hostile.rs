@@ -463,3 +463,23 @@ fn a_poller_idle_past_the_idle_timeout_keeps_answering() {
     let log = p.log();
     assert!(!log.contains("server_down"), "{log}");
 }
+
+/// Clients one after another, each a fresh pair of FIFOs: a FIFO's inode
+/// number is handed to the next FIFO as soon as the last descriptor of the
+/// old one closes, and a session that unmarked its FIFOs only after closing
+/// them made the server refuse that innocent next hello as "in use" (the
+/// client then timed out waiting for its welcome). Regression test.
+#[test]
+fn clients_in_quick_succession_are_never_taken_for_live_sessions() {
+    let env = Env::new();
+    let ctx = notes(&env);
+    let s = env.server("seq", &["--context", &ctx]);
+    for i in 0..400 {
+        let mut c = s
+            .client()
+            .unwrap_or_else(|e| panic!("client {i}: {e}\n{}", s.stderr()));
+        c.stats(TIMEOUT)
+            .unwrap_or_else(|e| panic!("client {i}: {e}\n{}", s.stderr()));
+    }
+    assert!(!s.stderr().contains("in use"), "{}", s.stderr());
+}

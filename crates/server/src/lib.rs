@@ -218,13 +218,16 @@ impl Shared {
             .extend(ids);
     }
 
-    fn session_ended(&self, ids: [FileId; 2]) {
-        {
-            let mut in_use = self.in_use.lock().unwrap_or_else(|p| p.into_inner());
-            for id in ids {
-                in_use.remove(&id);
-            }
+    /// The session no longer holds these FIFOs (called while it still
+    /// does, just before it closes them).
+    pub(crate) fn release_fifos(&self, ids: [FileId; 2]) {
+        let mut in_use = self.in_use.lock().unwrap_or_else(|p| p.into_inner());
+        for id in ids {
+            in_use.remove(&id);
         }
+    }
+
+    fn session_ended(&self) {
         let mut n = self.live.0.lock().unwrap_or_else(|p| p.into_inner());
         *n = n.saturating_sub(1);
         self.live.1.notify_all();
@@ -439,9 +442,31 @@ pub fn run(
         .create_private()
         .map_err(io_err("cannot create runtime directory", &paths.dir))?;
     let mut lock = ServerLock::acquire(&paths.lock(), &paths.pid(), &config.name)?;
-    lock.write_pid()
-        .map_err(io_err("cannot write", &paths.lock()))?;
+    // From here on, whatever happens, the lock, the pid file and the
+    // folders this run made go when it returns (a failed start too).
+    let result = lock
+        .write_pid()
+        .map_err(io_err("cannot write", &paths.lock()))
+        .and_then(|()| serve_locked(config, shutdown, on_ready, &paths, fd_limit));
+    let _ = std::fs::remove_file(paths.pid());
+    lock.remove();
+    // Empty folders only: anything still in them belongs to someone.
+    let _ = std::fs::remove_dir(paths.clients());
+    let _ = std::fs::remove_dir(&paths.dir);
+    if result.is_ok() {
+        log::info!("event=stopped");
+    }
+    result
+}
 
+/// [`run`] once the lock is held.
+fn serve_locked(
+    config: ServerConfig,
+    shutdown: Shutdown,
+    on_ready: impl FnOnce(&Ready),
+    paths: &ServerPaths,
+    fd_limit: u64,
+) -> Result<(), ServerError> {
     let engine = build_engine(&config)?;
 
     // A server killed with -9 leaves its FIFO and client FIFOs behind.
@@ -658,12 +683,13 @@ pub fn run(
                         log::info!("event=session_ended session={n} reason={:?}", e.to_string());
                     }
                     s.counters.session(false);
-                    s.session_ended(ids);
+                    s.session_ended();
                 });
             if let Err(e) = spawned {
                 log::error!("cannot start a session thread: {e}");
                 shared.counters.session(false);
-                shared.session_ended(ids);
+                shared.release_fifos(ids);
+                shared.session_ended();
             }
         }
     }
@@ -714,9 +740,6 @@ pub fn run(
             }
         }
     }
-    let _ = std::fs::remove_file(paths.pid());
-    lock.remove();
-    log::info!("event=stopped");
     Ok(())
 }
 

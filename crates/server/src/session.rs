@@ -16,7 +16,7 @@ use std::fs::File;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use autopoll_protocol::fifo::{self, FifoError, Fill, FrameReader, Waker};
+use autopoll_protocol::fifo::{self, FifoError, FileId, Fill, FrameReader, Waker};
 use autopoll_protocol::frame::{self, FrameError};
 use autopoll_protocol::{
     Answer, Echo, ErrorCode, ErrorReply, PROTOCOL_VERSION, Reply, Request, Welcome,
@@ -118,18 +118,54 @@ fn same(opened: Result<(File, fifo::FileId), FifoError>, want: fifo::FileId) -> 
 }
 
 /// Run one session to its end.
+/// Unmarks a session's FIFOs as in use when dropped (unless disarmed).
+struct Release<'a> {
+    shared: &'a Shared,
+    ids: Option<[FileId; 2]>,
+}
+
+impl<'a> Release<'a> {
+    fn new(shared: &'a Shared, ids: [FileId; 2]) -> Self {
+        Release {
+            shared,
+            ids: Some(ids),
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.ids = None;
+    }
+}
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        if let Some(ids) = self.ids.take() {
+            self.shared.release_fifos(ids);
+        }
+    }
+}
+
 pub(crate) fn run(shared: &Arc<Shared>, vetted: Vetted, n: u64) -> Result<(), End> {
     let handshake_deadline = Instant::now() + HANDSHAKE;
+    // The FIFOs stay marked in use until this session stops holding them,
+    // and no longer: released while still open (a FIFO's inode number can
+    // be given to a new FIFO as soon as the last descriptor closes, and a
+    // stale mark would refuse that innocent client's hello). The guard
+    // declared last is dropped first, before the descriptors.
+    let mut early = Release::new(shared, vetted.ids);
     let input = same(
         shared.clients.open_checked(&vetted.request, false),
         vetted.ids[0],
     )?;
+    let mut reader = FrameReader::new(input, shared.config.max_frame);
     let out = same(
         shared
             .clients
             .open_checked_write_until(&vetted.reply, handshake_deadline),
         vetted.ids[1],
     )?;
+    let _release = Release::new(shared, vetted.ids);
+    early.disarm();
     let hello = vetted.hello;
     if hello.version != PROTOCOL_VERSION {
         send(
@@ -169,7 +205,6 @@ pub(crate) fn run(shared: &Arc<Shared>, vetted: Vetted, n: u64) -> Result<(), En
 
     let waker = Arc::new(Waker::new().map_err(|e| End::Io(format!("waker: {e}")))?);
     let (tx, rx) = crossbeam_channel::unbounded::<Outcome>();
-    let mut reader = FrameReader::new(input, shared.config.max_frame);
     let mut pending: HashMap<u64, Pending> = HashMap::new();
     let mut input_open = true;
     let mut stopping = false;
