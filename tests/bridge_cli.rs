@@ -213,10 +213,7 @@ fn ask_prints_the_answer_with_its_query_id() {
     shard
         .complete(
             &me,
-            &[Answer {
-                message_id: claimed[0].message.id,
-                text: response.to_text(),
-            }],
+            &[Answer::new(claimed[0].message.id, response.to_text())],
         )
         .unwrap();
     let out = child.wait_with_output().unwrap();

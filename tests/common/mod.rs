@@ -394,7 +394,11 @@ impl Env {
         st.query_map([], |r| r.get::<_, String>(0))
             .unwrap()
             .map(|m| {
-                let v: Value = serde_json::from_str(&m.unwrap()).unwrap();
+                // Read as a Python coordinator would (json.loads): a query id
+                // with a lone surrogate is written back escaped, as it came.
+                let m = m.unwrap();
+                let v = autopoll_bridge::shard::parse_lenient(&m)
+                    .unwrap_or_else(|| panic!("a response that is not JSON: {m:?}"));
                 (v["query_id"].as_str().unwrap_or("").to_string(), v)
             })
             .collect()

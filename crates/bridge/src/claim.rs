@@ -12,6 +12,17 @@
 //! it read and writes one `autopoll_outcomes` row, all in one transaction and
 //! only while the caller still owns the claim. An owner whose lease expired
 //! and was taken over finishes nothing: its calls change 0 rows.
+//!
+//! Claims go in row id order (arrival order), not timestamp order: another
+//! writer's clock or format (local time, a zone suffix, garbage) must not
+//! make a question wait behind newer ones. A row whose text cannot be read
+//! (not UTF-8, a BLOB, NULL) is dead-lettered on the spot, alone, so it
+//! cannot fail the batch it is in.
+//!
+//! An answer that carries a [`Answer::repeat_key`] is remembered in
+//! `autopoll_answers` (one row per conversation, session and query id), so
+//! that a query repeating an answered query_id gets the stored answer again
+//! ([`Bridge::earlier_answer`]) without asking the engine.
 
 use std::time::Duration;
 
@@ -118,6 +129,21 @@ pub struct Answer {
     pub message_id: i64,
     /// The response message's text (a [`Response`] as JSON, normally).
     pub text: String,
+    /// The question's query id as a repeat key ([`shard::Query::repeat_key`]):
+    /// given for a real answer, so a later query with the same id gets this
+    /// answer again. `None` for error responses and repeats themselves.
+    pub repeat_key: Option<String>,
+}
+
+impl Answer {
+    /// An answer that is not remembered for repeats.
+    pub fn new(message_id: i64, text: impl Into<String>) -> Answer {
+        Answer {
+            message_id,
+            text: text.into(),
+            repeat_key: None,
+        }
+    }
 }
 
 struct Held {
@@ -199,8 +225,9 @@ fn dead_letter_held(
     error: &str,
     last_error: Option<&str>,
 ) -> rusqlite::Result<DeadLettered> {
-    let query_id = shard::query_id_of(msg);
-    let text = Response::failure(&query_id, &claimer.shard_id, error, h.attempts).to_text();
+    let (query_id, raw) = shard::reply_id_of(msg);
+    let text = Response::failure(&query_id, &claimer.shard_id, error, h.attempts)
+        .to_text_raw_id(raw.as_deref());
     let response_id = reply(conn, h, &text)?;
     finish(
         conn,
@@ -259,7 +286,7 @@ impl Bridge {
                      FROM messages m LEFT JOIN autopoll_claims c ON c.message_id = m.id
                      WHERE m.conversation_id = ?1 AND m.to_session = ?2 AND m.read = 0
                        AND (c.owner IS NULL OR c.lease_until_ms <= ?3)
-                     ORDER BY m.timestamp ASC, m.id ASC
+                     ORDER BY m.id ASC
                      LIMIT ?4",
                     cols = MESSAGE_COLUMNS
                         .split(", ")
@@ -281,6 +308,24 @@ impl Bridge {
         let now = clock::now_string();
         let mut batch = ClaimBatch::default();
         for (msg, attempts, last_error) in rows {
+            if let Some(why) = &msg.unreadable {
+                // Nothing can answer it and retrying cannot help: finish it
+                // now, alone, so the rest of the batch goes on.
+                let h = Held {
+                    conversation_id: msg.conversation_id.clone(),
+                    from_session: msg.from_session.clone(),
+                    to_session: msg.to_session.clone(),
+                    attempts: attempts + 1,
+                };
+                let error = format!(
+                    "message {} cannot be read: {why}; autopoll marked it read without answering it",
+                    msg.id
+                );
+                let d =
+                    dead_letter_held(&tx, claimer, &msg, &h, &error, Some(&error)).map_err(&map)?;
+                batch.dead_lettered.push(d);
+                continue;
+            }
             if attempts >= opts.max_attempts {
                 let h = Held {
                     conversation_id: msg.conversation_id.clone(),
@@ -460,6 +505,26 @@ impl Bridge {
                 &json!({ "message_id": a.message_id, "response_id": response_id, "attempts": h.attempts }),
             )
             .map_err(&map)?;
+            if let Some(key) = &a.repeat_key {
+                // The first answer stays the one repeats get.
+                tx.prepare_cached(
+                    "INSERT INTO autopoll_answers
+                     (conversation_id, to_session, query_id, message_id, response_id, answered_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT DO NOTHING",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        h.conversation_id,
+                        h.to_session,
+                        key,
+                        a.message_id,
+                        response_id,
+                        clock::now_string()
+                    ])
+                })
+                .map_err(&map)?;
+            }
             out.push(Some(response_id));
         }
         tx.commit().map_err(&map)?;
@@ -514,6 +579,32 @@ impl Bridge {
         Ok(Some(d))
     }
 
+    /// The answer given earlier to query id `repeat_key` (a
+    /// [`shard::Query::repeat_key`]) asked of `session` in `conversation`:
+    /// `(question's message id, response text)`. One indexed lookup and one
+    /// read by row id. `None` when it was never answered (or only with an
+    /// error, or the response row is gone).
+    pub fn earlier_answer(
+        &self,
+        conversation: &str,
+        session: Session,
+        repeat_key: &str,
+    ) -> Result<Option<(i64, String)>> {
+        self.conn
+            .prepare_cached(
+                "SELECT a.message_id, r.message FROM autopoll_answers a
+                 JOIN messages r ON r.id = a.response_id
+                 WHERE a.conversation_id = ?1 AND a.to_session = ?2 AND a.query_id = ?3",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![conversation, session.as_str(), repeat_key], |r| {
+                    Ok((r.get(0)?, message::text_lossy(r.get_ref(1)?).0))
+                })
+                .optional()
+            })
+            .map_err(self.map())
+    }
+
     /// The outcome recorded for a message, if it is finished:
     /// `(outcome, response_id, attempts)`.
     pub fn outcome(&self, message_id: i64) -> Result<Option<(String, Option<i64>, u32)>> {
@@ -550,10 +641,7 @@ mod tests {
     }
 
     fn answer(id: i64, text: &str) -> Answer {
-        Answer {
-            message_id: id,
-            text: text.into(),
-        }
+        Answer::new(id, text)
     }
 
     #[test]
@@ -827,6 +915,220 @@ mod tests {
         assert_eq!(
             f.bridge.message(rid).unwrap().message,
             "the key is AWS_KEY_REDACTED"
+        );
+    }
+
+    /// Insert a row as another writer could: `message` and `timestamp` as
+    /// given SQL expressions.
+    fn insert_raw(f: &Fixture, message_sql: &str, timestamp_sql: &str) -> i64 {
+        f.bridge
+            .connection()
+            .execute(
+                &format!(
+                    "INSERT INTO messages (conversation_id, from_session, to_session, message, metadata, timestamp)
+                     VALUES (?1, 'a', 'b', {message_sql}, '{{}}', {timestamp_sql})"
+                ),
+                [f.id()],
+            )
+            .unwrap();
+        f.bridge.connection().last_insert_rowid()
+    }
+
+    #[test]
+    fn an_unreadable_row_is_dead_lettered_alone_and_the_batch_goes_on() {
+        let mut f = Fixture::new();
+        let good1 = f.send_a(&shard::query_text("q-1", "one?"));
+        // Invalid UTF-8 that still reads, lossily, as a query with an id.
+        let bad_utf8 = insert_raw(
+            &f,
+            "CAST(X'7B2274797065223A227175657279222C2271756572795F6964223A22712D626164222C227175657374696F6E223A2278FF227D' AS TEXT)",
+            "'2025-01-01T00:00:00'",
+        );
+        let blob = insert_raw(&f, "X'00FF'", "'2025-01-01T00:00:00'");
+        let good2 = f.send_a(&shard::query_text("q-2", "two?"));
+        let conv = f.id().to_string();
+        let me = Claimer::new("s").unwrap();
+        let b = f
+            .bridge
+            .claim(&me, &conv, Session::B, &opts(10, 60_000, 3))
+            .unwrap();
+        let claimed: Vec<i64> = b.claimed.iter().map(|c| c.message.id).collect();
+        assert_eq!(claimed, vec![good1, good2]);
+        let dead: Vec<(i64, &str)> = b
+            .dead_lettered
+            .iter()
+            .map(|d| (d.message_id, d.query_id.as_str()))
+            .collect();
+        let blob_id = format!("msg-{blob}");
+        assert_eq!(dead, vec![(bad_utf8, "q-bad"), (blob, blob_id.as_str())]);
+        for d in &b.dead_lettered {
+            let r = response_json(&f.bridge.message(d.response_id).unwrap());
+            let e = r["error"].as_str().unwrap();
+            assert!(e.contains("cannot be read"), "{e}");
+            assert_eq!(
+                f.bridge.outcome(d.message_id).unwrap().unwrap().0,
+                "dead_letter"
+            );
+            assert!(f.bridge.message(d.message_id).unwrap().read);
+        }
+        assert!(
+            b.dead_lettered[0]
+                .last_error
+                .as_deref()
+                .unwrap()
+                .contains("not valid UTF-8")
+        );
+        assert!(
+            b.dead_lettered[1]
+                .last_error
+                .as_deref()
+                .unwrap()
+                .contains("BLOB")
+        );
+        // The rows themselves are left as they were, only marked read.
+        let kind: String = f
+            .bridge
+            .connection()
+            .query_row(
+                "SELECT typeof(message) FROM messages WHERE id = ?1",
+                [blob],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(kind, "blob");
+        // Nothing is dead-lettered twice.
+        let again = f
+            .bridge
+            .claim(&me, &conv, Session::B, &opts(10, 60_000, 3))
+            .unwrap();
+        assert!(again.claimed.is_empty() && again.dead_lettered.is_empty());
+    }
+
+    #[test]
+    fn a_null_message_on_a_file_without_not_null_is_dead_lettered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loose.db");
+        // A hand-made or older file: the same columns, no NOT NULL.
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id TEXT,
+                 from_session TEXT, to_session TEXT, message TEXT, metadata TEXT, timestamp TEXT,
+                 read INTEGER DEFAULT 0)",
+            )
+            .unwrap();
+        let mut b = Bridge::open_or_create(&path).unwrap();
+        let c = b.create_conversation("x", "y", crate::DEFAULT_TTL).unwrap();
+        let conv = c.conversation_id.clone();
+        b.connection()
+            .execute(
+                "INSERT INTO messages (conversation_id, from_session, to_session, message, timestamp)
+                 VALUES (?1, 'a', 'b', NULL, NULL)",
+                [&conv],
+            )
+            .unwrap();
+        let null_id = b.connection().last_insert_rowid();
+        let good = b
+            .send(
+                &conv,
+                Session::A,
+                &c.session_a_token,
+                "plain question",
+                None,
+            )
+            .unwrap()
+            .id;
+        let me = Claimer::new("s").unwrap();
+        let batch = b
+            .claim(&me, &conv, Session::B, &opts(10, 60_000, 3))
+            .unwrap();
+        assert_eq!(batch.claimed.len(), 1);
+        assert_eq!(batch.claimed[0].message.id, good);
+        assert_eq!(batch.dead_lettered.len(), 1);
+        assert_eq!(batch.dead_lettered[0].message_id, null_id);
+        assert!(
+            batch.dead_lettered[0]
+                .last_error
+                .as_deref()
+                .unwrap()
+                .contains("NULL")
+        );
+        // Stats do not fail on the NULL timestamp either.
+        b.stats(Some(&conv)).unwrap();
+    }
+
+    /// A writer on local time stamps its rows hours ahead; a later question
+    /// with an ordinary stamp must not wait behind it, nor it behind them.
+    #[test]
+    fn claims_go_in_arrival_order_whatever_the_timestamps() {
+        let mut f = Fixture::new();
+        let future = insert_raw(&f, "'future'", "'2999-01-01T00:00:00'");
+        let garbage = insert_raw(&f, "'garbage stamp'", "'not a time'");
+        let zoned = insert_raw(&f, "'zoned'", "'2025-01-01T00:00:00+00:00'");
+        let epoch = insert_raw(&f, "'epoch'", "1763681892");
+        let normal = f.send_a("normal");
+        let conv = f.id().to_string();
+        let me = Claimer::new("s").unwrap();
+        let b = f
+            .bridge
+            .claim(&me, &conv, Session::B, &opts(10, 60_000, 3))
+            .unwrap();
+        let ids: Vec<i64> = b.claimed.iter().map(|c| c.message.id).collect();
+        assert_eq!(ids, vec![future, garbage, zoned, epoch, normal]);
+        let st = f.bridge.stats(Some(&conv)).unwrap();
+        let sb = st.iter().find(|s| s.session == "b").unwrap();
+        assert_eq!((sb.unread, sb.unknown_age), (5, 2));
+        assert!(sb.oldest_unread_age_secs.is_some());
+    }
+
+    #[test]
+    fn an_answered_query_id_is_found_again_and_errors_are_not() {
+        let mut f = Fixture::new();
+        let conv = f.id().to_string();
+        let q1 = f.send_a(&shard::query_text("q-r", "what?"));
+        let q2 = f.send_a(&shard::query_text("q-e", "what?"));
+        let me = Claimer::new("s").unwrap();
+        f.bridge
+            .claim(&me, &conv, Session::B, &opts(10, 60_000, 3))
+            .unwrap();
+        let text = r#"{"type":"response","query_id":"q-r","answer":"42"}"#;
+        f.bridge
+            .complete(
+                &me,
+                &[Answer {
+                    message_id: q1,
+                    text: text.into(),
+                    repeat_key: Some("q-r".into()),
+                }],
+            )
+            .unwrap();
+        f.bridge.dead_letter(&me, q2, "engine down").unwrap();
+        assert_eq!(
+            f.bridge.earlier_answer(&conv, Session::B, "q-r").unwrap(),
+            Some((q1, text.to_string()))
+        );
+        assert_eq!(
+            f.bridge.earlier_answer(&conv, Session::B, "q-e").unwrap(),
+            None
+        );
+        assert_eq!(
+            f.bridge.earlier_answer(&conv, Session::A, "q-r").unwrap(),
+            None
+        );
+        // The lookup uses the primary key, not a scan.
+        let plan: String = f
+            .bridge
+            .connection()
+            .query_row(
+                "EXPLAIN QUERY PLAN SELECT response_id FROM autopoll_answers
+                 WHERE conversation_id = 'c' AND to_session = 'b' AND query_id = 'q'",
+                [],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(
+            plan.contains("USING INDEX") || plan.contains("PRIMARY KEY"),
+            "{plan}"
         );
     }
 

@@ -4,20 +4,22 @@
 //! microseconds and no zone suffix (`2025-11-20T23:38:12.123456`), and no
 //! fraction at all when the microseconds are zero. Rows are ordered by this
 //! text, so autopoll writes exactly the same shape.
+//!
+//! Reading is lenient, because other writers share the file: every form
+//! Python's `datetime.fromisoformat` accepts for what a writer can put there
+//! (`T` or a space, any fraction, `Z` or a `+HH:MM` offset, a bare date),
+//! and, as a fallback, Unix epoch seconds (`1763681892` or `1763681892.5`).
+//! Zoned times are converted to naive UTC. Anything else is an error, which
+//! readers of queue ages show as "unknown age" rather than failing on.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use time::{PrimitiveDateTime, format_description::BorrowedFormatItem, macros::format_description};
+use time::{Date, Month, PrimitiveDateTime, Time, UtcOffset};
 
 use crate::error::{Error, Result};
 
 /// A naive UTC instant with microsecond precision.
 pub type Timestamp = PrimitiveDateTime;
-
-const PARSE: &[BorrowedFormatItem<'static>] = format_description!(
-    version = 2,
-    "[year]-[month]-[day][first [T] [ ]][hour]:[minute][optional [:[second][optional [.[subsecond]]]]]"
-);
 
 /// The current UTC time, truncated to microseconds as Python keeps it.
 pub fn now() -> Timestamp {
@@ -49,11 +51,109 @@ pub fn format(t: Timestamp) -> String {
     }
 }
 
-/// Parse what Python's `datetime.fromisoformat` accepts for naive timestamps
-/// (the shapes the bridge holds: with or without fraction, `T` or space).
+/// Parse a bridge timestamp: ISO-8601 as Python's `fromisoformat` reads it
+/// (`2025-11-20T23:38:12.123456`, a space for `T`, any fraction, `Z`,
+/// `+00:00`, `+0000`, `+05`, a bare date), else Unix epoch seconds. Zoned
+/// times become naive UTC; fractions finer than microseconds are truncated.
 pub fn parse(s: &str) -> Result<Timestamp> {
-    PrimitiveDateTime::parse(s.trim(), PARSE)
-        .map_err(|e| Error::Invalid(format!("bad timestamp {s:?} in the bridge: {e}")))
+    let t = s.trim();
+    parse_iso(t)
+        .or_else(|| parse_epoch(t))
+        .ok_or_else(|| Error::Invalid(format!("bad timestamp {s:?} in the bridge")))
+}
+
+fn digits(s: &str, n: usize) -> Option<u32> {
+    let d = s.get(..n)?;
+    d.bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| d.parse().ok())
+        .flatten()
+}
+
+fn parse_iso(s: &str) -> Option<Timestamp> {
+    let year = i32::try_from(digits(s, 4)?).ok()?;
+    let b = s.as_bytes();
+    if b.get(4) != Some(&b'-') || b.get(7) != Some(&b'-') {
+        return None;
+    }
+    let month = Month::try_from(u8::try_from(digits(&s[5..], 2)?).ok()?).ok()?;
+    let date =
+        Date::from_calendar_date(year, month, u8::try_from(digits(&s[8..], 2)?).ok()?).ok()?;
+    let rest = &s[10..];
+    if rest.is_empty() {
+        return Some(PrimitiveDateTime::new(date, Time::MIDNIGHT));
+    }
+    let rest = rest.strip_prefix(['T', 't', ' '])?;
+    let hour = digits(rest, 2)?;
+    let rest = rest.get(2..)?;
+    let (minute, mut rest) = match rest.strip_prefix(':') {
+        Some(r) => (digits(r, 2)?, r.get(2..)?),
+        None => (0, rest),
+    };
+    let mut second = 0;
+    let mut micros = 0;
+    if let Some(r) = rest.strip_prefix(':') {
+        second = digits(r, 2)?;
+        rest = r.get(2..)?;
+        if let Some(r) = rest.strip_prefix(['.', ',']) {
+            let n = r.bytes().take_while(u8::is_ascii_digit).count();
+            if n == 0 {
+                return None;
+            }
+            let frac = &r[..n];
+            let mut us = 0u32;
+            for (i, c) in frac.bytes().take(6).enumerate() {
+                us += u32::from(c - b'0') * 10u32.pow(5 - i as u32);
+            }
+            micros = us;
+            rest = &r[n..];
+        }
+    }
+    let time = Time::from_hms_micro(
+        u8::try_from(hour).ok()?,
+        u8::try_from(minute).ok()?,
+        u8::try_from(second).ok()?,
+        micros,
+    )
+    .ok()?;
+    let naive = PrimitiveDateTime::new(date, time);
+    let offset = match rest.trim_start() {
+        "" => return Some(naive),
+        "Z" | "z" => UtcOffset::UTC,
+        z => {
+            let sign: i8 = match z.as_bytes()[0] {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            let z = &z[1..];
+            let h = i8::try_from(digits(z, 2)?).ok()?;
+            let m = match &z[2..] {
+                "" => 0,
+                r => i8::try_from(digits(r.strip_prefix(':').unwrap_or(r), 2)?).ok()?,
+            };
+            let tail = z[2..].strip_prefix(':').unwrap_or(&z[2..]);
+            if tail.len() > 2 {
+                return None;
+            }
+            UtcOffset::from_hms(sign * h, sign * m, 0).ok()?
+        }
+    };
+    let utc = naive.assume_offset(offset).to_offset(UtcOffset::UTC);
+    Some(PrimitiveDateTime::new(utc.date(), utc.time()))
+}
+
+fn parse_epoch(s: &str) -> Option<Timestamp> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return None;
+    }
+    let secs: f64 = s.parse().ok()?;
+    if !secs.is_finite() {
+        return None;
+    }
+    let odt = time::OffsetDateTime::from_unix_timestamp_nanos((secs * 1e6).round() as i128 * 1_000)
+        .ok()?;
+    Some(PrimitiveDateTime::new(odt.date(), odt.time()))
 }
 
 /// `now()` formatted.
@@ -101,8 +201,60 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(parse("yesterday").is_err());
-        assert!(parse("").is_err());
+        for bad in [
+            "yesterday",
+            "",
+            "2025-13-01T00:00:00",
+            "2025-11-20T25:00:00",
+            "2025-11-20T23:38:12+",
+            "2025-11-20T23:38:12 junk",
+            "2025-11-20T23:38:12.",
+            "-5",
+            "1e9",
+            "NaN",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    /// Every form a Python writer can produce (`isoformat()` of naive and
+    /// aware datetimes, `str()`, hand-written `Z`), and epoch seconds.
+    #[test]
+    fn reads_every_python_form_and_epoch_seconds() {
+        let want = "2025-11-20T23:38:12.123456";
+        for form in [
+            "2025-11-20T23:38:12.123456",
+            "2025-11-20 23:38:12.123456",
+            "2025-11-20T23:38:12.123456Z",
+            "2025-11-20T23:38:12.123456+00:00",
+            "2025-11-20T23:38:12.123456+0000",
+            "2025-11-21T01:38:12.123456+02:00",
+            "2025-11-20T18:38:12.123456-05:00",
+            "2025-11-21T05:08:12.123456+05:30",
+            "2025-11-20T23:38:12.123456789",
+            "  2025-11-20T23:38:12.123456\n",
+            "1763681892.123456",
+        ] {
+            assert_eq!(
+                parse(form).map(format).ok().as_deref(),
+                Some(want),
+                "{form:?}"
+            );
+        }
+        assert_eq!(
+            format(parse("2025-11-20T23:38:12Z").unwrap()),
+            "2025-11-20T23:38:12"
+        );
+        assert_eq!(
+            format(parse("2025-11-20T23:38").unwrap()),
+            "2025-11-20T23:38:00"
+        );
+        assert_eq!(
+            format(parse("2025-11-20T23:38:12.123").unwrap()),
+            "2025-11-20T23:38:12.123000"
+        );
+        assert_eq!(format(parse("2025-11-20").unwrap()), "2025-11-20T00:00:00");
+        assert_eq!(format(parse("1763681892").unwrap()), "2025-11-20T23:38:12");
     }
 
     #[test]

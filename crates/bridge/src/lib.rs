@@ -22,6 +22,7 @@ pub mod clock;
 mod conversation;
 pub mod error;
 mod message;
+pub mod pyjson;
 pub mod redact;
 pub mod schema;
 pub mod shard;

@@ -1,6 +1,7 @@
 //! Messages: send (with redaction, metadata, an audit row), read-and-mark
 //! unread ones atomically as the Python server does, and peek without marking.
 
+use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -28,6 +29,12 @@ pub struct Message {
     pub timestamp: String,
     /// Whether the receiver has read it.
     pub read: bool,
+    /// Why the row's `message` could not be read as text as it stands (not
+    /// valid UTF-8, a BLOB, NULL), if so; `message` then holds a lossy
+    /// decoding (U+FFFD for what is not UTF-8, empty for NULL). A consumer
+    /// dead-letters such a row instead of answering it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unreadable: Option<String>,
 }
 
 /// Question text stays out of logs: Debug shows its length only.
@@ -41,6 +48,7 @@ impl std::fmt::Debug for Message {
             .field("message_len", &self.message.len())
             .field("timestamp", &self.timestamp)
             .field("read", &self.read)
+            .field("unreadable", &self.unreadable)
             .finish()
     }
 }
@@ -66,21 +74,52 @@ pub struct Sent {
 pub(crate) const MESSAGE_COLUMNS: &str =
     "id, conversation_id, from_session, to_session, message, metadata, timestamp, read";
 
+/// A column as text however it is stored: `(text, None)` for valid UTF-8
+/// text or a number (as SQLite prints it), else a lossy decoding and what was
+/// wrong with it. Rows come from other writers too; one bad value must not
+/// make the whole row, or the batch it is in, unreadable.
+pub(crate) fn text_lossy(v: ValueRef<'_>) -> (String, Option<String>) {
+    match v {
+        ValueRef::Text(b) => match std::str::from_utf8(b) {
+            Ok(s) => (s.to_string(), None),
+            Err(e) => (
+                String::from_utf8_lossy(b).into_owned(),
+                Some(format!(
+                    "not valid UTF-8 text ({} bytes, first bad byte at {})",
+                    b.len(),
+                    e.valid_up_to()
+                )),
+            ),
+        },
+        ValueRef::Blob(b) => (
+            String::from_utf8_lossy(b).into_owned(),
+            Some(format!("a BLOB of {} bytes, not text", b.len())),
+        ),
+        ValueRef::Null => (String::new(), Some("NULL, not text".into())),
+        ValueRef::Integer(i) => (i.to_string(), None),
+        ValueRef::Real(f) => (f.to_string(), None),
+    }
+}
+
 pub(crate) fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
-    let metadata: Option<String> = r.get(5)?;
-    let metadata = match metadata {
-        None => json!({}),
-        Some(s) => serde_json::from_str(&s).unwrap_or(Value::String(s)),
+    let metadata = match r.get_ref(5)? {
+        ValueRef::Null => json!({}),
+        v => {
+            let (s, _) = text_lossy(v);
+            serde_json::from_str(&s).unwrap_or(Value::String(s))
+        }
     };
+    let (message, problem) = text_lossy(r.get_ref(4)?);
     Ok(Message {
         id: r.get(0)?,
-        conversation_id: r.get(1)?,
-        from_session: r.get(2)?,
-        to_session: r.get(3)?,
-        message: r.get(4)?,
+        conversation_id: text_lossy(r.get_ref(1)?).0,
+        from_session: text_lossy(r.get_ref(2)?).0,
+        to_session: text_lossy(r.get_ref(3)?).0,
+        message,
         metadata,
-        timestamp: r.get(6)?,
-        read: r.get::<_, Option<i64>>(7)?.unwrap_or(0) != 0,
+        timestamp: text_lossy(r.get_ref(6)?).0,
+        read: r.get::<_, Option<i64>>(7).ok().flatten().unwrap_or(0) != 0,
+        unreadable: problem.map(|p| format!("the message is {p}")),
     })
 }
 

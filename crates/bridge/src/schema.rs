@@ -2,7 +2,8 @@
 //! with its exact DDL, and autopoll's own tables beside them.
 //!
 //! The four shared tables are never altered. Our state (claims, leases,
-//! attempts, outcomes) lives in `autopoll_*` tables. One partial index on
+//! attempts, outcomes, answers kept for repeated query ids) lives in
+//! `autopoll_*` tables. One partial index on
 //! `messages` (`autopoll_messages_unread`, only over unread rows) keeps claim
 //! scans cheap on a file with a long history; an index does not change the
 //! table's definition, and the Python server's statements work unchanged.
@@ -90,6 +91,17 @@ CREATE TABLE IF NOT EXISTS autopoll_outcomes (
     detail TEXT,
     completed_at TEXT NOT NULL
 );
+-- One row per query id answered (not with an error) in a conversation's
+-- session: what a repeat of that query id gets again, without the engine.
+CREATE TABLE IF NOT EXISTS autopoll_answers (
+    conversation_id TEXT NOT NULL,
+    to_session TEXT NOT NULL,
+    query_id TEXT NOT NULL,
+    message_id INTEGER NOT NULL,
+    response_id INTEGER NOT NULL,
+    answered_at TEXT NOT NULL,
+    PRIMARY KEY (conversation_id, to_session, query_id)
+);
 CREATE INDEX IF NOT EXISTS autopoll_outcomes_by_session
     ON autopoll_outcomes (conversation_id, to_session, outcome);
 CREATE INDEX IF NOT EXISTS autopoll_messages_unread
@@ -165,6 +177,17 @@ pub const REQUIRED_COLUMNS: &[(&str, &[&str])] = &[
             "owner",
             "detail",
             "completed_at",
+        ],
+    ),
+    (
+        "autopoll_answers",
+        &[
+            "conversation_id",
+            "to_session",
+            "query_id",
+            "message_id",
+            "response_id",
+            "answered_at",
         ],
     ),
 ];

@@ -3,7 +3,16 @@
 //! with a `{"type":"response",...}` object carrying the same `query_id`.
 //!
 //! Fields of the Python shards are kept and never renamed; autopoll adds its
-//! own (`error`, `context_version`, `attempts`) beside them.
+//! own (`error`, `context_version`, `attempts`, `repeat`) beside them.
+//!
+//! Messages are parsed as Python writes JSON ([`crate::pyjson`]): lone
+//! surrogate escapes, raw NULs and `NaN` do not turn a query into plain
+//! text. A `query_id` that Rust cannot hold exactly (a lone surrogate) is
+//! kept as its escaped text ([`Query::query_id_raw`]) and written back as
+//! such, so the asker's id matches. A `query_id` that is a number is
+//! answered under its decimal string (`42` → `"42"`); `null`, an empty
+//! string or none at all under `msg-<row id>`; an object, array or boolean
+//! gets an error response under `msg-<row id>`.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -21,6 +30,9 @@ pub enum Incoming {
     BadQuery {
         /// The query id to answer under.
         query_id: String,
+        /// The query id's exact JSON text when `query_id` lost something
+        /// (see [`Query::query_id_raw`]).
+        query_id_raw: Option<String>,
         /// What is wrong, for the error response.
         reason: String,
     },
@@ -35,7 +47,9 @@ impl std::fmt::Debug for Incoming {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Incoming::Query(q) => q.fmt(f),
-            Incoming::BadQuery { query_id, reason } => f
+            Incoming::BadQuery {
+                query_id, reason, ..
+            } => f
                 .debug_struct("BadQuery")
                 .field("query_id", query_id)
                 .field("reason", reason)
@@ -48,8 +62,17 @@ impl std::fmt::Debug for Incoming {
 /// A question and the id to answer it under.
 #[derive(Clone, PartialEq)]
 pub struct Query {
-    /// The coordinator's `query_id`, or `msg-<row id>` for plain text.
+    /// The coordinator's `query_id`, or `msg-<row id>` for plain text (with
+    /// U+FFFD for a lone surrogate; for logs and display).
     pub query_id: String,
+    /// The exact JSON string body of the `query_id` (Python's escaping,
+    /// e.g. `q-\udce9`), when `query_id` could not hold it exactly (a lone
+    /// surrogate). Responses carry this text, so the asker's id matches.
+    pub query_id_raw: Option<String>,
+    /// The key repeats are recognised by: the id as Python's `json.dumps`
+    /// escapes it (canonical, exact). `None` for `msg-<row id>` ids, which
+    /// never repeat.
+    pub repeat_key: Option<String>,
     /// The question text.
     pub question: String,
     /// True when the message was plain text rather than a query object.
@@ -60,6 +83,7 @@ impl std::fmt::Debug for Query {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Query")
             .field("query_id", &self.query_id)
+            .field("query_id_raw", &self.query_id_raw)
             .field("question_len", &self.question.len())
             .field("plain_text", &self.plain_text)
             .finish()
@@ -71,14 +95,57 @@ pub fn fallback_query_id(message_id: i64) -> String {
     format!("msg-{message_id}")
 }
 
+/// Parse a message text leniently (as Python writes JSON) into a JSON value.
+pub fn parse_lenient(text: &str) -> Option<Value> {
+    serde_json::from_str(&crate::pyjson::sanitize(text)).ok()
+}
+
+/// The query id of a query object: `(display, raw, repeat_key)`, or the
+/// reason it cannot be one. `Ok(None)` when it has none (answered under
+/// `msg-<row id>`).
+type Id = (String, Option<String>, Option<String>);
+
+fn query_id_in(text: &str, obj: &Map<String, Value>) -> std::result::Result<Option<Id>, String> {
+    use crate::pyjson;
+    match obj.get("query_id") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) => {
+            let units = pyjson::top_level_string(text, "query_id")
+                .and_then(pyjson::decode_units)
+                .unwrap_or_else(|| s.encode_utf16().collect());
+            let key = pyjson::python_escape(&units);
+            let raw = pyjson::has_lone_surrogate(&units).then(|| key.clone());
+            Ok(Some((s.clone(), raw, Some(key))))
+        }
+        Some(Value::Number(n)) => {
+            let id = n.to_string();
+            Ok(Some((id.clone(), None, Some(id))))
+        }
+        Some(other) => {
+            let kind = match other {
+                Value::Object(_) => "an object",
+                Value::Array(_) => "an array",
+                _ => "a boolean",
+            };
+            Err(format!(
+                "the query's `query_id` is {kind}; it must be a string (a number is answered under its decimal string)"
+            ))
+        }
+    }
+}
+
 /// Decide what a message asks.
 pub fn classify(msg: &Message) -> Incoming {
-    let obj = match serde_json::from_str::<Value>(msg.message.trim()) {
-        Ok(Value::Object(obj)) => obj,
+    let text = msg.message.trim();
+    let obj = match parse_lenient(text) {
+        Some(Value::Object(obj)) => obj,
         // Plain text (or a bare JSON scalar) is a question as it stands.
         _ => {
             return Incoming::Query(Query {
                 query_id: fallback_query_id(msg.id),
+                query_id_raw: None,
+                repeat_key: None,
                 question: msg.message.clone(),
                 plain_text: true,
             });
@@ -90,19 +157,28 @@ pub fn classify(msg: &Message) -> Incoming {
             kind: kind.to_string(),
         };
     }
-    let query_id = match obj.get("query_id") {
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        Some(Value::Number(n)) => n.to_string(),
-        _ => fallback_query_id(msg.id),
+    let (query_id, query_id_raw, repeat_key) = match query_id_in(text, &obj) {
+        Ok(Some(id)) => id,
+        Ok(None) => (fallback_query_id(msg.id), None, None),
+        Err(reason) => {
+            return Incoming::BadQuery {
+                query_id: fallback_query_id(msg.id),
+                query_id_raw: None,
+                reason,
+            };
+        }
     };
     match obj.get("question").and_then(Value::as_str) {
         Some(q) if !q.trim().is_empty() => Incoming::Query(Query {
             query_id,
+            query_id_raw,
+            repeat_key,
             question: q.to_string(),
             plain_text: false,
         }),
         _ => Incoming::BadQuery {
             query_id,
+            query_id_raw,
             reason: "the query has no `question` text".into(),
         },
     }
@@ -110,10 +186,20 @@ pub fn classify(msg: &Message) -> Incoming {
 
 /// The query id a message will be answered under (for dead letters).
 pub fn query_id_of(msg: &Message) -> String {
+    reply_id_of(msg).0
+}
+
+/// The query id a message will be answered under, with its exact JSON text
+/// when the id lost something ([`Query::query_id_raw`]).
+pub fn reply_id_of(msg: &Message) -> (String, Option<String>) {
     match classify(msg) {
-        Incoming::Query(q) => q.query_id,
-        Incoming::BadQuery { query_id, .. } => query_id,
-        Incoming::Other { .. } => fallback_query_id(msg.id),
+        Incoming::Query(q) => (q.query_id, q.query_id_raw),
+        Incoming::BadQuery {
+            query_id,
+            query_id_raw,
+            ..
+        } => (query_id, query_id_raw),
+        Incoming::Other { .. } => (fallback_query_id(msg.id), None),
     }
 }
 
@@ -158,6 +244,11 @@ pub struct Response {
     /// autopoll: how many times the question was attempted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<u32>,
+    /// autopoll: `true` when this is a stored answer sent again, because
+    /// the query_id had already been answered in this conversation (the
+    /// engine was not asked).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub repeat: bool,
     /// Any other fields, kept as they came.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -177,13 +268,16 @@ impl Response {
             error: Some(error.into()),
             context_version: None,
             attempts: Some(attempts),
+            repeat: false,
             extra: Map::new(),
         }
     }
 
-    /// Parse a message text as a response; `None` if it is not one.
+    /// Parse a message text as a response; `None` if it is not one. Read
+    /// leniently, as Python writes JSON (a lone-surrogate `query_id` comes
+    /// back with U+FFFD in it).
     pub fn parse(text: &str) -> Option<Response> {
-        serde_json::from_str::<Response>(text)
+        serde_json::from_str::<Response>(&crate::pyjson::sanitize(text))
             .ok()
             .filter(|r| r.kind == "response")
     }
@@ -193,6 +287,37 @@ impl Response {
         // Serialising a struct of strings, numbers and a JSON map cannot fail.
         serde_json::to_string(self).unwrap_or_default()
     }
+
+    /// The message text, with `query_id` written as `raw` (a JSON string
+    /// body, [`Query::query_id_raw`]) when given, so an id Rust strings
+    /// cannot hold goes back exactly as the asker wrote it.
+    pub fn to_text_raw_id(&self, raw: Option<&str>) -> String {
+        let text = self.to_text();
+        match raw {
+            None => text,
+            Some(raw) => {
+                // `type` comes first and is "response", so the first
+                // `"query_id":` is the field itself.
+                let ours = format!(
+                    "\"query_id\":{}",
+                    serde_json::to_string(&self.query_id).unwrap_or_default()
+                );
+                text.replacen(&ours, &format!("\"query_id\":\"{raw}\""), 1)
+            }
+        }
+    }
+}
+
+/// The text of a repeat: an earlier response's text with `"repeat":true`
+/// added (the rest, the query_id's exact escaping included, unchanged).
+/// `None` when `earlier` is not a JSON object's text.
+pub fn repeat_text(earlier: &str) -> Option<String> {
+    let body = earlier.trim_end().strip_suffix('}')?.trim_end();
+    if !earlier.trim_start().starts_with('{') {
+        return None;
+    }
+    let sep = if body.ends_with('{') { "" } else { "," };
+    Some(format!("{body}{sep}\"repeat\":true}}"))
 }
 
 /// Metadata of every response message.
@@ -214,6 +339,7 @@ mod tests {
             metadata: serde_json::json!({}),
             timestamp: "2025-01-01T00:00:00".into(),
             read: false,
+            unreadable: None,
         }
     }
 
@@ -227,6 +353,8 @@ mod tests {
             q,
             Incoming::Query(Query {
                 query_id: "q-42".into(),
+                query_id_raw: None,
+                repeat_key: Some("q-42".into()),
                 question: "What?".into(),
                 plain_text: false
             })
@@ -257,6 +385,102 @@ mod tests {
             query_id_of(&msg(9, r#"{"type":"query","question":"x"}"#)),
             "msg-9"
         );
+    }
+
+    /// What `json.dumps` writes for ids and questions holding lone
+    /// surrogates (file names from `os.fsdecode`) and NULs.
+    #[test]
+    fn python_json_keeps_its_query_id() {
+        let q = |text: &str| match classify(&msg(5, text)) {
+            Incoming::Query(q) => q,
+            other => panic!("{text}: {other:?}"),
+        };
+        let a = q(
+            r#"{"type": "query", "query_id": "q-caf\udce9", "question": "what is in caf\udce9.md?"}"#,
+        );
+        assert!(!a.plain_text);
+        assert_eq!(a.query_id, "q-caf\u{fffd}");
+        assert_eq!(a.query_id_raw.as_deref(), Some(r"q-caf\udce9"));
+        assert_eq!(a.repeat_key.as_deref(), Some(r"q-caf\udce9"));
+        assert_eq!(a.question, "what is in caf\u{fffd}.md?");
+        // Only the id decides the raw form; the question may lose its surrogate.
+        let b = q(r#"{"type": "query", "query_id": "q-1", "question": "caf\udce9?"}"#);
+        assert_eq!((b.query_id.as_str(), b.query_id_raw), ("q-1", None));
+        // Two ids differing only in their surrogate are different ids.
+        let c = q(r#"{"type": "query", "query_id": "q-caf\udcea", "question": "x"}"#);
+        assert_ne!(a.repeat_key, c.repeat_key);
+        // A NUL, escaped (json.dumps) or raw (hand-made JSON).
+        let d = q(r#"{"type": "query", "query_id": "q-\u0000", "question": "a\u0000b"}"#);
+        assert_eq!((d.query_id.as_str(), d.question.as_str()), ("q-\0", "a\0b"));
+        let e = q("{\"type\": \"query\", \"query_id\": \"q-\0\", \"question\": \"a\0b\"}");
+        assert_eq!((e.query_id.as_str(), e.question.as_str()), ("q-\0", "a\0b"));
+        assert_eq!(d.repeat_key, e.repeat_key);
+        assert_eq!(d.query_id_raw, None);
+        // Numbers are answered under their decimal string, the same id as the string.
+        let n = q(r#"{"type": "query", "query_id": 42, "question": "x"}"#);
+        assert_eq!(n.query_id, "42");
+        assert_eq!(
+            n.repeat_key,
+            q(r#"{"type":"query","query_id":"42","question":"x"}"#).repeat_key
+        );
+        // null, "" and none: msg-<id>, never a repeat.
+        for t in [
+            r#"{"type":"query","query_id":null,"question":"x"}"#,
+            r#"{"type":"query","query_id":"","question":"x"}"#,
+        ] {
+            let f = q(t);
+            assert_eq!((f.query_id.as_str(), f.repeat_key), ("msg-5", None));
+        }
+    }
+
+    #[test]
+    fn a_query_id_that_is_not_a_string_gets_an_error_under_msg_id() {
+        for (t, kind) in [
+            (
+                r#"{"type":"query","query_id":{"id":1},"question":"x"}"#,
+                "an object",
+            ),
+            (
+                r#"{"type":"query","query_id":[1],"question":"x"}"#,
+                "an array",
+            ),
+            (
+                r#"{"type":"query","query_id":true,"question":"x"}"#,
+                "a boolean",
+            ),
+        ] {
+            match classify(&msg(9, t)) {
+                Incoming::BadQuery {
+                    query_id, reason, ..
+                } => {
+                    assert_eq!(query_id, "msg-9");
+                    assert!(
+                        reason.contains(kind) && reason.contains("query_id"),
+                        "{reason}"
+                    );
+                }
+                other => panic!("{t}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn raw_ids_are_written_back_exactly_and_repeats_add_a_flag() {
+        let mut r = Response::failure("q-caf\u{fffd}", "s", "", 1);
+        r.error = None;
+        let text = r.to_text_raw_id(Some(r"q-caf\udce9"));
+        assert!(text.contains(r#""query_id":"q-caf\udce9""#), "{text}");
+        // Read back leniently; the rest is intact.
+        assert_eq!(Response::parse(&text).unwrap().shard_id, "s");
+        assert_eq!(r.to_text_raw_id(None), r.to_text());
+        let rep = repeat_text(&text).unwrap();
+        let v: Value = parse_lenient(&rep).unwrap();
+        assert_eq!(v["repeat"], true);
+        assert!(rep.contains(r#""query_id":"q-caf\udce9""#));
+        assert!(Response::parse(&rep).unwrap().repeat);
+        assert!(!Response::parse(&text).unwrap().repeat);
+        assert_eq!(repeat_text("{}").as_deref(), Some(r#"{"repeat":true}"#));
+        assert!(repeat_text("plain").is_none());
     }
 
     #[test]

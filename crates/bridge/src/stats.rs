@@ -26,8 +26,11 @@ pub struct SessionStats {
     pub dead_lettered: u64,
     /// Non-questions marked read by a consumer.
     pub skipped: u64,
-    /// Age of the oldest unread message, seconds.
+    /// Age of the oldest unread message whose timestamp can be read, seconds.
     pub oldest_unread_age_secs: Option<f64>,
+    /// Unread messages of unknown age: their timestamp cannot be read, or
+    /// lies in the future (a writer on local time, a wrong clock).
+    pub unknown_age: u64,
     /// The session's status, if it sent a heartbeat.
     pub status: Option<String>,
     /// Seconds since its last heartbeat.
@@ -55,6 +58,27 @@ pub struct UnseenDeadLetter {
     pub attempts: u32,
     /// Why (the last error).
     pub detail: Option<String>,
+}
+
+/// A timestamp this far ahead of our clock is taken as wrong, not as skew
+/// between two processes' reads of the same clock.
+const FUTURE_SLACK_SECS: f64 = 1.0;
+
+/// The age of the oldest of `stamps` that can be read and is not in the
+/// future, and how many are of unknown age.
+fn oldest_age(stamps: &[String], now: clock::Timestamp) -> (Option<f64>, u64) {
+    let mut oldest: Option<f64> = None;
+    let mut unknown = 0;
+    for t in stamps {
+        match clock::parse(t).map(|t| clock::seconds_between(t, now)) {
+            Ok(age) if age >= -FUTURE_SLACK_SECS => {
+                let age = age.max(0.0);
+                oldest = Some(oldest.map_or(age, |o: f64| o.max(age)));
+            }
+            _ => unknown += 1,
+        }
+    }
+    (oldest, unknown)
 }
 
 impl Bridge {
@@ -107,16 +131,24 @@ impl Bridge {
         let mut out = Vec::with_capacity(convs.len() * 2);
         for c in convs {
             for s in [Session::A, Session::B] {
-                let (unread, oldest): (u64, Option<String>) = self
+                // Every unread timestamp is parsed (the partial index holds
+                // only unread rows): other writers' forms do not sort as
+                // text, and one unreadable stamp must not fail the rest.
+                let stamps: Vec<String> = self
                     .conn
                     .prepare_cached(
-                        "SELECT count(*), MIN(timestamp) FROM messages
+                        "SELECT timestamp FROM messages
                          WHERE conversation_id = ?1 AND to_session = ?2 AND read = 0",
                     )
                     .and_then(|mut st| {
-                        st.query_row(params![c.id, s.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+                        st.query_map(params![c.id, s.as_str()], |r| {
+                            Ok(crate::message::text_lossy(r.get_ref(0)?).0)
+                        })?
+                        .collect()
                     })
                     .map_err(&map)?;
+                let unread = stamps.len() as u64;
+                let (oldest_unread_age_secs, unknown_age) = oldest_age(&stamps, now);
                 let claimed: u64 = self
                     .conn
                     .prepare_cached(
@@ -151,9 +183,6 @@ impl Bridge {
                         }
                     }
                 }
-                let oldest_unread_age_secs = oldest
-                    .map(|t| clock::parse(&t).map(|t| clock::seconds_between(t, now)))
-                    .transpose()?;
                 let hb = read_status(&self.conn, &c.id, s.as_str())?;
                 out.push(SessionStats {
                     conversation_id: c.id.clone(),
@@ -165,6 +194,7 @@ impl Bridge {
                     dead_lettered,
                     skipped,
                     oldest_unread_age_secs,
+                    unknown_age,
                     status: hb.as_ref().map(|h| h.status.clone()),
                     heartbeat_age_secs: hb.as_ref().map(|h| h.age_secs),
                     alive: hb.as_ref().is_some_and(|h| h.alive),
@@ -194,15 +224,7 @@ mod tests {
             ..ClaimOptions::default()
         };
         f.bridge.claim(&me, &conv, Session::B, &o).unwrap();
-        f.bridge
-            .complete(
-                &me,
-                &[Answer {
-                    message_id: ids[0],
-                    text: "a".into(),
-                }],
-            )
-            .unwrap();
+        f.bridge.complete(&me, &[Answer::new(ids[0], "a")]).unwrap();
         f.bridge.dead_letter(&me, ids[1], "bad").unwrap();
         let tb = f.conv.session_b_token.clone();
         f.bridge
@@ -227,6 +249,27 @@ mod tests {
     }
 
     #[test]
+    fn unreadable_and_future_timestamps_are_of_unknown_age() {
+        let now = clock::parse("2025-11-20T12:00:00").unwrap();
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let (age, unknown) = oldest_age(
+            &s(&[
+                "2025-11-20T11:59:00",
+                "2025-11-20 11:58:00.5Z",
+                "2025-11-20T13:57:00+02:00",
+                "1763639820",
+                "garbage",
+                "2025-11-20T13:00:00",
+            ]),
+            now,
+        );
+        // 1763639820 is 2025-11-20T11:57:00Z, the oldest readable one.
+        assert_eq!((age, unknown), (Some(180.0), 2));
+        assert_eq!(oldest_age(&s(&["x"]), now), (None, 1));
+        assert_eq!(oldest_age(&[], now), (None, 0));
+    }
+
+    #[test]
     fn unseen_dead_letters_are_those_whose_error_response_is_unread() {
         let mut f = Fixture::new();
         let conv = f.id().to_string();
@@ -245,15 +288,7 @@ mod tests {
         );
         f.bridge.dead_letter(&me, q1, "too hard").unwrap();
         f.bridge.dead_letter(&me, q2, "crashed").unwrap();
-        f.bridge
-            .complete(
-                &me,
-                &[Answer {
-                    message_id: q3,
-                    text: "fine".into(),
-                }],
-            )
-            .unwrap();
+        f.bridge.complete(&me, &[Answer::new(q3, "fine")]).unwrap();
         let unseen = f.bridge.unseen_dead_letters(&conv, Session::B).unwrap();
         let ids: Vec<(&str, i64)> = unseen
             .iter()

@@ -110,11 +110,9 @@ fn python_made_file_works_with_every_operation() {
                         ..shard::Response::failure("q-1", "compat", "", 1)
                     }
                     .to_text(),
+                    repeat_key: Some("q-1".into()),
                 },
-                Answer {
-                    message_id: ids[1],
-                    text: "plain answer".into(),
-                },
+                Answer::new(ids[1], "plain answer"),
             ],
         )
         .unwrap();

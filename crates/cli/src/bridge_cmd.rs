@@ -377,6 +377,16 @@ pub fn run(args: BridgeArgs) -> Result<(), CliError> {
     }
 }
 
+/// The age of the oldest unread message, and how many are of unknown age
+/// (a timestamp autopoll cannot read, or one in the future).
+pub(crate) fn oldest_cell(s: &SessionStats) -> String {
+    match (s.oldest_unread_age_secs, s.unknown_age) {
+        (age, 0) => table::age(age),
+        (None, n) => format!("unknown age ({n})"),
+        (age, n) => format!("{} +{n} unknown age", table::age(age)),
+    }
+}
+
 pub(crate) fn status_table(stats: &[SessionStats]) -> String {
     let rows: Vec<Vec<String>> = stats
         .iter()
@@ -393,7 +403,7 @@ pub(crate) fn status_table(stats: &[SessionStats]) -> String {
                 s.claimed.to_string(),
                 s.answered.to_string(),
                 s.dead_lettered.to_string(),
-                table::age(s.oldest_unread_age_secs),
+                oldest_cell(s),
                 s.status.clone().unwrap_or_else(|| "-".into()),
                 table::age(s.heartbeat_age_secs),
                 if s.alive { "yes" } else { "no" }.into(),

@@ -729,11 +729,17 @@ fn check_queue(ctx: &Ctx<'_>, b: &Bridge, conv: &str) -> Check {
         return Check::skip("queue", "no such session");
     };
     let max = ctx.args.max_wait;
+    // Rows whose timestamp cannot be read (or lies in the future) have no
+    // age to judge; they are named, not failed on.
+    let unknown = match s.unknown_age {
+        0 => String::new(),
+        n => format!(" ({n} of unknown age: a timestamp autopoll cannot read, or in the future)"),
+    };
     match s.oldest_unread_age_secs {
         Some(age) if age > max => Check::fail(
             "queue",
             format!(
-                "{} unread to session {} ({} claimed); the oldest has waited {} (limit {})",
+                "{} unread to session {} ({} claimed); the oldest has waited {} (limit {}){unknown}",
                 s.unread,
                 ctx.session,
                 s.claimed,
@@ -745,10 +751,17 @@ fn check_queue(ctx: &Ctx<'_>, b: &Bridge, conv: &str) -> Check {
         Some(age) => Check::pass(
             "queue",
             format!(
-                "{} unread to session {}, the oldest {} old",
+                "{} unread to session {}, the oldest {} old{unknown}",
                 s.unread,
                 ctx.session,
                 table::age(Some(age))
+            ),
+        ),
+        None if s.unread > 0 => Check::pass(
+            "queue",
+            format!(
+                "{} unread to session {}, {} claimed, all of unknown age (a timestamp autopoll cannot read, or in the future)",
+                s.unread, ctx.session, s.claimed
             ),
         ),
         None => Check::pass(

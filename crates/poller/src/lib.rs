@@ -166,6 +166,13 @@ struct InFlight {
     /// The connection it was claimed on (see [`conn`]).
     generation: u64,
     query_id: String,
+    /// The query id's exact JSON text when `query_id` lost something.
+    query_id_raw: Option<String>,
+    /// Remembered with the answer, so a later query with this id repeats it.
+    repeat_key: Option<String>,
+    /// A repeat of a query id that is itself in flight here: answered with
+    /// that one's answer when it comes (released if it fails).
+    waiting_on: Option<i64>,
     attempts: u32,
     lease_until: Instant,
     claimed_at: Instant,
@@ -412,6 +419,9 @@ impl Poller {
                         c.attempts,
                         q.plain_text
                     );
+                    if self.answer_repeat(id, &q, c.attempts, now) {
+                        continue;
+                    }
                     if q.question.len() > self.cfg.max_question_bytes {
                         let why = format!(
                             "the question is {} bytes; this shard takes at most {}",
@@ -426,6 +436,9 @@ impl Poller {
                         InFlight {
                             generation: self.generation,
                             query_id: q.query_id,
+                            query_id_raw: q.query_id_raw,
+                            repeat_key: q.repeat_key,
+                            waiting_on: None,
                             attempts: c.attempts,
                             lease_until: now + self.cfg.lease,
                             claimed_at: now,
@@ -449,7 +462,9 @@ impl Poller {
                         self.release(id, "no asker free", true);
                     }
                 }
-                Incoming::BadQuery { query_id, reason } => self.dead_letter(id, &query_id, &reason),
+                Incoming::BadQuery {
+                    query_id, reason, ..
+                } => self.dead_letter(id, &query_id, &reason),
                 Incoming::Other { kind } => {
                     log::info!("event=skipped message_id={id} type={kind:?}: not a question");
                     skip.push(id);
@@ -469,8 +484,97 @@ impl Poller {
         full
     }
 
+    /// A query whose id was already answered in this conversation gets that
+    /// answer again, flagged `"repeat": true`, without asking the engine; one
+    /// whose id is being answered here right now waits for that answer.
+    /// Returns whether `id` was taken care of.
+    fn answer_repeat(&mut self, id: i64, q: &shard::Query, attempts: u32, now: Instant) -> bool {
+        let Some(key) = q.repeat_key.as_deref() else {
+            return false;
+        };
+        let mut entry = InFlight {
+            generation: self.generation,
+            query_id: q.query_id.clone(),
+            query_id_raw: q.query_id_raw.clone(),
+            repeat_key: None,
+            waiting_on: None,
+            attempts,
+            lease_until: now + self.cfg.lease,
+            claimed_at: now,
+        };
+        let asking = self
+            .in_flight
+            .iter()
+            .find(|(_, f)| f.waiting_on.is_none() && f.repeat_key.as_deref() == Some(key))
+            .map(|(other, _)| *other);
+        if let Some(other) = asking {
+            log::info!(
+                "event=query_repeat message_id={id} query_id={} first_message_id={other}: waiting for its answer",
+                q.query_id
+            );
+            entry.waiting_on = Some(other);
+            self.in_flight.insert(id, entry);
+            return true;
+        }
+        let (conversation, session) = (self.cfg.conversation.clone(), self.cfg.session);
+        let earlier = match live(&mut self.bridge)
+            .and_then(|b| b.earlier_answer(&conversation, session, key))
+        {
+            Ok(e) => e,
+            Err(e) => {
+                log::warn!(
+                    "event=bridge_error op=earlier_answer message_id={id} query_id={} reason={:?}: asking the engine",
+                    q.query_id,
+                    e.to_string()
+                );
+                return false;
+            }
+        };
+        let Some(text) = earlier.and_then(|(first, text)| {
+            log::info!(
+                "event=query_repeat message_id={id} query_id={} first_message_id={first}: sending the stored answer again",
+                q.query_id
+            );
+            shard::repeat_text(&text)
+        }) else {
+            return false;
+        };
+        self.in_flight.insert(id, entry);
+        self.answers.push((
+            BridgeAnswer::new(id, text),
+            q.query_id.clone(),
+            Duration::ZERO,
+        ));
+        true
+    }
+
+    /// The repeats waiting on `first`: answered with `text` (its answer's
+    /// text), or, with `None` (it failed), released to be claimed again.
+    fn settle_waiters(&mut self, first: i64, text: Option<&str>) {
+        let waiters: Vec<i64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.waiting_on == Some(first))
+            .map(|(id, _)| *id)
+            .collect();
+        for w in waiters {
+            match text.and_then(shard::repeat_text) {
+                Some(t) => {
+                    let qid = self
+                        .in_flight
+                        .get(&w)
+                        .map_or(String::new(), |f| f.query_id.clone());
+                    self.answers
+                        .push((BridgeAnswer::new(w, t), qid, Duration::ZERO));
+                }
+                None => self.release(w, "the query it repeats was not answered", true),
+            }
+        }
+    }
+
     fn dead_letter(&mut self, id: i64, query_id: &str, why: &str) {
         self.in_flight.remove(&id);
+        self.settle_waiters(id, None);
         match live(&mut self.bridge).and_then(|b| b.dead_letter(&self.claimer, id, why)) {
             Ok(Some(d)) => log::warn!(
                 "event=dead_lettered message_id={id} query_id={query_id} attempts={} reason={why:?}",
@@ -493,6 +597,7 @@ impl Poller {
             .in_flight
             .remove(&id)
             .map_or((String::new(), 0), |f| (f.query_id, f.attempts));
+        self.settle_waiters(id, None);
         match live(&mut self.bridge)
             .and_then(|b| b.release(&self.claimer, &[id], Some(error), refund))
         {
@@ -560,6 +665,7 @@ impl Poller {
             return;
         };
         let (query_id, attempts, claimed_at) = (f.query_id.clone(), f.attempts, f.claimed_at);
+        let (raw, repeat_key) = (f.query_id_raw.clone(), f.repeat_key.clone());
         match r.outcome {
             Ok(a) => {
                 fault::point("after_reply");
@@ -585,16 +691,20 @@ impl Poller {
                     error: None,
                     context_version: Some(a.context_version),
                     attempts: Some(attempts),
+                    repeat: false,
                     extra,
                 };
+                let text = resp.to_text_raw_id(raw.as_deref());
                 self.answers.push((
                     BridgeAnswer {
                         message_id: r.message_id,
-                        text: resp.to_text(),
+                        text: text.clone(),
+                        repeat_key,
                     },
                     query_id,
                     took,
                 ));
+                self.settle_waiters(r.message_id, Some(&text));
             }
             Err(ClientError::Server(e)) => match e.code {
                 ErrorCode::TooLarge | ErrorCode::Invalid | ErrorCode::BadFrame => {
