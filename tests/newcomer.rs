@@ -150,3 +150,61 @@ fn a_failed_start_and_a_clean_stop_leave_nothing_in_the_runtime_dir() {
     // And the next start works as ever.
     let _again = env.server("s", &["--context", "NOTES.md"]);
 }
+
+#[test]
+fn a_cleanly_stopped_poller_is_not_shown_alive_and_doctor_says_so() {
+    let env = Env::new();
+    std::fs::write(env.path("NOTES.md"), "# Notes\nsome text\n").unwrap();
+    let _s = env.server("st", &["--context", "NOTES.md"]);
+    let conv = env.conversation();
+    let mut p = env.poller(&conv, "st", &[]);
+    let alive = |env: &Env| -> (bool, String) {
+        let v = env.json(&["bridge", "status", "--conversation", &conv.id]);
+        let b = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["session"] == "b")
+            .cloned()
+            .unwrap();
+        (
+            b["alive"].as_bool().unwrap(),
+            b["status"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    common::wait_until("the poller's heartbeat", common::TIMEOUT, || alive(&env).0);
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait_exit(common::TIMEOUT), Some(0), "{}", p.log());
+    assert_eq!(alive(&env), (false, "stopped".to_string()));
+    let out = env
+        .cmd("autopoll")
+        .args(["doctor", "--json", "--name", "st", "--runtime-dir"])
+        .arg(env.runtime())
+        .env("AUTOPOLL_CONVERSATION", &conv.id)
+        .env("AUTOPOLL_TOKEN", &conv.token_b)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(13), "{}", describe(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hb = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "heartbeat")
+        .cloned()
+        .unwrap();
+    assert_eq!(hb["status"], "fail", "{hb}");
+    assert!(hb["detail"].as_str().unwrap().contains("stopped"), "{hb}");
+}
+
+#[test]
+fn a_bridge_in_a_folder_that_does_not_exist_says_to_create_the_folder() {
+    let env = Env::new();
+    let db = env.path("no/such/folder/bridge.db");
+    let out = env.run(&["bridge", "init", "--db", common::path_str(&db)]);
+    assert_eq!(out.status.code(), Some(4), "{}", describe(&out));
+    let err = stderr(&out);
+    assert!(err.contains("mkdir -p"), "{err}");
+    assert!(!err.contains("os error 14"), "{err}");
+    assert!(!env.path("no").exists());
+}

@@ -165,6 +165,49 @@ impl std::fmt::Debug for Bridge {
     }
 }
 
+/// Why SQLite could not open `path`, as the user can fix it: a folder that
+/// does not exist, or the operating system's own reason (SQLite's code says
+/// only "cannot open").
+fn cannot_open(path: &Path) -> Error {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        let dir = error::sh_quote(&parent.to_string_lossy());
+        return Error::NotFound {
+            what: format!("folder {}", parent.display()),
+            hint: format!(
+                " (for the bridge file {}); create it with `mkdir -p {dir}`, or give another --db",
+                path.display()
+            ),
+        };
+    }
+    let source = if path.exists() {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .err()
+    } else {
+        // Nothing is created to find out: a folder we may not write in.
+        std::fs::metadata(parent)
+            .ok()
+            .filter(|m| m.permissions().readonly())
+            .map(|_| std::io::Error::from(std::io::ErrorKind::PermissionDenied))
+    }
+    .unwrap_or_else(|| {
+        std::io::Error::other(
+            "SQLite cannot open it (check the folder's permissions and free space)",
+        )
+    });
+    Error::Io {
+        op: "cannot open bridge file",
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 impl Bridge {
     /// Open an existing bridge file (creating autopoll's own tables if needed).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
@@ -217,11 +260,7 @@ impl Bridge {
         }
         let mut conn = Connection::open_with_flags(&path, flags).map_err(|e| match e {
             rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::CannotOpen => {
-                Error::Io {
-                    op: "cannot open bridge file",
-                    path: path.clone(),
-                    source: std::io::Error::from_raw_os_error(f.extended_code & 0xff),
-                }
+                cannot_open(&path)
             }
             e => map(e),
         })?;

@@ -21,6 +21,10 @@ pub enum SessionState {
     Blocked,
     /// Done.
     Complete,
+    /// Written by autopoll-poller as it stops cleanly, so nobody takes it
+    /// for alive until its heartbeat ages out. Not a status the Python
+    /// server's `update_my_status` accepts (it only reads it back).
+    Stopped,
 }
 
 impl SessionState {
@@ -31,6 +35,7 @@ impl SessionState {
             SessionState::Waiting => "waiting",
             SessionState::Blocked => "blocked",
             SessionState::Complete => "complete",
+            SessionState::Stopped => "stopped",
         }
     }
 }
@@ -100,11 +105,13 @@ pub(crate) fn read_status(
         .map_err(Error::Sqlite)?;
     row.map(|(status, last_heartbeat)| {
         let age_secs = clock::seconds_between(clock::parse(&last_heartbeat)?, clock::now());
+        // A poller that said it stopped is not alive, however fresh.
+        let stopped = status == SessionState::Stopped.as_str();
         Ok(SessionStatus {
             status,
             last_heartbeat,
             age_secs,
-            alive: age_secs < ALIVE_SECS,
+            alive: age_secs < ALIVE_SECS && !stopped,
         })
     })
     .transpose()

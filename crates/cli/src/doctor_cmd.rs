@@ -687,6 +687,15 @@ fn check_heartbeat(ctx: &Ctx<'_>, b: &Bridge, conv: &str) -> Check {
             ),
             ctx.start_poller(),
         ),
+        Ok(Some(s)) if s.status == "stopped" => Check::fail(
+            "heartbeat",
+            format!(
+                "session {}'s poller stopped {} ago (a clean stop): nothing serves it",
+                ctx.session,
+                table::age(Some(s.age_secs))
+            ),
+            ctx.start_poller(),
+        ),
         Ok(Some(s)) if s.status == "blocked" => Check::fail(
             "heartbeat",
             format!(

@@ -1289,6 +1289,19 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         if !held.is_empty() {
             let _ = b.release(&p.claimer, &held, Some("poller stopped"), true);
         }
+        // Say so, or the session would look alive for two more minutes.
+        match b.heartbeat(
+            &p.cfg.conversation,
+            p.cfg.session,
+            &p.cfg.token,
+            SessionState::Stopped,
+        ) {
+            Ok(()) => log::info!("event=status status=stopped"),
+            Err(e) => log::warn!(
+                "event=heartbeat_failed reason={:?}: the session looks alive until its heartbeat ages out",
+                e.to_string()
+            ),
+        }
     }
     drop(p.jobs);
     shutdown.trigger();
