@@ -515,3 +515,69 @@ fn timestamps_in_every_form_are_claimed_and_answered_and_status_does_not_fail() 
         .unwrap();
     assert!(out.status.success(), "{}", describe(&out));
 }
+
+/// Garbage written by another program in a heartbeat or an expiry: status
+/// and doctor show it as unknown instead of failing as a whole.
+#[test]
+fn garbage_heartbeat_and_expiry_timestamps_do_not_fail_status_or_doctor() {
+    let env = Env::new();
+    let conv = env.conversation();
+    let other = env.conversation();
+    {
+        let b = env.bridge();
+        b.connection()
+            .execute(
+                "INSERT OR REPLACE INTO session_status (conversation_id, session_id, status, last_heartbeat)
+                 VALUES (?1, 'b', 'waiting', 'yesterday-ish')",
+                [&conv.id],
+            )
+            .unwrap();
+        b.connection()
+            .execute(
+                "UPDATE conversations SET expires_at = 'never' WHERE id = ?1",
+                [&other.id],
+            )
+            .unwrap();
+    }
+    let out = env.run(&["bridge", "status", "--json"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let b = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["conversation_id"] == conv.id.as_str() && r["session"] == "b")
+        .unwrap();
+    assert_eq!(b["alive"], false, "{b}");
+    assert!(b["heartbeat_age_secs"].is_null(), "{b}");
+    let o = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["conversation_id"] == other.id.as_str())
+        .unwrap();
+    assert_eq!(o["expired"], true, "{o}");
+    let out = env.run(&["bridge", "status"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = env
+        .cmd("autopoll")
+        .args(["doctor", "--json", "--name", "none", "--runtime-dir"])
+        .arg(env.runtime())
+        .env("AUTOPOLL_CONVERSATION", &conv.id)
+        .env("AUTOPOLL_TOKEN", &conv.token_b)
+        .output()
+        .unwrap();
+    let v: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", describe(&out)));
+    let hb = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "heartbeat")
+        .unwrap();
+    assert_eq!(hb["status"], "fail", "{hb}");
+    assert!(
+        hb["detail"].as_str().unwrap().contains("nobody can read"),
+        "{hb}"
+    );
+}

@@ -196,7 +196,7 @@ impl Bridge {
                     oldest_unread_age_secs,
                     unknown_age,
                     status: hb.as_ref().map(|h| h.status.clone()),
-                    heartbeat_age_secs: hb.as_ref().map(|h| h.age_secs),
+                    heartbeat_age_secs: hb.as_ref().and_then(|h| h.age_secs),
                     alive: hb.as_ref().is_some_and(|h| h.alive),
                     expires_at: c.expires_at.clone(),
                     expired: c.expired,

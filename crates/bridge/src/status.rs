@@ -66,7 +66,7 @@ pub struct SessionStatus {
     /// When it was written.
     pub last_heartbeat: String,
     /// Seconds since then.
-    pub age_secs: f64,
+    pub age_secs: Option<f64>,
     /// Younger than 120 s.
     pub alive: bool,
 }
@@ -104,14 +104,18 @@ pub(crate) fn read_status(
         })
         .map_err(Error::Sqlite)?;
     row.map(|(status, last_heartbeat)| {
-        let age_secs = clock::seconds_between(clock::parse(&last_heartbeat)?, clock::now());
+        // A heartbeat nobody can read (garbage from another writer) has no
+        // age and is not alive; it does not make the whole status fail.
+        let age_secs = clock::parse(&last_heartbeat)
+            .ok()
+            .map(|t| clock::seconds_between(t, clock::now()));
         // A poller that said it stopped is not alive, however fresh.
         let stopped = status == SessionState::Stopped.as_str();
         Ok(SessionStatus {
             status,
             last_heartbeat,
             age_secs,
-            alive: age_secs < ALIVE_SECS && !stopped,
+            alive: age_secs.is_some_and(|a| a < ALIVE_SECS) && !stopped,
         })
     })
     .transpose()
@@ -189,7 +193,7 @@ impl Bridge {
             Some(s) => PartnerStatus {
                 status: s.status,
                 last_heartbeat: Some(s.last_heartbeat),
-                age_seconds: Some(s.age_secs as i64),
+                age_seconds: s.age_secs.map(|a| a as i64),
                 alive: s.alive,
             },
             None => PartnerStatus {
@@ -244,7 +248,7 @@ mod tests {
             .unwrap();
         let s = f.bridge.session_status(&conv, Session::B).unwrap().unwrap();
         assert!(!s.alive);
-        assert!(s.age_secs > ALIVE_SECS);
+        assert!(s.age_secs.unwrap() > ALIVE_SECS);
         let ta = f.conv.session_a_token.clone();
         assert!(
             !f.bridge

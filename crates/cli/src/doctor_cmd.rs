@@ -676,13 +676,21 @@ fn check_heartbeat(ctx: &Ctx<'_>, b: &Bridge, conv: &str) -> Check {
             ),
             ctx.start_poller(),
         ),
-        Ok(Some(s)) if s.age_secs > max => Check::fail(
+        Ok(Some(s)) if s.age_secs.is_none() => Check::fail(
+            "heartbeat",
+            format!(
+                "session {}'s last heartbeat has a timestamp nobody can read ({:?}): its poller is not autopoll's, or gone",
+                ctx.session, s.last_heartbeat
+            ),
+            ctx.start_poller(),
+        ),
+        Ok(Some(s)) if s.age_secs.is_some_and(|a| a > max) => Check::fail(
             "heartbeat",
             format!(
                 "session {}'s last heartbeat ({}) is {} old (limit {}): its poller is gone or stuck",
                 ctx.session,
                 s.status,
-                table::age(Some(s.age_secs)),
+                table::age(s.age_secs),
                 table::age(Some(max))
             ),
             ctx.start_poller(),
@@ -692,7 +700,7 @@ fn check_heartbeat(ctx: &Ctx<'_>, b: &Bridge, conv: &str) -> Check {
             format!(
                 "session {}'s poller stopped {} ago (a clean stop): nothing serves it",
                 ctx.session,
-                table::age(Some(s.age_secs))
+                table::age(s.age_secs)
             ),
             ctx.start_poller(),
         ),
@@ -701,7 +709,7 @@ fn check_heartbeat(ctx: &Ctx<'_>, b: &Bridge, conv: &str) -> Check {
             format!(
                 "session {}'s poller is alive ({} ago) but blocked: it cannot reach server `{}`",
                 ctx.session,
-                table::age(Some(s.age_secs)),
+                table::age(s.age_secs),
                 ctx.name()
             ),
             ctx.start_server(),
@@ -712,7 +720,7 @@ fn check_heartbeat(ctx: &Ctx<'_>, b: &Bridge, conv: &str) -> Check {
                 "session {} is `{}`, heartbeat {} ago",
                 ctx.session,
                 s.status,
-                table::age(Some(s.age_secs))
+                table::age(s.age_secs)
             ),
         ),
         Err(e) => Check::fail(
