@@ -83,14 +83,14 @@ done
 ctx_args=$(printf ' --context %q' "${contexts[@]}")
 server_cmd="$pass_env$(printf '%q' "$bin/autopoll-server") --name $(printf '%q' "$name")$ctx_args"
 poller_cmd="${pass_env}AUTOPOLL_TOKEN=\$(cat $(printf '%q' "$secrets/token")) $(printf '%q' "$bin/autopoll-poller") --db $(printf '%q' "$db") --conversation $conv --name $(printf '%q' "$name")"
-tmux new-session -d -s "$session" -n shard "$server_cmd; echo \"autopoll-server exited \$?\"; read -r -p 'press enter'"
+tmux new-session -d -x 200 -y 50 -s "$session" -n shard "$server_cmd; echo \"autopoll-server exited \$?\"; read -r -p 'press enter'"
 tmux split-window -t "$session" -h "$poller_cmd; echo \"autopoll-poller exited \$?\"; read -r -p 'press enter'"
 
 # Wait for both to be up; when one died, show why and stop.
 pane_dump() {
   for p in 0 1; do
     echo "--- pane $p ---" >&2
-    tmux capture-pane -p -J -t "$session.$p" 2>/dev/null | sed '/^$/d' >&2 || true
+    tmux capture-pane -p -J -S - -t "$session.$p" 2>/dev/null | sed '/^$/d' >&2 || true
   done
 }
 fail() {
@@ -104,7 +104,7 @@ status_args=(--name "$name")
 server_up=no
 for _ in $(seq 200); do
   if "$bin/autopoll" status "${status_args[@]}" >/dev/null 2>&1; then server_up=yes; break; fi
-  tmux capture-pane -p -J -t "$session.0" 2>/dev/null | grep -q 'autopoll-server exited' && break
+  tmux capture-pane -p -J -S - -t "$session.0" 2>/dev/null | grep -q 'autopoll-server exited' && break
   sleep 0.1
 done
 [ $server_up = yes ] || fail "the server did not start (its pane's output is below)"
@@ -112,7 +112,7 @@ poller_up=no
 for _ in $(seq 200); do
   if "$bin/autopoll" bridge status --db "$db" --conversation "$conv" --json 2>/dev/null \
       | tr -d ' \n' | grep -q '"session":"b"[^}]*"alive":true'; then poller_up=yes; break; fi
-  tmux capture-pane -p -J -t "$session.1" 2>/dev/null | grep -q 'autopoll-poller exited' && break
+  tmux capture-pane -p -J -S - -t "$session.1" 2>/dev/null | grep -q 'autopoll-poller exited' && break
   sleep 0.1
 done
 [ $poller_up = yes ] || fail "the poller did not start (its pane's output is below)"
