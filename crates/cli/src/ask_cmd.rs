@@ -145,7 +145,7 @@ fn print_stats(s: &Stats, fifo: &std::path::Path) {
     );
     println!("loaded     {} ({} reloads)", e.loaded_at, e.reloads);
     if let Some(c) = s.cost_usd {
-        println!("cost       ${c:.4} since start (the answers' own costs, all workers)");
+        println!("cost       ${c:.4} since start (all workers, failed turns included)");
     }
     if let Some(err) = &e.last_reload_error {
         println!("reload     FAILED, kept the previous index: {err}");
