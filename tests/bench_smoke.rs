@@ -31,6 +31,7 @@ fn the_quick_bench_measures_everything() {
         "Endurance",
         "Engine index",
         "Engine query",
+        "Bridge growth per question",
         "Claude Code warm (claude) vs per-process (spawn)",
         "Claude input tokens per question",
     ] {
@@ -46,6 +47,7 @@ fn the_quick_bench_measures_everything() {
         "idle",
         "endurance",
         "engine",
+        "retention",
         "claude",
     ] {
         assert!(

@@ -806,6 +806,126 @@ fn endurance(opts: &Options, r: &mut Report) -> Res<()> {
     Ok(())
 }
 
+/// Logical size of the bridge (pages in use or free, WAL included): what
+/// the file grows to once checkpointed.
+fn bridge_bytes(ro: &rusqlite::Connection) -> Res<u64> {
+    ro.query_row(
+        "SELECT (SELECT page_count FROM pragma_page_count) * (SELECT page_size FROM pragma_page_size)",
+        [],
+        |r| r.get(0),
+    )
+    .map_err(e("page count"))
+}
+
+/// One retention run: `rounds` of `per_round` questions through server and
+/// poller (`poller_args`), the coordinator reading each round's responses,
+/// a pause of `pause` between rounds. Returns (bytes after the first round,
+/// bytes at the end, messages left).
+fn growth_run(
+    opts: &Options,
+    poller_args: &[&str],
+    rounds: usize,
+    per_round: usize,
+    pause: Duration,
+) -> Res<(u64, u64, i64)> {
+    let w = World::new(opts)?;
+    let ctx = w.dir.path().join("ctx.md");
+    std::fs::write(&ctx, synthetic_context(1 << 20, 9)).map_err(e("context"))?;
+    let _s = w.server("ret", &["--context", ctx.to_str().unwrap_or_default()])?;
+    let _p = w.poller("ret", poller_args)?;
+    let mut b = Bridge::open(w.db()).map_err(e("bridge"))?;
+    let ro = read_only(&w.db())?;
+    let conv = w.conv.conversation_id.clone();
+    let mut first = 0;
+    for round in 0..rounds {
+        w.queue(
+            &mut b,
+            &format!("r{round}"),
+            per_round,
+            "what about sokalo rekato?",
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (to_b, to_a): (i64, i64) = ro
+                .query_row(
+                    "SELECT (SELECT count(*) FROM messages WHERE conversation_id = ?1 AND to_session = 'b' AND read = 0),
+                            (SELECT count(*) FROM messages WHERE conversation_id = ?1 AND to_session = 'a' AND read = 0)",
+                    [&conv],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .map_err(e("counts"))?;
+            if to_b == 0 && to_a >= per_round as i64 {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("round {round} not answered within 120 s"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        b.read_unread(&conv, Session::A, &w.conv.session_a_token)
+            .map_err(e("read"))?;
+        if round == 0 {
+            first = bridge_bytes(&ro)?;
+        }
+        std::thread::sleep(pause);
+    }
+    let last = bridge_bytes(&ro)?;
+    let left: i64 = ro
+        .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+        .map_err(e("messages"))?;
+    Ok((first, last, left))
+}
+
+fn retention(opts: &Options, r: &mut Report) -> Res<()> {
+    let (rounds, per_round, pause) = if opts.quick {
+        (4, 200, Duration::from_millis(1_200))
+    } else {
+        (20, 1_000, Duration::from_millis(1_500))
+    };
+    let (f0, l0, m0) = growth_run(opts, &["--concurrency", "8"], rounds, per_round, pause)?;
+    let (f1, l1, m1) = growth_run(
+        opts,
+        &[
+            "--concurrency",
+            "8",
+            "--retain",
+            "1s",
+            "--prune-interval",
+            "0.2",
+        ],
+        rounds,
+        per_round,
+        pause,
+    )?;
+    let n = ((rounds - 1) * per_round) as f64;
+    let per_q = |first: u64, last: u64| (last as f64 - first as f64) / n;
+    let (without, with) = (per_q(f0, l0), per_q(f1, l1));
+    r.row(
+        &format!(
+            "Bridge growth per question ({} questions after the first {per_round})",
+            (rounds - 1) * per_round
+        ),
+        format!("{without:.0} B without retention; {with:.0} B with --retain 1s"),
+        format!(
+            "file {:.1} -> {:.1} MiB vs {:.1} -> {:.1} MiB; messages left {m0} vs {m1}",
+            f0 as f64 / 1_048_576.0,
+            l0 as f64 / 1_048_576.0,
+            f1 as f64 / 1_048_576.0,
+            l1 as f64 / 1_048_576.0
+        ),
+        "bounded with --retain",
+        Some(with < without / 10.0),
+    );
+    r.json.insert(
+        "retention".into(),
+        json!({"rounds": rounds, "per_round": per_round,
+               "bytes_per_question_without": without, "bytes_per_question_with": with,
+               "bytes": {"without": [f0, l0], "with": [f1, l1]},
+               "messages_left": {"without": m0, "with": m1}}),
+    );
+    Ok(())
+}
+
 fn engine(opts: &Options, r: &mut Report) -> Res<()> {
     use autopoll_server::engine::builtin::BuiltinEngine;
     let big = if opts.quick { 5 << 20 } else { 50 << 20 };
@@ -902,7 +1022,7 @@ pub fn run(opts: &Options) -> Report {
     );
     r.json.insert("machine".into(), machine());
     type Step = fn(&Options, &mut Report) -> Res<()>;
-    let steps: [(&str, Step); 9] = [
+    let steps: [(&str, Step); 10] = [
         ("ipc", ipc),
         ("pickup", pickup),
         ("old_design", old_design),
@@ -911,6 +1031,7 @@ pub fn run(opts: &Options) -> Report {
         ("idle", idle),
         ("endurance", endurance),
         ("engine", engine),
+        ("retention", retention),
         ("claude", claude::claude),
     ];
     for (name, step) in steps {

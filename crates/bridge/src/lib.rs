@@ -22,6 +22,7 @@ pub mod clock;
 mod conversation;
 pub mod error;
 mod message;
+pub mod prune;
 pub mod pyjson;
 pub mod redact;
 pub mod schema;
@@ -41,6 +42,7 @@ pub use claim::{Answer, ClaimBatch, ClaimOptions, Claimed, Claimer, DeadLettered
 pub use conversation::{ConversationInfo, NewConversation};
 pub use error::{Error, Result};
 pub use message::{Message, Sent};
+pub use prune::{CompactReport, FileSize, PruneReport, Pruner};
 pub use stats::{SessionStats, UnseenDeadLetter};
 pub use status::{PartnerStatus, SessionState, SessionStatus};
 
@@ -267,12 +269,15 @@ impl Bridge {
         conn.busy_timeout(opts.busy_timeout).map_err(&map)?;
         // Again on the connection that will write: the file may have been
         // replaced since the read-only look. Still nothing written.
-        schema::refuse(
-            schema::classify(&conn, &path, timeout_ms)?,
-            &path,
-            opts.create,
-            opts.allow_foreign,
-        )?;
+        let kind = schema::classify(&conn, &path, timeout_ms)?;
+        let fresh = kind == schema::FileKind::Empty;
+        schema::refuse(kind, &path, opts.create, opts.allow_foreign)?;
+        if fresh {
+            // Only possible before the first table: lets `bridge prune`
+            // give freed pages back with an incremental vacuum.
+            conn.execute_batch("PRAGMA auto_vacuum=INCREMENTAL;")
+                .map_err(&map)?;
+        }
         let mode: String = conn
             .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
             .map_err(&map)?;

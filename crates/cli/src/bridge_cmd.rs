@@ -139,6 +139,26 @@ enum BridgeCmd {
         #[arg(long, env = "AUTOPOLL_CONVERSATION", value_name = "ID")]
         conversation: Option<String>,
     },
+    /// Delete finished history older than a cutoff: read messages, their claims and outcomes,
+    /// stored answers, audit rows. Never an unread message or one under a live claim.
+    ///
+    /// Then checkpoints the WAL and, when the file is in incremental auto-vacuum mode (bridges
+    /// made by this autopoll are), gives the freed pages back to the file system. --vacuum runs
+    /// one full VACUUM on a file that is not (it holds the write lock while it rewrites the file).
+    Prune {
+        #[command(flatten)]
+        common: Common,
+        /// Remove what is older than this: a whole number and a unit, 30s, 15m, 12h, 7d.
+        #[arg(long, value_name = "DURATION", value_parser = autopoll_bridge::prune::parse_duration)]
+        older_than: Duration,
+        /// Count what would be removed; open the file read-only and change nothing.
+        #[arg(long, conflicts_with = "vacuum")]
+        dry_run: bool,
+        /// When the file is not in incremental auto-vacuum mode, run one full VACUUM (which also
+        /// switches it to that mode). Takes the write lock for as long as it rewrites the file.
+        #[arg(long)]
+        vacuum: bool,
+    },
     /// Extend a conversation's expiry to now + TTL (either session's token; works after expiry).
     Renew {
         #[command(flatten)]
@@ -359,6 +379,12 @@ pub fn run(args: BridgeArgs) -> Result<(), CliError> {
             }
             Ok(())
         }
+        BridgeCmd::Prune {
+            common,
+            older_than,
+            dry_run,
+            vacuum,
+        } => prune(&common, older_than, dry_run, vacuum),
         BridgeCmd::Renew {
             common,
             conversation,
@@ -375,6 +401,97 @@ pub fn run(args: BridgeArgs) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+/// Rows per prune transaction: small enough that the Python server and
+/// pollers never wait long for the write lock.
+const PRUNE_BATCH: usize = 500;
+
+fn prune(
+    common: &Common,
+    older_than: Duration,
+    dry_run: bool,
+    vacuum: bool,
+) -> Result<(), CliError> {
+    if dry_run {
+        let before = prune_file_bytes(&common.db);
+        let r = autopoll_bridge::prune::dry_run(&common.db, older_than)?;
+        if common.json {
+            print_json(&json!({ "report": r, "bytes_before": before }));
+        } else {
+            print!("{}", prune_text(&r, "would remove"));
+            println!("file        {} (unchanged: dry run)", table::bytes(before));
+        }
+        return Ok(());
+    }
+    let mut b = open(common)?;
+    let before = b.file_size()?;
+    let r = b.prune(older_than, PRUNE_BATCH)?;
+    let c = b.compact(vacuum)?;
+    let after = b.file_size()?;
+    if common.json {
+        print_json(&json!({
+            "report": r,
+            "bytes_before": before.bytes,
+            "bytes_after": after.bytes,
+            "free_bytes_before": before.free_bytes,
+            "free_bytes_after": after.free_bytes,
+            "compact": c,
+        }));
+    } else {
+        print!("{}", prune_text(&r, "removed"));
+        println!(
+            "file        {} -> {} ({} free inside; vacuum: {})",
+            table::bytes(before.bytes),
+            table::bytes(after.bytes),
+            table::bytes(after.free_bytes),
+            c.vacuum
+        );
+        if c.vacuum == "none" && after.free_bytes > 0 {
+            println!(
+                "note        the file is not in incremental auto-vacuum mode: its free pages are \
+                 reused by new rows but not given back; `--vacuum` once rewrites it (holding the \
+                 write lock meanwhile) and switches it to that mode"
+            );
+        }
+        if !c.checkpointed {
+            println!(
+                "note        a reader kept the WAL checkpoint from finishing; the next one will"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn prune_file_bytes(db: &std::path::Path) -> u64 {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    [db.to_path_buf(), PathBuf::from(wal)]
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+fn prune_text(r: &autopoll_bridge::PruneReport, verb: &str) -> String {
+    format!(
+        "{verb} what is older than {} UTC:\n\
+         messages    {} (read questions, read responses, other read messages)\n\
+         outcomes    {}\n\
+         claims      {}\n\
+         answers     {} (stored answers for repeated query ids)\n\
+         audit rows  {}\n\
+         kept        {} under a live claim, {} kept for repeats, {} with a time autopoll cannot read\n",
+        r.cutoff,
+        r.messages,
+        r.outcomes,
+        r.claims,
+        r.answers,
+        r.audit_rows,
+        r.kept_live_claim,
+        r.kept_for_repeats,
+        r.kept_bad_time,
+    )
 }
 
 /// The age of the oldest unread message, and how many are of unknown age

@@ -83,6 +83,13 @@ struct PollerCli {
     /// How often the heartbeat in session_status is refreshed, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = crate::flags::positive_secs)]
     heartbeat: f64,
+    /// Prune finished history older than this as it goes (30s, 15m, 12h, 7d): the rules of
+    /// `autopoll bridge prune`, a pass every --prune-interval in short transactions. Off by default.
+    #[arg(long, value_name = "DURATION", value_parser = autopoll_bridge::prune::parse_duration)]
+    retain: Option<Duration>,
+    /// With --retain: seconds between prune passes.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = crate::flags::positive_secs, requires = "retain")]
+    prune_interval: f64,
 }
 
 /// `autopoll-poller`'s main.
@@ -114,6 +121,8 @@ fn poll(cli: PollerCli) -> Result<(), CliError> {
     cfg.grace = Duration::from_secs_f64(cli.grace);
     cfg.heartbeat = Duration::from_secs_f64(cli.heartbeat);
     cfg.missing_grace = Duration::from_secs_f64(cli.missing_grace);
+    cfg.retain = cli.retain;
+    cfg.prune_interval = Duration::from_secs_f64(cli.prune_interval);
     cfg.notify = autopoll_protocol::NotifyConfig::from_env();
     autopoll_poller::run(cfg, shutdown).map_err(|e| match e {
         PollerError::Bridge(b @ autopoll_bridge::Error::InvalidToken { .. }) => CliError::new(

@@ -7,7 +7,9 @@
 //! Threads (all named):
 //! - `poller` (the caller of [`run`]): owns the one bridge connection and does
 //!   every write: claims, completions (batched), lease extensions, dead
-//!   letters, heartbeats. It waits on one crossbeam channel of [`Event`]s.
+//!   letters, heartbeats, and with [`PollerConfig::retain`] one prune step
+//!   per turn (`autopoll_bridge::prune`). It waits on one crossbeam channel
+//!   of [`Event`]s.
 //! - `bridge-watch`: inotify on the bridge's directory ([`watch`]); sends
 //!   `Wake` on a commit by anyone and when the file is replaced or removed,
 //!   `Stop` on shutdown. It re-establishes its watch when the folder is
@@ -44,7 +46,7 @@ use std::time::{Duration, Instant};
 use autopoll_bridge::shard::{self, Incoming, Response};
 use autopoll_bridge::{
     Answer as BridgeAnswer, Bridge, BridgeOptions, ClaimOptions, Claimer, Error as BridgeError,
-    Session, SessionState,
+    Pruner, Session, SessionState,
 };
 use autopoll_protocol::{
     Client, ClientError, ClientOptions, ErrorCode, Notifier, NotifyConfig, ServerPaths, Shutdown,
@@ -90,6 +92,14 @@ pub struct PollerConfig {
     /// How long the bridge file may stay missing (or not a bridge) before
     /// [`run`] gives up with [`PollerError::BridgeGone`].
     pub missing_grace: Duration,
+    /// Prune finished history older than this as it goes
+    /// ([`autopoll_bridge::prune`]); `None` (the default): never.
+    pub retain: Option<Duration>,
+    /// How often a prune pass starts when [`PollerConfig::retain`] is set.
+    pub prune_interval: Duration,
+    /// Rows per prune transaction (one step per loop turn, so claims and
+    /// answers go in between).
+    pub prune_batch: usize,
 }
 
 impl PollerConfig {
@@ -117,6 +127,9 @@ impl PollerConfig {
             version_check: Duration::from_millis(100),
             notify: NotifyConfig::default(),
             missing_grace: Duration::from_secs(60),
+            retain: None,
+            prune_interval: Duration::from_secs(60),
+            prune_batch: 200,
         }
     }
 }
@@ -221,6 +234,78 @@ struct Poller {
     last_claim_error: Option<String>,
     /// Heartbeats are failing (logged once until one works again).
     heartbeat_failing: bool,
+    /// The prune pass under way, and the connection generation it is on.
+    pruner: Option<(u64, Pruner)>,
+    /// When the next prune step (or pass) is due.
+    next_prune: Instant,
+    /// Pruning is failing (logged once until it works again).
+    prune_failing: bool,
+}
+
+impl Poller {
+    /// With `--retain`: one prune step when one is due. A pass is a few
+    /// short transactions, one per loop turn; then it waits for the
+    /// interval. A pass on a connection that has since been replaced is
+    /// dropped.
+    fn prune_tick(&mut self) {
+        let Some(retain) = self.cfg.retain else {
+            return;
+        };
+        let now = Instant::now();
+        if now < self.next_prune {
+            return;
+        }
+        let generation = self.generation;
+        let Some(b) = self.bridge.as_mut() else {
+            return;
+        };
+        let mut pruner = match self.pruner.take() {
+            Some((g, p)) if g == generation => p,
+            _ => Pruner::new(retain, self.cfg.prune_batch, false),
+        };
+        match b.prune_step(&mut pruner) {
+            Ok(false) => {
+                self.pruner = Some((generation, pruner));
+                self.next_prune = now;
+            }
+            Ok(true) => {
+                if std::mem::take(&mut self.prune_failing) {
+                    log::info!("event=prune_recovered");
+                }
+                let r = pruner.report();
+                let line = format!(
+                    "event=pruned messages={} outcomes={} claims={} answers={} audit_rows={} \
+                     kept_live_claim={} kept_for_repeats={} kept_bad_time={} cutoff={}",
+                    r.messages,
+                    r.outcomes,
+                    r.claims,
+                    r.answers,
+                    r.audit_rows,
+                    r.kept_live_claim,
+                    r.kept_for_repeats,
+                    r.kept_bad_time,
+                    r.cutoff
+                );
+                if r.total() > 0 {
+                    log::info!("{line}");
+                } else {
+                    log::debug!("{line}");
+                }
+                self.next_prune = now + self.cfg.prune_interval;
+            }
+            Err(e) => {
+                if !self.prune_failing {
+                    log::warn!(
+                        "event=bridge_error op=prune reason={:?}: retrying in {:.0} s",
+                        e.to_string(),
+                        self.cfg.prune_interval.as_secs_f64()
+                    );
+                    self.prune_failing = true;
+                }
+                self.next_prune = now + self.cfg.prune_interval;
+            }
+        }
+    }
 }
 
 fn truncate_chars(s: &mut String, max: usize) {
@@ -1098,6 +1183,9 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         extend_retry_at: None,
         last_claim_error: None,
         heartbeat_failing: false,
+        pruner: None,
+        next_prune: Instant::now(),
+        prune_failing: false,
         cfg,
     };
     log::info!(
@@ -1172,6 +1260,9 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         if let Some((t, _)) = recheck {
             wake = wake.min(t);
         }
+        if p.cfg.retain.is_some() && p.bridge.is_some() && stop_at.is_none() {
+            wake = wake.min(p.next_prune);
+        }
         if p.bridge.is_some() && p.status != Some(p.wanted_status()) && !p.heartbeat_failing {
             wake = wake.min(p.last_status_write + Duration::from_secs(1));
         }
@@ -1224,6 +1315,9 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
             recheck = None;
         }
         p.flush();
+        if stop_at.is_none() {
+            p.prune_tick();
+        }
         let now = Instant::now();
         let recheck_due = recheck.is_some_and(|(t, _)| now >= t);
         // While the bridge refuses writes, our own failing attempts touch the
