@@ -1,10 +1,17 @@
 //! The built-in engine's index: an inverted index over passages, ranked
 //! with BM25 (k1 = 1.2, b = 0.75); heading words count once more in the
 //! passages under them.
+//!
+//! Tokenising is done once per file version ([`Vocab::tokenize`] gives a
+//! [`Tokenized`] kept next to the file), with term ids from a [`Vocab`]
+//! shared by every index of one engine and only ever appended to. A rebuild
+//! after a change tokenises only the changed files; [`Index::build`] then
+//! lays out the postings from the kept term counts (array pushes, no text
+//! read, no hashing of words) and the new index is swapped in whole.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use sha2::{Digest, Sha256};
 
@@ -33,12 +40,77 @@ pub struct Hit {
     pub score: f32,
 }
 
+/// Term ids, shared by the indexes of one engine. Ids are only ever added,
+/// so an older index reading it sees ids past its own postings (and treats
+/// them as absent). Words of deleted text keep their ids: memory grows with
+/// the distinct words ever seen, not with the current context.
+#[derive(Debug, Default)]
+pub struct Vocab {
+    ids: RwLock<HashMap<Box<str>, u32>>,
+}
+
+/// One file's passages as term counts: what [`Index::build`] needs from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tokenized {
+    /// Per passage: (term id, count) sorted by id, and the length in terms.
+    passages: Vec<(Vec<(u32, u16)>, u32)>,
+}
+
+impl Vocab {
+    /// A new, empty vocabulary.
+    pub fn new() -> Arc<Vocab> {
+        Arc::new(Vocab::default())
+    }
+
+    fn get(&self, term: &str) -> Option<u32> {
+        match self.ids.read() {
+            Ok(g) => g.get(term).copied(),
+            Err(p) => p.into_inner().get(term).copied(),
+        }
+    }
+
+    /// The id of `term`, given one if new. Takes the write lock only for a
+    /// new word, so queries are not held up while a big file is tokenised.
+    fn id_of(&self, term: &str) -> u32 {
+        if let Some(id) = self.get(term) {
+            return id;
+        }
+        let mut ids = self
+            .ids
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let next = ids.len() as u32;
+        *ids.entry(term.into()).or_insert(next)
+    }
+
+    /// Split `file`'s passages into term counts, giving new words ids.
+    pub fn tokenize(&self, file: &ContextFile) -> Tokenized {
+        let mut counts: HashMap<u32, u16> = HashMap::new();
+        let mut passages = Vec::with_capacity(file.passages.len());
+        for p in &file.passages {
+            counts.clear();
+            let mut len = 0u32;
+            let mut add = |t: &str| {
+                let c = counts.entry(self.id_of(t)).or_insert(0);
+                *c = c.saturating_add(1);
+                len += 1;
+            };
+            text::terms(&file.text[p.bytes.clone()], &mut add);
+            text::terms(&p.heading, &mut add);
+            let mut v: Vec<(u32, u16)> = counts.iter().map(|(&t, &c)| (t, c)).collect();
+            v.sort_unstable();
+            passages.push((v, len));
+        }
+        Tokenized { passages }
+    }
+}
+
 /// An immutable index over a set of context files.
 #[derive(Debug)]
 pub struct Index {
     files: Vec<Arc<ContextFile>>,
     docs: Vec<Doc>,
-    terms: HashMap<Box<str>, u32>,
+    vocab: Arc<Vocab>,
     postings: Vec<Vec<(u32, u16)>>,
     avg_len: f32,
     version: String,
@@ -51,48 +123,33 @@ thread_local! {
 }
 
 impl Index {
-    /// Build from loaded files (in display order).
-    pub fn build(files: Vec<Arc<ContextFile>>) -> Index {
-        let mut terms: HashMap<Box<str>, u32> = HashMap::new();
+    /// Build from loaded files (in display order), each with its term
+    /// counts from `vocab` (see [`Vocab::tokenize`]).
+    pub fn build(files: Vec<(Arc<ContextFile>, Arc<Tokenized>)>, vocab: Arc<Vocab>) -> Index {
         let mut postings: Vec<Vec<(u32, u16)>> = Vec::new();
         let mut docs = Vec::new();
-        let mut counts: HashMap<u32, u16> = HashMap::new();
         let mut total_len: u64 = 0;
         let mut hasher = Sha256::new();
         let mut bytes = 0u64;
-        for (fi, f) in files.iter().enumerate() {
+        for (fi, (f, tok)) in files.iter().enumerate() {
             hasher.update(f.display.as_bytes());
             hasher.update([0]);
             hasher.update(f.hash);
             bytes += f.text.len() as u64;
-            for (pi, p) in f.passages.iter().enumerate() {
-                counts.clear();
-                let mut len = 0u32;
-                let mut add = |t: &str| {
-                    let id = match terms.get(t) {
-                        Some(&id) => id,
-                        None => {
-                            let id = postings.len() as u32;
-                            terms.insert(t.into(), id);
-                            postings.push(Vec::new());
-                            id
-                        }
-                    };
-                    let c = counts.entry(id).or_insert(0);
-                    *c = c.saturating_add(1);
-                    len += 1;
-                };
-                text::terms(&f.text[p.bytes.clone()], &mut add);
-                text::terms(&p.heading, &mut add);
+            for (pi, (counts, len)) in tok.passages.iter().enumerate() {
                 let doc = docs.len() as u32;
-                for (&t, &c) in &counts {
-                    postings[t as usize].push((doc, c));
+                for &(t, c) in counts {
+                    let t = t as usize;
+                    if t >= postings.len() {
+                        postings.resize_with(t + 1, Vec::new);
+                    }
+                    postings[t].push((doc, c));
                 }
-                total_len += u64::from(len);
+                total_len += u64::from(*len);
                 docs.push(Doc {
                     file: fi as u32,
                     passage: pi as u32,
-                    len,
+                    len: *len,
                 });
             }
         }
@@ -110,9 +167,9 @@ impl Index {
             (total_len as f32 / docs.len() as f32).max(1.0)
         };
         Index {
-            files,
+            files: files.into_iter().map(|(f, _)| f).collect(),
             docs,
-            terms,
+            vocab,
             postings,
             avg_len,
             version,
@@ -145,7 +202,11 @@ impl Index {
     pub fn search(&self, query: &str, k: usize) -> Vec<Hit> {
         let mut ids: Vec<u32> = Vec::new();
         text::terms(query, |t| {
-            if let Some(&id) = self.terms.get(t)
+            if let Some(id) = self.vocab.get(t)
+                && self
+                    .postings
+                    .get(id as usize)
+                    .is_some_and(|l| !l.is_empty())
                 && !ids.contains(&id)
             {
                 ids.push(id);
@@ -226,7 +287,15 @@ mod tests {
                 .unwrap(),
             ));
         }
-        (d, Index::build(loaded))
+        let vocab = Vocab::new();
+        let files = loaded
+            .into_iter()
+            .map(|f| {
+                let t = Arc::new(vocab.tokenize(&f));
+                (f, t)
+            })
+            .collect();
+        (d, Index::build(files, vocab))
     }
 
     #[test]
