@@ -140,6 +140,135 @@ fn editing_the_context_changes_the_answer_without_restart() {
     );
 }
 
+/// The safety-net walk is an hour away in these tests: whatever is picked
+/// up is picked up by the inotify watcher.
+const NO_WALK: &str = "3600";
+
+#[test]
+fn context_edits_additions_removals_and_new_subfolders_are_noticed_without_a_walk() {
+    let env = Env::new();
+    let dir = env.path("ctx");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("NOTES.md"), NOTES).unwrap();
+    std::fs::write(
+        dir.join("keep.md"),
+        "# Keep\nThe lighthouse keeper logs tides.\n",
+    )
+    .unwrap();
+    let s = env.server(
+        "default",
+        &["--context", path_str(&dir), "--reload-interval", NO_WALK],
+    );
+    let mut c = s.client().unwrap();
+    let mut ask = |q: &str| c.ask(q, TIMEOUT).unwrap();
+    assert!(ask("cache entries decided").answer.contains("64 entries"));
+
+    // An edit: the new text is found, the old text is gone.
+    std::fs::write(
+        dir.join("NOTES.md"),
+        NOTES.replace("64 entries", "4096 entries"),
+    )
+    .unwrap();
+    wait_until("the edited file is re-indexed", TIMEOUT, || {
+        ask("cache entries decided").answer.contains("4096 entries")
+    });
+    assert!(!ask("cache entries decided").answer.contains("64 entries"));
+
+    // A file added, written the way editors do (a temporary, renamed in).
+    std::fs::write(dir.join(".tmp-added"), "# Added\nThe walrus quorum met.\n").unwrap();
+    std::fs::rename(dir.join(".tmp-added"), dir.join("added.md")).unwrap();
+    wait_until("the added file is indexed", TIMEOUT, || {
+        ask("walrus quorum")
+            .sources
+            .iter()
+            .any(|s| s.contains("added.md"))
+    });
+
+    // A file removed.
+    std::fs::remove_file(dir.join("keep.md")).unwrap();
+    wait_until("the removed file is dropped", TIMEOUT, || {
+        !ask("lighthouse keeper tides").found
+    });
+
+    // Files in new subfolders, one nested right away (before its folder
+    // could have been watched), and a later edit inside it.
+    std::fs::create_dir_all(dir.join("sub/deeper")).unwrap();
+    std::fs::write(
+        dir.join("sub/deeper/far.md"),
+        "# Far\nThe narwhal ledger.\n",
+    )
+    .unwrap();
+    wait_until("the file in a new subfolder is indexed", TIMEOUT, || {
+        ask("narwhal ledger")
+            .sources
+            .iter()
+            .any(|s| s.contains("sub/deeper/far.md"))
+    });
+    std::fs::write(dir.join("sub/deeper/far.md"), "# Far\nThe okapi ledger.\n").unwrap();
+    wait_until("an edit in the new subfolder is noticed", TIMEOUT, || {
+        ask("okapi").found
+    });
+    assert!(!ask("narwhal").found);
+    let st = c.stats(TIMEOUT).unwrap();
+    assert_eq!(st.engine.files, 3, "NOTES.md, added.md, sub/deeper/far.md");
+}
+
+#[test]
+fn a_context_file_named_directly_is_watched_through_its_folder() {
+    let env = Env::new();
+    let ctx = notes(&env);
+    let s = env.server(
+        "default",
+        &["--context", &ctx, "--reload-interval", NO_WALK],
+    );
+    let mut c = s.client().unwrap();
+    // Editors save by renaming a new file over the old one.
+    let tmp = format!("{ctx}.swp");
+    std::fs::write(&tmp, NOTES.replace("64 entries", "77 entries")).unwrap();
+    std::fs::rename(&tmp, &ctx).unwrap();
+    wait_until("the replaced file is re-indexed", TIMEOUT, || {
+        c.ask("cache entries decided", TIMEOUT)
+            .unwrap()
+            .answer
+            .contains("77 entries")
+    });
+}
+
+/// Issue 12: the idle server re-walked and re-stat'ed the whole context
+/// every second, comparing paths pairwise (F^2): ~20 % of a core at 2,000
+/// files. Watched by inotify, an idle server does nothing.
+#[test]
+fn an_idle_server_over_5000_context_files_uses_no_cpu() {
+    let env = Env::new();
+    let dir = env.path("many");
+    for i in 0..5_000 {
+        let sub = dir.join(format!("d{:02}", i % 50));
+        if i < 50 {
+            std::fs::create_dir_all(&sub).unwrap();
+        }
+        std::fs::write(
+            sub.join(format!("f{i:04}.md")),
+            format!("# Note {i}\nitem{i} shared words\n"),
+        )
+        .unwrap();
+    }
+    // The default --reload-interval.
+    let s = env.server("default", &["--context", path_str(&dir)]);
+    let pid = s.pid();
+    std::thread::sleep(Duration::from_millis(500));
+    let ticks0 = common::cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(4));
+    let ticks = common::cpu_ticks(pid) - ticks0;
+    // 100 ticks a second: 10 in 4 s is 2.5 % of a core.
+    assert!(ticks <= 10, "idle server used {ticks} CPU ticks in 4 s");
+    // And it still notices an edit.
+    let mut c = s.client().unwrap();
+    std::fs::write(dir.join("d07/f0007.md"), "# Note 7\nthe capybara item\n").unwrap();
+    wait_until("the edit is noticed", TIMEOUT, || {
+        c.ask("capybara", TIMEOUT).unwrap().found
+    });
+}
+
 /// 16 clients x 200 requests of ~100 KB each, alternating echo and ask:
 /// every reply is the one for its own request.
 #[test]

@@ -59,8 +59,8 @@ struct ServerCli {
     /// On SIGINT/SIGTERM, how long in-flight requests may take to finish, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = crate::flags::secs)]
     grace: f64,
-    /// How often context files are checked for changes, in seconds (0: never).
-    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = crate::flags::secs)]
+    /// Changes to context files are noticed by inotify within ~0.1 s; this is the period, in seconds, of the full safety-net walk that also catches what inotify misses (a 1 s walk, or this if shorter, when inotify is unavailable; 0: never reload).
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = crate::flags::secs)]
     reload_interval: f64,
     /// Most client sessions at once (fewer when the open-file limit allows fewer; more get `overloaded`).
     #[arg(long, value_name = "N", default_value_t = 256)]

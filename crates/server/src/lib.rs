@@ -10,7 +10,9 @@
 //!   names (module `hello`), spawns a session;
 //! - `session-N`: one per client (module `session`);
 //! - `worker-N`: `--workers` of them, fed by one bounded crossbeam channel;
-//! - `context-reload`: re-reads changed context files every `--reload-interval`.
+//! - `context-watch`: re-reads changed context files when inotify says a
+//!   context folder changed (debounced), and walks them all every
+//!   `--reload-interval` as a safety net (module `ctxwatch`).
 //!
 //! Limits: the soft open-file limit is raised to the hard one at start, and
 //! sessions are capped at what the descriptors left after a reserve allow
@@ -27,6 +29,7 @@
 //! hung one stops), `STOPPING=1` when shutdown begins.
 #![deny(missing_docs)]
 
+pub(crate) mod ctxwatch;
 pub mod engine;
 pub(crate) mod hello;
 pub mod limits;
@@ -85,7 +88,8 @@ pub struct ServerConfig {
     pub max_frame: usize,
     /// How long in-flight requests may take to finish after a stop signal.
     pub grace: Duration,
-    /// How often context files are checked for changes (zero: never).
+    /// How often all context files are walked for changes as a safety net
+    /// besides inotify (zero: context changes are never picked up).
     pub reload_interval: Duration,
     /// Most client sessions at once.
     pub max_sessions: usize,
@@ -131,7 +135,7 @@ impl ServerConfig {
             request_timeout: Duration::from_secs(60),
             max_frame: DEFAULT_MAX_FRAME,
             grace: Duration::from_secs(10),
-            reload_interval: Duration::from_secs(1),
+            reload_interval: Duration::from_secs(30),
             max_sessions: 256,
             idle_timeout: Duration::from_secs(60),
             queue: 1_024,
@@ -513,20 +517,14 @@ fn serve_locked(
         let engine = engine.clone();
         let sd = shutdown.clone();
         let every = shared.config.reload_interval;
+        let roots = shared.config.contexts.clone();
         Some(
             std::thread::Builder::new()
-                .name("context-reload".into())
+                .name("context-watch".into())
                 .spawn(move || {
-                    loop {
-                        let mut fds = [fifo::pollfd(sd.fd(), libc::POLLIN)];
-                        let _ = fifo::poll(&mut fds, Some(Instant::now() + every));
-                        if sd.is_triggered() {
-                            break;
-                        }
-                        engine.reload_if_changed();
-                    }
+                    ctxwatch::run(&roots, every, sd.fd(), || engine.reload_if_changed());
                 })
-                .map_err(io_err("cannot start reload thread", Path::new("")))?,
+                .map_err(io_err("cannot start context-watch thread", Path::new("")))?,
         )
     };
 

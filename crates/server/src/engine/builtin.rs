@@ -4,13 +4,14 @@
 //! outside service. Context files that change on disk are reloaded by
 //! [`Engine::reload_if_changed`]; a failed reload keeps the old index.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use autopoll_protocol::EngineInfo;
 
 use super::context::{self, ContextFile, Found, Signature};
-use super::index::Index;
+use super::index::{Index, Tokenized, Vocab};
 use super::{Engine, EngineAnswer, EngineError};
 
 /// How many passages an answer quotes at most.
@@ -20,9 +21,13 @@ const RELATIVE_CUTOFF: f32 = 0.35;
 /// Longest quote of one passage, in characters.
 const MAX_QUOTE: usize = 1_500;
 
+/// A loaded file and its term counts, reused while its signature holds.
+type Loaded = (Found, Arc<ContextFile>, Arc<Tokenized>);
+
 struct State {
     roots: Vec<std::path::PathBuf>,
-    files: Vec<(Found, Arc<ContextFile>)>,
+    files: Vec<Loaded>,
+    vocab: Arc<Vocab>,
     reloads: u64,
     loaded_at: String,
     last_error: Option<String>,
@@ -65,10 +70,14 @@ impl BuiltinEngine {
             return Err("at least one --context PATH is needed: the files or folders of text/markdown the shard answers from (and, for external backends, the files the model is told to read and its citations are checked against)".into());
         }
         let found = context::discover(roots)?;
+        let vocab = Vocab::new();
         let mut files = Vec::new();
         for f in found {
             match context::load(&f) {
-                Ok(cf) => files.push((f, Arc::new(cf))),
+                Ok(cf) => {
+                    let tok = Arc::new(vocab.tokenize(&cf));
+                    files.push((f, Arc::new(cf), tok));
+                }
                 Err(e) if f.explicit => return Err(format!("context {e}")),
                 Err(e) => log::warn!("skipping context file: {e}"),
             }
@@ -83,7 +92,7 @@ impl BuiltinEngine {
                     .join(", ")
             ));
         }
-        let index = Index::build(files.iter().map(|(_, f)| f.clone()).collect());
+        let index = build(&files, &vocab);
         log::info!(
             "event=context_loaded files={} passages={} bytes={} version={}",
             files.len(),
@@ -96,11 +105,21 @@ impl BuiltinEngine {
             state: Mutex::new(State {
                 roots: roots.to_vec(),
                 files,
+                vocab,
                 reloads: 0,
                 loaded_at: now_utc(),
                 last_error: None,
             }),
         })
+    }
+
+    /// The `--context` paths this engine reads.
+    pub fn roots(&self) -> Vec<std::path::PathBuf> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .roots
+            .clone()
     }
 
     /// The current index.
@@ -167,7 +186,8 @@ impl BuiltinEngine {
         }
     }
 
-    /// Re-read what changed; rebuild and swap the index if anything did.
+    /// Re-read what changed; update the index (only the changed files'
+    /// posting lists, [`Index::update`]) and swap it in if anything did.
     /// Returns whether the index changed.
     pub fn reload(&self) -> bool {
         let mut st = self
@@ -185,37 +205,50 @@ impl BuiltinEngine {
             }
         };
         let mut changed = found.len() != st.files.len();
+        // O(F): each old entry found by path, each file stat'ed once.
+        let mut old: HashMap<std::path::PathBuf, (Arc<ContextFile>, Arc<Tokenized>)> =
+            std::mem::take(&mut st.files)
+                .into_iter()
+                .map(|(f, cf, tok)| (f.path, (cf, tok)))
+                .collect();
         let mut next = Vec::with_capacity(found.len());
         let mut errors = Vec::new();
+        let mut loaded = 0usize;
         for f in found {
-            let old = st
-                .files
-                .iter()
-                .find(|(o, _)| o.path == f.path)
-                .map(|(_, cf)| cf.clone());
-            let same = old
+            let prev = old.remove(&f.path);
+            if let Some((cf, tok)) = prev
                 .as_ref()
-                .is_some_and(|cf| Signature::of(&f.path).ok() == Some(cf.signature));
-            if same {
-                if let Some(cf) = old {
-                    next.push((f, cf));
-                }
+                .filter(|(cf, _)| Signature::of(&f.path).ok() == Some(cf.signature))
+            {
+                next.push((f, cf.clone(), tok.clone()));
                 continue;
             }
             match context::load(&f) {
                 Ok(cf) => {
-                    changed |= old.as_ref().is_none_or(|o| o.hash != cf.hash);
-                    next.push((f, Arc::new(cf)));
+                    loaded += 1;
+                    match prev {
+                        // Touched, same text: keep the term counts.
+                        Some((o, tok)) if o.hash == cf.hash && o.display == cf.display => {
+                            next.push((f, Arc::new(cf), tok));
+                        }
+                        _ => {
+                            changed = true;
+                            let tok = Arc::new(st.vocab.tokenize(&cf));
+                            next.push((f, Arc::new(cf), tok));
+                        }
+                    }
                 }
                 Err(e) => {
                     errors.push(e);
                     // Keep what we had for this file.
-                    if let Some(cf) = old {
-                        next.push((f, cf));
+                    if let Some((cf, tok)) = prev {
+                        next.push((f, cf, tok));
                     }
                 }
             }
         }
+        // Files no longer found (their paths are left in `old`).
+        changed |= !old.is_empty();
         let error = (!errors.is_empty()).then(|| errors.join("; "));
         if error != st.last_error {
             if let Some(e) = &error {
@@ -230,9 +263,13 @@ impl BuiltinEngine {
             st.files = next;
             return false;
         }
-        let index = Index::build(next.iter().map(|(_, f)| f.clone()).collect());
+        let index = self.index().update(
+            next.iter()
+                .map(|(_, f, t)| (f.clone(), t.clone()))
+                .collect(),
+        );
         log::info!(
-            "event=context_reloaded files={} passages={} version={}",
+            "event=context_reloaded files={} read={loaded} passages={} version={}",
             next.len(),
             index.passages(),
             index.version()
@@ -246,6 +283,16 @@ impl BuiltinEngine {
         }
         true
     }
+}
+
+fn build(files: &[Loaded], vocab: &Arc<Vocab>) -> Index {
+    Index::build(
+        files
+            .iter()
+            .map(|(_, f, t)| (f.clone(), t.clone()))
+            .collect(),
+        vocab.clone(),
+    )
 }
 
 impl Engine for BuiltinEngine {
@@ -375,6 +422,100 @@ mod tests {
         assert!(e.reload());
         assert!(e.info().last_reload_error.is_none());
         assert_eq!(e.info().reloads, 2);
+    }
+
+    /// What a search returns, by file name rather than index position.
+    fn results(e: &BuiltinEngine, q: &str) -> Vec<(String, usize, u32)> {
+        let idx = e.index();
+        idx.search(q, 10)
+            .into_iter()
+            .map(|h| {
+                (
+                    idx.files()[h.file].display.clone(),
+                    h.passage,
+                    h.score.to_bits(),
+                )
+            })
+            .collect()
+    }
+
+    fn assert_same_as_fresh(e: &BuiltinEngine, dir: &std::path::Path) {
+        let fresh = BuiltinEngine::load(&[dir.to_path_buf()]).unwrap();
+        let (a, b) = (e.index(), fresh.index());
+        assert_eq!(a.version(), b.version());
+        assert_eq!(a.passages(), b.passages());
+        assert_eq!(a.bytes(), b.bytes());
+        for q in [
+            "cache entries decided",
+            "how do replies reach each client",
+            "zebra migration",
+            "common words shared everywhere",
+            "brand new subdirectory file",
+        ] {
+            assert_eq!(results(e, q), results(&fresh, q), "query {q:?}");
+        }
+    }
+
+    #[test]
+    fn an_index_updated_incrementally_equals_one_built_from_scratch() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::write(root.join("NOTES.md"), NOTES).unwrap();
+        for i in 0..20 {
+            std::fs::write(
+                root.join(format!("f{i:02}.md")),
+                format!("# File {i}\n\ncommon words shared everywhere\nzebra {i}\n"),
+            )
+            .unwrap();
+        }
+        let e = BuiltinEngine::load(&[root.to_path_buf()]).unwrap();
+        assert_same_as_fresh(&e, root);
+        // An edit: new words in, old words out.
+        std::fs::write(
+            root.join("NOTES.md"),
+            NOTES.replace("64 entries", "zebra migration entries"),
+        )
+        .unwrap();
+        assert!(e.reload());
+        assert_same_as_fresh(&e, root);
+        assert!(!results(&e, "zebra migration").is_empty());
+        // An addition (in a new subdirectory) and a removal.
+        std::fs::create_dir(root.join("sub")).unwrap();
+        std::fs::write(
+            root.join("sub/new.md"),
+            "brand new subdirectory file\ncommon words\n",
+        )
+        .unwrap();
+        std::fs::remove_file(root.join("f05.md")).unwrap();
+        assert!(e.reload());
+        assert_same_as_fresh(&e, root);
+        // A file's words all gone: its terms no longer match anything.
+        std::fs::write(root.join("sub/new.md"), "nothing left\n").unwrap();
+        assert!(e.reload());
+        assert_same_as_fresh(&e, root);
+        assert!(results(&e, "brand subdirectory").is_empty());
+        // Every file rewritten, twice: holes outnumber documents and the
+        // update falls back to a full build; still the same.
+        for round in 0..2 {
+            for i in (0..20).filter(|i| *i != 5) {
+                std::fs::write(
+                    root.join(format!("f{i:02}.md")),
+                    format!("# File {i}\n\ncommon words\n\nround {round}\nzebra {i}\n"),
+                )
+                .unwrap();
+            }
+            assert!(e.reload());
+            assert_same_as_fresh(&e, root);
+        }
+        // Touched without change: no new index.
+        let v = e.index().version().to_string();
+        std::fs::write(
+            root.join("f01.md"),
+            std::fs::read(root.join("f01.md")).unwrap(),
+        )
+        .unwrap();
+        assert!(!e.reload());
+        assert_eq!(e.index().version(), v);
     }
 
     #[test]

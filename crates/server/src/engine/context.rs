@@ -117,6 +117,54 @@ pub fn discover(roots: &[PathBuf]) -> Result<Vec<Found>, String> {
     Ok(out.into_values().collect())
 }
 
+/// Whether an entry named `name` in a context folder can matter to
+/// [`discover`]: a folder it descends into, or a file it takes.
+pub fn relevant_name(name: &std::ffi::OsStr, is_dir: bool) -> bool {
+    let n = name.to_string_lossy();
+    if n.starts_with('.') {
+        false
+    } else if is_dir {
+        !SKIP_DIRS.contains(&n.as_ref())
+    } else {
+        is_text_file(Path::new(name))
+    }
+}
+
+/// What to watch for changes to the files under `roots`: every folder
+/// [`discover`] walks (with `None`), and the folder of each file named
+/// directly (with that file's name, the only one that counts there).
+/// Roots that are missing, and folders that cannot be read, are left out.
+pub fn watch_targets(roots: &[PathBuf]) -> Vec<(PathBuf, Option<std::ffi::OsString>)> {
+    fn dirs(dir: &Path, out: &mut Vec<(PathBuf, Option<std::ffi::OsString>)>) {
+        out.push((dir.to_path_buf(), None));
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) && relevant_name(&e.file_name(), true) {
+                dirs(&e.path(), out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for root in roots {
+        match std::fs::metadata(root) {
+            Ok(md) if md.is_dir() => dirs(root, &mut out),
+            Ok(_) => {
+                let parent = match root.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                    _ => PathBuf::from("."),
+                };
+                if let Some(name) = root.file_name() {
+                    out.push((parent, Some(name.to_os_string())));
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    out
+}
+
 fn walk(dir: &Path, out: &mut BTreeMap<String, Found>) -> std::io::Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
     entries.sort_by_key(|e| e.file_name());
