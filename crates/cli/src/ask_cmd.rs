@@ -110,14 +110,6 @@ pub fn ask(args: AskArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn bytes(n: u64) -> String {
-    match n {
-        0..1_000 => format!("{n} B"),
-        1_000..1_000_000 => format!("{:.1} kB", n as f64 / 1e3),
-        _ => format!("{:.1} MB", n as f64 / 1e6),
-    }
-}
-
 fn print_stats(s: &Stats, fifo: &std::path::Path) {
     let e = &s.engine;
     println!(
@@ -140,7 +132,7 @@ fn print_stats(s: &Stats, fifo: &std::path::Path) {
         if e.down { " (DOWN)" } else { "" },
         e.files,
         e.passages,
-        bytes(e.bytes),
+        table::bytes(e.bytes),
         e.context_version
     );
     println!("loaded     {} ({} reloads)", e.loaded_at, e.reloads);
