@@ -158,29 +158,41 @@ impl Pruner {
         i64::try_from(self.batch).unwrap_or(i64::MAX)
     }
 
+    /// The next batch of `(id, older than the cutoff)` after `after`, from
+    /// `sql` (`?1` after, `?2` the cutoff's text, `?3` the batch size; it
+    /// selects the id and the row's time).
+    fn candidates(
+        &mut self,
+        conn: &Connection,
+        map: &dyn Fn(rusqlite::Error) -> Error,
+        sql: &str,
+        after: i64,
+    ) -> Result<Vec<(i64, bool)>> {
+        let mut st = conn.prepare_cached(sql).map_err(map)?;
+        let mut q = st
+            .query(params![after, self.cutoff_text, self.limit()])
+            .map_err(map)?;
+        let mut out = Vec::new();
+        while let Some(r) = q.next().map_err(map)? {
+            let id: i64 = r.get(0).map_err(map)?;
+            let old = self.older(r.get_ref(1).map_err(map)?);
+            out.push((id, old));
+        }
+        Ok(out)
+    }
+
     /// One step on `conn`: at most one batch of one table. Returns true when
     /// the pass is done.
     fn step(&mut self, conn: &Connection, map: &dyn Fn(rusqlite::Error) -> Error) -> Result<bool> {
         match std::mem::replace(&mut self.phase, Phase::Done) {
             Phase::Answers { after } => {
-                let rows: Vec<(i64, bool)> = {
-                    let mut st = conn
-                        .prepare_cached(
-                            "SELECT rowid, answered_at FROM autopoll_answers
-                             WHERE rowid > ?1 AND answered_at < ?2 ORDER BY rowid LIMIT ?3",
-                        )
-                        .map_err(map)?;
-                    let mut q = st
-                        .query(params![after, self.cutoff_text, self.limit()])
-                        .map_err(map)?;
-                    let mut out = Vec::new();
-                    while let Some(r) = q.next().map_err(map)? {
-                        let id: i64 = r.get(0).map_err(map)?;
-                        let old = self.older(r.get_ref(1).map_err(map)?);
-                        out.push((id, old));
-                    }
-                    out
-                };
+                let rows = self.candidates(
+                    conn,
+                    map,
+                    "SELECT rowid, answered_at FROM autopoll_answers
+                     WHERE rowid > ?1 AND answered_at < ?2 ORDER BY rowid LIMIT ?3",
+                    after,
+                )?;
                 let last = rows.last().map(|r| r.0);
                 let old: Vec<i64> = rows.iter().filter(|r| r.1).map(|r| r.0).collect();
                 if self.dry {
@@ -290,24 +302,13 @@ impl Pruner {
                 };
             }
             Phase::Audit { after } => {
-                let rows: Vec<(i64, bool)> = {
-                    let mut st = conn
-                        .prepare_cached(
-                            "SELECT id, timestamp FROM audit_log
-                             WHERE id > ?1 AND timestamp < ?2 ORDER BY id LIMIT ?3",
-                        )
-                        .map_err(map)?;
-                    let mut q = st
-                        .query(params![after, self.cutoff_text, self.limit()])
-                        .map_err(map)?;
-                    let mut out = Vec::new();
-                    while let Some(r) = q.next().map_err(map)? {
-                        let id: i64 = r.get(0).map_err(map)?;
-                        let old = self.older(r.get_ref(1).map_err(map)?);
-                        out.push((id, old));
-                    }
-                    out
-                };
+                let rows = self.candidates(
+                    conn,
+                    map,
+                    "SELECT id, timestamp FROM audit_log
+                     WHERE id > ?1 AND timestamp < ?2 ORDER BY id LIMIT ?3",
+                    after,
+                )?;
                 let last = rows.last().map(|r| r.0);
                 let old: Vec<i64> = rows.iter().filter(|r| r.1).map(|r| r.0).collect();
                 if self.dry {
