@@ -71,6 +71,26 @@ pub struct PruneReport {
     pub kept_for_repeats: u64,
 }
 
+/// Run `sql` (a `DELETE ... WHERE key = ?1`) for each of `ids` in one
+/// write transaction; the rows it removed.
+fn delete_each(
+    conn: &Connection,
+    map: &dyn Fn(rusqlite::Error) -> Error,
+    sql: &str,
+    ids: &[i64],
+) -> Result<u64> {
+    let tx = immediate(conn, map)?;
+    let mut n = 0;
+    for id in ids {
+        n += tx
+            .prepare_cached(sql)
+            .and_then(|mut s| s.execute([id]))
+            .map_err(map)? as u64;
+    }
+    tx.commit().map_err(map)?;
+    Ok(n)
+}
+
 impl PruneReport {
     /// Rows removed in all tables.
     pub fn total(&self) -> u64 {
@@ -199,14 +219,12 @@ impl Pruner {
                     self.report.answers += old.len() as u64;
                     self.dry_answers.extend(old);
                 } else if !old.is_empty() {
-                    let tx = immediate(conn, map)?;
-                    for id in &old {
-                        self.report.answers += tx
-                            .prepare_cached("DELETE FROM autopoll_answers WHERE rowid = ?1")
-                            .and_then(|mut s| s.execute([id]))
-                            .map_err(map)? as u64;
-                    }
-                    tx.commit().map_err(map)?;
+                    self.report.answers += delete_each(
+                        conn,
+                        map,
+                        "DELETE FROM autopoll_answers WHERE rowid = ?1",
+                        &old,
+                    )?;
                 }
                 self.phase = match last {
                     Some(after) if rows.len() == self.batch => Phase::Answers { after },
@@ -314,14 +332,8 @@ impl Pruner {
                 if self.dry {
                     self.report.audit_rows += old.len() as u64;
                 } else if !old.is_empty() {
-                    let tx = immediate(conn, map)?;
-                    for id in &old {
-                        self.report.audit_rows += tx
-                            .prepare_cached("DELETE FROM audit_log WHERE id = ?1")
-                            .and_then(|mut s| s.execute([id]))
-                            .map_err(map)? as u64;
-                    }
-                    tx.commit().map_err(map)?;
+                    self.report.audit_rows +=
+                        delete_each(conn, map, "DELETE FROM audit_log WHERE id = ?1", &old)?;
                 }
                 self.phase = match last {
                     Some(after) if rows.len() == self.batch => Phase::Audit { after },
