@@ -272,7 +272,7 @@ fn a_stale_poller_writes_no_second_answer() {
     wait_until("the first poller claims it", TIMEOUT, || {
         env.owned_claims() == 1
     });
-    a.signal(libc::SIGSTOP);
+    env.stop_outside_a_transaction(&a);
     std::thread::sleep(Duration::from_millis(1_500)); // past the 1 s lease
     server.signal(libc::SIGCONT); // it now answers the first poller's request into its pipe
     let _b = env.poller(&conv, "default", &["--lease", "10", "--shard-id", "second"]);

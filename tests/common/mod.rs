@@ -353,6 +353,28 @@ impl Env {
         Poller { child, log }
     }
 
+    /// Stop `p` with SIGSTOP at a moment it holds no write lock on the
+    /// bridge (a poller frozen inside a transaction would make every other
+    /// writer wait out its busy timeout): stop it, try the lock briefly, and
+    /// if it is held let the poller run a moment and try again.
+    pub fn stop_outside_a_transaction(&self, p: &Poller) {
+        let conn = rusqlite::Connection::open(self.db()).unwrap();
+        conn.busy_timeout(Duration::from_millis(200)).unwrap();
+        wait_until(
+            "the poller is stopped outside a transaction",
+            TIMEOUT,
+            || {
+                p.signal(libc::SIGSTOP);
+                if conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;").is_ok() {
+                    return true;
+                }
+                p.signal(libc::SIGCONT);
+                std::thread::sleep(Duration::from_millis(20));
+                false
+            },
+        );
+    }
+
     /// Open the bridge with the library (as a coordinator or an inspector would).
     pub fn bridge(&self) -> autopoll_bridge::Bridge {
         autopoll_bridge::Bridge::open(self.db()).unwrap()
