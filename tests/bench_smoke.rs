@@ -34,6 +34,7 @@ fn the_quick_bench_measures_everything() {
         "Bridge growth per question",
         "Claude Code warm (claude) vs per-process (spawn)",
         "Claude input tokens per question",
+        "Quality hit@1 / hit@3 / MRR, check half",
     ] {
         assert!(table.contains(metric), "{metric} missing:\n{table}");
     }
@@ -49,6 +50,7 @@ fn the_quick_bench_measures_everything() {
         "engine",
         "retention",
         "claude",
+        "quality",
     ] {
         assert!(
             v.get(section).is_some_and(|s| s.get("error").is_none()),
@@ -59,4 +61,70 @@ fn the_quick_bench_measures_everything() {
     assert_eq!(v["mode"], "quick");
     assert!(v["pickup"]["p50_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(v["endurance"]["server_end"]["zombies"], 0);
+}
+
+/// The answer-quality step alone, as `cargo test` runs it: it builds the
+/// corpus, asks every question of the engine and of the BM25 baseline, and
+/// prints hit@1, hit@3, MRR and latency for both halves. No threshold: the
+/// figures are for docs/PERFORMANCE.md.
+#[test]
+fn the_quality_bench_scores_the_engine_and_the_baseline_on_both_halves() {
+    let env = common::Env::new();
+    let json = env.path("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_autopoll-bench"))
+        .args(["--quick", "--only", "quality", "-v", "--json-out"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::describe(&out));
+    let table = String::from_utf8_lossy(&out.stdout);
+    println!("{table}");
+    for row in [
+        "Quality hit@1 / hit@3 / MRR, tune half",
+        "Quality hit@1 / hit@3 / MRR, check half",
+        "Quality hit@1 / hit@3 / MRR, reworded",
+        "Quality hit@1 / hit@3 / MRR, literal",
+        "Quality query latency p50 / p99",
+        "Quality corpus and questions",
+    ] {
+        assert!(table.contains(row), "{row} missing:\n{table}");
+    }
+    assert!(!table.contains("FAILED"), "{table}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let q = &v["quality"];
+    let results = q["results"].as_array().unwrap();
+    let broken = q["broken"].as_array().unwrap().len();
+    assert_eq!(
+        results.len() + broken,
+        q["questions"].as_u64().unwrap() as usize
+    );
+    for half in ["tune", "check", "reworded", "literal", "all"] {
+        for who in ["engine", "baseline"] {
+            let s = &q["scores"][half][who];
+            for k in ["hit_at_1", "hit_at_3", "mrr"] {
+                let x = s[k].as_f64().unwrap_or(-1.0);
+                assert!((0.0..=1.0).contains(&x), "{half} {who} {k}: {s}");
+            }
+            assert!(s["hit_at_1"].as_f64() <= s["hit_at_3"].as_f64(), "{s}");
+        }
+    }
+    let halves = q["scores"]["tune"]["engine"]["questions"].as_u64().unwrap()
+        + q["scores"]["check"]["engine"]["questions"]
+            .as_u64()
+            .unwrap();
+    assert_eq!(halves as usize, results.len());
+    assert!(q["latency"]["engine_p50_ms"].as_f64().unwrap() > 0.0);
+    assert!(q["latency"]["baseline_p50_ms"].as_f64().unwrap() > 0.0);
+    // -v lists every question the engine did not answer first, as the JSON does.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let listed = stderr
+        .lines()
+        .filter(|l| l.starts_with("bench: quality: engine "))
+        .count();
+    let not_first = results
+        .iter()
+        .filter(|r| r["engine_rank"].as_u64() != Some(1))
+        .count();
+    assert_eq!(listed, not_first, "{stderr}");
 }

@@ -9,11 +9,13 @@
 //! latency through the bridge, backlog drain, persistent vs per-question
 //! process, idle cost, endurance, the built-in engine, and the real Claude
 //! Code CLI against a fake API (warm vs per-process, request size and input
-//! tokens per question with autopoll's defaults vs the CLI's).
+//! tokens per question with autopoll's defaults vs the CLI's), and the
+//! built-in engine's answer quality against a BM25 baseline.
 #![deny(missing_docs)]
 
 mod claude;
 pub mod procs;
+pub mod quality;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -37,6 +39,9 @@ pub struct Options {
     pub only: Vec<String>,
     /// The Claude Code CLI for the `claude` figures.
     pub claude_bin: PathBuf,
+    /// Print more: each question the quality step's engine or baseline
+    /// does not answer at rank 1.
+    pub verbose: bool,
 }
 
 /// One line of the table.
@@ -1022,7 +1027,7 @@ pub fn run(opts: &Options) -> Report {
     );
     r.json.insert("machine".into(), machine());
     type Step = fn(&Options, &mut Report) -> Res<()>;
-    let steps: [(&str, Step); 10] = [
+    let steps: &[(&str, Step)] = &[
         ("ipc", ipc),
         ("pickup", pickup),
         ("old_design", old_design),
@@ -1033,8 +1038,9 @@ pub fn run(opts: &Options) -> Report {
         ("engine", engine),
         ("retention", retention),
         ("claude", claude::claude),
+        ("quality", quality::quality),
     ];
-    for (name, step) in steps {
+    for &(name, step) in steps {
         if !opts.only.is_empty() && !opts.only.iter().any(|o| o == name) {
             continue;
         }
