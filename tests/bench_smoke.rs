@@ -34,6 +34,7 @@ fn the_quick_bench_measures_everything() {
         "Bridge growth per question",
         "Claude Code warm (claude) vs per-process (spawn)",
         "Claude input tokens per question",
+        "ask_shard via autopoll mcp",
     ] {
         assert!(table.contains(metric), "{metric} missing:\n{table}");
     }
@@ -49,6 +50,7 @@ fn the_quick_bench_measures_everything() {
         "engine",
         "retention",
         "claude",
+        "mcp",
     ] {
         assert!(
             v.get(section).is_some_and(|s| s.get("error").is_none()),
@@ -59,4 +61,11 @@ fn the_quick_bench_measures_everything() {
     assert_eq!(v["mode"], "quick");
     assert!(v["pickup"]["p50_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(v["endurance"]["server_end"]["zombies"], 0);
+    assert!(v["mcp"]["p50_ms"].as_f64().unwrap() > 0.0);
+    assert!(
+        v["mcp"]["reference"]["tool_calls_per_question"]
+            .as_f64()
+            .unwrap()
+            >= 2.0
+    );
 }

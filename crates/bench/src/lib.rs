@@ -9,10 +9,12 @@
 //! latency through the bridge, backlog drain, persistent vs per-question
 //! process, idle cost, endurance, the built-in engine, and the real Claude
 //! Code CLI against a fake API (warm vs per-process, request size and input
-//! tokens per question with autopoll's defaults vs the CLI's).
+//! tokens per question with autopoll's defaults vs the CLI's), and
+//! `ask_shard` through `autopoll mcp` vs a client polling `check_messages`.
 #![deny(missing_docs)]
 
 mod claude;
+mod mcp;
 pub mod procs;
 
 use std::io::{Read, Write};
@@ -1022,7 +1024,7 @@ pub fn run(opts: &Options) -> Report {
     );
     r.json.insert("machine".into(), machine());
     type Step = fn(&Options, &mut Report) -> Res<()>;
-    let steps: [(&str, Step); 10] = [
+    let steps: &[(&str, Step)] = &[
         ("ipc", ipc),
         ("pickup", pickup),
         ("old_design", old_design),
@@ -1033,8 +1035,9 @@ pub fn run(opts: &Options) -> Report {
         ("engine", engine),
         ("retention", retention),
         ("claude", claude::claude),
+        ("mcp", mcp::mcp),
     ];
-    for (name, step) in steps {
+    for &(name, step) in steps {
         if !opts.only.is_empty() && !opts.only.iter().any(|o| o == name) {
             continue;
         }

@@ -31,7 +31,7 @@ struct BenchCli {
     #[arg(long, value_name = "DIR")]
     fixtures: Option<PathBuf>,
     /// Run only this measurement (repeatable): ipc, pickup, old_design, drain,
-    /// persistent_vs_spawn, idle, endurance, engine, retention, claude.
+    /// persistent_vs_spawn, idle, endurance, engine, retention, claude, mcp.
     #[arg(long, value_name = "NAME")]
     only: Vec<String>,
     /// The Claude Code CLI for the claude figures (default: the pinned one that
