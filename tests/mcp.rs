@@ -13,6 +13,7 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::{Conversation, Env, TIMEOUT, describe, mcp_python, path_str, wait_until};
 use serde_json::{Value, json};
@@ -753,4 +754,103 @@ fn raw_lines_malformed_messages_unknown_methods_and_protocol_versions() {
         std::fs::read_to_string(env.path("raw.log")).unwrap_or_default()
     });
     assert_eq!(code, Some(0));
+}
+
+/// Voluntary context switches of every thread of `pid` (each wake-up from a
+/// sleep is one).
+fn wakeups(pid: u32) -> u64 {
+    let mut n = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        n += status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    n
+}
+
+#[test]
+fn a_waiting_ask_shard_sleeps_until_the_answer_is_committed() {
+    let env = Env::new();
+    let conv = env.conversation();
+    let mut raw = Raw::start(&env);
+    raw.ask(&json!({"jsonrpc": "2.0", "id": 0, "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}).to_string());
+    raw.write(
+        &json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": "ask_shard", "arguments": with(auth(&conv, "a"), json!({"question": "cache?", "timeout_secs": 600}))}})
+        .to_string(),
+    );
+    let b = env.bridge();
+    let query = || -> Option<(i64, String)> {
+        b.connection()
+            .query_row(
+                "SELECT id, message FROM messages WHERE to_session = 'b'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .ok()
+    };
+    wait_until("the query is in the bridge", TIMEOUT, || query().is_some());
+    let (_, text) = query().unwrap();
+    let q: Value = serde_json::from_str(&text).unwrap();
+    let qid = q["query_id"].as_str().unwrap().to_string();
+    // Waiting: no polling loop. A 5 ms loop would wake ~400 times in 2 s;
+    // the watch's 1 s folder check and the waiter's 2 s safety net a few.
+    let pid = raw.child.0.id();
+    let before = wakeups(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let woke = wakeups(pid) - before;
+    assert!(
+        woke < 40,
+        "autopoll mcp woke {woke} times in 2 s while waiting"
+    );
+    // Another query's response first: not ours, left unread.
+    let mut w = env.bridge();
+    let other = r#"{"type":"response","query_id":"q-someone-else","answer":"no","sources":[]}"#;
+    w.send(
+        &conv.id,
+        autopoll_bridge::Session::B,
+        &conv.token_b,
+        other,
+        Some(&autopoll_bridge::shard::response_metadata()),
+    )
+    .unwrap();
+    let ours = json!({"type": "response", "query_id": qid, "answer": "64 entries",
+        "sources": ["NOTES.md:4-4"], "context_version": "v1"})
+    .to_string();
+    w.send(
+        &conv.id,
+        autopoll_bridge::Session::B,
+        &conv.token_b,
+        &ours,
+        Some(&autopoll_bridge::shard::response_metadata()),
+    )
+    .unwrap();
+    let r = raw.next();
+    assert_eq!(r["id"], 1, "{r}");
+    let s = &r["result"]["structuredContent"];
+    assert_eq!(
+        (
+            s["answer"].clone(),
+            s["sources"].clone(),
+            s["context_version"].clone()
+        ),
+        (json!("64 entries"), json!(["NOTES.md:4-4"]), json!("v1")),
+        "{r}"
+    );
+    let unread: Vec<String> = b
+        .connection()
+        .prepare("SELECT message FROM messages WHERE to_session = 'a' AND read = 0")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(unread, [other.to_string()]);
 }
