@@ -854,3 +854,22 @@ fn a_waiting_ask_shard_sleeps_until_the_answer_is_committed() {
         .collect();
     assert_eq!(unread, [other.to_string()]);
 }
+
+#[test]
+fn a_file_that_is_not_a_bridge_is_refused_before_serving_and_left_unchanged() {
+    let env = Env::new();
+    let other = env.path("other.db");
+    let c = rusqlite::Connection::open(&other).unwrap();
+    c.execute_batch("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT);")
+        .unwrap();
+    drop(c);
+    let before = std::fs::read(&other).unwrap();
+    let out = env
+        .cmd("autopoll")
+        .args(["mcp", "--db", path_str(&other)])
+        .output()
+        .unwrap();
+    common::assert_one_line_error(&out, 7, "is not a bridge file");
+    assert!(out.stdout.is_empty(), "{}", describe(&out));
+    assert_eq!(std::fs::read(&other).unwrap(), before);
+}
