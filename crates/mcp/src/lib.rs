@@ -391,7 +391,15 @@ impl Server {
             .name(format!("tool-{}", self.next_worker))
             .spawn(move || {
                 let started = Instant::now();
-                let mut r = tools::call(&ctx, tool, &args, &cancel);
+                // A bug in a tool must not leave its call without a reply.
+                let mut r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    tools::call(&ctx, tool, &args, &cancel)
+                }))
+                .unwrap_or_else(|_| tools::ToolResult {
+                    text: format!("Error: {tool} failed inside autopoll mcp (a bug; its log on stderr says where)"),
+                    structured: None,
+                    is_error: true,
+                });
                 log::debug!(
                     "event=tool_done tool={tool} error={} ms={:.1}",
                     r.is_error,
