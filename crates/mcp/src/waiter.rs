@@ -4,8 +4,9 @@
 //! until the generation moves, its deadline passes, it is cancelled, or a
 //! slow safety-net period ([`SAFETY_NET`]) passes (for file systems where
 //! inotify misses writes). Each wake is confirmed with `PRAGMA
-//! data_version` before the unread messages are looked at, so an idle wait
-//! costs no queries and no CPU.
+//! data_version` before the unread messages are looked at, and followed by
+//! a few quick looks ([`SETTLE_FIRST`]: a commit's WAL write is seen before
+//! the commit is visible), so an idle wait costs no queries and no CPU.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -178,6 +179,7 @@ pub fn wait_for_response(
 ) -> autopoll_bridge::Result<Waited> {
     let mut after = w.after_id;
     let mut seen_version = None;
+    let mut settle: Option<Duration> = None;
     loop {
         // The generation first: a commit after this point moves it, so the
         // wait below cannot sleep through a change we did not look at.
@@ -192,36 +194,64 @@ pub fn wait_for_response(
         };
         if version.is_none() || version != seen_version {
             seen_version = version;
-            loop {
-                let msgs = match bridge.peek_unread(w.conversation, w.session, after, PEEK_BATCH) {
-                    Ok(m) => m,
-                    Err(e) if e.is_transient() => break,
-                    Err(e) => return Err(e),
-                };
-                let full = msgs.len() == PEEK_BATCH;
-                for m in msgs {
-                    after = after.max(m.id);
-                    let Some(r) = Response::parse(&m.message) else {
-                        continue;
-                    };
-                    if r.query_id != w.query_id {
-                        continue;
-                    }
-                    bridge.mark_read(w.conversation, w.session, w.token, &[m.id])?;
-                    return Ok(Waited::Answered {
-                        message: Box::new(m),
-                        response: Box::new(r),
-                    });
-                }
-                if !full {
-                    break;
-                }
+            if let Some(found) = look(bridge, w, &mut after)? {
+                return Ok(found);
             }
         }
-        if Instant::now() >= w.deadline {
+        let now = Instant::now();
+        if now >= w.deadline {
             return Ok(Waited::TimedOut);
         }
-        hub.wait(generation, w.deadline);
+        let until = settle.map_or(w.deadline, |d| (now + d).min(w.deadline));
+        settle = if hub.wait(generation, until) != generation {
+            Some(SETTLE_FIRST)
+        } else {
+            settle.map(|d| d * 2).filter(|d| *d <= SETTLE_LAST)
+        };
+    }
+}
+
+/// After a wake, look again this soon, then at doubling intervals up to
+/// [`SETTLE_LAST`]: inotify reports a commit's write to the WAL, and the
+/// commit becomes visible (`data_version` moves) only when the writer
+/// updates the WAL index in `-shm` a moment later, through shared memory,
+/// which inotify does not see. Without these looks a wake that came just
+/// before the commit was visible would leave the answer to the safety net.
+pub const SETTLE_FIRST: Duration = Duration::from_millis(1);
+
+/// The last settle interval (1 + 2 + ... + 64 ms: seven looks in 127 ms).
+pub const SETTLE_LAST: Duration = Duration::from_millis(64);
+
+/// Scan the unread messages above `after` for the response; mark it read.
+fn look(
+    bridge: &mut Bridge,
+    w: &Wait<'_>,
+    after: &mut i64,
+) -> autopoll_bridge::Result<Option<Waited>> {
+    loop {
+        let msgs = match bridge.peek_unread(w.conversation, w.session, *after, PEEK_BATCH) {
+            Ok(m) => m,
+            Err(e) if e.is_transient() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let full = msgs.len() == PEEK_BATCH;
+        for m in msgs {
+            *after = (*after).max(m.id);
+            let Some(r) = Response::parse(&m.message) else {
+                continue;
+            };
+            if r.query_id != w.query_id {
+                continue;
+            }
+            bridge.mark_read(w.conversation, w.session, w.token, &[m.id])?;
+            return Ok(Some(Waited::Answered {
+                message: Box::new(m),
+                response: Box::new(r),
+            }));
+        }
+        if !full {
+            return Ok(None);
+        }
     }
 }
 
