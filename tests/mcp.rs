@@ -636,9 +636,15 @@ struct Raw {
 
 impl Raw {
     fn start(env: &Env) -> Raw {
+        Raw::start_with(env, &[])
+    }
+
+    fn start_with(env: &Env, extra: &[&str]) -> Raw {
         let mut child = env
             .cmd("autopoll")
             .args(["mcp", "--db", path_str(&env.db())])
+            .args(extra)
+            .env("RUST_LOG", "info")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(env.path("raw.log")).unwrap())
@@ -872,4 +878,84 @@ fn a_file_that_is_not_a_bridge_is_refused_before_serving_and_left_unchanged() {
     common::assert_one_line_error(&out, 7, "is not a bridge file");
     assert!(out.stdout.is_empty(), "{}", describe(&out));
     assert_eq!(std::fs::read(&other).unwrap(), before);
+}
+
+#[test]
+fn while_an_ask_shard_waits_ping_is_answered_the_call_limit_holds_and_a_cancel_stops_it() {
+    let env = Env::new();
+    let conv = env.conversation();
+    let mut raw = Raw::start_with(&env, &["--max-calls", "1"]);
+    raw.ask(&json!({"jsonrpc": "2.0", "id": 0, "method": "initialize",
+        "params": {"protocolVersion": "2025-03-26", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}).to_string());
+    let ask = |id: &str| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
+            "name": "ask_shard", "arguments": with(auth(&conv, "a"), json!({"question": "cache?", "timeout_secs": 600}))}})
+        .to_string()
+    };
+    raw.write(&ask("wait-1"));
+    let log = || std::fs::read_to_string(env.path("raw.log")).unwrap_or_default();
+    wait_until("the first ask_shard waits", TIMEOUT, || {
+        log().contains("event=query_sent")
+    });
+    // Answered at once while the call waits.
+    let r = raw.ask(r#"{"jsonrpc":"2.0","id":"p","method":"ping"}"#);
+    assert_eq!(r, json!({"jsonrpc": "2.0", "id": "p", "result": {}}));
+    // One call at a time: the second is refused with a result saying why.
+    let r = raw.ask(&ask("wait-2"));
+    assert_eq!(r["id"], "wait-2");
+    assert_eq!(r["result"]["isError"], true, "{r}");
+    assert!(
+        r["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("already running"),
+        "{r}"
+    );
+    // The same id twice while it runs is a protocol error.
+    let r = raw.ask(&ask("wait-1"));
+    assert_eq!(r["error"]["code"], -32600, "{r}");
+    // Cancelled: it stops waiting and sends no reply; the next reply is the ping's.
+    raw.write(r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":"wait-1","reason":"user"}}"#);
+    wait_until("the cancelled call ends", TIMEOUT, || {
+        log().contains("event=ask_cancelled")
+    });
+    let r = raw.ask(r#"{"jsonrpc":"2.0","id":"p2","method":"ping"}"#);
+    assert_eq!(r["id"], "p2", "a reply to the cancelled call came: {r}");
+    // Its slot is free again (the cancelled call sends nothing to wait for:
+    // ask until the limit no longer refuses).
+    let status = json!({"jsonrpc": "2.0", "id": "c", "method": "tools/call",
+        "params": {"name": "shard_status", "arguments": auth(&conv, "a")}})
+    .to_string();
+    let mut r = Value::Null;
+    wait_until("the cancelled call's slot is free", TIMEOUT, || {
+        r = raw.ask(&status);
+        r["result"]["isError"] == false
+    });
+    assert_eq!(
+        r["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .lines()
+            .nth(1),
+        Some("Queue depth: 1 unread message(s) to session b (0 claimed by a poller)"),
+        "{r}"
+    );
+}
+
+/// Regression: a call used to leave the running set only after its reply
+/// was written, so a client sending its next call on reading the reply
+/// could be refused by the limit (or told its id was in use).
+#[test]
+fn a_call_sent_on_reading_the_previous_reply_is_never_refused_by_the_limit() {
+    let env = Env::new();
+    let conv = env.conversation();
+    let mut raw = Raw::start_with(&env, &["--max-calls", "1"]);
+    for i in 0..100 {
+        let r = raw.ask(
+            &json!({"jsonrpc": "2.0", "id": "same", "method": "tools/call",
+            "params": {"name": "check_partner_status", "arguments": auth(&conv, "a")}})
+            .to_string(),
+        );
+        assert_eq!(r["result"]["isError"], false, "call {i}: {r}");
+    }
 }

@@ -8,8 +8,8 @@
 //! `shard_status`.
 //!
 //! Threads (all named, all blocking; no async runtime):
-//! - `mcp` (the caller of [`run`]): the dispatcher. It reads classified
-//!   lines from one channel and answers `initialize`, `ping`, `tools/list`
+//! - `mcp` (the caller of [`run`]): the dispatcher. It reads lines from
+//!   one channel and answers `initialize`, `ping`, `tools/list`
 //!   and errors itself, so they are answered while tool calls run; it hands
 //!   each `tools/call` to a worker and applies `notifications/cancelled`.
 //! - `mcp-stdin`: reads stdin one line at a time ([`jsonrpc::read_line`],
@@ -30,11 +30,11 @@ pub mod waiter;
 use std::collections::HashMap;
 use std::io::{BufReader, Read, Write};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, select};
+use crossbeam_channel::{Receiver, Sender};
 use serde_json::{Map, Value, json};
 
 use crate::jsonrpc::{Id, Incoming, Line};
@@ -84,13 +84,19 @@ fn has_structured(version: &str) -> bool {
     version >= "2025-06-18"
 }
 
+/// The calls running, by request id: (stop waiting, send no reply).
+type InFlight = HashMap<String, (Arc<AtomicBool>, Arc<AtomicBool>)>;
+
 struct Server {
     ctx: Ctx,
     cfg: McpConfig,
     out: Sender<Value>,
-    done_tx: Sender<String>,
-    /// Calls running, by request id: (stop waiting, send no reply).
-    in_flight: HashMap<String, (Arc<AtomicBool>, Arc<AtomicBool>)>,
+    /// Told (for the drain at exit) each time a call has ended.
+    done_tx: Sender<()>,
+    /// Calls running, by request id: (stop waiting, send no reply). A call
+    /// leaves it before its reply is sent, so a client that sends its next
+    /// call on reading a reply finds the slot (and the id) free.
+    in_flight: Arc<Mutex<InFlight>>,
     version: &'static str,
     next_worker: u64,
 }
@@ -116,7 +122,7 @@ pub fn run(
         .name("mcp-stdin".into())
         .spawn(move || read_loop(input, line_tx))
         .map_err(|e| McpError::Io(format!("cannot start the reader thread: {e}")))?;
-    let (done_tx, done_rx) = crossbeam_channel::unbounded::<String>();
+    let (done_tx, done_rx) = crossbeam_channel::unbounded::<()>();
     log::info!(
         "event=mcp_started db={} tools={}",
         cfg.db.display(),
@@ -130,30 +136,25 @@ pub fn run(
         cfg: cfg.clone(),
         out: out_tx,
         done_tx,
-        in_flight: HashMap::new(),
+        in_flight: Arc::new(Mutex::new(HashMap::new())),
         version: schema::LATEST,
         next_worker: 0,
     };
-    s.serve(&line_rx, &done_rx);
+    s.serve(&line_rx);
     // Input ended: stop waiting calls (they reply "cancelled"), let the
     // others finish and reply (bounded).
-    for (stop, _) in s.in_flight.values() {
+    for (stop, _) in s.calls().values() {
         stop.store(true, Ordering::SeqCst);
     }
     watcher.hub.poke();
     let deadline = Instant::now() + DRAIN;
-    while !s.in_flight.is_empty() {
-        match done_rx.recv_deadline(deadline) {
-            Ok(key) => {
-                s.in_flight.remove(&key);
-            }
-            Err(_) => {
-                log::warn!(
-                    "event=mcp_exit_with_calls_running count={}",
-                    s.in_flight.len()
-                );
-                break;
-            }
+    while !s.calls().is_empty() {
+        if done_rx.recv_deadline(deadline).is_err() {
+            log::warn!(
+                "event=mcp_exit_with_calls_running count={}",
+                s.calls().len()
+            );
+            break;
         }
     }
     drop(s);
@@ -199,33 +200,33 @@ impl Server {
         self.out.send(v).is_ok()
     }
 
-    fn serve(&mut self, lines: &Receiver<Line>, done: &Receiver<String>) {
-        loop {
-            select! {
-                recv(lines) -> l => {
-                    let keep = match l {
-                        Ok(Line::Eof) | Err(_) => false,
-                        Ok(Line::Text(t)) => self.handle(jsonrpc::classify(&t)),
-                        Ok(Line::TooLong(n)) => self.send(jsonrpc::error(
-                            &Value::Null,
-                            jsonrpc::PARSE_ERROR,
-                            &format!("parse error: a line of {n} bytes is over the {} byte limit", jsonrpc::MAX_LINE),
-                        )),
-                        Ok(Line::NotUtf8) => self.send(jsonrpc::error(
-                            &Value::Null,
-                            jsonrpc::PARSE_ERROR,
-                            "parse error: the line is not UTF-8",
-                        )),
-                    };
-                    if !keep {
-                        return;
-                    }
-                }
-                recv(done) -> key => {
-                    if let Ok(key) = key {
-                        self.in_flight.remove(&key);
-                    }
-                }
+    fn calls(&self) -> std::sync::MutexGuard<'_, InFlight> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Handle lines until the input ends or the output is gone.
+    fn serve(&mut self, lines: &Receiver<Line>) {
+        // The reader thread ends (and the channel closes) at end of input.
+        while let Ok(line) = lines.recv() {
+            let keep = match line {
+                Line::Eof => false,
+                Line::Text(t) => self.handle(jsonrpc::classify(&t)),
+                Line::TooLong(n) => self.send(jsonrpc::error(
+                    &Value::Null,
+                    jsonrpc::PARSE_ERROR,
+                    &format!(
+                        "parse error: a line of {n} bytes is over the {} byte limit",
+                        jsonrpc::MAX_LINE
+                    ),
+                )),
+                Line::NotUtf8 => self.send(jsonrpc::error(
+                    &Value::Null,
+                    jsonrpc::PARSE_ERROR,
+                    "parse error: the line is not UTF-8",
+                )),
+            };
+            if !keep {
+                return;
             }
         }
     }
@@ -253,7 +254,8 @@ impl Server {
         match method {
             "notifications/cancelled" => {
                 let key = params.get("requestId").map(Value::to_string);
-                match key.and_then(|k| self.in_flight.get(&k)) {
+                let calls = self.calls();
+                match key.and_then(|k| calls.get(&k)) {
                     Some((stop, silent)) => {
                         log::info!("event=call_cancelled request_id={}", params["requestId"]);
                         silent.store(true, Ordering::SeqCst);
@@ -344,7 +346,7 @@ impl Server {
             ));
         };
         let key = id.to_string();
-        if self.in_flight.contains_key(&key) {
+        if self.calls().contains_key(&key) {
             return self.send(jsonrpc::error(
                 &id,
                 jsonrpc::INVALID_REQUEST,
@@ -367,12 +369,13 @@ impl Server {
                 return self.send(jsonrpc::result(&id, r.to_value()));
             }
         };
-        if self.in_flight.len() >= self.cfg.max_in_flight {
+        let running = self.calls().len();
+        if running >= self.cfg.max_in_flight {
             let r = tools::ToolResult {
                 text: format!(
                     "Error: {} tool calls are already running, the most this server runs at once; \
                      wait for one to finish and call again",
-                    self.in_flight.len()
+                    running
                 ),
                 structured: None,
                 is_error: true,
@@ -381,9 +384,10 @@ impl Server {
         }
         let cancel = Arc::new(AtomicBool::new(false));
         let silent = Arc::new(AtomicBool::new(false));
-        self.in_flight
+        self.calls()
             .insert(key.clone(), (cancel.clone(), silent.clone()));
         let (ctx, out, done) = (self.ctx.clone(), self.out.clone(), self.done_tx.clone());
+        let calls = self.in_flight.clone();
         let key_again = key.clone();
         let structured = has_structured(self.version);
         self.next_worker += 1;
@@ -408,14 +412,15 @@ impl Server {
                 if !structured {
                     r.structured = None;
                 }
+                calls.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
                 // A cancelled call gets no reply (the client has moved on).
                 if !silent.load(Ordering::SeqCst) {
                     let _ = out.send(jsonrpc::result(&id, r.to_value()));
                 }
-                let _ = done.send(key);
+                let _ = done.send(());
             });
         if let Err(e) = spawned {
-            self.in_flight.remove(&key_again);
+            self.calls().remove(&key_again);
             return self.send(jsonrpc::error(
                 &Value::Null,
                 jsonrpc::INTERNAL_ERROR,
