@@ -6,11 +6,15 @@
 #   scripts/install-test-deps.sh claude    Claude Code CLI: `npm ci` in tests/claude-cli
 #                                          (package.json + package-lock.json), npm's
 #                                          download cache in .cache/npm
+#   scripts/install-test-deps.sh mcp       the official MCP Python SDK: a venv in
+#                                          tests/mcp-client/.venv, `pip install
+#                                          --require-hashes -r tests/mcp-client/requirements.txt`,
+#                                          pip's download cache in .cache/pip
 #
-# Prints the installed program's path on stdout. Idempotent and quick when
+# Prints the installed program's path on stdout (for mcp: the venv's python). Idempotent and quick when
 # nothing changed (a stamp holds the lock file's hash); safe to run from
-# several test processes at once (flock). When npm is missing or its registry
-# cannot be reached it fails loudly (exit 1) and says so: tests never skip.
+# several test processes at once (flock). When npm or python3 is missing or a
+# registry cannot be reached it fails loudly (exit 1) and says so: tests never skip.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 what=${1:-}
@@ -48,7 +52,37 @@ install_claude() {
   echo "$bin"
 }
 
+install_mcp() {
+  local dir="$top/tests/mcp-client"
+  local venv="$dir/.venv"
+  local py="$venv/bin/python"
+  local want stamp
+  command -v python3 >/dev/null || die "python3 is not installed: install Python 3.10+ with venv (apt-get install python3 python3-venv), then rerun"
+  want=$(sed -n 's/^mcp==\([^ ]*\).*/\1/p' "$dir/requirements.txt" | head -n 1)
+  [ -n "$want" ] || die "no mcp version pinned in $dir/requirements.txt"
+  stamp=$(sha256sum "$dir/requirements.txt" | cut -d' ' -f1)
+  mkdir -p "$top/.cache"
+  exec 8>"$top/.cache/install-mcp.lock"
+  flock -w 600 8 || die "another install held the lock for 10 minutes"
+  if [ -x "$py" ] && [ "$(cat "$venv/.autopoll-stamp" 2>/dev/null)" = "$stamp" ] \
+     && "$py" -c 'import importlib.metadata as m, sys; sys.exit(m.version("mcp") != sys.argv[1])' "$want" 2>/dev/null; then
+    echo "$py"
+    return
+  fi
+  echo "install-test-deps: pip install --require-hashes in tests/mcp-client/.venv (mcp $want)" >&2
+  rm -rf "$venv"
+  python3 -m venv "$venv" >&2 || die "python3 -m venv failed: install the venv module (apt-get install python3-venv), then rerun"
+  if ! timeout 900 "$py" -m pip install --quiet --disable-pip-version-check --require-hashes \
+          --cache-dir "$top/.cache/pip" -r "$dir/requirements.txt" >&2; then
+    die "pip install failed for $dir/requirements.txt: is PyPI reachable? The MCP tests need the real SDK and do not skip"
+  fi
+  "$py" -c 'import mcp.client.stdio, mcp.client.session' >&2 || die "the installed mcp package does not import"
+  echo "$stamp" > "$venv/.autopoll-stamp"
+  echo "$py"
+}
+
 case "$what" in
   claude) install_claude ;;
-  *) die "usage: scripts/install-test-deps.sh claude" ;;
+  mcp) install_mcp ;;
+  *) die "usage: scripts/install-test-deps.sh claude|mcp" ;;
 esac

@@ -35,6 +35,7 @@ fn the_quick_bench_measures_everything() {
         "Claude Code warm (claude) vs per-process (spawn)",
         "Claude input tokens per question",
         "Quality hit@1 / hit@3 / MRR, check half",
+        "ask_shard via autopoll mcp",
     ] {
         assert!(table.contains(metric), "{metric} missing:\n{table}");
     }
@@ -51,6 +52,7 @@ fn the_quick_bench_measures_everything() {
         "retention",
         "claude",
         "quality",
+        "mcp",
     ] {
         assert!(
             v.get(section).is_some_and(|s| s.get("error").is_none()),
@@ -61,6 +63,13 @@ fn the_quick_bench_measures_everything() {
     assert_eq!(v["mode"], "quick");
     assert!(v["pickup"]["p50_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(v["endurance"]["server_end"]["zombies"], 0);
+    assert!(v["mcp"]["p50_ms"].as_f64().unwrap() > 0.0);
+    assert!(
+        v["mcp"]["reference"]["tool_calls_per_question"]
+            .as_f64()
+            .unwrap()
+            >= 2.0
+    );
 }
 
 /// The answer-quality step alone, as `cargo test` runs it: it builds the

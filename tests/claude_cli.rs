@@ -939,3 +939,100 @@ fn an_instance_that_starts_after_failures_is_idle_with_no_stale_error() {
         .unwrap();
     assert!(a.answer.contains("64"), "{}", a.answer);
 }
+
+/// The real Claude Code CLI with `autopoll mcp` in its `--mcp-config`: the
+/// fake API answers the question by calling `mcp__autopoll__ask_shard`,
+/// `autopoll mcp` asks the shard (a poller and a server with the built-in
+/// engine) and returns the cited answer, which the CLI hands back to the
+/// model and the model into its result.
+#[test]
+fn claude_code_asks_the_shard_through_autopoll_mcp_and_gets_the_cited_answer() {
+    let _slot = cli_slot();
+    let env = Env::new();
+    let conv = env.conversation();
+    let ctx = context(&env);
+    let _server = env.server("mem", &["--context", &ctx]);
+    let _poller = env.poller(&conv, "mem", &[]);
+    let api = FakeApi::start(&env);
+    let config = env.path("mcp.json");
+    std::fs::write(
+        &config,
+        json!({"mcpServers": {"autopoll": {
+            "command": env!("CARGO_BIN_EXE_autopoll"),
+            "args": ["mcp", "--db", path_str(&env.db())],
+            "env": {"RUST_LOG": "info"}
+        }}})
+        .to_string(),
+    )
+    .unwrap();
+    let prompt = format!(
+        "Ask the memory shard.\nconversation_id: {}\nsession_id: a\ntoken: {}\n\
+         Question: How many entries does the cache hold?",
+        conv.id, conv.token_a
+    );
+    let mut cmd = Command::new(claude_bin());
+    cmd.args(["-p", &prompt, "--output-format", "json", "--model", "haiku"])
+        .args(["--mcp-config", path_str(&config), "--strict-mcp-config"])
+        .args(["--allowedTools", "mcp__autopoll__ask_shard"])
+        .arg("--no-session-persistence")
+        .current_dir(env.dir.path())
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(env.path("cli.out")).unwrap())
+        .stderr(std::fs::File::create(env.path("cli.err")).unwrap());
+    for (k, v) in api.vars(&env) {
+        if v.is_empty() {
+            cmd.env_remove(k);
+        } else {
+            cmd.env(k, v);
+        }
+    }
+    let mut child = cmd.spawn().unwrap();
+    let read = |name: &str| std::fs::read_to_string(env.path(name)).unwrap_or_default();
+    let code = common::wait_child_exit(&mut child, TIMEOUT * 4, "claude", || {
+        format!("{}\n{}", read("cli.out"), read("cli.err"))
+    });
+    let out = read("cli.out");
+    assert_eq!(code, Some(0), "{out}\n{}", read("cli.err"));
+    let result: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let text = result["result"].as_str().unwrap_or_default();
+    // The shard's answer and its citation came back through the tool.
+    assert!(text.starts_with("The memory shard answered:"), "{result}");
+    assert!(text.contains("64 entries"), "{result}");
+    assert!(text.contains("NOTES.md:1-4"), "{result}");
+    // Claude Code 2.1 hands the model a tool's structuredContent (JSON)
+    // when there is one, else its text: either way the query_id is there.
+    assert!(
+        text.contains("\"query_id\":\"q-") || text.contains("query_id: q-"),
+        "{result}"
+    );
+    // What the CLI sent: the MCP tool offered, then its result.
+    let calls = api.calls();
+    assert!(
+        calls
+            .iter()
+            .any(|c| tool_names(c).contains("mcp__autopoll__ask_shard")),
+        "the CLI never offered the MCP tool: {:?}",
+        calls.iter().map(tool_names).collect::<Vec<_>>()
+    );
+    // ... and sent the shard's answer back to the model as the tool's result.
+    let results: Vec<String> = calls
+        .iter()
+        .flat_map(|c| {
+            c["body"]["messages"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .flat_map(|m| m["content"].as_array().cloned().unwrap_or_default())
+        .filter(|b| b["type"] == "tool_result")
+        .map(|b| b["content"].to_string())
+        .collect();
+    assert!(
+        results.iter().any(|r| r.contains("64 entries")),
+        "no tool result carried the answer: {results:?}"
+    );
+    // The question went through the bridge as a query and was answered once.
+    let got = env.responses();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].1["answer"].as_str().unwrap().contains("64 entries"));
+}

@@ -637,3 +637,26 @@ pub fn claude_bin() -> &'static str {
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     })
 }
+
+/// The venv python with the pinned MCP Python SDK
+/// (tests/mcp-client/requirements.txt), installed by
+/// scripts/install-test-deps.sh once per test process. Panics with pip's
+/// message when it cannot be installed: the tests that need the real SDK
+/// fail, they never skip.
+pub fn mcp_python() -> &'static str {
+    static PY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PY.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-test-deps.sh");
+        let out = Command::new(script)
+            .arg("mcp")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "installing the pinned MCP Python SDK failed (these tests need it and do not skip):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    })
+}

@@ -9,11 +9,13 @@
 //! latency through the bridge, backlog drain, persistent vs per-question
 //! process, idle cost, endurance, the built-in engine, and the real Claude
 //! Code CLI against a fake API (warm vs per-process, request size and input
-//! tokens per question with autopoll's defaults vs the CLI's), and the
-//! built-in engine's answer quality against a BM25 baseline.
+//! tokens per question with autopoll's defaults vs the CLI's), the
+//! built-in engine's answer quality against a BM25 baseline, and
+//! `ask_shard` through `autopoll mcp` vs a client polling `check_messages`.
 #![deny(missing_docs)]
 
 mod claude;
+mod mcp;
 pub mod procs;
 pub mod quality;
 
@@ -1039,6 +1041,7 @@ pub fn run(opts: &Options) -> Report {
         ("retention", retention),
         ("claude", claude::claude),
         ("quality", quality::quality),
+        ("mcp", mcp::mcp),
     ];
     for &(name, step) in steps {
         if !opts.only.is_empty() && !opts.only.iter().any(|o| o == name) {

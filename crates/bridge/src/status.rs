@@ -170,6 +170,44 @@ impl Bridge {
         Ok(())
     }
 
+    /// The Python server's `update_my_status`, row for row: verify the
+    /// token, upsert `session_status` with a fresh heartbeat, nothing else
+    /// (no audit row: the Python server writes none). `autopoll mcp` uses
+    /// it; the poller uses [`Bridge::heartbeat`], which audits changes.
+    pub fn update_status(
+        &mut self,
+        conversation: &str,
+        session: Session,
+        token: &str,
+        state: SessionState,
+    ) -> Result<String> {
+        let (tx, map) = self.immediate()?;
+        verify_on(&tx, conversation, session, token)?;
+        let now = clock::now_string();
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO session_status (conversation_id, session_id, status, last_heartbeat)
+             VALUES (?1, ?2, ?3, ?4)",
+        )
+        .and_then(|mut s| s.execute(params![conversation, session.as_str(), state.as_str(), now]))
+        .map_err(&map)?;
+        tx.commit().map_err(&map)?;
+        Ok(now)
+    }
+
+    /// When `from` last sent a response (a message whose metadata's
+    /// `action_type` is `response`) in `conversation`, if ever.
+    pub fn last_response_at(&self, conversation: &str, from: Session) -> Result<Option<String>> {
+        self.conn
+            .prepare_cached(
+                "SELECT max(timestamp) FROM messages
+                 WHERE conversation_id = ?1 AND from_session = ?2
+                   AND CASE WHEN json_valid(metadata)
+                       THEN json_extract(metadata, '$.action_type') END = 'response'",
+            )
+            .and_then(|mut s| s.query_row(params![conversation, from.as_str()], |r| r.get(0)))
+            .map_err(self.map())
+    }
+
     /// A session's last heartbeat, if it ever sent one (no token needed: this
     /// reveals no message content).
     pub fn session_status(
@@ -282,6 +320,66 @@ mod tests {
             )
             .unwrap();
         assert_eq!(n, 2);
+    }
+
+    #[test]
+    fn update_status_writes_no_audit_row_and_last_response_at_reads_responses() {
+        let mut f = Fixture::new();
+        let conv = f.id().to_string();
+        let (ta, tb) = (
+            f.conv.session_a_token.clone(),
+            f.conv.session_b_token.clone(),
+        );
+        let before: i64 = f
+            .bridge
+            .connection()
+            .query_row("SELECT count(*) FROM audit_log", [], |r| r.get(0))
+            .unwrap();
+        let at = f
+            .bridge
+            .update_status(&conv, Session::B, &tb, SessionState::Working)
+            .unwrap();
+        let s = f.bridge.session_status(&conv, Session::B).unwrap().unwrap();
+        assert_eq!(
+            (s.status.as_str(), s.last_heartbeat.as_str()),
+            ("working", at.as_str())
+        );
+        let after: i64 = f
+            .bridge
+            .connection()
+            .query_row("SELECT count(*) FROM audit_log", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(before, after);
+        assert!(
+            f.bridge
+                .update_status(&conv, Session::B, &ta, SessionState::Working)
+                .is_err()
+        );
+        assert_eq!(f.bridge.last_response_at(&conv, Session::B).unwrap(), None);
+        f.bridge.send(&conv, Session::B, &tb, "fyi", None).unwrap();
+        f.bridge
+            .connection()
+            .execute(
+                "INSERT INTO messages (conversation_id, from_session, to_session, message, metadata, timestamp)
+                 VALUES (?1, 'b', 'a', 'x', 'not json', '2030-01-01T00:00:00')",
+                [&conv],
+            )
+            .unwrap();
+        assert_eq!(f.bridge.last_response_at(&conv, Session::B).unwrap(), None);
+        let sent = f
+            .bridge
+            .send(
+                &conv,
+                Session::B,
+                &tb,
+                "{}",
+                Some(&crate::shard::response_metadata()),
+            )
+            .unwrap();
+        assert_eq!(
+            f.bridge.last_response_at(&conv, Session::B).unwrap(),
+            Some(sent.timestamp)
+        );
     }
 
     #[test]

@@ -31,7 +31,8 @@ struct BenchCli {
     #[arg(long, value_name = "DIR")]
     fixtures: Option<PathBuf>,
     /// Run only this measurement (repeatable): ipc, pickup, old_design, drain,
-    /// persistent_vs_spawn, idle, endurance, engine, retention, claude, quality.
+    /// persistent_vs_spawn, idle, endurance, engine, retention, claude, quality,
+    /// mcp.
     #[arg(long, value_name = "NAME")]
     only: Vec<String>,
     /// The Claude Code CLI for the claude figures (default: the pinned one that

@@ -565,38 +565,27 @@ fn ask(common: &Common, auth: &Auth, timeout: Duration, question: String) -> Res
         Some(&meta),
     )?;
     log::info!("event=query_sent query_id={qid} message_id={}", sent.id);
-    let deadline = started + timeout;
-    let mut after = sent.id;
-    let mut seen_version = None;
-    loop {
-        let version = match b.data_version() {
-            Ok(v) => Some(v),
-            Err(e) if e.is_transient() => None,
-            Err(e) => return Err(e.into()),
-        };
-        if version.is_none() || version != seen_version {
-            seen_version = version;
-            match b.peek_unread(&auth.conversation, session, after, 256) {
-                Ok(msgs) => {
-                    for m in msgs {
-                        after = after.max(m.id);
-                        let Some(r) = Response::parse(&m.message) else {
-                            continue;
-                        };
-                        if r.query_id != qid {
-                            continue;
-                        }
-                        b.mark_read(&auth.conversation, session, &auth.token, &[m.id])?;
-                        return print_answer(common.json, &r, started.elapsed());
-                    }
-                }
-                Err(e) if e.is_transient() => {}
-                Err(e) => return Err(e.into()),
-            }
+    // The same waiter as `autopoll mcp`'s ask_shard: woken by the bridge
+    // watch, confirmed by data_version; only the response is marked read.
+    let watcher = autopoll_mcp::waiter::Watcher::start(&common.db)
+        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot watch the bridge: {e}")))?;
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let w = autopoll_mcp::waiter::Wait {
+        conversation: &auth.conversation,
+        session,
+        token: &auth.token,
+        query_id: &qid,
+        after_id: sent.id,
+        deadline: started + timeout,
+        cancelled: &never,
+    };
+    match autopoll_mcp::waiter::wait_for_response(&mut b, &watcher.hub, &w)? {
+        autopoll_mcp::waiter::Waited::Answered { response, .. } => {
+            print_answer(common.json, &response, started.elapsed())
         }
-        if Instant::now() >= deadline {
+        autopoll_mcp::waiter::Waited::TimedOut | autopoll_mcp::waiter::Waited::Cancelled => {
             let other = session.other();
-            return Err(CliError::new(
+            Err(CliError::new(
                 exit::TIMEOUT,
                 format!(
                     "no answer to {qid} within {:.1} s; the query stays queued as message {} for session {other}. \
@@ -606,11 +595,8 @@ fn ask(common: &Common, auth: &Auth, timeout: Duration, question: String) -> Res
                     auth.conversation,
                     auth.conversation
                 ),
-            ));
+            ))
         }
-        std::thread::sleep(
-            Duration::from_millis(5).min(deadline.saturating_duration_since(Instant::now())),
-        );
     }
 }
 

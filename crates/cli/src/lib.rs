@@ -13,6 +13,7 @@ mod doctor_cmd;
 pub mod exit;
 mod flags;
 pub mod logging;
+mod mcp_cmd;
 mod poller_cmd;
 mod server_cmd;
 mod table;
@@ -37,7 +38,7 @@ use crate::exit::CliError;
     long_about = "autopoll lets agent sessions ask a long-lived memory shard questions through the \
                   shared SQLite bridge of the Python MCP bridge server, and get cited answers in \
                   milliseconds.\n\nThis command administers the bridge file, asks a running \
-                  autopoll-server directly, shows its status, and checks a whole setup (doctor).",
+                  autopoll-server directly, shows its status, checks a whole setup (doctor), and serves agent sessions over MCP (mcp).",
     after_help = exit::EXIT_CODES_HELP
 )]
 struct Cli {
@@ -61,6 +62,12 @@ enum Command {
     /// Check a shard's setup: bridge, token, server, permissions, poller, queue, disk; print fixes.
     #[command(after_help = exit::EXIT_CODES_HELP)]
     Doctor(doctor_cmd::DoctorArgs),
+    /// Serve MCP over stdio for agent sessions: the Python bridge server's tools plus ask_shard.
+    ///
+    /// One JSON-RPC message a line on stdin/stdout, logs on stderr. Add it to Claude Code with
+    /// `claude mcp add autopoll -- autopoll mcp --db PATH`.
+    #[command(after_help = exit::EXIT_CODES_HELP)]
+    Mcp(mcp_cmd::McpArgs),
 }
 
 /// The `autopoll` binary's main: parse, run, map the result to an exit code.
@@ -75,6 +82,7 @@ pub fn autopoll_main() -> ExitCode {
         Command::Ask(args) => ask_cmd::ask(args),
         Command::Status(args) => ask_cmd::status(args),
         Command::Doctor(args) => doctor_cmd::run(args),
+        Command::Mcp(args) => mcp_cmd::run(args),
     };
     exit::report("autopoll", result)
 }

@@ -144,7 +144,21 @@ impl Watch {
 
     /// Run until `stop` is readable: send [`Event::Wake`] for each burst of
     /// relevant events and [`Event::Stop`] when told to stop.
-    pub fn run(mut self, stop_fd: std::os::fd::RawFd, events: Sender<Event>) {
+    pub fn run(self, stop_fd: std::os::fd::RawFd, events: Sender<Event>) {
+        self.run_with(stop_fd, |n| match n {
+            Notice::Changed => events.send(Event::Wake).is_ok(),
+            Notice::Stop => {
+                let _ = events.send(Event::Stop);
+                false
+            }
+        });
+    }
+
+    /// Run until `stop` is readable or `notify` returns false: call
+    /// `notify(Notice::Changed)` for each burst of relevant events (and when
+    /// a lost watch is restored), `notify(Notice::Stop)` once when told to
+    /// stop. Shared by the poller and `autopoll mcp`'s `ask_shard` waiter.
+    pub fn run_with(mut self, stop_fd: std::os::fd::RawFd, mut notify: impl FnMut(Notice) -> bool) {
         let mut next_check = Instant::now() + Duration::from_secs(1);
         loop {
             let now = Instant::now();
@@ -152,7 +166,7 @@ impl Watch {
                 next_check = now + Duration::from_secs(1);
                 if !self.current() && self.add().is_ok() {
                     log::info!("event=watch_restored dir={}", self.dir.display());
-                    if events.send(Event::Wake).is_err() {
+                    if !notify(Notice::Changed) {
                         return;
                     }
                 }
@@ -171,12 +185,22 @@ impl Watch {
                 continue;
             }
             if fds[1].revents != 0 {
-                let _ = events.send(Event::Stop);
+                notify(Notice::Stop);
                 return;
             }
-            if fds[0].revents != 0 && self.drain() && events.send(Event::Wake).is_err() {
+            if fds[0].revents != 0 && self.drain() && !notify(Notice::Changed) {
                 return;
             }
         }
     }
+}
+
+/// What [`Watch::run_with`] tells its caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// The bridge file (or its WAL, or its folder) changed: maybe a commit
+    /// by anyone, ourselves included (confirm with `PRAGMA data_version`).
+    Changed,
+    /// The stop descriptor became readable.
+    Stop,
 }
