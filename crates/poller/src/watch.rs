@@ -8,7 +8,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -31,11 +31,25 @@ const MASK: u32 = libc::IN_MODIFY
     | libc::IN_DELETE_SELF
     | libc::IN_MOVE_SELF;
 
-/// An inotify watch on the directory holding the bridge file.
+/// What the tokens file's watch listens for: written and closed, renamed
+/// in or out, created, removed, chmod-ed (a partial write is not read: the
+/// close comes after it).
+pub const TOKENS_MASK: u32 = libc::IN_CLOSE_WRITE
+    | libc::IN_CREATE
+    | libc::IN_MOVED_TO
+    | libc::IN_DELETE
+    | libc::IN_MOVED_FROM
+    | libc::IN_ATTRIB
+    | libc::IN_DELETE_SELF
+    | libc::IN_MOVE_SELF;
+
+/// An inotify watch on the directory holding the bridge file (or another
+/// file: [`Watch::file`]).
 pub struct Watch {
     fd: OwnedFd,
     names: Vec<Vec<u8>>,
     dir: PathBuf,
+    mask: u32,
     /// The watch descriptor and the folder's (dev, ino), while watched.
     watched: Option<(i32, (u64, u64))>,
 }
@@ -44,6 +58,12 @@ impl Watch {
     /// Watch the directory of `db` for writes to `db`, `db-wal`, and for
     /// those files being created or renamed into place.
     pub fn new(db: &Path) -> io::Result<Watch> {
+        Watch::file(db, true, MASK)
+    }
+
+    /// Watch the directory of `path` for `mask` events on `path` (and on
+    /// `path-wal` with `wal`).
+    pub fn file(db: &Path, wal: bool, mask: u32) -> io::Result<Watch> {
         let dir = match db.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => std::env::current_dir()?,
@@ -53,8 +73,12 @@ impl Watch {
             .ok_or_else(|| io::Error::other("the bridge path has no file name"))?
             .as_bytes()
             .to_vec();
-        let mut wal = file.clone();
-        wal.extend_from_slice(b"-wal");
+        let mut names = vec![file.clone()];
+        if wal {
+            let mut w = file;
+            w.extend_from_slice(b"-wal");
+            names.push(w);
+        }
         // SAFETY: plain syscall; the fd is owned below.
         let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
         if fd < 0 {
@@ -64,8 +88,9 @@ impl Watch {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let mut w = Watch {
             fd,
-            names: vec![file, wal],
+            names,
             dir,
+            mask,
             watched: None,
         };
         w.add()?;
@@ -77,7 +102,7 @@ impl Watch {
         let meta = std::fs::metadata(&self.dir)?;
         let c = CString::new(self.dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
         // SAFETY: valid fd and NUL-terminated path.
-        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), MASK) };
+        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), self.mask) };
         if wd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -144,7 +169,19 @@ impl Watch {
 
     /// Run until `stop` is readable: send [`Event::Wake`] for each burst of
     /// relevant events and [`Event::Stop`] when told to stop.
-    pub fn run(mut self, stop_fd: std::os::fd::RawFd, events: Sender<Event>) {
+    pub fn run(self, stop_fd: RawFd, events: Sender<Event>) {
+        self.run_with(stop_fd, None, events, || Event::Wake);
+    }
+
+    /// Like [`Watch::run`], sending `make()` for each burst, and also when
+    /// `hangup` (a SIGHUP, [`crate::tokens::Hangup`]) becomes readable.
+    pub fn run_with(
+        mut self,
+        stop_fd: RawFd,
+        hangup: Option<crate::tokens::Hangup>,
+        events: Sender<Event>,
+        make: fn() -> Event,
+    ) {
         let mut next_check = Instant::now() + Duration::from_secs(1);
         loop {
             let now = Instant::now();
@@ -152,7 +189,7 @@ impl Watch {
                 next_check = now + Duration::from_secs(1);
                 if !self.current() && self.add().is_ok() {
                     log::info!("event=watch_restored dir={}", self.dir.display());
-                    if events.send(Event::Wake).is_err() {
+                    if events.send(make()).is_err() {
                         return;
                     }
                 }
@@ -165,6 +202,7 @@ impl Watch {
             let mut fds = [
                 fifo::pollfd(self.fd.as_raw_fd(), libc::POLLIN),
                 fifo::pollfd(stop_fd, libc::POLLIN),
+                fifo::pollfd(hangup.as_ref().map_or(-1, |h| h.fd()), libc::POLLIN),
             ];
             if fifo::poll(&mut fds, Some(until)).is_err() {
                 std::thread::sleep(Duration::from_millis(100));
@@ -174,7 +212,18 @@ impl Watch {
                 let _ = events.send(Event::Stop);
                 return;
             }
-            if fds[0].revents != 0 && self.drain() && events.send(Event::Wake).is_err() {
+            let mut send = false;
+            if fds[2].revents != 0
+                && let Some(h) = &hangup
+            {
+                h.drain();
+                log::info!("event=sighup: reading the tokens file again");
+                send = true;
+            }
+            if fds[0].revents != 0 && self.drain() {
+                send = true;
+            }
+            if send && events.send(make()).is_err() {
                 return;
             }
         }
