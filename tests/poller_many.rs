@@ -263,7 +263,11 @@ fn sixteen_idle_pollers_use_almost_no_cpu_while_another_conversation_is_busy() {
     let ids = env.send_queries(&convs[0], "busy", 300, "cache?");
     env.expect_each_answered_once(&ids, TIMEOUT * 2);
     let herd = ticks(&idle) - before;
-    eprintln!("busy for {:?}, busy poller {} ticks", t0.elapsed(), common::cpu_ticks(_busy.pid()) - busy0);
+    eprintln!(
+        "busy for {:?}, busy poller {} ticks",
+        t0.elapsed(),
+        common::cpu_ticks(_busy.pid()) - busy0
+    );
     // 16 pollers spinning for 2 s would be ~3,200 ticks; each taking the
     // write lock on every commit of the neighbour's was hundreds.
     assert!(

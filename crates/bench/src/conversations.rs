@@ -82,7 +82,11 @@ pub fn step(opts: &Options, r: &mut Report) -> Res<()> {
                 let took = ask(&mut b, &ro, &convs[i % k], &format!("{mode:?}-{k}-{i}"))?;
                 lat.push(took.as_secs_f64() * 1e6);
             }
-            let cpu = pollers.iter().map(|p| procs::cpu_secs(p.pid())).sum::<f64>() - cpu0;
+            let cpu = pollers
+                .iter()
+                .map(|p| procs::cpu_secs(p.pid()))
+                .sum::<f64>()
+                - cpu0;
             let share = cpu / t0.elapsed().as_secs_f64() * 100.0;
             let lat = sorted(lat);
             let (p50, p99) = (pct(&lat, 0.5), pct(&lat, 0.99));
@@ -110,14 +114,19 @@ pub fn step(opts: &Options, r: &mut Report) -> Res<()> {
                 &target,
                 (k == 1 || k == 16 || k == 64).then_some(met),
             );
-            rows.push(json!({"conversations": k, "mode": mode.label(), "p50_ms": p50, "p99_ms": p99,
-                "vs_minimal": p50 / m50, "vs_one": p50 / base, "pollers_cpu_percent": share}));
+            rows.push(
+                json!({"conversations": k, "mode": mode.label(), "p50_ms": p50, "p99_ms": p99,
+                "vs_minimal": p50 / m50, "vs_one": p50 / base, "pollers_cpu_percent": share}),
+            );
             drop(pollers);
         }
     }
     let idle = idle_cpu(&w, &convs[..idle_at], n)?;
     r.row(
-        &format!("Idle CPU of {} pollers while another conversation is asked", idle_at - 1),
+        &format!(
+            "Idle CPU of {} pollers while another conversation is asked",
+            idle_at - 1
+        ),
         format!("{:.2}% of one core over {:.1} s", idle.0, idle.1),
         format!(
             "quiet bridge: {} pollers {:.3}%, one poller holding {idle_at} {:.3}%",
@@ -199,8 +208,7 @@ fn write_tokens(path: &Path, convs: &[NewConversation]) -> Res<()> {
         .map(|c| format!("{} {}\n", c.conversation_id, c.session_b_token))
         .collect();
     std::fs::write(path, text).map_err(e("tokens file"))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(e("tokens file"))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(e("tokens file"))
 }
 
 /// Until every conversation's poller has written a live heartbeat.
@@ -247,7 +255,9 @@ fn ask(b: &mut Bridge, ro: &Connection, conv: &NewConversation, qid: &str) -> Re
         .map_err(e("query"))?;
     loop {
         if st
-            .query_row(params![conv.conversation_id, sent.id], |r| r.get::<_, i64>(0))
+            .query_row(params![conv.conversation_id, sent.id], |r| {
+                r.get::<_, i64>(0)
+            })
             .is_ok()
         {
             return Ok(t.elapsed());
