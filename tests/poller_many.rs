@@ -2,6 +2,7 @@
 //! is followed while running, refused when unsafe, claims are fair between
 //! conversations, idle pollers cost next to nothing while others work, and
 //! a kill -9 loses nothing and answers nothing twice.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -2,18 +2,25 @@
 //!
 //! Claims queries addressed to a shard session from the SQLite bridge, asks
 //! `autopoll-server` for answers, and writes the responses back, so that
-//! every question is answered exactly once whatever crashes around it.
+//! every question is answered exactly once whatever crashes around it. One
+//! poller serves one conversation (`--conversation/--token`) or many
+//! ([`PollerConfig::tokens_file`], [`tokens`], [`members`]): one heartbeat
+//! and status each, claims shared round robin between those with work.
 //!
 //! Threads (all named):
 //! - `poller` (the caller of [`run`]): owns the one bridge connection and does
 //!   every write: claims, completions (batched), lease extensions, dead
 //!   letters, heartbeats, and with [`PollerConfig::retain`] one prune step
 //!   per turn (`autopoll_bridge::prune`). It waits on one crossbeam channel
-//!   of [`Event`]s.
+//!   of [`Event`]s. Before taking the write lock to claim, it looks with a
+//!   read-only query (`Bridge::claimable`), so commits that do not concern
+//!   it cost it a read and cost other writers nothing.
 //! - `bridge-watch`: inotify on the bridge's directory ([`watch`]); sends
 //!   `Wake` on a commit by anyone and when the file is replaced or removed,
 //!   `Stop` on shutdown. It re-establishes its watch when the folder is
 //!   removed and recreated.
+//! - `tokens-watch` (with a tokens file): inotify on the file's folder and
+//!   the SIGHUP pipe; sends `Reload`.
 //! - `asker-N`: `--concurrency` of them, each with its own server connection
 //!   ([`asker`]); sends `Result`s.
 //!

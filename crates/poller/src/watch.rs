@@ -4,7 +4,8 @@
 //! nothing happens, the thread sleeps in poll(2). The main loop confirms a
 //! wake with `PRAGMA data_version` (which ignores our own commits) and also
 //! checks it on a timer, so a missed event (network file systems) costs at
-//! most one timer period.
+//! most one timer period. The same watch, on other names and events
+//! ([`Watch::file`], [`TOKENS_MASK`]), follows the `--tokens-file`.
 
 use std::ffi::CString;
 use std::io;
