@@ -343,11 +343,7 @@ fn minimal_shard(w: &World, conv: &NewConversation, n: usize) -> Res<Vec<f64>> {
 /// of a core (clock ticks are 10 ms: the window must be seconds). Then the
 /// quiet cost of all of them, and of one poller holding all.
 /// Returns (busy-neighbour %, seconds, quiet separate %, quiet one %).
-fn idle_cpu(
-    w: &World,
-    convs: &[NewConversation],
-    window: Duration,
-) -> Res<(f64, f64, f64, f64)> {
+fn idle_cpu(w: &World, convs: &[NewConversation], window: Duration) -> Res<(f64, f64, f64, f64)> {
     let quiet_secs = window.as_secs_f64();
     let cpu = |ps: &[Daemon]| -> f64 { ps.iter().map(|p| procs::cpu_secs(p.pid())).sum() };
     let pollers = start(w, convs, Mode::Separate)?;

@@ -261,6 +261,41 @@ fn dead_letter_held(
     })
 }
 
+/// [`Bridge::claimable`] on any connection to a bridge file (a read-only
+/// one will do: the poller's watch thread looks with its own).
+pub fn claimable_on(
+    conn: &Connection,
+    conversations: &[&str],
+    session: Session,
+) -> rusqlite::Result<Vec<String>> {
+    if conversations.is_empty() {
+        return Ok(Vec::new());
+    }
+    let now_ms = clock::unix_ms();
+    let marks = (0..conversations.len())
+        .map(|i| format!("?{}", i + 3))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "SELECT DISTINCT m.conversation_id
+         FROM messages m LEFT JOIN autopoll_claims c ON c.message_id = m.id
+         WHERE m.to_session = ?1 AND m.read = 0 AND m.conversation_id IN ({marks})
+           AND (c.owner IS NULL OR c.lease_until_ms <= ?2)"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let session = session.as_str();
+    let mut params: Vec<&dyn rusqlite::ToSql> = vec![&session, &now_ms];
+    params.extend(conversations.iter().map(|c| c as &dyn rusqlite::ToSql));
+    let found: std::collections::HashSet<String> = stmt
+        .query_map(params.as_slice(), |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(conversations
+        .iter()
+        .filter(|c| found.contains(**c))
+        .map(|c| c.to_string())
+        .collect())
+}
+
 /// The body of a claim, inside the caller's write transaction.
 fn claim_on(
     tx: &Connection,
@@ -448,35 +483,7 @@ impl Bridge {
     /// a read-only query: no write lock, so a poller can look without
     /// getting in the way of writers. The order of `conversations` is kept.
     pub fn claimable(&self, conversations: &[&str], session: Session) -> Result<Vec<String>> {
-        if conversations.is_empty() {
-            return Ok(Vec::new());
-        }
-        let now_ms = clock::unix_ms();
-        let marks = (0..conversations.len())
-            .map(|i| format!("?{}", i + 3))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let sql = format!(
-            "SELECT DISTINCT m.conversation_id
-             FROM messages m LEFT JOIN autopoll_claims c ON c.message_id = m.id
-             WHERE m.to_session = ?1 AND m.read = 0 AND m.conversation_id IN ({marks})
-               AND (c.owner IS NULL OR c.lease_until_ms <= ?2)"
-        );
-        let map = self.map();
-        let mut stmt = self.conn.prepare_cached(&sql).map_err(&map)?;
-        let session = session.as_str();
-        let mut params: Vec<&dyn rusqlite::ToSql> = vec![&session, &now_ms];
-        params.extend(conversations.iter().map(|c| c as &dyn rusqlite::ToSql));
-        let found: std::collections::HashSet<String> = stmt
-            .query_map(params.as_slice(), |r| r.get(0))
-            .map_err(&map)?
-            .collect::<rusqlite::Result<_>>()
-            .map_err(&map)?;
-        Ok(conversations
-            .iter()
-            .filter(|c| found.contains(**c))
-            .map(|c| c.to_string())
-            .collect())
+        claimable_on(&self.conn, conversations, session).map_err(self.map())
     }
 
     /// Push the leases of our claims on `ids` to now + `lease`. Returns how

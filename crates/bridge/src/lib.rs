@@ -38,7 +38,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 pub use audit::actions;
-pub use claim::{Answer, ClaimBatch, ClaimOptions, Claimed, Claimer, DeadLettered};
+pub use claim::{Answer, ClaimBatch, ClaimOptions, Claimed, Claimer, DeadLettered, claimable_on};
 pub use conversation::{ConversationInfo, NewConversation};
 pub use error::{Error, Result};
 pub use message::{Message, Sent};

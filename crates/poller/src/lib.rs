@@ -185,8 +185,12 @@ pub enum PollerError {
 
 /// Messages to the main loop.
 pub enum Event {
-    /// The bridge file changed (maybe by us; confirm with data_version).
+    /// The bridge file or its folder changed in a way the watch could not
+    /// confirm (maybe by us, maybe early; confirm with data_version).
     Wake,
+    /// A commit (by anyone, us too) is visible in the bridge and left
+    /// something to claim: confirmed by the watch thread. Claim.
+    Changed,
     /// An asker finished a question.
     Result(Box<AskResult>),
     /// Stop claiming, finish, release, return.
@@ -198,16 +202,18 @@ pub enum Event {
 /// After a wake that `PRAGMA data_version` does not confirm yet (the WAL is
 /// written before the commit shows in the shared index), when to look again:
 /// microseconds first, so a pickup does not wait a millisecond for nothing,
-/// then less often; about 10 ms in all, after which the timer takes over.
-const RECHECK: [Duration; 9] = [
-    Duration::from_micros(20),
-    Duration::from_micros(40),
-    Duration::from_micros(80),
-    Duration::from_micros(160),
-    Duration::from_micros(320),
-    Duration::from_micros(640),
-    Duration::from_micros(1280),
-    Duration::from_micros(2560),
+/// then less often; about 9 ms in all, after which the timer takes over.
+pub(crate) const RECHECK: [Duration; 11] = [
+    Duration::from_micros(15),
+    Duration::from_micros(15),
+    Duration::from_micros(30),
+    Duration::from_micros(30),
+    Duration::from_micros(60),
+    Duration::from_micros(120),
+    Duration::from_micros(250),
+    Duration::from_micros(500),
+    Duration::from_micros(1000),
+    Duration::from_micros(2000),
     Duration::from_micros(5000),
 ];
 
@@ -261,6 +267,11 @@ struct Poller {
     server: ServerState,
     /// The conversations served, in the tokens file's order.
     members: Vec<Member>,
+    /// The served conversations as the watch thread sees them.
+    served: watch::Served,
+    /// The watch thread saw something to claim (the next claim skips its
+    /// own read-only look when one conversation is served).
+    work_seen: bool,
     /// Where the next claim turn starts in `members` (round robin).
     next_turn: usize,
     /// The last tokens file error, logged once until a read works.
@@ -430,7 +441,15 @@ impl Poller {
             .map(|(i, m)| (i, m.conversation.as_str()))
             .collect();
         let names: Vec<&str> = served.iter().map(|(_, c)| *c).collect();
-        let ready = match live(&mut self.bridge).and_then(|b| b.claimable(&names, session)) {
+        // The watch thread just saw work: no second look.
+        let seen = std::mem::take(&mut self.work_seen);
+        let ready = match live(&mut self.bridge).and_then(|b| {
+            if seen && names.len() == 1 {
+                Ok(vec![names[0].to_string()])
+            } else {
+                b.claimable(&names, session)
+            }
+        }) {
             Ok(r) => r,
             Err(e) => {
                 self.claim_failed(e);
@@ -1175,6 +1194,15 @@ fn open_checked(
     Ok((b, v))
 }
 
+/// The ids of the conversations whose questions are claimed.
+fn served_names(members: &[Member]) -> Vec<String> {
+    members
+        .iter()
+        .filter(|m| m.served())
+        .map(|m| m.conversation.clone())
+        .collect()
+}
+
 /// The open connection, or an error saying there is none.
 fn live(b: &mut Option<Bridge>) -> Result<&mut Bridge, BridgeError> {
     b.as_mut().ok_or_else(|| BridgeError::NotFound {
@@ -1222,9 +1250,15 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         .map_err(|e| PollerError::Io(format!("inotify on {}: {e}", cfg.db.display())))?;
     let stop_fd = shutdown.fd();
     let tx = events_tx.clone();
+    let db = cfg.db.clone();
+    let served = watch::Served {
+        session: cfg.session,
+        conversations: std::sync::Arc::new(std::sync::Mutex::new(served_names(&members))),
+    };
+    let served_tx = served.clone();
     let watcher = std::thread::Builder::new()
         .name("bridge-watch".into())
-        .spawn(move || watch.run(stop_fd, tx))
+        .spawn(move || watch.run(stop_fd, &db, served_tx, tx))
         .map_err(|e| PollerError::Io(format!("cannot start the watch thread: {e}")))?;
     let tokens_watcher = match &cfg.tokens_file {
         Some(path) => {
@@ -1268,6 +1302,8 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         answers: Vec::new(),
         server: ServerState::Up,
         members,
+        served,
+        work_seen: false,
         next_turn: 0,
         tokens_error: None,
         data_version,
@@ -1401,6 +1437,10 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         for ev in evs {
             match ev {
                 Event::Wake => woke = true,
+                Event::Changed => {
+                    want_claim = true;
+                    p.work_seen = true;
+                }
                 Event::Reload => {
                     if stop_at.is_none() {
                         p.reload_tokens();

@@ -305,5 +305,8 @@ impl Poller {
             removed.len()
         );
         self.next_turn = 0;
+        if let Ok(mut names) = self.served.conversations.lock() {
+            *names = crate::served_names(&self.members);
+        }
     }
 }
