@@ -34,6 +34,10 @@ fn the_quick_bench_measures_everything() {
         "Bridge growth per question",
         "Claude Code warm (claude) vs per-process (spawn)",
         "Claude input tokens per question",
+        "Minimal shard (claim commit + FIFO ask + answer commit)",
+        "Pickup, 4 conversation(s), a poller each",
+        "Pickup, 4 conversation(s), one poller",
+        "Idle CPU of 3 pollers while another conversation is asked",
     ] {
         assert!(table.contains(metric), "{metric} missing:\n{table}");
     }
@@ -49,6 +53,7 @@ fn the_quick_bench_measures_everything() {
         "engine",
         "retention",
         "claude",
+        "conversations",
     ] {
         assert!(
             v.get(section).is_some_and(|s| s.get("error").is_none()),
@@ -59,4 +64,15 @@ fn the_quick_bench_measures_everything() {
     assert_eq!(v["mode"], "quick");
     assert!(v["pickup"]["p50_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(v["endurance"]["server_end"]["zombies"], 0);
+    // Many conversations: 1 (one poller either way), then 4 with a poller
+    // each and with one poller holding all four.
+    let rows = v["conversations"]["pickup"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert!(rows.iter().all(|r| r["p50_ms"].as_f64().unwrap() > 0.0));
+    assert!(
+        v["conversations"]["minimal_shard"]["p50_ms"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
 }

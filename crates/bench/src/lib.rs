@@ -9,7 +9,8 @@
 //! latency through the bridge, backlog drain, persistent vs per-question
 //! process, idle cost, endurance, the built-in engine, and the real Claude
 //! Code CLI against a fake API (warm vs per-process, request size and input
-//! tokens per question with autopoll's defaults vs the CLI's).
+//! tokens per question with autopoll's defaults vs the CLI's), and many
+//! conversations on one bridge against a minimal shard (`conversations`).
 #![deny(missing_docs)]
 
 mod claude;
