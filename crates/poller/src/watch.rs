@@ -184,8 +184,8 @@ impl Watch {
     /// [`Event::Stop`] when told to stop.
     ///
     /// The WAL is written before the commit shows in the shared index, so
-    /// a write seen before its commit is looked at again after 20, 40, 80
-    /// ... microseconds ([`crate::RECHECK`], about 10 ms in all), in this
+    /// a write seen before its commit is looked at again after 15, 15, 30, 30, 60
+    /// ... microseconds (`RECHECK` in lib.rs, about 9 ms in all), in this
     /// thread, with nothing sent meanwhile.
     pub fn run(mut self, stop_fd: RawFd, db: &Path, served: Served, events: Sender<Event>) {
         // Sleeps of tens of microseconds mean what they say (the default
