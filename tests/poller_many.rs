@@ -333,3 +333,60 @@ fn thread_ticks(pid: i32, tid: i32) -> u64 {
     let f: Vec<&str> = rest.split_whitespace().collect();
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
+
+#[test]
+fn doctor_with_the_tokens_file_checks_each_conversation_and_the_file() {
+    let env = Env::new();
+    let (convs, ctx) = setup(&env, 2);
+    let _server = env.server("default", &["--context", &ctx]);
+    let tokens = env.path("tokens");
+    write_tokens(&tokens, &[&convs[0], &convs[1]]);
+    let _p = env.poller_tokens(&tokens, "default", &[]);
+    wait_until("both heartbeats", TIMEOUT, || {
+        convs
+            .iter()
+            .all(|c| env.shard_status(c).as_deref() == Some("waiting"))
+    });
+    let doctor = |f: &Path| {
+        let out = env
+            .cmd("autopoll")
+            .args(["doctor", "--json", "--name", "default", "--runtime-dir"])
+            .arg(env.runtime())
+            .args(["--tokens-file", path_str(f)])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("no JSON ({e}): {}", common::describe(&out)));
+        (out.status.code(), v)
+    };
+    let (code, v) = doctor(&tokens);
+    let checks = v["checks"].as_array().unwrap();
+    assert_eq!(code, Some(0), "{v:#}");
+    for c in &convs {
+        for name in ["token", "heartbeat", "queue", "dead_letters"] {
+            let found = checks.iter().any(|k| {
+                k["name"] == name
+                    && k["status"] == "pass"
+                    && k["detail"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with(&format!("conversation {}:", c.id))
+            });
+            assert!(found, "no passing {name} for {}: {v:#}", c.id);
+        }
+    }
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, v) = doctor(&tokens);
+    assert_eq!(code, Some(13), "{v:#}");
+    let tf = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "tokens_file")
+        .unwrap();
+    assert_eq!(tf["status"], "fail", "{v:#}");
+    assert!(
+        tf["fix"].as_str().unwrap().starts_with("chmod 600"),
+        "{v:#}"
+    );
+}

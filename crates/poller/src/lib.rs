@@ -457,9 +457,7 @@ impl Poller {
             }
         };
         if ready.is_empty() {
-            if self.last_claim_error.take().is_some() {
-                log::info!("event=claim_recovered");
-            }
+            // (A failing claim counts as recovered only once a claim works.)
             return false;
         }
         // Round robin: start at the first ready conversation at or after next_turn.
