@@ -532,7 +532,7 @@ impl Poller {
     fn take_batch(&mut self, conversation: &str, batch: autopoll_bridge::ClaimBatch) {
         for d in &batch.dead_lettered {
             log::warn!(
-                "event=dead_lettered conversation={conversation} message_id={} query_id={} attempts={} reason={:?}",
+                "event=dead_lettered message_id={} query_id={} attempts={} reason={:?} conversation={conversation}",
                 d.message_id,
                 d.query_id,
                 d.attempts,
@@ -549,7 +549,7 @@ impl Poller {
             match shard::classify(&c.message) {
                 Incoming::Query(q) => {
                     log::info!(
-                        "event=query_claimed conversation={conversation} message_id={id} query_id={} attempt={} plain_text={}",
+                        "event=query_claimed message_id={id} query_id={} attempt={} plain_text={} conversation={conversation}",
                         q.query_id,
                         c.attempts,
                         q.plain_text

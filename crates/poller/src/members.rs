@@ -159,9 +159,9 @@ impl Poller {
                 Ok(()) => {
                     if changed {
                         log::info!(
-                            "event=status conversation={} status={}",
-                            m.conversation,
-                            want.as_str()
+                            "event=status status={} conversation={}",
+                            want.as_str(),
+                            m.conversation
                         );
                     }
                     m.status = Some(want);
@@ -217,7 +217,7 @@ impl Poller {
             SessionState::Stopped,
         ) {
             Ok(()) => log::info!(
-                "event=status conversation={} status=stopped",
+                "event=status status=stopped conversation={}",
                 m.conversation
             ),
             Err(e) => log::warn!(
