@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Run a shard in tmux: autopoll-server in one pane, autopoll-poller in the other.
 #
-#   scripts/up.sh [--db PATH] [--conversation ID --token TOKEN] [--name NAME] [--context PATH]...
+#   scripts/up.sh [--db PATH] [--conversation ID --token TOKEN | --tokens-file FILE] [--name NAME] [--context PATH]...
 #
 # Without --conversation, a bridge (default ./autopoll-bridge.db) and a new
-# conversation are created, and the coordinator's token is printed. Contexts
+# conversation are created, and the coordinator's token is printed. With
+# --tokens-file (CONVERSATION_ID TOKEN lines, mode 0600), one poller serves
+# every conversation in the file and follows its changes. Contexts
 # default to ./docs. Waits until the server answers and the poller's
 # heartbeat is in the bridge, then prints the line to attach and the line to
 # ask from a third shell; exits 1 with the pane's output when either died.
@@ -19,6 +21,7 @@ usage_error() { echo "up.sh: $*" >&2; exit 2; }
 db=${AUTOPOLL_DB:-$PWD/autopoll-bridge.db}
 conv=${AUTOPOLL_CONVERSATION:-}
 token=${AUTOPOLL_TOKEN:-}
+tokens_file=${AUTOPOLL_TOKENS_FILE:-}
 name=${AUTOPOLL_NAME:-default}
 contexts=()
 absolute() {
@@ -30,16 +33,17 @@ absolute() {
 }
 while [ $# -gt 0 ]; do
   case $1 in
-    --db|--conversation|--token|--name|--context)
+    --db|--conversation|--token|--tokens-file|--name|--context)
       [ $# -ge 2 ] || usage_error "$1 needs a value (see --help)" ;;
   esac
   case $1 in
     --db) db=$2; shift 2 ;;
     --conversation) conv=$2; shift 2 ;;
     --token) token=$2; shift 2 ;;
+    --tokens-file) tokens_file=$2; shift 2 ;;
     --name) name=$2; shift 2 ;;
     --context) contexts+=("$(absolute "$2")"); shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) usage_error "unknown argument $1 (see --help)" ;;
   esac
 done
@@ -55,14 +59,27 @@ fi
 case $db in /*) ;; *) db=$PWD/$db ;; esac
 
 coordinator_token=
-if [ -z "$conv" ]; then
+convs=()
+if [ -n "$tokens_file" ]; then
+  [ -z "$conv" ] || usage_error "give --conversation/--token or --tokens-file, not both"
+  [ -f "$tokens_file" ] || usage_error "the tokens file $tokens_file does not exist (one CONVERSATION_ID TOKEN a line, chmod 600)"
+  case $tokens_file in /*) ;; *) tokens_file=$PWD/$tokens_file ;; esac
+  # The conversations to wait for (the poller itself checks the file's mode and lines).
+  while read -r c _; do
+    case $c in ''|'#'*) ;; *) convs+=("$c") ;; esac
+  done <"$tokens_file"
+  [ ${#convs[@]} -gt 0 ] || usage_error "the tokens file $tokens_file lists no conversation"
+elif [ -z "$conv" ]; then
   "$bin/autopoll" bridge init --db "$db" >/dev/null
   json=$("$bin/autopoll" bridge create --db "$db" --role-a coordinator --role-b memory_shard --json)
   conv=$(sed -n 's/.*"conversation_id": *"\([^"]*\)".*/\1/p' <<<"$json")
   token=$(sed -n 's/.*"session_b_token": *"\([^"]*\)".*/\1/p' <<<"$json")
   coordinator_token=$(sed -n 's/.*"session_a_token": *"\([^"]*\)".*/\1/p' <<<"$json")
 fi
-[ -n "$token" ] || usage_error "--conversation needs --token (the shard session's token; or set AUTOPOLL_TOKEN)"
+if [ -z "$tokens_file" ]; then
+  [ -n "$token" ] || usage_error "--conversation needs --token (the shard session's token; or set AUTOPOLL_TOKEN)"
+  convs=("$conv")
+fi
 
 session=autopoll-$name
 if tmux has-session -t "$session" 2>/dev/null; then
@@ -82,7 +99,13 @@ for v in AUTOPOLL_RUNTIME_DIR XDG_RUNTIME_DIR RUST_LOG; do
 done
 ctx_args=$(printf ' --context %q' "${contexts[@]}")
 server_cmd="$pass_env$(printf '%q' "$bin/autopoll-server") --name $(printf '%q' "$name")$ctx_args"
-poller_cmd="${pass_env}AUTOPOLL_TOKEN=\$(cat $(printf '%q' "$secrets/token")) $(printf '%q' "$bin/autopoll-poller") --db $(printf '%q' "$db") --conversation $conv --name $(printf '%q' "$name")"
+if [ -n "$tokens_file" ]; then
+  # With a tokens file SIGHUP re-reads it instead of stopping the poller, so
+  # the pane's shell turns the hangup of a killed tmux session into SIGTERM.
+  poller_cmd="trap 'kill -TERM \$p 2>/dev/null' HUP TERM; ${pass_env}$(printf '%q' "$bin/autopoll-poller") --db $(printf '%q' "$db") --tokens-file $(printf '%q' "$tokens_file") --name $(printf '%q' "$name") & p=\$!; wait \$p; wait \$p"
+else
+  poller_cmd="${pass_env}AUTOPOLL_TOKEN=\$(cat $(printf '%q' "$secrets/token")) $(printf '%q' "$bin/autopoll-poller") --db $(printf '%q' "$db") --conversation $conv --name $(printf '%q' "$name")"
+fi
 tmux new-session -d -x 200 -y 50 -s "$session" -n shard "$server_cmd; echo \"autopoll-server exited \$?\"; read -r -p 'press enter'"
 tmux split-window -t "$session" -h "$poller_cmd; echo \"autopoll-poller exited \$?\"; read -r -p 'press enter'"
 
@@ -109,9 +132,14 @@ for _ in $(seq 200); do
 done
 [ $server_up = yes ] || fail "the server did not start (its pane's output is below)"
 poller_up=no
+alive() {
+  "$bin/autopoll" bridge status --db "$db" --conversation "$1" --json 2>/dev/null \
+    | tr -d ' \n' | grep -q '"session":"b"[^}]*"alive":true'
+}
 for _ in $(seq 200); do
-  if "$bin/autopoll" bridge status --db "$db" --conversation "$conv" --json 2>/dev/null \
-      | tr -d ' \n' | grep -q '"session":"b"[^}]*"alive":true'; then poller_up=yes; break; fi
+  all=yes
+  for c in "${convs[@]}"; do alive "$c" || { all=no; break; }; done
+  if [ $all = yes ]; then poller_up=yes; break; fi
   tmux capture-pane -p -J -S - -t "$session.1" 2>/dev/null | grep -q 'autopoll-poller exited' && break
   sleep 0.1
 done
@@ -120,7 +148,10 @@ done
 echo "shard running in tmux session $session (server left, poller right)"
 echo "attach:   tmux attach -t $session"
 echo "status:   $bin/autopoll status --name $name --db $db"
-if [ -n "$coordinator_token" ]; then
+if [ -n "$tokens_file" ]; then
+  echo "serving:  ${#convs[@]} conversation(s) of $tokens_file (edit it to add or remove; the poller follows)"
+  echo "ask:      AUTOPOLL_TOKEN=<coordinator token> $bin/autopoll bridge ask --db $db --conversation <ID> --session a \"your question\""
+elif [ -n "$coordinator_token" ]; then
   echo "ask:      AUTOPOLL_TOKEN=$coordinator_token $bin/autopoll bridge ask --db $db --conversation $conv --session a \"your question\""
 else
   echo "ask:      AUTOPOLL_TOKEN=<coordinator token> $bin/autopoll bridge ask --db $db --conversation $conv --session a \"your question\""

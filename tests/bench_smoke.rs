@@ -36,6 +36,10 @@ fn the_quick_bench_measures_everything() {
         "Claude input tokens per question",
         "Quality hit@1 / hit@3 / MRR, check half",
         "ask_shard via autopoll mcp",
+        "Minimal shard (claim commit + FIFO ask + answer commit)",
+        "Pickup, 4 conversation(s), a poller each",
+        "Pickup, 4 conversation(s), one poller",
+        "Idle CPU of 3 pollers while another conversation is asked",
     ] {
         assert!(table.contains(metric), "{metric} missing:\n{table}");
     }
@@ -53,6 +57,7 @@ fn the_quick_bench_measures_everything() {
         "claude",
         "quality",
         "mcp",
+        "conversations",
     ] {
         assert!(
             v.get(section).is_some_and(|s| s.get("error").is_none()),
@@ -69,6 +74,17 @@ fn the_quick_bench_measures_everything() {
             .as_f64()
             .unwrap()
             >= 2.0
+    );
+    // Many conversations: 1 (one poller either way), then 4 with a poller
+    // each and with one poller holding all four.
+    let rows = v["conversations"]["pickup"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert!(rows.iter().all(|r| r["p50_ms"].as_f64().unwrap() > 0.0));
+    assert!(
+        v["conversations"]["minimal_shard"]["p50_ms"]
+            .as_f64()
+            .unwrap()
+            > 0.0
     );
 }
 

@@ -133,6 +133,52 @@ fn up_sh_starts_a_shard_and_keeps_the_token_off_command_lines() {
 }
 
 #[test]
+fn up_sh_with_a_tokens_file_serves_every_conversation_in_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let _t = Tmux(env.path("tmux"));
+    std::fs::write(
+        env.path("NOTES.md"),
+        "# Notes\nThe cache holds 64 entries.\n",
+    )
+    .unwrap();
+    let convs = [env.conversation(), env.conversation()];
+    let tokens = env.path("tokens");
+    let text: String = convs
+        .iter()
+        .map(|c| format!("{} {}\n", c.id, c.token_b))
+        .collect();
+    std::fs::write(&tokens, format!("# shards\n{text}")).unwrap();
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let db = env.db();
+    let out = up(
+        &env,
+        &[
+            "--db",
+            common::path_str(&db),
+            "--tokens-file",
+            "tokens",
+            "--context",
+            "NOTES.md",
+            "--name",
+            "upmany",
+        ],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("2 conversation(s)"), "{stdout}");
+    // up.sh waited for both heartbeats; both are answered.
+    for c in &convs {
+        assert_eq!(env.shard_status(c).as_deref(), Some("waiting"));
+        let ids = env.send_queries(c, &c.id, 1, "How many entries does the cache hold?");
+        assert!(!ids.is_empty());
+    }
+    common::wait_until("both answered", common::TIMEOUT, || {
+        env.responses().len() == 2
+    });
+}
+
+#[test]
 fn demo_sh_reports_what_was_answered_without_terminal_codes_in_a_pipe() {
     let env = Env::new();
     let out = Command::new(script("demo.sh"))

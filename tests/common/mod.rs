@@ -353,6 +353,25 @@ impl Env {
         Poller { child, log }
     }
 
+    /// Start `autopoll-poller --tokens-file FILE` (many conversations)
+    /// against server `name`.
+    pub fn poller_tokens(&self, tokens: &Path, name: &str, args: &[&str]) -> Poller {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = self.path(&format!("poller-many-{n}.log"));
+        let child = self
+            .cmd("autopoll-poller")
+            .env("AUTOPOLL_RUNTIME_DIR", self.runtime())
+            .env("RUST_LOG", "info")
+            .args(["--name", name, "--tokens-file", path_str(tokens)])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Poller { child, log }
+    }
+
     /// Stop `p` with SIGSTOP at a moment it holds no write lock on the
     /// bridge (a poller frozen inside a transaction would make every other
     /// writer wait out its busy timeout): stop it, try the lock briefly, and

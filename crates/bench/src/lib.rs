@@ -10,11 +10,14 @@
 //! process, idle cost, endurance, the built-in engine, and the real Claude
 //! Code CLI against a fake API (warm vs per-process, request size and input
 //! tokens per question with autopoll's defaults vs the CLI's), the
-//! built-in engine's answer quality against a BM25 baseline, and
-//! `ask_shard` through `autopoll mcp` vs a client polling `check_messages`.
+//! built-in engine's answer quality against a BM25 baseline,
+//! `ask_shard` through `autopoll mcp` vs a client polling `check_messages`,
+//! and many conversations on one bridge against a minimal shard
+//! (`conversations`).
 #![deny(missing_docs)]
 
 mod claude;
+mod conversations;
 mod mcp;
 pub mod procs;
 pub mod quality;
@@ -1042,6 +1045,7 @@ pub fn run(opts: &Options) -> Report {
         ("claude", claude::claude),
         ("quality", quality::quality),
         ("mcp", mcp::mcp),
+        ("conversations", conversations::step),
     ];
     for &(name, step) in steps {
         if !opts.only.is_empty() && !opts.only.iter().any(|o| o == name) {

@@ -261,6 +261,158 @@ fn dead_letter_held(
     })
 }
 
+/// [`Bridge::claimable`] on any connection to a bridge file (a read-only
+/// one will do: the poller's watch thread looks with its own).
+pub fn claimable_on(
+    conn: &Connection,
+    conversations: &[&str],
+    session: Session,
+) -> rusqlite::Result<Vec<String>> {
+    if conversations.is_empty() {
+        return Ok(Vec::new());
+    }
+    let now_ms = clock::unix_ms();
+    let marks = (0..conversations.len())
+        .map(|i| format!("?{}", i + 3))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "SELECT DISTINCT m.conversation_id
+         FROM messages m LEFT JOIN autopoll_claims c ON c.message_id = m.id
+         WHERE m.to_session = ?1 AND m.read = 0 AND m.conversation_id IN ({marks})
+           AND (c.owner IS NULL OR c.lease_until_ms <= ?2)"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let session = session.as_str();
+    let mut params: Vec<&dyn rusqlite::ToSql> = vec![&session, &now_ms];
+    params.extend(conversations.iter().map(|c| c as &dyn rusqlite::ToSql));
+    let found: std::collections::HashSet<String> = stmt
+        .query_map(params.as_slice(), |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(conversations
+        .iter()
+        .filter(|c| found.contains(**c))
+        .map(|c| c.to_string())
+        .collect())
+}
+
+/// The body of a claim, inside the caller's write transaction.
+fn claim_on(
+    tx: &Connection,
+    map: &dyn Fn(rusqlite::Error) -> Error,
+    claimer: &Claimer,
+    conversation: &str,
+    session: Session,
+    opts: &ClaimOptions,
+    now_ms: i64,
+) -> Result<ClaimBatch> {
+    let rows: Vec<(Message, u32, Option<String>)> = {
+        let mut stmt = tx
+            .prepare_cached(&format!(
+                "SELECT {cols}, COALESCE(c.attempts, 0), c.last_error
+                     FROM messages m LEFT JOIN autopoll_claims c ON c.message_id = m.id
+                     WHERE m.conversation_id = ?1 AND m.to_session = ?2 AND m.read = 0
+                       AND (c.owner IS NULL OR c.lease_until_ms <= ?3)
+                     ORDER BY m.id ASC
+                     LIMIT ?4",
+                cols = MESSAGE_COLUMNS
+                    .split(", ")
+                    .map(|c| format!("m.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .map_err(&map)?;
+        stmt.query_map(
+            params![conversation, session.as_str(), now_ms, opts.limit as i64],
+            |r| Ok((message::from_row(r)?, r.get(8)?, r.get(9)?)),
+        )
+        .map_err(&map)?
+        .collect::<rusqlite::Result<_>>()
+        .map_err(&map)?
+    };
+    let lease_ms = i64::try_from(opts.lease.as_millis()).unwrap_or(i64::MAX);
+    let lease_until_ms = now_ms.saturating_add(lease_ms);
+    let now = clock::now_string();
+    let mut batch = ClaimBatch::default();
+    for (msg, attempts, last_error) in rows {
+        if let Some(why) = &msg.unreadable {
+            // Nothing can answer it and retrying cannot help: finish it
+            // now, alone, so the rest of the batch goes on.
+            let h = Held {
+                conversation_id: msg.conversation_id.clone(),
+                from_session: msg.from_session.clone(),
+                to_session: msg.to_session.clone(),
+                attempts: attempts + 1,
+            };
+            let error = format!(
+                "message {} cannot be read: {why}; autopoll marked it read without answering it",
+                msg.id
+            );
+            let d = dead_letter_held(tx, claimer, &msg, &h, &error, Some(&error)).map_err(&map)?;
+            batch.dead_lettered.push(d);
+            continue;
+        }
+        if attempts >= opts.max_attempts {
+            let h = Held {
+                conversation_id: msg.conversation_id.clone(),
+                from_session: msg.from_session.clone(),
+                to_session: msg.to_session.clone(),
+                attempts,
+            };
+            let error = format!(
+                "dead-lettered after {attempts} attempts{}",
+                last_error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            );
+            let d = dead_letter_held(tx, claimer, &msg, &h, &error, last_error.as_deref())
+                .map_err(&map)?;
+            batch.dead_lettered.push(d);
+            continue;
+        }
+        tx.prepare_cached(
+            "INSERT INTO autopoll_claims
+                 (message_id, conversation_id, to_session, owner, lease_until_ms, attempts,
+                  first_claimed_at, last_claimed_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?6)
+                 ON CONFLICT(message_id) DO UPDATE SET
+                   owner = excluded.owner,
+                   lease_until_ms = excluded.lease_until_ms,
+                   attempts = autopoll_claims.attempts + 1,
+                   last_claimed_at = excluded.last_claimed_at",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                msg.id,
+                msg.conversation_id,
+                msg.to_session,
+                claimer.owner,
+                lease_until_ms,
+                now
+            ])
+        })
+        .map_err(&map)?;
+        batch.claimed.push(Claimed {
+            message: msg,
+            attempts: attempts + 1,
+            lease_until_ms,
+        });
+    }
+    if !batch.claimed.is_empty() {
+        let ids: Vec<i64> = batch.claimed.iter().map(|c| c.message.id).collect();
+        audit::write(
+            tx,
+            Some(conversation),
+            Some(session.as_str()),
+            audit::actions::CLAIM,
+            &json!({ "owner": claimer.owner, "message_ids": ids }),
+        )
+        .map_err(&map)?;
+    }
+    Ok(batch)
+}
+
 impl Bridge {
     /// Claim up to `opts.limit` unread messages to `session` of `conversation`
     /// that nobody holds (never claimed, released, or lease expired), oldest
@@ -278,114 +430,60 @@ impl Bridge {
             return Err(Error::Invalid("max_attempts must be at least 1".into()));
         }
         let (tx, map) = self.immediate()?;
-        let now_ms = clock::unix_ms();
-        let rows: Vec<(Message, u32, Option<String>)> = {
-            let mut stmt = tx
-                .prepare_cached(&format!(
-                    "SELECT {cols}, COALESCE(c.attempts, 0), c.last_error
-                     FROM messages m LEFT JOIN autopoll_claims c ON c.message_id = m.id
-                     WHERE m.conversation_id = ?1 AND m.to_session = ?2 AND m.read = 0
-                       AND (c.owner IS NULL OR c.lease_until_ms <= ?3)
-                     ORDER BY m.id ASC
-                     LIMIT ?4",
-                    cols = MESSAGE_COLUMNS
-                        .split(", ")
-                        .map(|c| format!("m.{c}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-                .map_err(&map)?;
-            stmt.query_map(
-                params![conversation, session.as_str(), now_ms, opts.limit as i64],
-                |r| Ok((message::from_row(r)?, r.get(8)?, r.get(9)?)),
-            )
-            .map_err(&map)?
-            .collect::<rusqlite::Result<_>>()
-            .map_err(&map)?
-        };
-        let lease_ms = i64::try_from(opts.lease.as_millis()).unwrap_or(i64::MAX);
-        let lease_until_ms = now_ms.saturating_add(lease_ms);
-        let now = clock::now_string();
-        let mut batch = ClaimBatch::default();
-        for (msg, attempts, last_error) in rows {
-            if let Some(why) = &msg.unreadable {
-                // Nothing can answer it and retrying cannot help: finish it
-                // now, alone, so the rest of the batch goes on.
-                let h = Held {
-                    conversation_id: msg.conversation_id.clone(),
-                    from_session: msg.from_session.clone(),
-                    to_session: msg.to_session.clone(),
-                    attempts: attempts + 1,
-                };
-                let error = format!(
-                    "message {} cannot be read: {why}; autopoll marked it read without answering it",
-                    msg.id
-                );
-                let d =
-                    dead_letter_held(&tx, claimer, &msg, &h, &error, Some(&error)).map_err(&map)?;
-                batch.dead_lettered.push(d);
-                continue;
-            }
-            if attempts >= opts.max_attempts {
-                let h = Held {
-                    conversation_id: msg.conversation_id.clone(),
-                    from_session: msg.from_session.clone(),
-                    to_session: msg.to_session.clone(),
-                    attempts,
-                };
-                let error = format!(
-                    "dead-lettered after {attempts} attempts{}",
-                    last_error
-                        .as_deref()
-                        .map(|e| format!(": {e}"))
-                        .unwrap_or_default()
-                );
-                let d = dead_letter_held(&tx, claimer, &msg, &h, &error, last_error.as_deref())
-                    .map_err(&map)?;
-                batch.dead_lettered.push(d);
-                continue;
-            }
-            tx.prepare_cached(
-                "INSERT INTO autopoll_claims
-                 (message_id, conversation_id, to_session, owner, lease_until_ms, attempts,
-                  first_claimed_at, last_claimed_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?6)
-                 ON CONFLICT(message_id) DO UPDATE SET
-                   owner = excluded.owner,
-                   lease_until_ms = excluded.lease_until_ms,
-                   attempts = autopoll_claims.attempts + 1,
-                   last_claimed_at = excluded.last_claimed_at",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    msg.id,
-                    msg.conversation_id,
-                    msg.to_session,
-                    claimer.owner,
-                    lease_until_ms,
-                    now
-                ])
-            })
-            .map_err(&map)?;
-            batch.claimed.push(Claimed {
-                message: msg,
-                attempts: attempts + 1,
-                lease_until_ms,
-            });
-        }
-        if !batch.claimed.is_empty() {
-            let ids: Vec<i64> = batch.claimed.iter().map(|c| c.message.id).collect();
-            audit::write(
-                &tx,
-                Some(conversation),
-                Some(session.as_str()),
-                audit::actions::CLAIM,
-                &json!({ "owner": claimer.owner, "message_ids": ids }),
-            )
-            .map_err(&map)?;
-        }
+        let batch = claim_on(
+            &tx,
+            &map,
+            claimer,
+            conversation,
+            session,
+            opts,
+            clock::unix_ms(),
+        )?;
         tx.commit().map_err(&map)?;
         Ok(batch)
+    }
+
+    /// [`Bridge::claim`] for several conversations in one transaction: up to
+    /// `limit` messages of each `(conversation, limit)`, in the order given.
+    /// The results come back in the same order. `opts.limit` is ignored.
+    pub fn claim_many(
+        &mut self,
+        claimer: &Claimer,
+        wanted: &[(&str, usize)],
+        session: Session,
+        opts: &ClaimOptions,
+    ) -> Result<Vec<ClaimBatch>> {
+        if opts.max_attempts == 0 {
+            return Err(Error::Invalid("max_attempts must be at least 1".into()));
+        }
+        let (tx, map) = self.immediate()?;
+        let now_ms = clock::unix_ms();
+        let mut out = Vec::with_capacity(wanted.len());
+        for (conversation, limit) in wanted {
+            let o = ClaimOptions {
+                limit: *limit,
+                ..*opts
+            };
+            out.push(claim_on(
+                &tx,
+                &map,
+                claimer,
+                conversation,
+                session,
+                &o,
+                now_ms,
+            )?);
+        }
+        tx.commit().map_err(&map)?;
+        Ok(out)
+    }
+
+    /// Which of `conversations` have a message to `session` that a claim
+    /// would take now (unread, and unclaimed or with an expired lease), with
+    /// a read-only query: no write lock, so a poller can look without
+    /// getting in the way of writers. The order of `conversations` is kept.
+    pub fn claimable(&self, conversations: &[&str], session: Session) -> Result<Vec<String>> {
+        claimable_on(&self.conn, conversations, session).map_err(self.map())
     }
 
     /// Push the leases of our claims on `ids` to now + `lease`. Returns how
@@ -896,6 +994,55 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn claimable_looks_without_the_write_lock_and_claim_many_takes_each_share() {
+        let mut f = Fixture::new();
+        let conv = f.id().to_string();
+        let c2 = f
+            .bridge
+            .create_conversation("x", "y", crate::DEFAULT_TTL)
+            .unwrap();
+        let c3 = f
+            .bridge
+            .create_conversation("x", "y", crate::DEFAULT_TTL)
+            .unwrap();
+        let two = c2.conversation_id.as_str();
+        let three = c3.conversation_id.as_str();
+        let me = Claimer::new("s").unwrap();
+        let all = [conv.as_str(), two, three];
+        assert!(f.bridge.claimable(&all, Session::B).unwrap().is_empty());
+        for _ in 0..3 {
+            f.send_a("q");
+        }
+        for _ in 0..2 {
+            f.bridge
+                .send(two, Session::A, &c2.session_a_token, "q2", None)
+                .unwrap();
+        }
+        // Another writer holds the write lock: the look still answers.
+        let other = Connection::open(f.path()).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        assert_eq!(
+            f.bridge.claimable(&all, Session::B).unwrap(),
+            vec![conv.clone(), two.to_string()]
+        );
+        assert!(f.bridge.claimable(&all, Session::A).unwrap().is_empty());
+        other.execute_batch("ROLLBACK").unwrap();
+        let got = f
+            .bridge
+            .claim_many(
+                &me,
+                &[(conv.as_str(), 1), (two, 5), (three, 5)],
+                Session::B,
+                &opts(99, 60_000, 3),
+            )
+            .unwrap();
+        let counts: Vec<usize> = got.iter().map(|b| b.claimed.len()).collect();
+        assert_eq!(counts, vec![1, 2, 0]);
+        // What is held is no longer claimable; the rest of `conv` still is.
+        assert_eq!(f.bridge.claimable(&all, Session::B).unwrap(), vec![conv]);
     }
 
     #[test]

@@ -38,7 +38,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 pub use audit::actions;
-pub use claim::{Answer, ClaimBatch, ClaimOptions, Claimed, Claimer, DeadLettered};
+pub use claim::{Answer, ClaimBatch, ClaimOptions, Claimed, Claimer, DeadLettered, claimable_on};
 pub use conversation::{ConversationInfo, NewConversation};
 pub use error::{Error, Result};
 pub use message::{Message, Sent};
@@ -313,8 +313,10 @@ impl Bridge {
     /// `PRAGMA data_version`: changes whenever another connection commits to
     /// the file. Cheap enough to check every few milliseconds.
     pub fn data_version(&self) -> Result<i64> {
+        // Cached: a poller asks this on every wake.
         self.conn
-            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .prepare_cached("PRAGMA data_version")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
             .map_err(self.map())
     }
 

@@ -41,6 +41,11 @@ pub struct DoctorArgs {
     /// A session token of that conversation. Prefer the environment variable.
     #[arg(long, env = "AUTOPOLL_TOKEN", hide_env_values = true, value_name = "T")]
     token: Option<String>,
+    /// The tokens file of a poller serving many conversations (`autopoll-poller
+    /// --tokens-file`): the file itself is checked, and the token, heartbeat, queue and
+    /// dead-letter checks run for each conversation in it (instead of --conversation).
+    #[arg(long, env = "AUTOPOLL_TOKENS_FILE", value_name = "FILE")]
+    tokens_file: Option<PathBuf>,
     /// The session the poller answers for.
     #[arg(long, value_enum, default_value = "b")]
     session: SessionArg,
@@ -132,6 +137,10 @@ fn shp(p: &Path) -> String {
 /// What the checks share: the inputs, and the fixing commands built from them.
 struct Ctx<'a> {
     args: &'a DoctorArgs,
+    /// The conversation checked (from --conversation, or a tokens file line).
+    conversation: Option<&'a str>,
+    /// Its token.
+    token: Option<&'a str>,
     session: Session,
     /// Whether the systemd user units are installed (fixes then use systemctl).
     units: bool,
@@ -165,9 +174,7 @@ impl Ctx<'_> {
     }
 
     fn conv_flag(&self) -> String {
-        self.args
-            .conversation
-            .as_deref()
+        self.conversation
             .map(|c| format!(" --conversation {}", sh(c)))
             .unwrap_or_default()
     }
@@ -216,6 +223,8 @@ fn units_installed() -> bool {
 pub fn run(args: DoctorArgs) -> Result<(), CliError> {
     let paths = args.target.paths()?;
     let ctx = Ctx {
+        conversation: args.conversation.as_deref(),
+        token: args.token.as_deref(),
         session: match args.session {
             SessionArg::A => Session::A,
             SessionArg::B => Session::B,
@@ -246,22 +255,54 @@ pub fn run(args: DoctorArgs) -> Result<(), CliError> {
         Some(b) => checks.push(check_wal(&ctx, b)),
         None => checks.push(Check::skip("wal", why_no_bridge)),
     }
-    let conv_ok = match (&bridge, &args.conversation) {
-        (Some(b), Some(conv)) => {
-            let (check, found) = check_token(&ctx, b, conv);
-            checks.push(check);
-            found
-        }
-        (None, _) => {
-            checks.push(Check::skip("token", why_no_bridge));
-            false
-        }
-        (_, None) => {
-            checks.push(Check::skip(
-                "token",
-                "no --conversation (AUTOPOLL_CONVERSATION) given",
-            ));
-            false
+    // With a tokens file: each conversation in it (checked after the server).
+    let entries = match &args.tokens_file {
+        None => None,
+        Some(f) => match autopoll_poller::tokens::load(f) {
+            Ok(es) => {
+                checks.push(Check::pass(
+                    "tokens_file",
+                    format!(
+                        "{} lists {} conversation(s), mode 0600, yours",
+                        f.display(),
+                        es.len()
+                    ),
+                ));
+                Some(es)
+            }
+            Err(e) => {
+                let fix = match &e {
+                    autopoll_poller::tokens::TokensError::Mode { .. } => format!("chmod 600 {}", shp(f)),
+                    autopoll_poller::tokens::TokensError::Owner { me, .. } => {
+                        format!("chown {me} {}   (as root)", shp(f))
+                    }
+                    _ => "write one `CONVERSATION_ID TOKEN` a line (# comments and blank lines allowed)".into(),
+                };
+                checks.push(Check::fail("tokens_file", e.to_string(), fix));
+                Some(Vec::new())
+            }
+        },
+    };
+    let conv_ok = if entries.is_some() {
+        false
+    } else {
+        match (&bridge, &args.conversation) {
+            (Some(b), Some(conv)) => {
+                let (check, found) = check_token(&ctx, b, conv);
+                checks.push(check);
+                found
+            }
+            (None, _) => {
+                checks.push(Check::skip("token", why_no_bridge));
+                false
+            }
+            (_, None) => {
+                checks.push(Check::skip(
+                    "token",
+                    "no --conversation (AUTOPOLL_CONVERSATION) given",
+                ));
+                false
+            }
         }
     };
 
@@ -271,22 +312,48 @@ pub fn run(args: DoctorArgs) -> Result<(), CliError> {
     checks.push(check_permissions(&paths));
 
     // The served session, through the bridge.
-    match (&bridge, &args.conversation) {
-        (Some(b), Some(conv)) if conv_ok => {
-            checks.push(check_heartbeat(&ctx, b, conv));
-            checks.push(check_queue(&ctx, b, conv));
-            checks.push(check_dead_letters(&ctx, b, conv));
-        }
-        _ => {
-            let why = if bridge.is_none() {
-                why_no_bridge
-            } else if args.conversation.is_none() {
-                "no --conversation given"
-            } else {
-                "the conversation was not found"
+    if let Some(entries) = &entries {
+        for en in entries {
+            let cx = Ctx {
+                conversation: Some(&en.conversation),
+                token: Some(&en.token),
+                ..ctx
             };
-            for name in ["heartbeat", "queue", "dead_letters"] {
-                checks.push(Check::skip(name, why));
+            let tag = |mut c: Check| {
+                c.detail = format!("conversation {}: {}", en.conversation, c.detail);
+                c
+            };
+            match &bridge {
+                Some(b) => {
+                    let (check, found) = check_token(&cx, b, &en.conversation);
+                    checks.push(tag(check));
+                    if found {
+                        checks.push(tag(check_heartbeat(&cx, b, &en.conversation)));
+                        checks.push(tag(check_queue(&cx, b, &en.conversation)));
+                        checks.push(tag(check_dead_letters(&cx, b, &en.conversation)));
+                    }
+                }
+                None => checks.push(tag(Check::skip("token", why_no_bridge))),
+            }
+        }
+    } else {
+        match (&bridge, &args.conversation) {
+            (Some(b), Some(conv)) if conv_ok => {
+                checks.push(check_heartbeat(&ctx, b, conv));
+                checks.push(check_queue(&ctx, b, conv));
+                checks.push(check_dead_letters(&ctx, b, conv));
+            }
+            _ => {
+                let why = if bridge.is_none() {
+                    why_no_bridge
+                } else if args.conversation.is_none() {
+                    "no --conversation given"
+                } else {
+                    "the conversation was not found"
+                };
+                for name in ["heartbeat", "queue", "dead_letters"] {
+                    checks.push(Check::skip(name, why));
+                }
             }
         }
     }
@@ -436,7 +503,7 @@ fn check_token(ctx: &Ctx<'_>, b: &Bridge, conv: &str) -> (Check, bool) {
         ctx.db_flag(),
         ctx.conv_flag()
     );
-    let Some(token) = &ctx.args.token else {
+    let Some(token) = ctx.token else {
         let detail = format!(
             "no --token (AUTOPOLL_TOKEN) given; the conversation {} at {}",
             if info.expired { "expired" } else { "expires" },

@@ -30,7 +30,9 @@ pub const INVALID: u8 = 9;
 pub const NO_SERVER: u8 = 10;
 /// `autopoll-server`: a server of that name is already running.
 pub const ALREADY_RUNNING: u8 = 11;
-/// `autopoll-server`: bad configuration (context missing or unreadable, bad flag values).
+/// Bad configuration: `autopoll-server`'s context missing or unreadable, bad
+/// flag values; `autopoll-poller`'s `--tokens-file` unsafe (group/other
+/// bits, another owner) or malformed.
 pub const CONFIG: u8 = 12;
 /// `autopoll doctor`: at least one check failed.
 pub const DOCTOR: u8 = 13;
@@ -54,7 +56,8 @@ Exit codes:
   9  invalid input
  10  no server running under that name
  11  a server of that name is already running
- 12  bad server configuration (context missing or unreadable)
+ 12  bad configuration (server: context missing or unreadable; poller: the
+     --tokens-file is not 0600 and yours, or has a bad line)
  13  autopoll doctor found a problem (each FAIL line says how to fix it)
  14  autopoll-poller: the bridge file stayed missing or not a bridge past
      --missing-grace (restart it once the file is back)";

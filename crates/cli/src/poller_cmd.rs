@@ -35,7 +35,10 @@ enum SessionArg {
                   event=bridge_missing), reopens the file once a bridge is back at the path, and \
                   exits with code 14 when none is back within --missing-grace. It refuses a file \
                   that is not a bridge (exit 7), leaving it unchanged. SIGINT or SIGTERM: stop \
-                  claiming, finish in-flight questions within --grace, release the rest, exit 0.",
+                  claiming, finish in-flight questions within --grace, release the rest, exit 0. \
+                  With --tokens-file it serves every conversation listed there, one heartbeat \
+                  and status each, and SIGHUP reads the file again (without it, SIGHUP stops \
+                  the poller like SIGTERM).",
     after_help = exit::EXIT_CODES_HELP
 )]
 struct PollerCli {
@@ -44,12 +47,30 @@ struct PollerCli {
     /// The bridge's SQLite file.
     #[arg(long, env = "AUTOPOLL_DB", value_name = "PATH")]
     db: PathBuf,
-    /// Conversation id.
-    #[arg(long, env = "AUTOPOLL_CONVERSATION", value_name = "ID")]
-    conversation: String,
+    /// Conversation id (one conversation; for many, --tokens-file).
+    #[arg(
+        long,
+        env = "AUTOPOLL_CONVERSATION",
+        value_name = "ID",
+        required_unless_present = "tokens_file"
+    )]
+    conversation: Option<String>,
     /// The shard session's token. Prefer the environment variable: a flag is visible in `ps`.
-    #[arg(long, env = "AUTOPOLL_TOKEN", hide_env_values = true, value_name = "T")]
-    token: String,
+    #[arg(
+        long,
+        env = "AUTOPOLL_TOKEN",
+        hide_env_values = true,
+        value_name = "T",
+        required_unless_present = "tokens_file"
+    )]
+    token: Option<String>,
+    /// Serve many conversations: a file of `CONVERSATION_ID TOKEN` lines (blank lines and
+    /// `#` comments allowed), mode 0600 and owned by you (else exit 12, saying the chmod or
+    /// chown to run). Read again when it changes or on SIGHUP: conversations are added and
+    /// removed without a restart; a bad line is logged with its number and the previous set
+    /// stays in force. Claims are shared round robin between the conversations.
+    #[arg(long, env = "AUTOPOLL_TOKENS_FILE", value_name = "FILE")]
+    tokens_file: Option<PathBuf>,
     /// The session to answer for (the shard's side).
     #[arg(long, value_enum, default_value = "b")]
     session: SessionArg,
@@ -105,7 +126,28 @@ pub fn poller_main() -> ExitCode {
 fn poll(cli: PollerCli) -> Result<(), CliError> {
     let shutdown = crate::flags::shutdown_on_signals()?;
     let paths = cli.target.paths()?;
-    let mut cfg = PollerConfig::new(cli.db, cli.conversation, cli.token, paths);
+    let mut cfg = PollerConfig::new(
+        cli.db,
+        cli.conversation.unwrap_or_default(),
+        cli.token.unwrap_or_default(),
+        paths,
+    );
+    if let Some(f) = cli.tokens_file {
+        if !cfg.conversation.is_empty() {
+            log::warn!(
+                "event=ignored flag=--conversation: --tokens-file names the conversations served"
+            );
+        }
+        // SIGHUP reads the file again instead of stopping the poller.
+        let hangup = autopoll_poller::tokens::Hangup::install().map_err(|e| {
+            CliError::new(
+                exit::FAILURE,
+                format!("cannot install the SIGHUP handler: {e}"),
+            )
+        })?;
+        cfg.tokens_file = Some(f);
+        cfg.hangup = Some(hangup);
+    }
     cfg.session = match cli.session {
         SessionArg::A => Session::A,
         SessionArg::B => Session::B,
@@ -134,6 +176,7 @@ fn poll(cli: PollerCli) -> Result<(), CliError> {
         ),
         PollerError::Bridge(b) => CliError::from(b),
         PollerError::Config(m) => CliError::new(exit::USAGE, m),
+        e @ PollerError::Tokens(_) => CliError::new(exit::CONFIG, e.to_string()),
         PollerError::Io(m) => CliError::new(exit::FAILURE, m),
         e @ PollerError::BridgeGone { .. } => CliError::new(exit::BRIDGE_GONE, e.to_string()),
     })

@@ -2,18 +2,25 @@
 //!
 //! Claims queries addressed to a shard session from the SQLite bridge, asks
 //! `autopoll-server` for answers, and writes the responses back, so that
-//! every question is answered exactly once whatever crashes around it.
+//! every question is answered exactly once whatever crashes around it. One
+//! poller serves one conversation (`--conversation/--token`) or many
+//! ([`PollerConfig::tokens_file`], [`tokens`], [`members`]): one heartbeat
+//! and status each, claims shared round robin between those with work.
 //!
 //! Threads (all named):
 //! - `poller` (the caller of [`run`]): owns the one bridge connection and does
 //!   every write: claims, completions (batched), lease extensions, dead
 //!   letters, heartbeats, and with [`PollerConfig::retain`] one prune step
 //!   per turn (`autopoll_bridge::prune`). It waits on one crossbeam channel
-//!   of [`Event`]s.
+//!   of [`Event`]s. Before taking the write lock to claim, it looks with a
+//!   read-only query (`Bridge::claimable`), so commits that do not concern
+//!   it cost it a read and cost other writers nothing.
 //! - `bridge-watch`: inotify on the bridge's directory ([`watch`]); sends
 //!   `Wake` on a commit by anyone and when the file is replaced or removed,
 //!   `Stop` on shutdown. It re-establishes its watch when the folder is
 //!   removed and recreated.
+//! - `tokens-watch` (with a tokens file): inotify on the file's folder and
+//!   the SIGHUP pipe; sends `Reload`.
 //! - `asker-N`: `--concurrency` of them, each with its own server connection
 //!   ([`asker`]); sends `Result`s.
 //!
@@ -37,6 +44,8 @@
 pub mod asker;
 pub mod conn;
 pub mod fault;
+pub mod members;
+pub mod tokens;
 pub mod watch;
 
 use std::collections::HashMap;
@@ -46,7 +55,7 @@ use std::time::{Duration, Instant};
 use autopoll_bridge::shard::{self, Incoming, Response};
 use autopoll_bridge::{
     Answer as BridgeAnswer, Bridge, BridgeOptions, ClaimOptions, Claimer, Error as BridgeError,
-    Pruner, Session, SessionState,
+    Pruner, Session,
 };
 use autopoll_protocol::{
     Client, ClientError, ClientOptions, ErrorCode, Notifier, NotifyConfig, ServerPaths, Shutdown,
@@ -55,16 +64,22 @@ use crossbeam_channel::{RecvTimeoutError, Sender};
 use serde_json::Value;
 
 use crate::asker::{AskJob, AskResult};
+use crate::members::Member;
 
 /// What the poller is told on its command line.
 #[derive(Debug, Clone)]
 pub struct PollerConfig {
     /// The bridge file.
     pub db: PathBuf,
-    /// Conversation id.
+    /// Conversation id (unused with [`PollerConfig::tokens_file`]).
     pub conversation: String,
-    /// The session's token.
+    /// The session's token (unused with [`PollerConfig::tokens_file`]).
     pub token: String,
+    /// Serve every conversation listed in this file ([`tokens`]) instead of
+    /// `conversation`/`token`; it is read again when it changes.
+    pub tokens_file: Option<PathBuf>,
+    /// With `tokens_file`: SIGHUP also reads it again.
+    pub hangup: Option<tokens::Hangup>,
     /// The session we answer for (usually `b`).
     pub session: Session,
     /// Which server to ask.
@@ -114,6 +129,8 @@ impl PollerConfig {
             db,
             conversation,
             token,
+            tokens_file: None,
+            hangup: None,
             session: Session::B,
             shard_id: format!("autopoll:{}", server.name),
             server,
@@ -143,6 +160,10 @@ pub enum PollerError {
     /// Bad configuration.
     #[error("{0}")]
     Config(String),
+    /// The tokens file is unsafe or malformed (at start; later ones keep
+    /// the previous set).
+    #[error(transparent)]
+    Tokens(#[from] tokens::TokensError),
     /// An OS resource could not be set up.
     #[error("{0}")]
     Io(String),
@@ -164,13 +185,37 @@ pub enum PollerError {
 
 /// Messages to the main loop.
 pub enum Event {
-    /// The bridge file changed (maybe by us; confirm with data_version).
+    /// The bridge file or its folder changed in a way the watch could not
+    /// confirm (maybe by us, maybe early; confirm with data_version).
     Wake,
+    /// A commit (by anyone, us too) is visible in the bridge and left
+    /// something to claim: confirmed by the watch thread. Claim.
+    Changed,
     /// An asker finished a question.
     Result(Box<AskResult>),
     /// Stop claiming, finish, release, return.
     Stop,
+    /// The tokens file changed, or SIGHUP: read it again.
+    Reload,
 }
+
+/// After a wake that `PRAGMA data_version` does not confirm yet (the WAL is
+/// written before the commit shows in the shared index), when to look again:
+/// microseconds first, so a pickup does not wait a millisecond for nothing,
+/// then less often; about 9 ms in all, after which the timer takes over.
+pub(crate) const RECHECK: [Duration; 11] = [
+    Duration::from_micros(15),
+    Duration::from_micros(15),
+    Duration::from_micros(30),
+    Duration::from_micros(30),
+    Duration::from_micros(60),
+    Duration::from_micros(120),
+    Duration::from_micros(250),
+    Duration::from_micros(500),
+    Duration::from_micros(1000),
+    Duration::from_micros(2000),
+    Duration::from_micros(5000),
+];
 
 /// Largest answer text written back (the Python side takes 50,000 characters per message).
 const MAX_ANSWER_CHARS: usize = 45_000;
@@ -178,6 +223,8 @@ const MAX_ANSWER_CHARS: usize = 45_000;
 struct InFlight {
     /// The connection it was claimed on (see [`conn`]).
     generation: u64,
+    /// Its conversation.
+    conversation: String,
     query_id: String,
     /// The query id's exact JSON text when `query_id` lost something.
     query_id_raw: Option<String>,
@@ -218,12 +265,19 @@ struct Poller {
     in_flight: HashMap<i64, InFlight>,
     answers: Vec<(BridgeAnswer, String, Duration)>,
     server: ServerState,
-    status: Option<SessionState>,
-    next_heartbeat: Instant,
+    /// The conversations served, in the tokens file's order.
+    members: Vec<Member>,
+    /// The served conversations as the watch thread sees them.
+    served: watch::Served,
+    /// The watch thread saw something to claim (the next claim skips its
+    /// own read-only look when one conversation is served).
+    work_seen: bool,
+    /// Where the next claim turn starts in `members` (round robin).
+    next_turn: usize,
+    /// The last tokens file error, logged once until a read works.
+    tokens_error: Option<String>,
     data_version: i64,
-    token_warned: bool,
     flush_after: Instant,
-    last_status_write: Instant,
     next_health: Instant,
     probe_client: Option<Client>,
     /// No claims before this (the server said it is overloaded).
@@ -232,8 +286,6 @@ struct Poller {
     extend_retry_at: Option<Instant>,
     /// The last claim failure, logged once until claims work again.
     last_claim_error: Option<String>,
-    /// Heartbeats are failing (logged once until one works again).
-    heartbeat_failing: bool,
     /// The prune pass under way, and the connection generation it is on.
     pruner: Option<(u64, Pruner)>,
     /// When the next prune step (or pass) is due.
@@ -363,125 +415,124 @@ impl Poller {
         }
     }
 
-    fn wanted_status(&self) -> SessionState {
-        if matches!(self.server, ServerState::Down { .. }) {
-            SessionState::Blocked
-        } else if self.in_flight.is_empty() {
-            SessionState::Waiting
-        } else {
-            SessionState::Working
-        }
-    }
-
-    fn heartbeat(&mut self, force: bool) {
-        let want = self.wanted_status();
-        let now = Instant::now();
-        let due = now >= self.next_heartbeat;
-        let changed = Some(want) != self.status;
-        // Blocked and unblocked show at once; working/waiting flips are
-        // written at most once a second, so a busy poller does not spend a
-        // transaction per question on its status.
-        let urgent = changed
-            && (want == SessionState::Blocked
-                || self.status == Some(SessionState::Blocked)
-                || self.status.is_none());
-        let settled = changed && now >= self.last_status_write + Duration::from_secs(1);
-        if !(force || due || urgent || settled) {
-            return;
-        }
-        // A failing bridge is retried on its timer, however urgent the change.
-        if self.heartbeat_failing && !due {
-            return;
-        }
-        if self.bridge.is_none() {
-            return;
-        }
-        match live(&mut self.bridge).and_then(|b| {
-            b.heartbeat(
-                &self.cfg.conversation,
-                self.cfg.session,
-                &self.cfg.token,
-                want,
-            )
-        }) {
-            Ok(()) => {
-                if changed {
-                    log::info!("event=status status={}", want.as_str());
-                }
-                self.status = Some(want);
-                self.last_status_write = now;
-                if std::mem::take(&mut self.heartbeat_failing) {
-                    log::info!("event=heartbeat_recovered");
-                }
-                self.next_heartbeat = now + self.cfg.heartbeat;
-            }
-            Err(e @ (BridgeError::Expired { .. } | BridgeError::InvalidToken { .. })) => {
-                if !self.token_warned {
-                    log::error!(
-                        "event=token_rejected reason={:?}: heartbeats stop; questions are still answered",
-                        e.to_string()
-                    );
-                    self.token_warned = true;
-                }
-                // Retried on the heartbeat timer only (a renewal brings it back).
-                self.heartbeat_failing = true;
-                self.next_heartbeat = Instant::now() + self.cfg.heartbeat;
-            }
-            Err(e) => {
-                if !self.heartbeat_failing {
-                    log::warn!(
-                        "event=heartbeat_failed reason={:?}: retrying every second",
-                        e.to_string()
-                    );
-                    self.heartbeat_failing = true;
-                }
-                self.next_heartbeat = Instant::now() + Duration::from_secs(1);
-            }
-        }
-    }
-
-    /// Claim what fits; returns whether more may be waiting (the batch
-    /// filled every free slot, or there was no free slot to try).
+    /// Claim what fits, fairly across the conversations served; returns
+    /// whether more may be waiting (a conversation filled its share, or
+    /// there was no free slot to try).
+    ///
+    /// First a read-only look ([`Bridge::claimable`]): with nothing to
+    /// claim, the write lock is not taken at all, so a poller that is woken
+    /// by others' commits costs them nothing. Then the free slots are shared
+    /// round robin between the conversations that have work (each gets
+    /// `room / n`, the remainder going to the next ones in turn), all in one
+    /// write transaction: a conversation with a deep backlog cannot keep
+    /// another's single question waiting.
     fn claim(&mut self) -> bool {
         let busy = self.in_flight.len() + self.orphans.len();
         let room = self.cfg.concurrency.saturating_sub(busy);
         if room == 0 {
             return true;
         }
+        let session = self.cfg.session;
+        let served: Vec<(usize, &str)> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.served())
+            .map(|(i, m)| (i, m.conversation.as_str()))
+            .collect();
+        let names: Vec<&str> = served.iter().map(|(_, c)| *c).collect();
+        // The watch thread just saw work: no second look.
+        let seen = std::mem::take(&mut self.work_seen);
+        let ready = match live(&mut self.bridge).and_then(|b| {
+            if seen && names.len() == 1 {
+                Ok(vec![names[0].to_string()])
+            } else {
+                b.claimable(&names, session)
+            }
+        }) {
+            Ok(r) => r,
+            Err(e) => {
+                self.claim_failed(e);
+                return true;
+            }
+        };
+        if ready.is_empty() {
+            // (A failing claim counts as recovered only once a claim works.)
+            return false;
+        }
+        // Round robin: start at the first ready conversation at or after next_turn.
+        let n = self.members.len().max(1);
+        let start = self.next_turn % n;
+        let mut order: Vec<(usize, String)> = ready
+            .into_iter()
+            .filter_map(|c| served.iter().find(|(_, s)| *s == c).map(|(i, _)| (*i, c)))
+            .collect();
+        order.sort_by_key(|(i, _)| (i + n - start) % n);
+        let (base, extra) = (room / order.len(), room % order.len());
+        let shares: Vec<(usize, String, usize)> = order
+            .into_iter()
+            .enumerate()
+            .map(|(j, (i, c))| (i, c, base + usize::from(j < extra)))
+            .filter(|(_, _, limit)| *limit > 0)
+            .collect();
+        // The next turn starts after the last one given the larger share.
+        let last_big = if extra > 0 {
+            extra - 1
+        } else {
+            shares.len() - 1
+        };
+        if let Some((i, _, _)) = shares.get(last_big) {
+            self.next_turn = i + 1;
+        }
+        let wanted: Vec<(&str, usize)> = shares
+            .iter()
+            .map(|(_, c, limit)| (c.as_str(), *limit))
+            .collect();
         let opts = ClaimOptions {
             limit: room,
             lease: self.cfg.lease,
             max_attempts: self.cfg.max_attempts,
         };
-        let batch = match live(&mut self.bridge).and_then(|b| {
-            b.claim(
-                &self.claimer,
-                &self.cfg.conversation,
-                self.cfg.session,
-                &opts,
-            )
-        }) {
+        let batches = match live(&mut self.bridge)
+            .and_then(|b| b.claim_many(&self.claimer, &wanted, session, &opts))
+        {
             Ok(b) => b,
             Err(e) => {
-                // A failed write (disk full, I/O error) still touches the
-                // WAL, and that wakes us: without a pause this would spin.
-                // On a full disk even reads spin inside SQLite (it cannot
-                // update the WAL index), so everything backs off to 1 s.
-                self.claims_paused_until = Instant::now() + Duration::from_secs(1);
-                let msg = e.to_string();
-                if self.last_claim_error.as_deref() != Some(msg.as_str()) {
-                    log::warn!("event=claim_failed reason={msg:?}: retrying every second");
-                    self.last_claim_error = Some(msg);
-                }
+                self.claim_failed(e);
                 return true;
             }
         };
         if self.last_claim_error.take().is_some() {
             log::info!("event=claim_recovered");
         }
+        let mut more = false;
+        let shares: Vec<(String, usize)> = shares.into_iter().map(|(_, c, l)| (c, l)).collect();
+        for ((conversation, limit), batch) in shares.into_iter().zip(batches) {
+            more |= batch.claimed.len() + batch.dead_lettered.len() >= limit;
+            self.take_batch(&conversation, batch);
+        }
+        more
+    }
+
+    /// A failed look or claim: pause claims for a second, log once.
+    fn claim_failed(&mut self, e: BridgeError) {
+        // A failed write (disk full, I/O error) still touches the
+        // WAL, and that wakes us: without a pause this would spin.
+        // On a full disk even reads spin inside SQLite (it cannot
+        // update the WAL index), so everything backs off to 1 s.
+        self.claims_paused_until = Instant::now() + Duration::from_secs(1);
+        let msg = e.to_string();
+        if self.last_claim_error.as_deref() != Some(msg.as_str()) {
+            log::warn!("event=claim_failed reason={msg:?}: retrying every second");
+            self.last_claim_error = Some(msg);
+        }
+    }
+
+    /// Start on what one conversation's claim brought.
+    fn take_batch(&mut self, conversation: &str, batch: autopoll_bridge::ClaimBatch) {
         for d in &batch.dead_lettered {
             log::warn!(
-                "event=dead_lettered message_id={} query_id={} attempts={} reason={:?}",
+                "event=dead_lettered message_id={} query_id={} attempts={} reason={:?} conversation={conversation}",
                 d.message_id,
                 d.query_id,
                 d.attempts,
@@ -491,7 +542,6 @@ impl Poller {
         if !batch.claimed.is_empty() {
             fault::point("after_claim");
         }
-        let full = batch.claimed.len() + batch.dead_lettered.len() >= room;
         let now = Instant::now();
         let mut skip = Vec::new();
         for c in batch.claimed {
@@ -499,12 +549,12 @@ impl Poller {
             match shard::classify(&c.message) {
                 Incoming::Query(q) => {
                     log::info!(
-                        "event=query_claimed message_id={id} query_id={} attempt={} plain_text={}",
+                        "event=query_claimed message_id={id} query_id={} attempt={} plain_text={} conversation={conversation}",
                         q.query_id,
                         c.attempts,
                         q.plain_text
                     );
-                    if self.answer_repeat(id, &q, c.attempts, now) {
+                    if self.answer_repeat(conversation, id, &q, c.attempts, now) {
                         continue;
                     }
                     if q.question.len() > self.cfg.max_question_bytes {
@@ -520,6 +570,7 @@ impl Poller {
                         id,
                         InFlight {
                             generation: self.generation,
+                            conversation: conversation.to_string(),
                             query_id: q.query_id,
                             query_id_raw: q.query_id_raw,
                             repeat_key: q.repeat_key,
@@ -566,19 +617,26 @@ impl Poller {
                 e.to_string()
             );
         }
-        full
     }
 
     /// A query whose id was already answered in this conversation gets that
     /// answer again, flagged `"repeat": true`, without asking the engine; one
     /// whose id is being answered here right now waits for that answer.
     /// Returns whether `id` was taken care of.
-    fn answer_repeat(&mut self, id: i64, q: &shard::Query, attempts: u32, now: Instant) -> bool {
+    fn answer_repeat(
+        &mut self,
+        conversation: &str,
+        id: i64,
+        q: &shard::Query,
+        attempts: u32,
+        now: Instant,
+    ) -> bool {
         let Some(key) = q.repeat_key.as_deref() else {
             return false;
         };
         let mut entry = InFlight {
             generation: self.generation,
+            conversation: conversation.to_string(),
             query_id: q.query_id.clone(),
             query_id_raw: q.query_id_raw.clone(),
             repeat_key: None,
@@ -590,7 +648,11 @@ impl Poller {
         let asking = self
             .in_flight
             .iter()
-            .find(|(_, f)| f.waiting_on.is_none() && f.repeat_key.as_deref() == Some(key))
+            .find(|(_, f)| {
+                f.waiting_on.is_none()
+                    && f.conversation == conversation
+                    && f.repeat_key.as_deref() == Some(key)
+            })
             .map(|(other, _)| *other);
         if let Some(other) = asking {
             log::info!(
@@ -601,9 +663,9 @@ impl Poller {
             self.in_flight.insert(id, entry);
             return true;
         }
-        let (conversation, session) = (self.cfg.conversation.clone(), self.cfg.session);
+        let session = self.cfg.session;
         let earlier = match live(&mut self.bridge)
-            .and_then(|b| b.earlier_answer(&conversation, session, key))
+            .and_then(|b| b.earlier_answer(conversation, session, key))
         {
             Ok(e) => e,
             Err(e) => {
@@ -993,7 +1055,9 @@ impl Poller {
             }
         }
         self.file_id = None;
-        self.status = None;
+        for m in &mut self.members {
+            m.status = None;
+        }
         let mut gone = conn::Gone::new();
         gone.note(why);
         self.gone = Some(gone);
@@ -1014,7 +1078,7 @@ impl Poller {
             let conn::Seen::File(sig) = seen else {
                 return Ok(false);
             };
-            match open_checked(&self.cfg, sig.id) {
+            match open_checked(&self.cfg.db, &self.members, self.cfg.session, sig.id) {
                 Ok((b, version)) => {
                     let after = gone.since.elapsed();
                     self.gone = None;
@@ -1022,12 +1086,12 @@ impl Poller {
                     self.file_id = Some(sig.id);
                     self.data_version = version;
                     self.bridge = Some(b);
-                    self.status = None;
-                    self.heartbeat_failing = false;
+                    for m in &mut self.members {
+                        m.reset(now);
+                    }
                     self.last_claim_error = None;
                     self.extend_retry_at = None;
                     self.flush_after = now;
-                    self.next_heartbeat = now;
                     log::info!(
                         "event=bridge_reopened path={db} inode={} after_secs={:.1} orphans={}",
                         sig.id.ino,
@@ -1092,10 +1156,16 @@ impl Poller {
 }
 
 /// Open the file at the path, check it is still `id` and that our
-/// conversation and token are in it.
-fn open_checked(cfg: &PollerConfig, id: conn::FileId) -> Result<(Bridge, i64), BridgeError> {
-    let b = Bridge::open_with(&cfg.db, BridgeOptions::default())?;
-    match conn::look(&cfg.db) {
+/// conversation and token are in it (with many: one of them, or the file
+/// would be someone else's bridge).
+fn open_checked(
+    db: &std::path::Path,
+    members: &[Member],
+    session: Session,
+    id: conn::FileId,
+) -> Result<(Bridge, i64), BridgeError> {
+    let b = Bridge::open_with(db, BridgeOptions::default())?;
+    match conn::look(db) {
         conn::Seen::File(sig) if sig.id == id => {}
         _ => {
             return Err(BridgeError::Invalid(
@@ -1103,12 +1173,32 @@ fn open_checked(cfg: &PollerConfig, id: conn::FileId) -> Result<(Bridge, i64), B
             ));
         }
     }
-    match b.verify(&cfg.conversation, cfg.session, &cfg.token) {
-        Ok(()) | Err(BridgeError::Expired { .. }) => {}
-        Err(e) => return Err(e),
+    let mut first_error = None;
+    for m in members {
+        match b.verify(&m.conversation, session, &m.token) {
+            Ok(()) | Err(BridgeError::Expired { .. }) => {
+                first_error = None;
+                break;
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
     }
     let v = b.data_version()?;
     Ok((b, v))
+}
+
+/// The ids of the conversations whose questions are claimed.
+fn served_names(members: &[Member]) -> Vec<String> {
+    members
+        .iter()
+        .filter(|m| m.served())
+        .map(|m| m.conversation.clone())
+        .collect()
 }
 
 /// The open connection, or an error saying there is none.
@@ -1132,7 +1222,24 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         conn::Seen::Missing(_) => None,
     };
     let bridge = Bridge::open_with(&cfg.db, BridgeOptions::default())?;
-    bridge.verify(&cfg.conversation, cfg.session, &cfg.token)?;
+    let members = match &cfg.tokens_file {
+        // One conversation: a wrong token is fatal, as it always was.
+        None => {
+            bridge.verify(&cfg.conversation, cfg.session, &cfg.token)?;
+            vec![Member::new(cfg.conversation.clone(), cfg.token.clone())]
+        }
+        // Many: one conversation's bad token is reported for it alone.
+        Some(path) => {
+            let mut ms: Vec<Member> = tokens::load(path)?
+                .into_iter()
+                .map(|e| Member::new(e.conversation, e.token))
+                .collect();
+            for m in &mut ms {
+                members::check(&bridge, m, cfg.session);
+            }
+            ms
+        }
+    };
     let claimer = Claimer::new(&cfg.shard_id)?;
     let (events_tx, events) = crossbeam_channel::unbounded::<Event>();
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<AskJob>(cfg.concurrency);
@@ -1141,10 +1248,31 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         .map_err(|e| PollerError::Io(format!("inotify on {}: {e}", cfg.db.display())))?;
     let stop_fd = shutdown.fd();
     let tx = events_tx.clone();
+    let db = cfg.db.clone();
+    let served = watch::Served {
+        session: cfg.session,
+        conversations: std::sync::Arc::new(std::sync::Mutex::new(served_names(&members))),
+    };
+    let served_tx = served.clone();
     let watcher = std::thread::Builder::new()
         .name("bridge-watch".into())
-        .spawn(move || watch.run(stop_fd, tx))
+        .spawn(move || watch.run(stop_fd, &db, served_tx, tx))
         .map_err(|e| PollerError::Io(format!("cannot start the watch thread: {e}")))?;
+    let tokens_watcher = match &cfg.tokens_file {
+        Some(path) => {
+            let w = watch::Watch::file(path, false, watch::TOKENS_MASK).map_err(|e| {
+                PollerError::Io(format!("inotify on the folder of {}: {e}", path.display()))
+            })?;
+            let (tx, hangup) = (events_tx.clone(), cfg.hangup.clone());
+            Some(
+                std::thread::Builder::new()
+                    .name("tokens-watch".into())
+                    .spawn(move || w.run_files(stop_fd, hangup, tx, || Event::Reload))
+                    .map_err(|e| PollerError::Io(format!("cannot start the watch thread: {e}")))?,
+            )
+        }
+        None => None,
+    };
     let mut askers = Vec::new();
     for i in 0..cfg.concurrency {
         let (jobs, tx, paths) = (jobs_rx.clone(), events_tx.clone(), cfg.server.clone());
@@ -1171,26 +1299,40 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         in_flight: HashMap::new(),
         answers: Vec::new(),
         server: ServerState::Up,
-        status: None,
-        next_heartbeat: Instant::now(),
+        members,
+        served,
+        work_seen: false,
+        next_turn: 0,
+        tokens_error: None,
         data_version,
-        token_warned: false,
         flush_after: Instant::now(),
-        last_status_write: Instant::now(),
         next_health: Instant::now() + cfg.heartbeat,
         probe_client: None,
         claims_paused_until: Instant::now(),
         extend_retry_at: None,
         last_claim_error: None,
-        heartbeat_failing: false,
         pruner: None,
         next_prune: Instant::now(),
         prune_failing: false,
         cfg,
     };
+    let what = match &p.cfg.tokens_file {
+        None => p.cfg.conversation.clone(),
+        Some(f) => format!(
+            "{} conversations (of {}: {} served)",
+            p.members.len(),
+            f.display(),
+            p.members.iter().filter(|m| m.served()).count()
+        ),
+    };
     log::info!(
-        "event=polling conversation={} session={} server={} owner={} concurrency={}",
-        p.cfg.conversation,
+        "event=polling conversation={} conversations={} session={} server={} owner={} concurrency={}",
+        if p.cfg.tokens_file.is_some() {
+            "-"
+        } else {
+            p.cfg.conversation.as_str()
+        },
+        p.members.len(),
         p.cfg.session,
         p.cfg.server.name,
         p.claimer.owner(),
@@ -1198,16 +1340,17 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
     );
     let mut notifier = Notifier::new(&p.cfg.notify);
     notifier.ready(&format!(
-        "answering session {} of {} through server `{}`",
-        p.cfg.session, p.cfg.conversation, p.cfg.server.name
+        "answering session {} of {what} through server `{}`",
+        p.cfg.session, p.cfg.server.name
     ));
     let rescan_every = (p.cfg.lease / 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut next_rescan = Instant::now();
     let mut next_version = Instant::now() + p.cfg.version_check;
     let mut want_claim = true;
     let mut stop_at: Option<Instant> = None;
-    // A pending re-check of data_version after an early wake: (when, tries left).
-    let mut recheck: Option<(Instant, u32)> = None;
+    // A pending re-check of data_version after an early wake: (when, step
+    // of RECHECK).
+    let mut recheck: Option<(Instant, usize)> = None;
     loop {
         // Only this loop pings: if it hangs, the pings stop and systemd
         // (WatchdogSec=) kills and restarts the poller.
@@ -1234,8 +1377,8 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         let mut wake = next_version.min(next_rescan);
         // Without a connection there is no heartbeat to write (the timers
         // above bring the file check round ten times a second).
-        if p.bridge.is_some() {
-            wake = wake.min(p.next_heartbeat);
+        if let Some(t) = p.heartbeat_due() {
+            wake = wake.min(t);
         }
         // The health check runs only while the server is up and idle; a
         // stale time from before would wake us at once, forever.
@@ -1262,9 +1405,6 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         }
         if p.cfg.retain.is_some() && p.bridge.is_some() && stop_at.is_none() {
             wake = wake.min(p.next_prune);
-        }
-        if p.bridge.is_some() && p.status != Some(p.wanted_status()) && !p.heartbeat_failing {
-            wake = wake.min(p.last_status_write + Duration::from_secs(1));
         }
         if let Some(lease) = p.in_flight.values().map(|f| f.lease_until).min() {
             // A failed extension is retried at extend_retry_at, not before:
@@ -1295,6 +1435,16 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         for ev in evs {
             match ev {
                 Event::Wake => woke = true,
+                Event::Changed => {
+                    want_claim = true;
+                    p.work_seen = true;
+                }
+                Event::Reload => {
+                    if stop_at.is_none() {
+                        p.reload_tokens();
+                        want_claim = true;
+                    }
+                }
                 Event::Result(r) => p.on_result(*r),
                 Event::Stop => {
                     if stop_at.is_none() {
@@ -1336,10 +1486,11 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
                 recheck = None;
             } else if woke && p.last_claim_error.is_none() {
                 // The WAL is written before the commit shows in the shared
-                // index: a wake may come a moment early. Look again shortly.
-                recheck = Some((now + Duration::from_millis(1), 4));
-            } else if let Some((_, left)) = recheck.filter(|_| recheck_due) {
-                recheck = (left > 1).then(|| (now + Duration::from_millis(4), left - 1));
+                // index: a wake may come a moment early. Look again within
+                // microseconds, then less and less often (RECHECK).
+                recheck = Some((now + RECHECK[0], 0));
+            } else if let Some((_, step)) = recheck.filter(|_| recheck_due) {
+                recheck = RECHECK.get(step + 1).map(|d| (now + *d, step + 1));
             }
         }
         if now >= next_rescan {
@@ -1383,23 +1534,17 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         if !held.is_empty() {
             let _ = b.release(&p.claimer, &held, Some("poller stopped"), true);
         }
-        // Say so, or the session would look alive for two more minutes.
-        match b.heartbeat(
-            &p.cfg.conversation,
-            p.cfg.session,
-            &p.cfg.token,
-            SessionState::Stopped,
-        ) {
-            Ok(()) => log::info!("event=status status=stopped"),
-            Err(e) => log::warn!(
-                "event=heartbeat_failed reason={:?}: the session looks alive until its heartbeat ages out",
-                e.to_string()
-            ),
+        // Say so, or the sessions would look alive for two more minutes.
+        for m in std::mem::take(&mut p.members) {
+            p.say_stopped(&m);
         }
     }
     drop(p.jobs);
     shutdown.trigger();
     let _ = watcher.join();
+    if let Some(w) = tokens_watcher {
+        let _ = w.join();
+    }
     // Askers finish their current question (bounded by the query timeout);
     // those still busy are not waited for.
     for a in askers {

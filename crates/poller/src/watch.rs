@@ -4,11 +4,12 @@
 //! nothing happens, the thread sleeps in poll(2). The main loop confirms a
 //! wake with `PRAGMA data_version` (which ignores our own commits) and also
 //! checks it on a timer, so a missed event (network file systems) costs at
-//! most one timer period.
+//! most one timer period. The same watch, on other names and events
+//! ([`Watch::file`], [`TOKENS_MASK`]), follows the `--tokens-file`.
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -31,11 +32,25 @@ const MASK: u32 = libc::IN_MODIFY
     | libc::IN_DELETE_SELF
     | libc::IN_MOVE_SELF;
 
-/// An inotify watch on the directory holding the bridge file.
+/// What the tokens file's watch listens for: written and closed, renamed
+/// in or out, created, removed, chmod-ed (a partial write is not read: the
+/// close comes after it).
+pub const TOKENS_MASK: u32 = libc::IN_CLOSE_WRITE
+    | libc::IN_CREATE
+    | libc::IN_MOVED_TO
+    | libc::IN_DELETE
+    | libc::IN_MOVED_FROM
+    | libc::IN_ATTRIB
+    | libc::IN_DELETE_SELF
+    | libc::IN_MOVE_SELF;
+
+/// An inotify watch on the directory holding the bridge file (or another
+/// file: [`Watch::file`]).
 pub struct Watch {
     fd: OwnedFd,
     names: Vec<Vec<u8>>,
     dir: PathBuf,
+    mask: u32,
     /// The watch descriptor and the folder's (dev, ino), while watched.
     watched: Option<(i32, (u64, u64))>,
 }
@@ -44,6 +59,12 @@ impl Watch {
     /// Watch the directory of `db` for writes to `db`, `db-wal`, and for
     /// those files being created or renamed into place.
     pub fn new(db: &Path) -> io::Result<Watch> {
+        Watch::file(db, true, MASK)
+    }
+
+    /// Watch the directory of `path` for `mask` events on `path` (and on
+    /// `path-wal` with `wal`).
+    pub fn file(db: &Path, wal: bool, mask: u32) -> io::Result<Watch> {
         let dir = match db.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => std::env::current_dir()?,
@@ -53,8 +74,12 @@ impl Watch {
             .ok_or_else(|| io::Error::other("the bridge path has no file name"))?
             .as_bytes()
             .to_vec();
-        let mut wal = file.clone();
-        wal.extend_from_slice(b"-wal");
+        let mut names = vec![file.clone()];
+        if wal {
+            let mut w = file;
+            w.extend_from_slice(b"-wal");
+            names.push(w);
+        }
         // SAFETY: plain syscall; the fd is owned below.
         let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
         if fd < 0 {
@@ -64,8 +89,9 @@ impl Watch {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let mut w = Watch {
             fd,
-            names: vec![file, wal],
+            names,
             dir,
+            mask,
             watched: None,
         };
         w.add()?;
@@ -77,7 +103,7 @@ impl Watch {
         let meta = std::fs::metadata(&self.dir)?;
         let c = CString::new(self.dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
         // SAFETY: valid fd and NUL-terminated path.
-        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), MASK) };
+        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), self.mask) };
         if wd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -99,16 +125,19 @@ impl Watch {
         }
     }
 
-    /// Read pending events; true if one concerns the bridge (or the folder
-    /// itself, whose watch is then dropped).
-    fn drain(&mut self) -> bool {
+    /// Read pending events: whether one concerns the watched files (or the
+    /// folder itself, whose watch is then dropped), and whether all of those
+    /// were plain writes (`IN_MODIFY`: a commit, or a checkpoint), not a
+    /// file created, renamed, removed or the folder lost.
+    fn drain(&mut self) -> (bool, bool) {
         let mut buf = [0u8; 4096];
         let mut relevant = false;
+        let mut writes_only = true;
         loop {
             // SAFETY: reading into a valid buffer from our non-blocking fd.
             let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
             if n <= 0 {
-                return relevant;
+                return (relevant, writes_only);
             }
             let n = n as usize;
             let mut off = 0;
@@ -123,6 +152,7 @@ impl Watch {
                 let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
                 if self.names.iter().any(|w| w.as_slice() == name) {
                     relevant = true;
+                    writes_only &= ev.mask & !(libc::IN_MODIFY | libc::IN_CLOSE_WRITE) == 0;
                 }
                 let gone = libc::IN_IGNORED | libc::IN_DELETE_SELF | libc::IN_MOVE_SELF;
                 if ev.mask & gone != 0 && self.watched.is_some_and(|(wd, _)| wd == ev.wd) {
@@ -136,29 +166,190 @@ impl Watch {
                     }
                     self.watched = None;
                     relevant = true;
+                    writes_only = false;
                 }
                 off = name_end;
             }
         }
     }
 
-    /// Run until `stop` is readable: send [`Event::Wake`] for each burst of
-    /// relevant events and [`Event::Stop`] when told to stop.
-    pub fn run(self, stop_fd: std::os::fd::RawFd, events: Sender<Event>) {
-        self.run_with(stop_fd, |n| match n {
-            Notice::Changed => events.send(Event::Wake).is_ok(),
-            Notice::Stop => {
-                let _ = events.send(Event::Stop);
-                false
+    /// Run until `stop` is readable: send [`Event::Changed`] once a commit
+    /// by anyone is visible in `db` and leaves something to claim for one of
+    /// `served`'s conversations (confirmed with `PRAGMA data_version`, then
+    /// [`autopoll_bridge::claimable_on`], on a read-only connection of this
+    /// thread's own: the poller's loop wakes once per commit that concerns
+    /// it, not once per page written nor for other conversations' traffic,
+    /// and never before the commit shows), [`Event::Wake`] for what cannot
+    /// be confirmed (a file created, renamed or removed; no connection), and
+    /// [`Event::Stop`] when told to stop.
+    ///
+    /// The WAL is written before the commit shows in the shared index, so
+    /// a write seen before its commit is looked at again after 15, 15, 30, 30, 60
+    /// ... microseconds (`RECHECK` in lib.rs, about 9 ms in all), in this
+    /// thread, with nothing sent meanwhile.
+    pub fn run(mut self, stop_fd: RawFd, db: &Path, served: Served, events: Sender<Event>) {
+        // Sleeps of tens of microseconds mean what they say (the default
+        // timer slack is 50 us); this thread only.
+        // SAFETY: plain prctl on the calling thread.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1_000 as libc::c_ulong) };
+        let mut confirm = Confirm::new(db, served);
+        let _ = confirm.moved();
+        let mut next_check = Instant::now() + Duration::from_secs(1);
+        // A write not yet visible as a commit: (when to look again, step).
+        let mut recheck: Option<(Instant, usize)> = None;
+        loop {
+            let now = Instant::now();
+            if self.watched.is_none() || now >= next_check {
+                next_check = now + Duration::from_secs(1);
+                if !self.current() && self.add().is_ok() {
+                    log::info!("event=watch_restored dir={}", self.dir.display());
+                    confirm.reset();
+                    if events.send(Event::Wake).is_err() {
+                        return;
+                    }
+                }
             }
-        });
+            let mut until = if self.watched.is_some() {
+                next_check
+            } else {
+                Instant::now() + REWATCH
+            };
+            if let Some((t, _)) = recheck {
+                until = until.min(t);
+            }
+            // While a commit is awaited, its further page writes do not wake
+            // us (one wake per page would be a dozen per commit): the
+            // schedule does, and drains them.
+            let inotify = if recheck.is_some() {
+                -1
+            } else {
+                self.fd.as_raw_fd()
+            };
+            let mut fds = [
+                fifo::pollfd(inotify, libc::POLLIN),
+                fifo::pollfd(stop_fd, libc::POLLIN),
+            ];
+            if ppoll(&mut fds, until).is_err() {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            if fds[1].revents != 0 {
+                let _ = events.send(Event::Stop);
+                return;
+            }
+            let mut look = recheck.is_some_and(|(t, _)| Instant::now() >= t);
+            if look || fds[0].revents != 0 {
+                let (relevant, writes_only) = self.drain();
+                if relevant && !writes_only {
+                    // Another file at the path, or none: the loop finds out.
+                    confirm.reset();
+                    recheck = None;
+                    if events.send(Event::Wake).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                look |= relevant;
+            }
+            if !look {
+                continue;
+            }
+            let ev = match confirm.moved() {
+                Some(true) => {
+                    recheck = None;
+                    // The rest of this commit's writes are queued already.
+                    let _ = self.drain();
+                    match confirm.work() {
+                        Some(true) => Event::Changed,
+                        // Nothing for us: the loop sleeps on.
+                        Some(false) => continue,
+                        None => Event::Wake,
+                    }
+                }
+                Some(false) => {
+                    let step = recheck.map_or(0, |(_, s)| s + 1);
+                    recheck = crate::RECHECK
+                        .get(step)
+                        .map(|d| (Instant::now() + *d, step));
+                    continue;
+                }
+                None => {
+                    recheck = None;
+                    Event::Wake
+                }
+            };
+            if events.send(ev).is_err() {
+                return;
+            }
+        }
     }
 
+    /// For other files (the tokens file): send `make()` for each burst of
+    /// relevant events, and also when `hangup` (a SIGHUP,
+    /// [`crate::tokens::Hangup`]) becomes readable; [`Event::Stop`] when told
+    /// to stop.
+    pub fn run_files(
+        mut self,
+        stop_fd: RawFd,
+        hangup: Option<crate::tokens::Hangup>,
+        events: Sender<Event>,
+        make: fn() -> Event,
+    ) {
+        let mut next_check = Instant::now() + Duration::from_secs(1);
+        loop {
+            let now = Instant::now();
+            if self.watched.is_none() || now >= next_check {
+                next_check = now + Duration::from_secs(1);
+                if !self.current() && self.add().is_ok() {
+                    log::info!("event=watch_restored dir={}", self.dir.display());
+                    if events.send(make()).is_err() {
+                        return;
+                    }
+                }
+            }
+            let until = if self.watched.is_some() {
+                next_check
+            } else {
+                Instant::now() + REWATCH
+            };
+            let mut fds = [
+                fifo::pollfd(self.fd.as_raw_fd(), libc::POLLIN),
+                fifo::pollfd(stop_fd, libc::POLLIN),
+                fifo::pollfd(hangup.as_ref().map_or(-1, |h| h.fd()), libc::POLLIN),
+            ];
+            if fifo::poll(&mut fds, Some(until)).is_err() {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            if fds[1].revents != 0 {
+                let _ = events.send(Event::Stop);
+                return;
+            }
+            let mut send = false;
+            if fds[2].revents != 0
+                && let Some(h) = &hangup
+            {
+                h.drain();
+                log::info!("event=sighup: reading the tokens file again");
+                send = true;
+            }
+            if fds[0].revents != 0 && self.drain().0 {
+                send = true;
+            }
+            if send && events.send(make()).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl Watch {
     /// Run until `stop` is readable or `notify` returns false: call
     /// `notify(Notice::Changed)` for each burst of relevant events (and when
     /// a lost watch is restored), `notify(Notice::Stop)` once when told to
-    /// stop. Shared by the poller and `autopoll mcp`'s `ask_shard` waiter.
-    pub fn run_with(mut self, stop_fd: std::os::fd::RawFd, mut notify: impl FnMut(Notice) -> bool) {
+    /// stop. The caller confirms a change itself (`PRAGMA data_version`);
+    /// used by `autopoll mcp`'s `ask_shard` waiter.
+    pub fn run_with(mut self, stop_fd: RawFd, mut notify: impl FnMut(Notice) -> bool) {
         let mut next_check = Instant::now() + Duration::from_secs(1);
         loop {
             let now = Instant::now();
@@ -188,7 +379,7 @@ impl Watch {
                 notify(Notice::Stop);
                 return;
             }
-            if fds[0].revents != 0 && self.drain() && !notify(Notice::Changed) {
+            if fds[0].revents != 0 && self.drain().0 && !notify(Notice::Changed) {
                 return;
             }
         }
@@ -203,4 +394,111 @@ pub enum Notice {
     Changed,
     /// The stop descriptor became readable.
     Stop,
+}
+
+/// Whether the bridge's content changed: `PRAGMA data_version` on a
+/// read-only connection of the watch thread's own (it moves on any commit
+/// by another connection, the poller's own included).
+struct Confirm {
+    path: PathBuf,
+    conn: Option<rusqlite::Connection>,
+    seen: Option<i64>,
+    served: Served,
+}
+
+/// The conversations a poller serves and its session, shared with the
+/// watch thread (the poller's loop updates them when its tokens file
+/// changes).
+#[derive(Clone, Debug)]
+pub struct Served {
+    /// The session answered for.
+    pub session: autopoll_bridge::Session,
+    /// The conversation ids claimed for.
+    pub conversations: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Confirm {
+    fn new(path: &Path, served: Served) -> Confirm {
+        Confirm {
+            path: path.to_path_buf(),
+            conn: None,
+            seen: None,
+            served,
+        }
+    }
+
+    /// Whether a served conversation has something to claim (None: cannot
+    /// tell, so the loop should look itself).
+    fn work(&mut self) -> Option<bool> {
+        let names: Vec<String> = self.served.conversations.lock().ok()?.clone();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        match autopoll_bridge::claimable_on(self.conn.as_ref()?, &refs, self.served.session) {
+            Ok(found) => Some(!found.is_empty()),
+            Err(_) => None,
+        }
+    }
+
+    /// Forget the connection (the file at the path may be another one now).
+    fn reset(&mut self) {
+        self.conn = None;
+        self.seen = None;
+    }
+
+    /// Some(true): a commit showed since the last look; Some(false): none
+    /// did; None: cannot tell (no file, not SQLite, busy, just opened).
+    fn moved(&mut self) -> Option<bool> {
+        if self.conn.is_none() {
+            let c = rusqlite::Connection::open_with_flags(
+                &self.path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .ok()?;
+            // Bounded: a checkpoint or recovery holding the index is waited
+            // out briefly; past that the loop is woken unconfirmed.
+            c.busy_timeout(Duration::from_millis(50)).ok()?;
+            self.conn = Some(c);
+        }
+        let v = self
+            .conn
+            .as_ref()?
+            .prepare_cached("PRAGMA data_version")
+            .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)));
+        match v {
+            Ok(v) => {
+                let before = self.seen.replace(v);
+                before.map(|b| b != v)
+            }
+            Err(_) => {
+                self.reset();
+                None
+            }
+        }
+    }
+}
+
+/// poll(2) with microsecond precision (ppoll), until `deadline`.
+fn ppoll(fds: &mut [libc::pollfd], deadline: Instant) -> io::Result<usize> {
+    let d = deadline.saturating_duration_since(Instant::now());
+    let ts = libc::timespec {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(d.subsec_nanos() as i32),
+    };
+    // SAFETY: valid pollfd slice, timespec and a null signal mask.
+    let rc = unsafe {
+        libc::ppoll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            &ts,
+            std::ptr::null(),
+        )
+    };
+    if rc >= 0 {
+        return Ok(rc as usize);
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::Interrupted {
+        return Ok(0);
+    }
+    Err(e)
 }
