@@ -34,6 +34,10 @@ fn the_quick_bench_measures_everything() {
         "Bridge growth per question",
         "Claude Code warm (claude) vs per-process (spawn)",
         "Claude input tokens per question",
+        "Context index",
+        "Server memory",
+        "Context one-line edit",
+        "Idle CPU, server over",
     ] {
         assert!(table.contains(metric), "{metric} missing:\n{table}");
     }
@@ -49,6 +53,7 @@ fn the_quick_bench_measures_everything() {
         "engine",
         "retention",
         "claude",
+        "context",
     ] {
         assert!(
             v.get(section).is_some_and(|s| s.get("error").is_none()),

@@ -13,6 +13,7 @@
 #![deny(missing_docs)]
 
 mod claude;
+mod context;
 pub mod procs;
 
 use std::io::{Read, Write};
@@ -1022,7 +1023,7 @@ pub fn run(opts: &Options) -> Report {
     );
     r.json.insert("machine".into(), machine());
     type Step = fn(&Options, &mut Report) -> Res<()>;
-    let steps: [(&str, Step); 10] = [
+    let steps: [(&str, Step); 11] = [
         ("ipc", ipc),
         ("pickup", pickup),
         ("old_design", old_design),
@@ -1033,6 +1034,7 @@ pub fn run(opts: &Options) -> Report {
         ("engine", engine),
         ("retention", retention),
         ("claude", claude::claude),
+        ("context", context::step),
     ];
     for (name, step) in steps {
         if !opts.only.is_empty() && !opts.only.iter().any(|o| o == name) {

@@ -95,8 +95,7 @@ fn load_all(
         threads,
         |i| {
             let f = &found[i];
-            let sig =
-                Signature::of(&f.path).map_err(|e| format!("{}: {e}", f.path.display()))?;
+            let sig = Signature::of(&f.path).map_err(|e| format!("{}: {e}", f.path.display()))?;
             context::load(f).map(|cf| (sig, cf))
         },
         |_, r| results.push(r),
@@ -657,7 +656,11 @@ mod tests {
         assert_same_as_fresh(&e, root);
         assert!(!e.answer_now("cache entries").answer.contains("64 entries"));
         // Changes not named are not looked at: that is what the walk is for.
-        std::fs::write(root.join("old/f1.md"), "# File 1\nbrand new subdirectory file\n").unwrap();
+        std::fs::write(
+            root.join("old/f1.md"),
+            "# File 1\nbrand new subdirectory file\n",
+        )
+        .unwrap();
         assert!(!e.reload_paths(&[root.join("NOTES.md")]));
         assert!(results(&e, "brand subdirectory").is_empty());
         assert!(e.reload());
@@ -684,7 +687,10 @@ mod tests {
         assert!(e.reload_paths(&[root.join("NOTES.md")]));
         assert!(e.info().last_reload_error.unwrap().contains("not UTF-8"));
         std::fs::write(root.join("added.md"), "walrus quorum\n").unwrap();
-        assert!(!e.reload_paths(&[root.join("added.md")]), "same text as indexed");
+        assert!(
+            !e.reload_paths(&[root.join("added.md")]),
+            "same text as indexed"
+        );
         assert!(e.info().last_reload_error.is_none());
         assert_same_as_fresh(&e, root);
     }

@@ -617,10 +617,7 @@ mod tests {
             files[i] = file(&name, &body(i, &format!("w{round}")));
             if round % 3 == 0 {
                 files.remove((i + 7) % files.len());
-                files.push(file(
-                    &format!("f{i:02}b{round}.md"),
-                    &body(i, "other"),
-                ));
+                files.push(file(&format!("f{i:02}b{round}.md"), &body(i, "other")));
                 files.sort_by(|a, b| a.display.cmp(&b.display));
             }
             let next = idx.update(files.clone(), 2);
@@ -693,7 +690,10 @@ mod tests {
                 match next() % 9 {
                     0 => {
                         section += 1;
-                        body.push_str(&format!("\n{} Part {section}\n", "#".repeat(1 + (next() % 3) as usize)));
+                        body.push_str(&format!(
+                            "\n{} Part {section}\n",
+                            "#".repeat(1 + (next() % 3) as usize)
+                        ));
                     }
                     1 => body.push_str("```\nlet x = 1;\n\nfifo();\n```\n"),
                     2 => body.push('\n'),

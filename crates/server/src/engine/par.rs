@@ -133,11 +133,16 @@ mod tests {
                 |i| {
                     // Uneven work: later items finish first.
                     let spin = (100 - i) * 200;
-                    (0..spin).fold(i, |a, b| a.wrapping_add(b % 3)) - (0..spin).map(|b| b % 3).sum::<usize>()
+                    (0..spin).fold(i, |a, b| a.wrapping_add(b % 3))
+                        - (0..spin).map(|b| b % 3).sum::<usize>()
                 },
                 |i, r| got.push((i, r)),
             );
-            assert_eq!(got, (0..100).map(|i| (i, i)).collect::<Vec<_>>(), "{threads} threads");
+            assert_eq!(
+                got,
+                (0..100).map(|i| (i, i)).collect::<Vec<_>>(),
+                "{threads} threads"
+            );
         }
         let mut none = 0;
         map_ordered(0, 4, |i| i, |_, _| none += 1);
