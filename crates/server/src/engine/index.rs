@@ -11,7 +11,8 @@
 //! old one: posting
 //! lists are shared (`Arc`) and only those of the changed files' terms are
 //! copied and edited; removed passages leave holes in the document table
-//! until holes outnumber documents, when it builds afresh. The new index is
+//! until holes outnumber documents, when it is compacted (ids renumbered,
+//! nothing re-tokenised). The new index is
 //! swapped in whole, so readers never see one half made.
 
 use std::cell::RefCell;
@@ -363,8 +364,8 @@ impl Index {
     /// tokenised (on up to `threads` threads) and appended. Only the
     /// posting lists of those terms are copied; the document table and the
     /// version are redone (O(passages), O(files)). Searches give exactly
-    /// what [`Index::build`] over `files` gives. Falls back to a full build
-    /// once holes outnumber live documents.
+    /// what [`Index::build`] over `files` gives. Compacts the documents
+    /// (renumbers them, rewriting every list) once holes outnumber live ones.
     pub fn update(&self, files: Vec<Arc<ContextFile>>, threads: usize) -> Index {
         let old: HashMap<&str, usize> = self
             .files
@@ -430,9 +431,47 @@ impl Index {
         let toks = spans.into_iter().flatten().collect();
         let index = Index::finish(files, toks, t, self.vocab.clone());
         if index.docs.len() > 2 * index.live as usize + 64 {
-            return Index::build(index.files, index.vocab, threads);
+            return index.compact();
         }
         index
+    }
+
+    /// This index without holes: documents renumbered in order, every
+    /// posting list rewritten with the new ids (the order of ids is kept,
+    /// so lists stay sorted). O(postings), no reading or tokenising.
+    fn compact(self) -> Index {
+        let mut new_id = vec![u32::MAX; self.docs.len()];
+        let mut docs = Vec::with_capacity(self.live as usize);
+        for (old, d) in self.docs.iter().enumerate() {
+            if d.file != u32::MAX {
+                new_id[old] = docs.len() as u32;
+                docs.push(*d);
+            }
+        }
+        let postings = self
+            .postings
+            .iter()
+            .map(|l| Arc::new(l.iter().map(|&(d, c)| (new_id[d as usize], c)).collect()))
+            .collect();
+        let toks = self
+            .toks
+            .into_iter()
+            .map(|(tok, span)| {
+                let start = if span.is_empty() {
+                    // No documents: any id where the run would be will do.
+                    0
+                } else {
+                    new_id[span.start as usize]
+                };
+                (tok, start..start + span.len() as u32)
+            })
+            .collect();
+        Index {
+            docs,
+            postings,
+            toks,
+            ..self
+        }
     }
 
     /// The files, in citation order.
@@ -610,7 +649,8 @@ mod tests {
             .map(|i| file(&format!("f{i:02}.md"), &body(i, "alpha")))
             .collect();
         let mut idx = Index::build(files.clone(), vocab.clone(), 1);
-        for round in 0..40usize {
+        let mut compactions = 0;
+        for round in 0..120usize {
             // Edit one file, drop one, add one (in the middle of the order).
             let i = round % files.len();
             let name = files[i].display.clone();
@@ -641,8 +681,13 @@ mod tests {
                 assert!(!Arc::ptr_eq(&next.postings[end], &idx.postings[end]));
                 assert!(next.postings.len() > quoted);
             }
+            if next.docs.len() < idx.docs.len() {
+                compactions += 1;
+                assert_eq!(next.docs.len(), next.live as usize, "no holes left");
+            }
             idx = next;
         }
+        assert!(compactions > 0, "holes never outnumbered documents");
         // Untouched: a term only in files that did not change shares its list.
         let a = Index::build(files.clone(), vocab.clone(), 1);
         let mut changed = files.clone();
