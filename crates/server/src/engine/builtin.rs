@@ -154,6 +154,8 @@ impl BuiltinEngine {
             threads,
         );
         release_freed_memory();
+        let (table_bytes, entries) = index.table_bytes();
+        log::debug!("event=index_tables bytes={table_bytes} postings={entries}");
         log::info!(
             "event=context_loaded files={} passages={} bytes={} version={}",
             files.len(),

@@ -581,6 +581,22 @@ impl Index {
         self.bytes
     }
 
+    /// What the index's own tables hold, in bytes (postings, documents,
+    /// per-file terms; not the files' text or passages), and the number of
+    /// posting entries. For logs and benchmarks.
+    pub fn table_bytes(&self) -> (usize, usize) {
+        let entries: usize = self.postings.iter().map(|l| l.len()).sum();
+        let lists = self.postings.len() * (8 + 16 + 24);
+        let terms: usize = self.toks.iter().map(|(t, _)| t.terms.len() + 16 + 8 + 24).sum();
+        (
+            entries * std::mem::size_of::<Posting>()
+                + lists
+                + terms
+                + self.docs.len() * std::mem::size_of::<Doc>(),
+            entries,
+        )
+    }
+
     /// The best `k` passages for `query`, best first; empty when no query
     /// term occurs anywhere.
     pub fn search(&self, query: &str, k: usize) -> Vec<Hit> {
