@@ -392,9 +392,15 @@ impl BuiltinEngine {
         );
         st.reloads += 1;
         st.loaded_at = now_utc();
-        match self.index.write() {
-            Ok(mut g) => *g = Arc::new(index),
-            Err(p) => *p.into_inner() = Arc::new(index),
+        let old = match self.index.write() {
+            Ok(mut g) => std::mem::replace(&mut *g, Arc::new(index)),
+            Err(p) => std::mem::replace(&mut *p.into_inner(), Arc::new(index)),
+        };
+        // The old index's copied lists go now (unless a query still holds
+        // it); give their pages back rather than let the heap grow.
+        if Arc::strong_count(&old) == 1 {
+            drop(old);
+            release_freed_memory();
         }
         true
     }

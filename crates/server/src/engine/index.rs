@@ -22,6 +22,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use sha2::{Digest, Sha256};
 
 use super::context::ContextFile;
+use super::postings::List;
 use super::text;
 
 const K1: f32 = 1.2;
@@ -87,15 +88,6 @@ impl Vocab {
         }
         out.into_iter().map(|id| id.unwrap_or(0)).collect()
     }
-}
-
-/// One entry of a posting list: a document and the term's count in it.
-/// Packed to 6 bytes (a third of the index's memory is these).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(C, packed(2))]
-struct Posting {
-    doc: u32,
-    tf: u16,
 }
 
 /// What an index keeps of a file's terms: enough to take it out again.
@@ -238,7 +230,7 @@ fn tokenize_unit(files: &[&ContextFile], starts: &[usize], flat: std::ops::Range
 /// The tables an index is made of, while being made.
 struct Tables {
     docs: Vec<Doc>,
-    postings: Vec<Arc<Vec<Posting>>>,
+    postings: Vec<Arc<List>>,
     total_len: u64,
 }
 
@@ -311,7 +303,7 @@ impl Tables {
                         if ti >= self.postings.len() {
                             self.postings.resize_with(ti + 1, Default::default);
                         }
-                        Arc::make_mut(&mut self.postings[ti]).push(Posting { doc, tf: c });
+                        Arc::make_mut(&mut self.postings[ti]).push(doc, c);
                         terms.push(t);
                     }
                     len += u64::from(plen);
@@ -345,7 +337,7 @@ pub struct Index {
     vocab: Arc<Vocab>,
     /// Per term id: (document id, count), ids ascending. Shared with the
     /// index this one was updated from, copied only where a change touched.
-    postings: Vec<Arc<Vec<Posting>>>,
+    postings: Vec<Arc<List>>,
     /// Documents that are not holes.
     live: u32,
     total_len: u64,
@@ -470,11 +462,8 @@ impl Index {
             }
             t.total_len -= tok.len;
             for term in decode_ids(&tok.terms) {
-                let list = Arc::make_mut(&mut t.postings[term as usize]);
-                // The file's documents are one run of ids: find it, cut it.
-                let a = list.partition_point(|p| { p.doc } < span.start);
-                let b = a + list[a..].partition_point(|p| { p.doc } < span.end);
-                list.drain(a..b);
+                // The file's documents are one run of ids: cut it out.
+                Arc::make_mut(&mut t.postings[term as usize]).remove_run(span.clone());
             }
             for d in span.clone() {
                 t.docs[d as usize] = Doc {
@@ -529,16 +518,7 @@ impl Index {
         let postings = self
             .postings
             .iter()
-            .map(|l| {
-                Arc::new(
-                    l.iter()
-                        .map(|p| Posting {
-                            doc: new_id[p.doc as usize],
-                            tf: p.tf,
-                        })
-                        .collect(),
-                )
-            })
+            .map(|l| Arc::new(l.remap(&new_id)))
             .collect();
         let toks = self
             .toks
@@ -586,13 +566,15 @@ impl Index {
     /// posting entries. For logs and benchmarks.
     pub fn table_bytes(&self) -> (usize, usize) {
         let entries: usize = self.postings.iter().map(|l| l.len()).sum();
-        let lists = self.postings.len() * (8 + 16 + 24);
-        let terms: usize = self.toks.iter().map(|(t, _)| t.terms.len() + 16 + 8 + 24).sum();
+        let bytes: usize = self.postings.iter().map(|l| l.byte_len()).sum();
+        let lists = self.postings.len() * (8 + 16 + 32);
+        let terms: usize = self
+            .toks
+            .iter()
+            .map(|(t, _)| t.terms.len() + 16 + 8 + 24)
+            .sum();
         (
-            entries * std::mem::size_of::<Posting>()
-                + lists
-                + terms
-                + self.docs.len() * std::mem::size_of::<Doc>(),
+            bytes + lists + terms + self.docs.len() * std::mem::size_of::<Doc>(),
             entries,
         )
     }
@@ -625,7 +607,7 @@ impl Index {
                 let list = &self.postings[id as usize];
                 let df = list.len() as f32;
                 let idf = (1.0 + (n - df + 0.5) / (df + 0.5)).ln();
-                for &Posting { doc, tf } in list.iter() {
+                for (doc, tf) in list.iter() {
                     let tf = f32::from(tf);
                     let dl = self.docs[doc as usize].len as f32;
                     let s = idf * tf * (K1 + 1.0) / (tf + K1 * (1.0 - B + B * dl / self.avg_len));
@@ -919,7 +901,6 @@ mod tests {
         assert_eq!(decode_ids(&bytes).collect::<Vec<_>>(), ids);
         assert!(bytes.len() < ids.len() * 4);
         assert_eq!(decode_ids(&encode_ids(&[])).count(), 0);
-        assert_eq!(std::mem::size_of::<Posting>(), 6);
     }
 
     #[test]

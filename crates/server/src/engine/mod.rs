@@ -7,6 +7,7 @@ pub mod context;
 pub mod external;
 pub mod index;
 pub mod par;
+mod postings;
 pub mod prompt;
 pub mod text;
 pub use external::wire;
