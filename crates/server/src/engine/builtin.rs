@@ -82,12 +82,12 @@ fn now_utc() -> String {
     )
 }
 
-/// Read `found` on up to `threads` threads, in order: each with its
-/// signature (taken before the read) or why it could not be read.
-fn load_all(
-    found: Vec<Found>,
-    threads: usize,
-) -> Vec<(Found, Result<(Signature, ContextFile), String>)> {
+/// A file read: its signature (taken before the read) and content, or why
+/// it could not be read.
+type Read = Result<(Signature, ContextFile), String>;
+
+/// Read `found` on up to `threads` threads, in order.
+fn load_all(found: Vec<Found>, threads: usize) -> Vec<(Found, Read)> {
     let mut out = Vec::with_capacity(found.len());
     let mut results = Vec::with_capacity(found.len());
     par::map_ordered(

@@ -185,7 +185,7 @@ pub fn discover_at(roots: &[PathBuf], path: &Path) -> Result<Vec<Found>, String>
         return Ok(out.into_values().collect());
     }
     let is_file = path.is_file();
-    if explicit && is_file || is_file && is_text_file(path) {
+    if is_file && (explicit || is_text_file(path)) {
         return Ok(vec![Found {
             path: path.to_path_buf(),
             display: display_of(path),
