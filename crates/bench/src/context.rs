@@ -30,13 +30,19 @@ fn hwm_rss_kib(pid: i32) -> (u64, u64) {
 }
 
 /// Write about `bytes` of synthetic markdown under `dir` as files of about
-/// `per_file` bytes (cut at paragraph ends), `per_dir` files a folder.
-/// Returns the files written.
-fn write_context(dir: &Path, bytes: usize, per_file: usize, per_dir: usize) -> Res<Vec<PathBuf>> {
+/// `per_file` bytes (cut at paragraph ends), `per_dir` files a folder, and
+/// at most `max_files` files. Returns the files written.
+fn write_context(
+    dir: &Path,
+    bytes: usize,
+    per_file: usize,
+    per_dir: usize,
+    max_files: usize,
+) -> Res<Vec<PathBuf>> {
     let text = synthetic_context(bytes, 0x5eed ^ bytes as u64);
     let mut files = Vec::new();
     let mut rest = text.as_str();
-    while !rest.is_empty() {
+    while !rest.is_empty() && files.len() < max_files {
         let cut = if rest.len() <= per_file {
             rest.len()
         } else {
@@ -125,7 +131,7 @@ fn sizes(
         let label = format!("{} MB", bytes / MB);
         let w = World::new(opts)?;
         let dir = w.dir.path().join("ctx");
-        let files = write_context(&dir, bytes, 100_000, 100)?;
+        let files = write_context(&dir, bytes, 100_000, 100, usize::MAX)?;
         let ctx_bytes: u64 = files
             .iter()
             .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
@@ -232,7 +238,8 @@ fn idle(
     let mut rows = serde_json::Map::new();
     for &n in counts {
         let dir = w.dir.path().join(format!("many-{n}"));
-        let files = write_context(&dir, n * 1_500, 1_400, 100)?;
+        // Generously sized, then cut at exactly `n` files of ~1.4 KB.
+        let files = write_context(&dir, n * 2_000, 1_400, 100, n)?;
         let name = format!("idle{n}");
         let s = w.server(&name, &["--context", &dir.to_string_lossy()])?;
         std::thread::sleep(Duration::from_millis(500));

@@ -7,13 +7,14 @@
 //! the index is the same for any thread count. Term ids come from a
 //! [`Vocab`] shared by every index of one engine and only ever appended to;
 //! of each file the index keeps only its distinct terms (to take it out
-//! again). After a change, [`Index::update`] makes a new index from the
-//! old one: posting
-//! lists are shared (`Arc`) and only those of the changed files' terms are
-//! copied and edited; removed passages leave holes in the document table
-//! until holes outnumber documents, when it is compacted (ids renumbered,
-//! nothing re-tokenised). The new index is
-//! swapped in whole, so readers never see one half made.
+//! again). Posting lists are compressed (`engine/postings.rs`).
+//!
+//! After a change, [`Index::update`] makes a new index from the old one:
+//! posting lists are shared (`Arc`) and only those of the changed files'
+//! terms are copied and edited; removed passages leave holes in the
+//! document table until holes outnumber documents, when it is compacted
+//! (ids renumbered, nothing re-tokenised). The new index is swapped in
+//! whole, so readers never see one half made.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
