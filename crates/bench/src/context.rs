@@ -122,13 +122,13 @@ fn sizes(
 ) -> Res<()> {
     use autopoll_server::engine::builtin::BuiltinEngine;
     let sizes: &[usize] = if opts.quick {
-        &[MB, 4 * MB]
+        &[MB / 2, 2 * MB]
     } else {
         &[10 * MB, 50 * MB, 200 * MB]
     };
     let threads = autopoll_server::engine::par::threads();
     for &bytes in sizes {
-        let label = format!("{} MB", bytes / MB);
+        let label = format!("{} MB", bytes as f64 / MB as f64);
         let w = World::new(opts)?;
         let dir = w.dir.path().join("ctx");
         let files = write_context(&dir, bytes, 100_000, 100, usize::MAX)?;

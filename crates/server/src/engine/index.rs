@@ -54,7 +54,7 @@ pub struct Hit {
 /// the distinct words ever seen, not with the current context.
 #[derive(Debug, Default)]
 pub struct Vocab {
-    ids: RwLock<HashMap<Box<str>, u32>>,
+    ids: RwLock<FxMap<Box<str>, u32>>,
 }
 
 impl Vocab {

@@ -112,8 +112,14 @@ impl List {
         if self.skips.last().map_or(at, |&(o, _)| at - o as usize) >= SKIP_BYTES {
             self.skips.push((at as u32, base));
         }
-        put(&mut self.bytes, doc - base);
-        put(&mut self.bytes, u32::from(tf));
+        let gap = doc - base;
+        if gap < 0x80 && tf < 0x80 {
+            // The common case: one byte each.
+            self.bytes.extend_from_slice(&[gap as u8, tf as u8]);
+        } else {
+            put(&mut self.bytes, gap);
+            put(&mut self.bytes, u32::from(tf));
+        }
         self.last = doc;
         self.len += 1;
     }
