@@ -283,10 +283,17 @@ impl BuiltinEngine {
     /// watched folder joined with an entry name), and whatever the engine
     /// holds under them; update and swap the index if anything changed.
     /// Costs what those files cost, not what the context costs. Falls back
-    /// to [`BuiltinEngine::reload`] when a folder among them cannot be read.
+    /// to [`BuiltinEngine::reload`] when a folder among them cannot be read
+    /// or a root named directly is missing (which the walk reports, keeping
+    /// the old index), and while the last walk failed.
     /// Returns whether the index changed.
     pub fn reload_paths(&self, paths: &[PathBuf]) -> bool {
         let mut st = self.state();
+        if st.walk_error.is_some() {
+            // Only a walk that works clears a walk's error.
+            drop(st);
+            return self.reload();
+        }
         let mut found: BTreeMap<String, Found> = BTreeMap::new();
         let mut scope: Vec<String> = Vec::new();
         for p in paths {
@@ -714,6 +721,23 @@ mod tests {
         );
         assert!(e.info().last_reload_error.is_none());
         assert_same_as_fresh(&e, root);
+    }
+
+    #[test]
+    fn a_file_named_directly_that_goes_missing_keeps_its_content_and_says_so() {
+        let (_d, p, e) = engine(NOTES);
+        std::fs::remove_file(&p).unwrap();
+        assert!(!e.reload_paths(std::slice::from_ref(&p)));
+        assert!(
+            e.answer_now("cache entries decided")
+                .answer
+                .contains("64 entries")
+        );
+        let err = e.info().last_reload_error.unwrap();
+        assert!(err.contains("NOTES.md"), "{err}");
+        std::fs::write(&p, NOTES.replace("64 entries", "65 entries")).unwrap();
+        assert!(e.reload_paths(std::slice::from_ref(&p)));
+        assert!(e.info().last_reload_error.is_none());
     }
 
     #[test]

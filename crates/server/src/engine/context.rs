@@ -172,13 +172,17 @@ pub fn watch_targets(roots: &[PathBuf]) -> Vec<(PathBuf, Option<(std::ffi::OsStr
 /// the walk of `roots` reaches (as inotify names them: a watched folder
 /// joined with an entry name it let through): the path itself if it is a
 /// text file (or a root named directly), every text file under it if it is
-/// a folder, nothing if it is gone. Fails when a folder cannot be read.
+/// a folder, nothing if it is gone. Fails when a folder cannot be read or
+/// a root is missing.
 pub fn discover_at(roots: &[PathBuf], path: &Path) -> Result<Vec<Found>, String> {
     let err = |e: std::io::Error| format!("context {}: {e}", path.display());
-    let Ok(lmd) = std::fs::symlink_metadata(path) else {
-        return Ok(Vec::new());
-    };
     let explicit = roots.iter().any(|r| r == path);
+    let lmd = match std::fs::symlink_metadata(path) {
+        Ok(md) => md,
+        // A root named on the command line must be there (as for `discover`).
+        Err(e) if explicit => return Err(err(e)),
+        Err(_) => return Ok(Vec::new()),
+    };
     if lmd.is_dir() {
         let mut out = BTreeMap::new();
         walk(path, &mut out).map_err(err)?;
