@@ -274,8 +274,19 @@ impl BuiltinEngine {
                 return false;
             }
         };
-        let scope: Vec<String> = st.files.keys().cloned().collect();
-        let delta = self.apply(&mut st, scope, found);
+        // Everything held is in scope: what the walk did not find is gone
+        // (`found` is sorted by display path).
+        let gone: Vec<String> = st
+            .files
+            .keys()
+            .filter(|k| {
+                found
+                    .binary_search_by(|f| f.display.as_str().cmp(k.as_str()))
+                    .is_err()
+            })
+            .cloned()
+            .collect();
+        let delta = self.apply(&mut st, gone, found);
         self.commit(&mut st, delta)
     }
 
@@ -317,19 +328,21 @@ impl BuiltinEngine {
                     .map(|(k, _)| k.clone()),
             );
         }
-        let delta = self.apply(&mut st, scope, found.into_values().collect());
+        let gone = scope
+            .into_iter()
+            .filter(|d| !found.contains_key(d))
+            .collect();
+        let delta = self.apply(&mut st, gone, found.into_values().collect());
         self.commit(&mut st, delta)
     }
 
-    /// Bring `st.files` in line with `found`, the files now on disk among
-    /// (or replacing) those of `scope`: re-read those whose signature moved,
-    /// drop those of `scope` no longer found.
-    fn apply(&self, st: &mut State, scope: Vec<String>, found: Vec<Found>) -> Delta {
+    /// Bring `st.files` in line with `found`, the files now on disk where
+    /// the engine looked: re-read those whose signature moved, drop `gone`
+    /// (held, looked for, not found).
+    fn apply(&self, st: &mut State, gone: Vec<String>, found: Vec<Found>) -> Delta {
         let mut delta = Delta::default();
-        let mut gone: std::collections::HashSet<String> = scope.into_iter().collect();
         let mut to_load = Vec::new();
         for f in found {
-            gone.remove(&f.display);
             let same = st.files.get(&f.display).is_some_and(|l| {
                 l.found.path == f.path && Signature::of(&f.path).ok() == Some(l.signature)
             });

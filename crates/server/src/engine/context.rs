@@ -214,7 +214,7 @@ fn walk(dir: &Path, out: &mut BTreeMap<String, Found>) -> std::io::Result<()> {
             if !SKIP_DIRS.contains(&name.as_ref()) {
                 walk(&path, out)?;
             }
-        } else if (ft.is_file() || ft.is_symlink()) && is_text_file(&path) && path.is_file() {
+        } else if is_text_file(&path) && (ft.is_file() || ft.is_symlink() && path.is_file()) {
             out.insert(
                 display_of(&path),
                 Found {
