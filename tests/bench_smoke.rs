@@ -40,6 +40,10 @@ fn the_quick_bench_measures_everything() {
         "Pickup, 4 conversation(s), a poller each",
         "Pickup, 4 conversation(s), one poller",
         "Idle CPU of 3 pollers while another conversation is asked",
+        "Context index",
+        "Server memory",
+        "Context one-line edit",
+        "Idle CPU, server over",
     ] {
         assert!(table.contains(metric), "{metric} missing:\n{table}");
     }
@@ -58,6 +62,7 @@ fn the_quick_bench_measures_everything() {
         "quality",
         "mcp",
         "conversations",
+        "context",
     ] {
         assert!(
             v.get(section).is_some_and(|s| s.get("error").is_none()),

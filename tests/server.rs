@@ -213,6 +213,56 @@ fn context_edits_additions_removals_and_new_subfolders_are_noticed_without_a_wal
     assert_eq!(st.engine.files, 3, "NOTES.md, added.md, sub/deeper/far.md");
 }
 
+/// Folders moved in and out whole (one rename each: inotify names only the
+/// folder) are walked alone and their files added or dropped; the walk of
+/// everything is an hour away.
+#[test]
+fn a_folder_moved_into_or_out_of_the_context_is_noticed_by_its_name() {
+    let env = Env::new();
+    let dir = env.path("ctx");
+    let outside = env.path("outside");
+    std::fs::create_dir_all(dir.join("keep")).unwrap();
+    std::fs::create_dir_all(outside.join("incoming/deeper")).unwrap();
+    std::fs::write(dir.join("keep/NOTES.md"), NOTES).unwrap();
+    std::fs::write(
+        outside.join("incoming/deeper/far.md"),
+        "# Far\nThe axolotl registry.\n",
+    )
+    .unwrap();
+    let s = env.server(
+        "default",
+        &["--context", path_str(&dir), "--reload-interval", NO_WALK],
+    );
+    let mut c = s.client().unwrap();
+    assert!(!c.ask("axolotl registry", TIMEOUT).unwrap().found);
+    std::fs::rename(outside.join("incoming"), dir.join("incoming")).unwrap();
+    wait_until("the moved-in folder's file is indexed", TIMEOUT, || {
+        c.ask("axolotl registry", TIMEOUT)
+            .unwrap()
+            .sources
+            .iter()
+            .any(|s| s.contains("incoming/deeper/far.md"))
+    });
+    // Its files are watched from now on.
+    std::fs::write(
+        dir.join("incoming/deeper/far.md"),
+        "# Far\nThe tapir registry.\n",
+    )
+    .unwrap();
+    wait_until(
+        "an edit inside the moved-in folder is noticed",
+        TIMEOUT,
+        || c.ask("tapir", TIMEOUT).unwrap().found,
+    );
+    std::fs::rename(dir.join("keep"), outside.join("keep")).unwrap();
+    wait_until("the moved-out folder's file is dropped", TIMEOUT, || {
+        !c.ask("cache entries decided", TIMEOUT).unwrap().found
+    });
+    let st = c.stats(TIMEOUT).unwrap();
+    assert_eq!(st.engine.files, 1, "only incoming/deeper/far.md");
+    assert!(st.engine.last_reload_error.is_none());
+}
+
 #[test]
 fn a_context_file_named_directly_is_watched_through_its_folder() {
     let env = Env::new();

@@ -17,6 +17,7 @@
 #![deny(missing_docs)]
 
 mod claude;
+mod context;
 mod conversations;
 mod mcp;
 pub mod procs;
@@ -1046,6 +1047,7 @@ pub fn run(opts: &Options) -> Report {
         ("quality", quality::quality),
         ("mcp", mcp::mcp),
         ("conversations", conversations::step),
+        ("context", context::step),
     ];
     for &(name, step) in steps {
         if !opts.only.is_empty() && !opts.only.iter().any(|o| o == name) {

@@ -13,7 +13,7 @@ use crate::exit;
 #[command(
     name = "autopoll-bench",
     version,
-    about = "Measure autopoll with the real binaries: IPC, pickup latency, backlog drain, persistent vs per-question, idle cost, endurance, engine, answer quality",
+    about = "Measure autopoll with the real binaries: IPC, pickup latency, backlog drain, persistent vs per-question, idle cost, endurance, engine, context cost, answer quality, MCP, many conversations",
     long_about = "Measures autopoll with the real binaries (looked up next to this one), a real bridge \
                   and real FIFOs, pairing each speed figure with a reference measured in the same run. \
                   Prints a table and writes the same figures as JSON. Build in release mode first; \
@@ -32,7 +32,7 @@ struct BenchCli {
     fixtures: Option<PathBuf>,
     /// Run only this measurement (repeatable): ipc, pickup, old_design, drain,
     /// persistent_vs_spawn, idle, endurance, engine, retention, claude, quality,
-    /// mcp.
+    /// mcp, conversations, context.
     #[arg(long, value_name = "NAME")]
     only: Vec<String>,
     /// The Claude Code CLI for the claude figures (default: the pinned one that

@@ -3,14 +3,16 @@
 //! as it appears) and on the folder of each context file named directly
 //! (filtered to that name). An idle server sleeps in poll(2); a burst of
 //! events is debounced (quiet for [`QUIET`], at most [`MAX_DELAY`]) into one
-//! reload. The full stat walk stays as a safety net every
+//! reload of just the paths the events named (each re-stat'ed and, if
+//! changed, re-read: [`Reload::Paths`]). The full stat walk
+//! ([`Reload::Walk`]) stays as a safety net every
 //! `--reload-interval` (it catches what inotify cannot see: network file
 //! systems, the targets of symlinks), and becomes the only mechanism, at
 //! [`FALLBACK`] or the interval if shorter, when inotify cannot be set up
-//! (no instance, the watch limit reached). An event-queue overflow costs one
-//! extra walk.
+//! (no instance, the watch limit reached). An event-queue overflow, or a
+//! root folder itself moved or deleted, costs one extra walk.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -40,14 +42,15 @@ const MASK: u32 = libc::IN_MODIFY
     | libc::IN_ONLYDIR;
 
 /// A watched folder: where it is, and, for the folder of files named
-/// directly, the only names that count there (`None`: any context file).
+/// directly, the only names that count there, each with the `--context`
+/// path it stands for (`None`: any context file).
 struct Dir {
     path: PathBuf,
-    only: Option<HashSet<OsString>>,
+    only: Option<HashMap<OsString, PathBuf>>,
 }
 
 /// What one read of the event queue said.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Drained {
     /// Something that can change the context happened.
     pub changed: bool,
@@ -55,6 +58,12 @@ pub struct Drained {
     pub resync: bool,
     /// The kernel dropped events (`IN_Q_OVERFLOW`).
     pub overflow: bool,
+    /// What changed cannot be told by path (overflow, a root folder
+    /// itself moved or deleted): walk everything.
+    pub walk: bool,
+    /// The files and folders the events named (a watched folder joined
+    /// with the entry's name; a file named directly, as given).
+    pub paths: BTreeSet<PathBuf>,
 }
 
 impl Drained {
@@ -62,7 +71,18 @@ impl Drained {
         self.changed |= o.changed;
         self.resync |= o.resync;
         self.overflow |= o.overflow;
+        self.walk |= o.walk;
+        self.paths.extend(o.paths);
     }
+}
+
+/// What the `context-watch` thread asks the engine to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reload {
+    /// Walk and re-stat every context file.
+    Walk,
+    /// Re-stat only these files and folders (and what is under them).
+    Paths(Vec<PathBuf>),
 }
 
 /// Inotify watches over the context roots.
@@ -119,13 +139,13 @@ impl ContextWatch {
             }
             let d = self.dirs.entry(wd).or_insert_with(|| Dir {
                 path: path.clone(),
-                only: Some(HashSet::new()),
+                only: Some(HashMap::new()),
             });
             d.path = path;
             match (only, &mut d.only) {
                 (None, o) => *o = None,
-                (Some(name), Some(set)) => {
-                    set.insert(name);
+                (Some((name, root)), Some(map)) => {
+                    map.insert(name, root);
                 }
                 (Some(_), None) => {}
             }
@@ -174,17 +194,27 @@ impl ContextWatch {
         }
         if mask & libc::IN_IGNORED != 0 {
             // The folder went (or we removed the watch): forget it.
-            out.changed = self.dirs.remove(&wd).is_some();
+            if let Some(dir) = self.dirs.remove(&wd) {
+                self.gone(&dir, &mut out);
+            }
             return out;
         }
         if mask & (libc::IN_DELETE_SELF | libc::IN_MOVE_SELF) != 0 {
-            if mask & libc::IN_MOVE_SELF != 0 && self.dirs.remove(&wd).is_some() {
-                // Where it went is unknown: drop it; a resync re-adds it
-                // if it is still under a root.
-                // SAFETY: removing a watch of ours.
-                unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), wd) };
+            let dir = if mask & libc::IN_MOVE_SELF != 0 {
+                let dir = self.dirs.remove(&wd);
+                if dir.is_some() {
+                    // Where it went is unknown: drop it; a resync re-adds it
+                    // if it is still under a root.
+                    // SAFETY: removing a watch of ours.
+                    unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), wd) };
+                }
+                dir
+            } else {
+                self.dirs.remove(&wd)
+            };
+            if let Some(dir) = dir {
+                self.gone(&dir, &mut out);
             }
-            out.changed = true;
             out.resync = true;
             return out;
         }
@@ -192,22 +222,46 @@ impl ContextWatch {
             return out;
         };
         let is_dir = mask & libc::IN_ISDIR != 0;
-        out.changed = match &dir.only {
-            Some(names) => names.contains(name),
-            None => context::relevant_name(name, is_dir),
-        };
+        match &dir.only {
+            Some(names) => {
+                if let Some(root) = names.get(name) {
+                    out.changed = true;
+                    out.paths.insert(root.clone());
+                }
+            }
+            None => {
+                if context::relevant_name(name, is_dir) {
+                    out.changed = true;
+                    out.paths.insert(dir.path.join(name));
+                }
+            }
+        }
         out.resync = out.changed
             && is_dir
             && dir.only.is_none()
             && mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0;
         out
     }
+
+    /// A watched folder moved or went: what was under it changed. A root
+    /// (or the folder of files named directly) means a walk; a folder below
+    /// a root is named by its parent's event too, and is re-read by path.
+    fn gone(&self, dir: &Dir, out: &mut Drained) {
+        out.changed = true;
+        match &dir.only {
+            Some(names) => out.paths.extend(names.values().cloned()),
+            None if self.roots.contains(&dir.path) => out.walk = true,
+            None => {
+                out.paths.insert(dir.path.clone());
+            }
+        }
+    }
 }
 
 /// Keep `reload` in step with the files under `roots` until `stop_fd` is
-/// readable: on inotify events (debounced), and by a full walk every
-/// `safety_net`. Runs on its own thread (`context-watch`).
-pub fn run(roots: &[PathBuf], safety_net: Duration, stop_fd: RawFd, reload: impl Fn()) {
+/// readable: on inotify events (debounced) for the paths they named, and by
+/// a full walk every `safety_net`. Runs on its own thread (`context-watch`).
+pub fn run(roots: &[PathBuf], safety_net: Duration, stop_fd: RawFd, reload: impl Fn(Reload)) {
     let stopped = |deadline: Instant| -> bool {
         let mut fds = [fifo::pollfd(stop_fd, libc::POLLIN)];
         let _ = fifo::poll(&mut fds, Some(deadline));
@@ -223,7 +277,7 @@ pub fn run(roots: &[PathBuf], safety_net: Duration, stop_fd: RawFd, reload: impl
             if stopped(Instant::now() + fallback) {
                 return;
             }
-            reload();
+            reload(Reload::Walk);
             if Instant::now() >= next_walk {
                 next_walk = Instant::now() + safety_net;
                 watch = start(roots, fallback, &mut failing);
@@ -280,11 +334,13 @@ pub fn run(roots: &[PathBuf], safety_net: Duration, stop_fd: RawFd, reload: impl
             failing = true;
             watch = None;
         }
-        if what.changed || walk_due {
+        if walk_due || what.walk || what.overflow {
             if walk_due {
                 next_walk = Instant::now() + safety_net;
             }
-            reload();
+            reload(Reload::Walk);
+        } else if what.changed {
+            reload(Reload::Paths(what.paths.into_iter().collect()));
         }
     }
 }
@@ -326,7 +382,9 @@ mod tests {
         assert_eq!(w.drain(), Drained::default());
 
         std::fs::write(root.join("a.md"), "x").unwrap();
-        assert!(w.drain().changed);
+        let got = w.drain();
+        assert!(got.changed && !got.walk, "{got:?}");
+        assert_eq!(got.paths, BTreeSet::from([root.join("a.md")]));
         // Editor droppings, other kinds of file, skipped folders: nothing.
         std::fs::write(root.join(".a.md.swp"), "x").unwrap();
         std::fs::write(root.join("main.rs"), "x").unwrap();
@@ -338,6 +396,7 @@ mod tests {
         std::fs::create_dir(root.join("sub")).unwrap();
         let got = w.drain();
         assert!(got.changed && got.resync, "{got:?}");
+        assert_eq!(got.paths, BTreeSet::from([root.join("sub")]));
         w.sync().unwrap();
         assert_eq!(w.watched(), 2);
         std::fs::write(root.join("sub/b.txt"), "x").unwrap();
@@ -345,8 +404,16 @@ mod tests {
         // Removing it: the file, then the folder and its watch.
         std::fs::remove_file(root.join("sub/b.txt")).unwrap();
         std::fs::remove_dir(root.join("sub")).unwrap();
-        assert!(w.drain().changed);
+        let got = w.drain();
+        assert!(got.changed && !got.walk, "{got:?}");
+        assert_eq!(
+            got.paths,
+            BTreeSet::from([root.join("sub"), root.join("sub/b.txt")])
+        );
         assert_eq!(w.watched(), 1);
+        // The root itself going: nothing to name, a walk.
+        drop(d);
+        assert!(w.drain().walk);
     }
 
     #[test]
@@ -362,7 +429,9 @@ mod tests {
         std::fs::write(d.path().join("NOTES.md.tmp"), "y").unwrap();
         assert_eq!(w.drain(), Drained::default());
         std::fs::rename(d.path().join("NOTES.md.tmp"), &file).unwrap();
-        assert!(w.drain().changed);
+        let got = w.drain();
+        assert!(got.changed && !got.walk, "{got:?}");
+        assert_eq!(got.paths, BTreeSet::from([file.clone()]));
     }
 
     #[test]
@@ -374,7 +443,7 @@ mod tests {
         let t = {
             let (root, stop, reloads) = (root.clone(), stop.clone(), reloads.clone());
             std::thread::spawn(move || {
-                run(&[root], Duration::from_secs(3600), stop.fd(), || {
+                run(&[root], Duration::from_secs(3600), stop.fd(), |_| {
                     reloads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 });
             })

@@ -522,7 +522,10 @@ fn serve_locked(
             std::thread::Builder::new()
                 .name("context-watch".into())
                 .spawn(move || {
-                    ctxwatch::run(&roots, every, sd.fd(), || engine.reload_if_changed());
+                    ctxwatch::run(&roots, every, sd.fd(), |what| match what {
+                        ctxwatch::Reload::Walk => engine.reload_if_changed(),
+                        ctxwatch::Reload::Paths(p) => engine.reload_paths(&p),
+                    });
                 })
                 .map_err(io_err("cannot start context-watch thread", Path::new("")))?,
         )

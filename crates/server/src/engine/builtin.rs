@@ -2,17 +2,20 @@
 //! context into passages that keep their line ranges, ranks them with BM25,
 //! and answers with the best passages, cited as `FILE:START-END`. It needs no
 //! outside service. Context files that change on disk are reloaded by
-//! [`Engine::reload_if_changed`]; a failed reload keeps the old index.
+//! [`BuiltinEngine::reload_paths`] (the paths inotify named) or
+//! [`BuiltinEngine::reload`] (a walk of everything); a failed reload keeps
+//! the old content of the files that failed.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use autopoll_protocol::EngineInfo;
 
 use super::context::{self, ContextFile, Found, Signature};
-use super::index::{Index, Tokenized, Vocab};
-use super::{Engine, EngineAnswer, EngineError};
+use super::index::{Index, Vocab};
+use super::{Engine, EngineAnswer, EngineError, par};
 
 /// How many passages an answer quotes at most.
 const TOP_K: usize = 3;
@@ -21,16 +24,35 @@ const RELATIVE_CUTOFF: f32 = 0.35;
 /// Longest quote of one passage, in characters.
 const MAX_QUOTE: usize = 1_500;
 
-/// A loaded file and its term counts, reused while its signature holds.
-type Loaded = (Found, Arc<ContextFile>, Arc<Tokenized>);
+/// A loaded file, reused while its signature holds (the signature is kept
+/// here, not in the shared [`ContextFile`], so a touch without change keeps
+/// the file's `Arc`, and with it its documents in the index).
+struct Loaded {
+    found: Found,
+    signature: Signature,
+    file: Arc<ContextFile>,
+}
 
 struct State {
-    roots: Vec<std::path::PathBuf>,
-    files: Vec<Loaded>,
-    vocab: Arc<Vocab>,
+    roots: Vec<PathBuf>,
+    /// By display path: the order files are indexed and cited in.
+    files: BTreeMap<String, Loaded>,
+    threads: usize,
     reloads: u64,
     loaded_at: String,
+    /// Files that failed to load, by display path (their old content stays).
+    errors: BTreeMap<String, String>,
+    /// Why the last walk failed, if it did.
+    walk_error: Option<String>,
+    /// What `stats` says: the errors above, joined.
     last_error: Option<String>,
+}
+
+/// What one look at the disk found, before the index is touched.
+#[derive(Default)]
+struct Delta {
+    changed: bool,
+    read: usize,
 }
 
 /// The built-in engine.
@@ -60,23 +82,57 @@ fn now_utc() -> String {
     )
 }
 
+/// A file read: its signature (taken before the read) and content, or why
+/// it could not be read.
+type Read = Result<(Signature, ContextFile), String>;
+
+/// Read `found` on up to `threads` threads, in order.
+fn load_all(found: Vec<Found>, threads: usize) -> Vec<(Found, Read)> {
+    let mut out = Vec::with_capacity(found.len());
+    let mut results = Vec::with_capacity(found.len());
+    par::map_ordered(
+        found.len(),
+        threads,
+        |i| {
+            let f = &found[i];
+            let sig = Signature::of(&f.path).map_err(|e| format!("{}: {e}", f.path.display()))?;
+            context::load(f).map(|cf| (sig, cf))
+        },
+        |_, r| results.push(r),
+    );
+    out.extend(found.into_iter().zip(results));
+    out
+}
+
 impl BuiltinEngine {
     /// Load and index the context under `roots`. Fails when a root is
     /// missing, when a file named directly cannot be read as UTF-8 text, or
     /// when there is no text at all. Unreadable files found in directories
     /// are skipped with a warning.
-    pub fn load(roots: &[std::path::PathBuf]) -> Result<BuiltinEngine, String> {
+    pub fn load(roots: &[PathBuf]) -> Result<BuiltinEngine, String> {
+        BuiltinEngine::load_with(roots, par::threads())
+    }
+
+    /// [`BuiltinEngine::load`] reading and tokenising on `threads` threads
+    /// (1: all on this one, the sequential reference).
+    pub fn load_with(roots: &[PathBuf], threads: usize) -> Result<BuiltinEngine, String> {
         if roots.is_empty() {
             return Err("at least one --context PATH is needed: the files or folders of text/markdown the shard answers from (and, for external backends, the files the model is told to read and its citations are checked against)".into());
         }
+        let threads = threads.max(1);
         let found = context::discover(roots)?;
-        let vocab = Vocab::new();
-        let mut files = Vec::new();
-        for f in found {
-            match context::load(&f) {
-                Ok(cf) => {
-                    let tok = Arc::new(vocab.tokenize(&cf));
-                    files.push((f, Arc::new(cf), tok));
+        let mut files = BTreeMap::new();
+        for (f, r) in load_all(found, threads) {
+            match r {
+                Ok((signature, cf)) => {
+                    files.insert(
+                        f.display.clone(),
+                        Loaded {
+                            found: f,
+                            signature,
+                            file: Arc::new(cf),
+                        },
+                    );
                 }
                 Err(e) if f.explicit => return Err(format!("context {e}")),
                 Err(e) => log::warn!("skipping context file: {e}"),
@@ -92,7 +148,14 @@ impl BuiltinEngine {
                     .join(", ")
             ));
         }
-        let index = build(&files, &vocab);
+        let index = Index::build(
+            files.values().map(|l| l.file.clone()).collect(),
+            Vocab::new(),
+            threads,
+        );
+        release_freed_memory();
+        let (table_bytes, entries) = index.table_bytes();
+        log::debug!("event=index_tables bytes={table_bytes} postings={entries}");
         log::info!(
             "event=context_loaded files={} passages={} bytes={} version={}",
             files.len(),
@@ -105,21 +168,25 @@ impl BuiltinEngine {
             state: Mutex::new(State {
                 roots: roots.to_vec(),
                 files,
-                vocab,
+                threads,
                 reloads: 0,
                 loaded_at: now_utc(),
+                errors: BTreeMap::new(),
+                walk_error: None,
                 last_error: None,
             }),
         })
     }
 
     /// The `--context` paths this engine reads.
-    pub fn roots(&self) -> Vec<std::path::PathBuf> {
+    pub fn roots(&self) -> Vec<PathBuf> {
+        self.state().roots.clone()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .roots
-            .clone()
     }
 
     /// The current index.
@@ -186,70 +253,141 @@ impl BuiltinEngine {
         }
     }
 
-    /// Re-read what changed; update the index (only the changed files'
-    /// posting lists, [`Index::update`]) and swap it in if anything did.
-    /// Returns whether the index changed.
+    /// Walk every root, re-read what changed, update the index (only the
+    /// changed files' posting lists, [`Index::update`]) and swap it in if
+    /// anything did. O(files) system calls: the safety net, and what runs
+    /// when inotify cannot say what changed. Returns whether the index
+    /// changed.
     pub fn reload(&self) -> bool {
-        let mut st = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut st = self.state();
         let found = match context::discover(&st.roots) {
-            Ok(f) => f,
+            Ok(f) => {
+                st.walk_error = None;
+                f
+            }
             Err(e) => {
-                if st.last_error.as_deref() != Some(e.as_str()) {
+                if st.walk_error.as_deref() != Some(e.as_str()) {
                     log::warn!("event=reload_failed reason={e:?}: keeping the old index");
                 }
-                st.last_error = Some(e);
+                st.walk_error = Some(e);
+                st.last_error = joined(&st);
                 return false;
             }
         };
-        let mut changed = found.len() != st.files.len();
-        // O(F): each old entry found by path, each file stat'ed once.
-        let mut old: HashMap<std::path::PathBuf, (Arc<ContextFile>, Arc<Tokenized>)> =
-            std::mem::take(&mut st.files)
-                .into_iter()
-                .map(|(f, cf, tok)| (f.path, (cf, tok)))
-                .collect();
-        let mut next = Vec::with_capacity(found.len());
-        let mut errors = Vec::new();
-        let mut loaded = 0usize;
-        for f in found {
-            let prev = old.remove(&f.path);
-            if let Some((cf, tok)) = prev
-                .as_ref()
-                .filter(|(cf, _)| Signature::of(&f.path).ok() == Some(cf.signature))
-            {
-                next.push((f, cf.clone(), tok.clone()));
-                continue;
-            }
-            match context::load(&f) {
-                Ok(cf) => {
-                    loaded += 1;
-                    match prev {
-                        // Touched, same text: keep the term counts.
-                        Some((o, tok)) if o.hash == cf.hash && o.display == cf.display => {
-                            next.push((f, Arc::new(cf), tok));
-                        }
-                        _ => {
-                            changed = true;
-                            let tok = Arc::new(st.vocab.tokenize(&cf));
-                            next.push((f, Arc::new(cf), tok));
-                        }
-                    }
-                }
+        // Everything held is in scope: what the walk did not find is gone
+        // (`found` is sorted by display path).
+        let gone: Vec<String> = st
+            .files
+            .keys()
+            .filter(|k| {
+                found
+                    .binary_search_by(|f| f.display.as_str().cmp(k.as_str()))
+                    .is_err()
+            })
+            .cloned()
+            .collect();
+        let delta = self.apply(&mut st, gone, found);
+        self.commit(&mut st, delta)
+    }
+
+    /// Re-read only `paths` (files or folders, as inotify named them: a
+    /// watched folder joined with an entry name), and whatever the engine
+    /// holds under them; update and swap the index if anything changed.
+    /// Costs what those files cost, not what the context costs. Falls back
+    /// to [`BuiltinEngine::reload`] when a folder among them cannot be read
+    /// or a root named directly is missing (which the walk reports, keeping
+    /// the old index), and while the last walk failed.
+    /// Returns whether the index changed.
+    pub fn reload_paths(&self, paths: &[PathBuf]) -> bool {
+        let mut st = self.state();
+        if st.walk_error.is_some() {
+            // Only a walk that works clears a walk's error.
+            drop(st);
+            return self.reload();
+        }
+        let mut found: BTreeMap<String, Found> = BTreeMap::new();
+        let mut scope: Vec<String> = Vec::new();
+        for p in paths {
+            match context::discover_at(&st.roots, p) {
+                Ok(fs) => found.extend(fs.into_iter().map(|f| (f.display.clone(), f))),
                 Err(e) => {
-                    errors.push(e);
-                    // Keep what we had for this file.
-                    if let Some((cf, tok)) = prev {
-                        next.push((f, cf, tok));
-                    }
+                    log::debug!("event=reload_walk reason={e:?}");
+                    drop(st);
+                    return self.reload();
+                }
+            }
+            let display = context::display_of(p);
+            let under = format!("{display}/");
+            if st.files.contains_key(&display) {
+                scope.push(display);
+            }
+            scope.extend(
+                st.files
+                    .range(under.clone()..)
+                    .take_while(|(k, _)| k.starts_with(&under))
+                    .map(|(k, _)| k.clone()),
+            );
+        }
+        let gone = scope
+            .into_iter()
+            .filter(|d| !found.contains_key(d))
+            .collect();
+        let delta = self.apply(&mut st, gone, found.into_values().collect());
+        self.commit(&mut st, delta)
+    }
+
+    /// Bring `st.files` in line with `found`, the files now on disk where
+    /// the engine looked: re-read those whose signature moved, drop `gone`
+    /// (held, looked for, not found).
+    fn apply(&self, st: &mut State, gone: Vec<String>, found: Vec<Found>) -> Delta {
+        let mut delta = Delta::default();
+        let mut to_load = Vec::new();
+        for f in found {
+            let same = st.files.get(&f.display).is_some_and(|l| {
+                l.found.path == f.path && Signature::of(&f.path).ok() == Some(l.signature)
+            });
+            if !same {
+                to_load.push(f);
+            }
+        }
+        for display in gone {
+            st.errors.remove(&display);
+            delta.changed |= st.files.remove(&display).is_some();
+        }
+        for (f, r) in load_all(to_load, st.threads) {
+            match r {
+                Ok((signature, cf)) => {
+                    delta.read += 1;
+                    st.errors.remove(&f.display);
+                    let file = match st.files.get(&f.display) {
+                        // Touched, same text: keep the file (and its documents).
+                        Some(l) if l.file.hash == cf.hash => l.file.clone(),
+                        _ => {
+                            delta.changed = true;
+                            Arc::new(cf)
+                        }
+                    };
+                    st.files.insert(
+                        f.display.clone(),
+                        Loaded {
+                            found: f,
+                            signature,
+                            file,
+                        },
+                    );
+                }
+                // Keep what we had for this file, if anything.
+                Err(e) => {
+                    st.errors.insert(f.display.clone(), e);
                 }
             }
         }
-        // Files no longer found (their paths are left in `old`).
-        changed |= !old.is_empty();
-        let error = (!errors.is_empty()).then(|| errors.join("; "));
+        delta
+    }
+
+    /// Report errors; index and swap in the new files if they changed.
+    fn commit(&self, st: &mut State, delta: Delta) -> bool {
+        let error = joined(st);
         if error != st.last_error {
             if let Some(e) = &error {
                 log::warn!(
@@ -258,41 +396,57 @@ impl BuiltinEngine {
             }
             st.last_error = error;
         }
-        if !changed {
-            // Signatures may have moved (touch) without content change.
-            st.files = next;
+        if !delta.changed {
             return false;
         }
         let index = self.index().update(
-            next.iter()
-                .map(|(_, f, t)| (f.clone(), t.clone()))
-                .collect(),
+            st.files.values().map(|l| l.file.clone()).collect(),
+            st.threads,
         );
         log::info!(
-            "event=context_reloaded files={} read={loaded} passages={} version={}",
-            next.len(),
+            "event=context_reloaded files={} read={} passages={} version={}",
+            st.files.len(),
+            delta.read,
             index.passages(),
             index.version()
         );
-        st.files = next;
         st.reloads += 1;
         st.loaded_at = now_utc();
-        match self.index.write() {
-            Ok(mut g) => *g = Arc::new(index),
-            Err(p) => *p.into_inner() = Arc::new(index),
+        let old = match self.index.write() {
+            Ok(mut g) => std::mem::replace(&mut *g, Arc::new(index)),
+            Err(p) => std::mem::replace(&mut *p.into_inner(), Arc::new(index)),
+        };
+        // The old index's copied lists go now (unless a query still holds
+        // it); give their pages back rather than let the heap grow.
+        if Arc::strong_count(&old) == 1 {
+            drop(old);
+            release_freed_memory();
         }
         true
     }
 }
 
-fn build(files: &[Loaded], vocab: &Arc<Vocab>) -> Index {
-    Index::build(
-        files
-            .iter()
-            .map(|(_, f, t)| (f.clone(), t.clone()))
-            .collect(),
-        vocab.clone(),
-    )
+/// Hand memory freed while indexing (the read buffers, the units, the
+/// grown-then-shrunk posting lists, spread over the indexing threads'
+/// arenas) back to the system, so the server's resident size is what the
+/// index holds.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: plain libc call, no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// What `stats` shows as the last reload error: the walk's, then each file's.
+fn joined(st: &State) -> Option<String> {
+    let all: Vec<&str> = st
+        .walk_error
+        .iter()
+        .map(String::as_str)
+        .chain(st.errors.values().map(String::as_str))
+        .collect();
+    (!all.is_empty()).then(|| all.join("; "))
 }
 
 impl Engine for BuiltinEngine {
@@ -310,10 +464,7 @@ impl Engine for BuiltinEngine {
 
     fn info(&self) -> EngineInfo {
         let index = self.index();
-        let st = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let st = self.state();
         EngineInfo {
             name: "builtin".into(),
             context_version: index.version().to_string(),
@@ -329,6 +480,10 @@ impl Engine for BuiltinEngine {
 
     fn reload_if_changed(&self) {
         self.reload();
+    }
+
+    fn reload_paths(&self, paths: &[PathBuf]) {
+        BuiltinEngine::reload_paths(self, paths);
     }
 }
 
@@ -516,6 +671,86 @@ mod tests {
         .unwrap();
         assert!(!e.reload());
         assert_eq!(e.index().version(), v);
+    }
+
+    #[test]
+    fn a_reload_of_named_paths_reads_only_those_and_equals_a_fresh_load() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::write(root.join("NOTES.md"), NOTES).unwrap();
+        std::fs::create_dir(root.join("old")).unwrap();
+        for i in 0..10 {
+            std::fs::write(
+                root.join(format!("old/f{i}.md")),
+                format!("# File {i}\n\ncommon words shared everywhere\nzebra {i}\n"),
+            )
+            .unwrap();
+        }
+        let e = BuiltinEngine::load(&[root.to_path_buf()]).unwrap();
+        // An edit, named: the new text is found, the old is gone.
+        std::fs::write(
+            root.join("NOTES.md"),
+            NOTES.replace("64 entries", "zebra migration entries"),
+        )
+        .unwrap();
+        assert!(e.reload_paths(&[root.join("NOTES.md")]));
+        assert_same_as_fresh(&e, root);
+        assert!(!e.answer_now("cache entries").answer.contains("64 entries"));
+        // Changes not named are not looked at: that is what the walk is for.
+        std::fs::write(
+            root.join("old/f1.md"),
+            "# File 1\nbrand new subdirectory file\n",
+        )
+        .unwrap();
+        assert!(!e.reload_paths(&[root.join("NOTES.md")]));
+        assert!(results(&e, "brand subdirectory").is_empty());
+        assert!(e.reload());
+        assert_same_as_fresh(&e, root);
+        // A file added and one removed; a whole folder removed; a new one
+        // with files in it, named by the folder alone.
+        std::fs::write(root.join("added.md"), "walrus quorum\n").unwrap();
+        std::fs::remove_file(root.join("old/f2.md")).unwrap();
+        assert!(e.reload_paths(&[root.join("added.md"), root.join("old/f2.md")]));
+        assert_same_as_fresh(&e, root);
+        std::fs::remove_dir_all(root.join("old")).unwrap();
+        std::fs::create_dir_all(root.join("new/deeper")).unwrap();
+        std::fs::write(root.join("new/deeper/x.md"), "narwhal ledger\n").unwrap();
+        assert!(e.reload_paths(&[root.join("old"), root.join("new")]));
+        assert_same_as_fresh(&e, root);
+        assert_eq!(e.info().files, 3);
+        // A path that is not a context file is ignored.
+        std::fs::write(root.join("main.rs"), "fn main() {}\n").unwrap();
+        assert!(!e.reload_paths(&[root.join("main.rs"), root.join("missing.md")]));
+        // A bad file is reported until it is fixed, whatever else is reloaded.
+        std::fs::write(root.join("added.md"), b"\xff").unwrap();
+        assert!(!e.reload_paths(&[root.join("added.md")]));
+        std::fs::write(root.join("NOTES.md"), NOTES).unwrap();
+        assert!(e.reload_paths(&[root.join("NOTES.md")]));
+        assert!(e.info().last_reload_error.unwrap().contains("not UTF-8"));
+        std::fs::write(root.join("added.md"), "walrus quorum\n").unwrap();
+        assert!(
+            !e.reload_paths(&[root.join("added.md")]),
+            "same text as indexed"
+        );
+        assert!(e.info().last_reload_error.is_none());
+        assert_same_as_fresh(&e, root);
+    }
+
+    #[test]
+    fn a_file_named_directly_that_goes_missing_keeps_its_content_and_says_so() {
+        let (_d, p, e) = engine(NOTES);
+        std::fs::remove_file(&p).unwrap();
+        assert!(!e.reload_paths(std::slice::from_ref(&p)));
+        assert!(
+            e.answer_now("cache entries decided")
+                .answer
+                .contains("64 entries")
+        );
+        let err = e.info().last_reload_error.unwrap();
+        assert!(err.contains("NOTES.md"), "{err}");
+        std::fs::write(&p, NOTES.replace("64 entries", "65 entries")).unwrap();
+        assert!(e.reload_paths(std::slice::from_ref(&p)));
+        assert!(e.info().last_reload_error.is_none());
     }
 
     #[test]

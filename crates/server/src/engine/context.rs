@@ -78,7 +78,8 @@ pub struct Found {
     pub explicit: bool,
 }
 
-fn display_of(path: &Path) -> String {
+/// How a file at `path` is cited: the path as walked, without `./`.
+pub fn display_of(path: &Path) -> String {
     let s = path.to_string_lossy();
     s.strip_prefix("./").unwrap_or(&s).to_string()
 }
@@ -132,10 +133,12 @@ pub fn relevant_name(name: &std::ffi::OsStr, is_dir: bool) -> bool {
 
 /// What to watch for changes to the files under `roots`: every folder
 /// [`discover`] walks (with `None`), and the folder of each file named
-/// directly (with that file's name, the only one that counts there).
-/// Roots that are missing, and folders that cannot be read, are left out.
-pub fn watch_targets(roots: &[PathBuf]) -> Vec<(PathBuf, Option<std::ffi::OsString>)> {
-    fn dirs(dir: &Path, out: &mut Vec<(PathBuf, Option<std::ffi::OsString>)>) {
+/// directly (with that file's name, the only one that counts there, and the
+/// root as given). Roots that are missing, and folders that cannot be read,
+/// are left out.
+pub fn watch_targets(roots: &[PathBuf]) -> Vec<(PathBuf, Option<(std::ffi::OsString, PathBuf)>)> {
+    type Target = (PathBuf, Option<(std::ffi::OsString, PathBuf)>);
+    fn dirs(dir: &Path, out: &mut Vec<Target>) {
         out.push((dir.to_path_buf(), None));
         let Ok(rd) = std::fs::read_dir(dir) else {
             return;
@@ -156,13 +159,44 @@ pub fn watch_targets(roots: &[PathBuf]) -> Vec<(PathBuf, Option<std::ffi::OsStri
                     _ => PathBuf::from("."),
                 };
                 if let Some(name) = root.file_name() {
-                    out.push((parent, Some(name.to_os_string())));
+                    out.push((parent, Some((name.to_os_string(), root.clone()))));
                 }
             }
             Err(_) => {}
         }
     }
     out
+}
+
+/// What [`discover`] would find at `path` alone, a file or a folder that
+/// the walk of `roots` reaches (as inotify names them: a watched folder
+/// joined with an entry name it let through): the path itself if it is a
+/// text file (or a root named directly), every text file under it if it is
+/// a folder, nothing if it is gone. Fails when a folder cannot be read or
+/// a root is missing.
+pub fn discover_at(roots: &[PathBuf], path: &Path) -> Result<Vec<Found>, String> {
+    let err = |e: std::io::Error| format!("context {}: {e}", path.display());
+    let explicit = roots.iter().any(|r| r == path);
+    let lmd = match std::fs::symlink_metadata(path) {
+        Ok(md) => md,
+        // A root named on the command line must be there (as for `discover`).
+        Err(e) if explicit => return Err(err(e)),
+        Err(_) => return Ok(Vec::new()),
+    };
+    if lmd.is_dir() {
+        let mut out = BTreeMap::new();
+        walk(path, &mut out).map_err(err)?;
+        return Ok(out.into_values().collect());
+    }
+    let is_file = path.is_file();
+    if is_file && (explicit || is_text_file(path)) {
+        return Ok(vec![Found {
+            path: path.to_path_buf(),
+            display: display_of(path),
+            explicit,
+        }]);
+    }
+    Ok(Vec::new())
 }
 
 fn walk(dir: &Path, out: &mut BTreeMap<String, Found>) -> std::io::Result<()> {
@@ -180,7 +214,7 @@ fn walk(dir: &Path, out: &mut BTreeMap<String, Found>) -> std::io::Result<()> {
             if !SKIP_DIRS.contains(&name.as_ref()) {
                 walk(&path, out)?;
             }
-        } else if (ft.is_file() || ft.is_symlink()) && is_text_file(&path) && path.is_file() {
+        } else if is_text_file(&path) && (ft.is_file() || ft.is_symlink() && path.is_file()) {
             out.insert(
                 display_of(&path),
                 Found {

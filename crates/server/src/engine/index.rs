@@ -2,29 +2,35 @@
 //! with BM25 (k1 = 1.2, b = 0.75); heading words count once more in the
 //! passages under them.
 //!
-//! Tokenising is done once per file version ([`Vocab::tokenize`] gives a
-//! [`Tokenized`] kept next to the file), with term ids from a [`Vocab`]
-//! shared by every index of one engine and only ever appended to. After a
-//! change, [`Index::update`] makes a new index from the old one: posting
-//! lists are shared (`Arc`) and only those of the changed files' terms are
-//! copied and edited; removed passages leave holes in the document table
-//! until holes outnumber documents, when it builds afresh. The new index is
-//! swapped in whole, so readers never see one half made.
+//! Tokenising is done once per file version, in units of about 256 KB of
+//! passages spread over the cores ([`super::par`]) and merged in order, so
+//! the index is the same for any thread count. Term ids come from a
+//! [`Vocab`] shared by every index of one engine and only ever appended to;
+//! of each file the index keeps only its distinct terms (to take it out
+//! again). Posting lists are compressed (`engine/postings.rs`).
+//!
+//! After a change, [`Index::update`] makes a new index from the old one:
+//! posting lists are shared (`Arc`) and only those of the changed files'
+//! terms are copied and edited; removed passages leave holes in the
+//! document table until holes outnumber documents, when it is compacted
+//! (ids renumbered, nothing re-tokenised). The new index is swapped in
+//! whole, so readers never see one half made.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use sha2::{Digest, Sha256};
 
 use super::context::ContextFile;
+use super::postings::List;
 use super::text;
 
 const K1: f32 = 1.2;
 const B: f32 = 0.75;
 
 /// A passage as indexed: which file, which passage of it, its length in terms.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Doc {
     file: u32,
     passage: u32,
@@ -48,14 +54,7 @@ pub struct Hit {
 /// the distinct words ever seen, not with the current context.
 #[derive(Debug, Default)]
 pub struct Vocab {
-    ids: RwLock<HashMap<Box<str>, u32>>,
-}
-
-/// One file's passages as term counts: what [`Index::build`] needs from it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Tokenized {
-    /// Per passage: (term id, count) sorted by id, and the length in terms.
-    passages: Vec<(Vec<(u32, u16)>, u32)>,
+    ids: RwLock<FxMap<Box<str>, u32>>,
 }
 
 impl Vocab {
@@ -71,39 +70,259 @@ impl Vocab {
         }
     }
 
-    /// The id of `term`, given one if new. Takes the write lock only for a
-    /// new word, so queries are not held up while a big file is tokenised.
-    fn id_of(&self, term: &str) -> u32 {
-        if let Some(id) = self.get(term) {
-            return id;
+    /// The ids of `words`, new ones given the next ids in order. Takes the
+    /// write lock once, and only if a word is new, so queries are not held
+    /// up while a big file is indexed.
+    fn ids_of(&self, words: &[Box<str>]) -> Vec<u32> {
+        let mut out: Vec<Option<u32>> = {
+            let g = self.ids.read().unwrap_or_else(PoisonError::into_inner);
+            words.iter().map(|w| g.get(w).copied()).collect()
+        };
+        if out.iter().any(Option::is_none) {
+            let mut g = self.ids.write().unwrap_or_else(PoisonError::into_inner);
+            for (w, id) in words.iter().zip(out.iter_mut()) {
+                if id.is_none() {
+                    let next = g.len() as u32;
+                    *id = Some(*g.entry(w.clone()).or_insert(next));
+                }
+            }
         }
-        let mut ids = self
-            .ids
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let next = ids.len() as u32;
-        *ids.entry(term.into()).or_insert(next)
+        out.into_iter().map(|id| id.unwrap_or(0)).collect()
     }
+}
 
-    /// Split `file`'s passages into term counts, giving new words ids.
-    pub fn tokenize(&self, file: &ContextFile) -> Tokenized {
-        let mut counts: HashMap<u32, u16> = HashMap::new();
-        let mut passages = Vec::with_capacity(file.passages.len());
-        for p in &file.passages {
-            counts.clear();
-            let mut len = 0u32;
-            let mut add = |t: &str| {
-                let c = counts.entry(self.id_of(t)).or_insert(0);
-                *c = c.saturating_add(1);
-                len += 1;
-            };
-            text::terms(&file.text[p.bytes.clone()], &mut add);
-            text::terms(&p.heading, &mut add);
-            let mut v: Vec<(u32, u16)> = counts.iter().map(|(&t, &c)| (t, c)).collect();
-            v.sort_unstable();
-            passages.push((v, len));
+/// What an index keeps of a file's terms: enough to take it out again.
+#[derive(Debug, PartialEq, Eq)]
+struct FileTerms {
+    /// Its distinct term ids, ascending, as LEB128 deltas (about 1.5
+    /// bytes a term instead of 4).
+    terms: Box<[u8]>,
+    /// Its passages' lengths in terms, summed.
+    len: u64,
+}
+
+/// `ids` (ascending, distinct) as LEB128-encoded gaps.
+fn encode_ids(ids: &[u32]) -> Box<[u8]> {
+    let mut out = Vec::with_capacity(ids.len() * 2);
+    let mut prev = 0u32;
+    for &id in ids {
+        let mut gap = id - prev;
+        prev = id;
+        loop {
+            let b = (gap & 0x7f) as u8;
+            gap >>= 7;
+            if gap == 0 {
+                out.push(b);
+                break;
+            }
+            out.push(b | 0x80);
         }
-        Tokenized { passages }
+    }
+    out.into_boxed_slice()
+}
+
+/// The ids [`encode_ids`] encoded.
+fn decode_ids(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    let mut i = 0;
+    let mut prev = 0u32;
+    std::iter::from_fn(move || {
+        if i >= bytes.len() {
+            return None;
+        }
+        let (mut gap, mut shift) = (0u32, 0);
+        while let Some(&b) = bytes.get(i) {
+            i += 1;
+            gap |= u32::from(b & 0x7f) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        prev += gap;
+        Some(prev)
+    })
+}
+
+/// FxHash (as in rustc): a multiply and a rotate per word of input. The
+/// unit-local term maps are hashed once per token, so SipHash's cost shows;
+/// their keys come from our own context files, not from an adversary.
+#[derive(Default, Clone, Copy)]
+struct Fx(u64);
+
+impl std::hash::Hasher for Fx {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(K);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
+        }
+    }
+}
+
+type FxMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fx>>;
+
+/// A run of passages tokenised by one worker, with term ids local to the
+/// run (`words[id]`), so workers share nothing while they work.
+struct Unit {
+    words: Vec<Box<str>>,
+    /// Per passage: (local term id, count) and its length in terms.
+    passages: Vec<(Vec<(u32, u16)>, u32)>,
+}
+
+/// A unit of tokenising work is about this much text: small enough to
+/// spread a single big file over the cores, big enough that the per-unit
+/// merge (one vocabulary lookup per distinct word) stays cheap.
+const UNIT_BYTES: usize = 256 << 10;
+
+/// Tokenise passages `flat` of `files` (numbered across the files in
+/// order; `starts[i]` is file i's first) into local term counts.
+fn tokenize_unit(files: &[&ContextFile], starts: &[usize], flat: std::ops::Range<usize>) -> Unit {
+    let mut ids: FxMap<Box<str>, u32> = FxMap::default();
+    let mut counts: Vec<u16> = Vec::new();
+    let mut seen: Vec<u32> = Vec::new();
+    let mut passages = Vec::with_capacity(flat.len());
+    let mut fi = starts.partition_point(|&s| s <= flat.start) - 1;
+    for i in flat {
+        while starts[fi + 1] <= i {
+            fi += 1;
+        }
+        let file = files[fi];
+        let p = &file.passages[i - starts[fi]];
+        let mut len = 0u32;
+        let mut add = |t: &str| {
+            let id = match ids.get(t) {
+                Some(&id) => id,
+                None => {
+                    let id = ids.len() as u32;
+                    ids.insert(t.into(), id);
+                    counts.push(0);
+                    id
+                }
+            };
+            let c = &mut counts[id as usize];
+            if *c == 0 {
+                seen.push(id);
+            }
+            *c = c.saturating_add(1);
+            len += 1;
+        };
+        text::terms(&file.text[p.bytes.clone()], &mut add);
+        text::terms(&p.heading, &mut add);
+        let v: Vec<(u32, u16)> = seen
+            .drain(..)
+            .map(|id| (id, std::mem::take(&mut counts[id as usize])))
+            .collect();
+        passages.push((v, len));
+    }
+    let mut words: Vec<Box<str>> = vec![Box::from(""); ids.len()];
+    for (w, id) in ids {
+        words[id as usize] = w;
+    }
+    Unit { words, passages }
+}
+
+/// The tables an index is made of, while being made.
+struct Tables {
+    docs: Vec<Doc>,
+    postings: Vec<Arc<List>>,
+    total_len: u64,
+}
+
+impl Tables {
+    /// Tokenise `add` (new file position, file) on up to `threads` threads
+    /// and append their passages as documents, in order; returns each
+    /// file's terms and document ids, in the order of `add`. The documents,
+    /// postings and term ids come out the same whatever `threads` is.
+    fn add_files(
+        &mut self,
+        add: &[(usize, &Arc<ContextFile>)],
+        vocab: &Vocab,
+        threads: usize,
+        unit_bytes: usize,
+    ) -> Vec<(Arc<FileTerms>, std::ops::Range<u32>)> {
+        let files: Vec<&ContextFile> = add.iter().map(|(_, f)| f.as_ref()).collect();
+        let mut starts = Vec::with_capacity(files.len() + 1);
+        let mut cuts = vec![0usize];
+        let (mut flat, mut bytes) = (0usize, 0usize);
+        for f in &files {
+            starts.push(flat);
+            for p in &f.passages {
+                flat += 1;
+                bytes += p.bytes.len() + p.heading.len();
+                if bytes >= unit_bytes {
+                    cuts.push(flat);
+                    bytes = 0;
+                }
+            }
+        }
+        starts.push(flat);
+        if *cuts.last().unwrap_or(&0) != flat {
+            cuts.push(flat);
+        }
+        let mut out = Vec::with_capacity(files.len());
+        // Where the merge is: file `k` of `add`, `done` of its passages.
+        let (mut k, mut done) = (0usize, 0usize);
+        let mut start = self.docs.len() as u32;
+        let mut terms: Vec<u32> = Vec::new();
+        let mut len = 0u64;
+        let mut finish = |tables: &Tables, terms: &mut Vec<u32>, len: &mut u64, start: &mut u32| {
+            terms.sort_unstable();
+            terms.dedup();
+            let end = tables.docs.len() as u32;
+            out.push((
+                Arc::new(FileTerms {
+                    terms: encode_ids(terms),
+                    len: std::mem::take(len),
+                }),
+                *start..end,
+            ));
+            terms.clear();
+            *start = end;
+        };
+        super::par::map_ordered(
+            cuts.len() - 1,
+            threads,
+            |u| tokenize_unit(&files, &starts, cuts[u]..cuts[u + 1]),
+            |_, unit| {
+                let global = vocab.ids_of(&unit.words);
+                for (counts, plen) in unit.passages {
+                    while done == files[k].passages.len() {
+                        finish(self, &mut terms, &mut len, &mut start);
+                        (k, done) = (k + 1, 0);
+                    }
+                    let doc = self.docs.len() as u32;
+                    for (l, c) in counts {
+                        let t = global[l as usize];
+                        let ti = t as usize;
+                        if ti >= self.postings.len() {
+                            self.postings.resize_with(ti + 1, Default::default);
+                        }
+                        Arc::make_mut(&mut self.postings[ti]).push(doc, c);
+                        terms.push(t);
+                    }
+                    len += u64::from(plen);
+                    self.total_len += u64::from(plen);
+                    self.docs.push(Doc {
+                        file: add[k].0 as u32,
+                        passage: done as u32,
+                        len: plen,
+                    });
+                    done += 1;
+                }
+            },
+        );
+        while k < files.len() {
+            finish(self, &mut terms, &mut len, &mut start);
+            k += 1;
+        }
+        out
     }
 }
 
@@ -111,15 +330,15 @@ impl Vocab {
 #[derive(Debug)]
 pub struct Index {
     files: Vec<Arc<ContextFile>>,
-    /// Per file (same order): its term counts and its document ids.
-    toks: Vec<(Arc<Tokenized>, std::ops::Range<u32>)>,
+    /// Per file (same order): its distinct terms and its document ids.
+    toks: Vec<(Arc<FileTerms>, std::ops::Range<u32>)>,
     /// Documents by id; ids of removed passages stay as holes (`len` 0,
     /// in no posting list) until the next full build.
     docs: Vec<Doc>,
     vocab: Arc<Vocab>,
     /// Per term id: (document id, count), ids ascending. Shared with the
     /// index this one was updated from, copied only where a change touched.
-    postings: Vec<Arc<Vec<(u32, u16)>>>,
+    postings: Vec<Arc<List>>,
     /// Documents that are not holes.
     live: u32,
     total_len: u64,
@@ -133,39 +352,11 @@ thread_local! {
     static SCRATCH: RefCell<(Vec<f32>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// A file's passages, added as new documents at the end of `docs`.
-fn add_docs(
-    fi: usize,
-    tok: &Tokenized,
-    docs: &mut Vec<Doc>,
-    postings: &mut Vec<Arc<Vec<(u32, u16)>>>,
-    total_len: &mut u64,
-) -> std::ops::Range<u32> {
-    let start = docs.len() as u32;
-    for (pi, (counts, len)) in tok.passages.iter().enumerate() {
-        let doc = docs.len() as u32;
-        for &(t, c) in counts {
-            let t = t as usize;
-            if t >= postings.len() {
-                postings.resize_with(t + 1, Default::default);
-            }
-            Arc::make_mut(&mut postings[t]).push((doc, c));
-        }
-        *total_len += u64::from(*len);
-        docs.push(Doc {
-            file: fi as u32,
-            passage: pi as u32,
-            len: *len,
-        });
-    }
-    start..docs.len() as u32
-}
-
 /// The context version: SHA-256 over each file's path and content hash.
-fn version_of(files: &[(Arc<ContextFile>, Arc<Tokenized>)]) -> (String, u64) {
+fn version_of(files: &[Arc<ContextFile>]) -> (String, u64) {
     let mut hasher = Sha256::new();
     let mut bytes = 0u64;
-    for (f, _) in files {
+    for f in files {
         hasher.update(f.display.as_bytes());
         hasher.update([0]);
         hasher.update(f.hash);
@@ -183,26 +374,37 @@ fn version_of(files: &[(Arc<ContextFile>, Arc<Tokenized>)]) -> (String, u64) {
 }
 
 impl Index {
-    /// Build from loaded files (in display order), each with its term
-    /// counts from `vocab` (see [`Vocab::tokenize`]).
-    pub fn build(files: Vec<(Arc<ContextFile>, Arc<Tokenized>)>, vocab: Arc<Vocab>) -> Index {
-        let mut postings = Vec::new();
-        let mut docs = Vec::new();
-        let mut total_len: u64 = 0;
-        let mut toks = Vec::with_capacity(files.len());
-        for (fi, (_, tok)) in files.iter().enumerate() {
-            let span = add_docs(fi, tok, &mut docs, &mut postings, &mut total_len);
-            toks.push((tok.clone(), span));
+    /// Index `files` (in display order), tokenising on up to `threads`
+    /// threads (see [`par::threads`](super::par::threads)); the index is the
+    /// same whatever the thread count.
+    pub fn build(files: Vec<Arc<ContextFile>>, vocab: Arc<Vocab>, threads: usize) -> Index {
+        Index::build_in(files, vocab, threads, UNIT_BYTES)
+    }
+
+    fn build_in(
+        files: Vec<Arc<ContextFile>>,
+        vocab: Arc<Vocab>,
+        threads: usize,
+        unit_bytes: usize,
+    ) -> Index {
+        let mut t = Tables {
+            docs: Vec::new(),
+            postings: Vec::new(),
+            total_len: 0,
+        };
+        let add: Vec<(usize, &Arc<ContextFile>)> = files.iter().enumerate().collect();
+        let toks = t.add_files(&add, &vocab, threads, unit_bytes);
+        for l in &mut t.postings {
+            Arc::make_mut(l).shrink_to_fit();
         }
-        Index::finish(files, toks, docs, postings, total_len, vocab)
+        t.docs.shrink_to_fit();
+        Index::finish(files, toks, t, vocab)
     }
 
     fn finish(
-        files: Vec<(Arc<ContextFile>, Arc<Tokenized>)>,
-        toks: Vec<(Arc<Tokenized>, std::ops::Range<u32>)>,
-        docs: Vec<Doc>,
-        postings: Vec<Arc<Vec<(u32, u16)>>>,
-        total_len: u64,
+        files: Vec<Arc<ContextFile>>,
+        toks: Vec<(Arc<FileTerms>, std::ops::Range<u32>)>,
+        t: Tables,
         vocab: Arc<Vocab>,
     ) -> Index {
         let (version, bytes) = version_of(&files);
@@ -210,16 +412,16 @@ impl Index {
         let avg_len = if live == 0 {
             1.0
         } else {
-            (total_len as f32 / live as f32).max(1.0)
+            (t.total_len as f32 / live as f32).max(1.0)
         };
         Index {
-            files: files.into_iter().map(|(f, _)| f).collect(),
+            files,
             toks,
-            docs,
+            docs: t.docs,
             vocab,
-            postings,
+            postings: t.postings,
             live,
-            total_len,
+            total_len: t.total_len,
             avg_len,
             version,
             bytes,
@@ -227,14 +429,15 @@ impl Index {
     }
 
     /// This index with `files` (the whole new list, in display order) in
-    /// place of its own: a file whose term counts are the same `Arc` as
-    /// before keeps its documents; the documents of the others are removed
-    /// from the posting lists of their terms and the new ones appended.
-    /// Only the posting lists of those terms are copied; the document
-    /// table and the version are redone (O(passages), O(files)). Searches
-    /// give exactly what [`Index::build`] over `files` gives. Falls back to
-    /// a full build once holes outnumber live documents.
-    pub fn update(&self, files: Vec<(Arc<ContextFile>, Arc<Tokenized>)>) -> Index {
+    /// place of its own: a file that is the same `Arc` as before, under the
+    /// same name, keeps its documents; the documents of the others are
+    /// removed from the posting lists of their terms and the new files
+    /// tokenised (on up to `threads` threads) and appended. Only the
+    /// posting lists of those terms are copied; the document table and the
+    /// version are redone (O(passages), O(files)). Searches give exactly
+    /// what [`Index::build`] over `files` gives. Compacts the documents
+    /// (renumbers them, rewriting every list) once holes outnumber live ones.
+    pub fn update(&self, files: Vec<Arc<ContextFile>>, threads: usize) -> Index {
         let old: HashMap<&str, usize> = self
             .files
             .iter()
@@ -242,68 +445,101 @@ impl Index {
             .map(|(i, f)| (f.display.as_str(), i))
             .collect();
         let mut kept = vec![None; self.files.len()];
-        for (ni, (f, tok)) in files.iter().enumerate() {
+        for (ni, f) in files.iter().enumerate() {
             if let Some(&oi) = old.get(f.display.as_str())
-                && Arc::ptr_eq(&self.toks[oi].0, tok)
+                && Arc::ptr_eq(&self.files[oi], f)
             {
                 kept[oi] = Some(ni);
             }
         }
-        let mut postings = self.postings.clone();
-        let mut docs = self.docs.clone();
-        let mut total_len = self.total_len;
-        let mut touched: Vec<u32> = Vec::new();
+        let mut t = Tables {
+            docs: self.docs.clone(),
+            postings: self.postings.clone(),
+            total_len: self.total_len,
+        };
         for (oi, (tok, span)) in self.toks.iter().enumerate() {
             if kept[oi].is_some() {
                 continue;
             }
-            touched.clear();
-            for (counts, len) in &tok.passages {
-                touched.extend(counts.iter().map(|&(t, _)| t));
-                total_len -= u64::from(*len);
-            }
-            touched.sort_unstable();
-            touched.dedup();
-            for &t in &touched {
-                Arc::make_mut(&mut postings[t as usize]).retain(|(d, _)| !span.contains(d));
+            t.total_len -= tok.len;
+            for term in decode_ids(&tok.terms) {
+                // The file's documents are one run of ids: cut it out.
+                Arc::make_mut(&mut t.postings[term as usize]).remove_run(span.clone());
             }
             for d in span.clone() {
-                docs[d as usize] = Doc {
+                t.docs[d as usize] = Doc {
                     file: u32::MAX,
                     passage: 0,
                     len: 0,
                 };
             }
         }
-        let mut spans: Vec<Option<std::ops::Range<u32>>> = vec![None; files.len()];
+        let mut spans: Vec<Option<(Arc<FileTerms>, std::ops::Range<u32>)>> =
+            vec![None; files.len()];
         for (oi, ni) in kept.iter().enumerate() {
             if let Some(ni) = *ni {
-                let span = self.toks[oi].1.clone();
-                for d in span.clone() {
-                    docs[d as usize].file = ni as u32;
+                let (tok, span) = self.toks[oi].clone();
+                if oi != ni {
+                    for d in span.clone() {
+                        t.docs[d as usize].file = ni as u32;
+                    }
                 }
-                spans[ni] = Some(span);
+                spans[ni] = Some((tok, span));
             }
         }
-        let mut toks = Vec::with_capacity(files.len());
-        for (ni, (_, tok)) in files.iter().enumerate() {
-            let span = match spans[ni].take() {
-                Some(s) => s,
-                None => add_docs(ni, tok, &mut docs, &mut postings, &mut total_len),
-            };
-            toks.push((tok.clone(), span));
+        let add: Vec<(usize, &Arc<ContextFile>)> = files
+            .iter()
+            .enumerate()
+            .filter(|(ni, _)| spans[*ni].is_none())
+            .collect();
+        let added = t.add_files(&add, &self.vocab, threads, UNIT_BYTES);
+        for ((ni, _), tok) in add.iter().zip(added) {
+            spans[*ni] = Some(tok);
         }
-        let index = Index::finish(files, toks, docs, postings, total_len, self.vocab.clone());
+        let toks = spans.into_iter().flatten().collect();
+        let index = Index::finish(files, toks, t, self.vocab.clone());
         if index.docs.len() > 2 * index.live as usize + 64 {
-            let files = index
-                .files
-                .iter()
-                .cloned()
-                .zip(index.toks.iter().map(|(t, _)| t.clone()))
-                .collect();
-            return Index::build(files, index.vocab.clone());
+            return index.compact();
         }
         index
+    }
+
+    /// This index without holes: documents renumbered in order, every
+    /// posting list rewritten with the new ids (the order of ids is kept,
+    /// so lists stay sorted). O(postings), no reading or tokenising.
+    fn compact(self) -> Index {
+        let mut new_id = vec![u32::MAX; self.docs.len()];
+        let mut docs = Vec::with_capacity(self.live as usize);
+        for (old, d) in self.docs.iter().enumerate() {
+            if d.file != u32::MAX {
+                new_id[old] = docs.len() as u32;
+                docs.push(*d);
+            }
+        }
+        let postings = self
+            .postings
+            .iter()
+            .map(|l| Arc::new(l.remap(&new_id)))
+            .collect();
+        let toks = self
+            .toks
+            .into_iter()
+            .map(|(tok, span)| {
+                let start = if span.is_empty() {
+                    // No documents: any id where the run would be will do.
+                    0
+                } else {
+                    new_id[span.start as usize]
+                };
+                (tok, start..start + span.len() as u32)
+            })
+            .collect();
+        Index {
+            docs,
+            postings,
+            toks,
+            ..self
+        }
     }
 
     /// The files, in citation order.
@@ -324,6 +560,24 @@ impl Index {
     /// Total bytes of context.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// What the index's own tables hold, in bytes (postings, documents,
+    /// per-file terms; not the files' text or passages), and the number of
+    /// posting entries. For logs and benchmarks.
+    pub fn table_bytes(&self) -> (usize, usize) {
+        let entries: usize = self.postings.iter().map(|l| l.len()).sum();
+        let bytes: usize = self.postings.iter().map(|l| l.byte_len()).sum();
+        let lists = self.postings.len() * (8 + 16 + 32);
+        let terms: usize = self
+            .toks
+            .iter()
+            .map(|(t, _)| t.terms.len() + 16 + 8 + 24)
+            .sum();
+        (
+            bytes + lists + terms + self.docs.len() * std::mem::size_of::<Doc>(),
+            entries,
+        )
     }
 
     /// The best `k` passages for `query`, best first; empty when no query
@@ -354,7 +608,7 @@ impl Index {
                 let list = &self.postings[id as usize];
                 let df = list.len() as f32;
                 let idf = (1.0 + (n - df + 0.5) / (df + 0.5)).ln();
-                for &(doc, tf) in list.iter() {
+                for (doc, tf) in list.iter() {
                     let tf = f32::from(tf);
                     let dl = self.docs[doc as usize].len as f32;
                     let s = idf * tf * (K1 + 1.0) / (tf + K1 * (1.0 - B + B * dl / self.avg_len));
@@ -416,15 +670,7 @@ mod tests {
                 .unwrap(),
             ));
         }
-        let vocab = Vocab::new();
-        let files = loaded
-            .into_iter()
-            .map(|f| {
-                let t = Arc::new(vocab.tokenize(&f));
-                (f, t)
-            })
-            .collect();
-        (d, Index::build(files, vocab))
+        (d, Index::build(loaded, Vocab::new(), 1))
     }
 
     #[test]
@@ -452,9 +698,10 @@ mod tests {
         assert_eq!(first, second);
     }
 
-    fn file(vocab: &Vocab, name: &str, body: &str) -> (Arc<ContextFile>, Arc<Tokenized>) {
+    fn file(name: &str, body: &str) -> Arc<ContextFile> {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, body).unwrap();
         let f = load(&Found {
             path: p,
@@ -462,8 +709,7 @@ mod tests {
             explicit: true,
         })
         .unwrap();
-        let t = Arc::new(vocab.tokenize(&f));
-        (Arc::new(f), t)
+        Arc::new(f)
     }
 
     fn hits(idx: &Index, q: &str) -> Vec<(String, usize, u32)> {
@@ -486,25 +732,22 @@ mod tests {
             format!("# F{i}\nshared text {w}\n\n\nmore {w} words here\nand more\nstill more\nend\n")
         };
         let mut files: Vec<_> = (0..30)
-            .map(|i| file(&vocab, &format!("f{i:02}.md"), &body(i, "alpha")))
+            .map(|i| file(&format!("f{i:02}.md"), &body(i, "alpha")))
             .collect();
-        let mut idx = Index::build(files.clone(), vocab.clone());
-        for round in 0..40usize {
+        let mut idx = Index::build(files.clone(), vocab.clone(), 1);
+        let mut compactions = 0;
+        for round in 0..120usize {
             // Edit one file, drop one, add one (in the middle of the order).
             let i = round % files.len();
-            let name = files[i].0.display.clone();
-            files[i] = file(&vocab, &name, &body(i, &format!("w{round}")));
+            let name = files[i].display.clone();
+            files[i] = file(&name, &body(i, &format!("w{round}")));
             if round % 3 == 0 {
                 files.remove((i + 7) % files.len());
-                files.push(file(
-                    &vocab,
-                    &format!("f{i:02}b{round}.md"),
-                    &body(i, "other"),
-                ));
-                files.sort_by(|a, b| a.0.display.cmp(&b.0.display));
+                files.push(file(&format!("f{i:02}b{round}.md"), &body(i, "other")));
+                files.sort_by(|a, b| a.display.cmp(&b.display));
             }
-            let next = idx.update(files.clone());
-            let fresh = Index::build(files.clone(), vocab.clone());
+            let next = idx.update(files.clone(), 2);
+            let fresh = Index::build(files.clone(), Vocab::new(), 1);
             assert_eq!(next.version(), fresh.version());
             assert_eq!(next.passages(), fresh.passages());
             for q in [
@@ -524,14 +767,19 @@ mod tests {
                 assert!(!Arc::ptr_eq(&next.postings[end], &idx.postings[end]));
                 assert!(next.postings.len() > quoted);
             }
+            if next.docs.len() < idx.docs.len() {
+                compactions += 1;
+                assert_eq!(next.docs.len(), next.live as usize, "no holes left");
+            }
             idx = next;
         }
+        assert!(compactions > 0, "holes never outnumbered documents");
         // Untouched: a term only in files that did not change shares its list.
-        let a = Index::build(files.clone(), vocab.clone());
+        let a = Index::build(files.clone(), vocab.clone(), 1);
         let mut changed = files.clone();
-        let name = changed[0].0.display.clone();
-        changed[0] = file(&vocab, &name, "# F0\nzzz\n");
-        let b = a.update(changed);
+        let name = changed[0].display.clone();
+        changed[0] = file(&name, "# F0\nzzz\n");
+        let b = a.update(changed, 1);
         let f29 = vocab.get("f29").unwrap() as usize;
         assert!(Arc::ptr_eq(&a.postings[f29], &b.postings[f29]));
         let f0 = vocab.get("f0").unwrap() as usize;
@@ -541,6 +789,119 @@ mod tests {
             a.docs.len() + 1,
             "one hole-free passage appended"
         );
+    }
+
+    /// Files of every shape: tiny, empty, headings only, fenced code,
+    /// unicode, and big ones cut across several units of work.
+    fn varied_corpus() -> Vec<Arc<ContextFile>> {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let words = [
+            "cache", "claims", "claimed", "fifo", "über", "caché", "lease", "expiry", "2026",
+            "the", "of", "server", "poller", "bridge", "sqlite", "frames", "hello", "x", "42",
+        ];
+        let mut files = Vec::new();
+        for i in 0..60usize {
+            let mut body = String::new();
+            let size = match i % 6 {
+                0 => 0,
+                1 => 40,
+                2 => 600,
+                3 => 5_000,
+                4 => 30_000,
+                _ => 2_000,
+            };
+            let mut section = 0;
+            while body.len() < size {
+                match next() % 9 {
+                    0 => {
+                        section += 1;
+                        body.push_str(&format!(
+                            "\n{} Part {section}\n",
+                            "#".repeat(1 + (next() % 3) as usize)
+                        ));
+                    }
+                    1 => body.push_str("```\nlet x = 1;\n\nfifo();\n```\n"),
+                    2 => body.push('\n'),
+                    _ => {
+                        for _ in 0..(3 + next() % 9) {
+                            body.push_str(words[(next() % words.len() as u64) as usize]);
+                            body.push(' ');
+                        }
+                        body.push_str(&format!("w{}\n", next() % 500));
+                    }
+                }
+            }
+            if i == 7 {
+                body = "# Only a heading\n".into();
+            }
+            files.push(file(&format!("d{}/f{i:02}.md", i % 4), &body));
+        }
+        files.sort_by(|a, b| a.display.cmp(&b.display));
+        files
+    }
+
+    #[test]
+    fn a_parallel_index_equals_the_sequential_one() {
+        let files = varied_corpus();
+        let queries = [
+            "cache claims",
+            "what did we decide about the fifo",
+            "über caché",
+            "w17 w230 lease",
+            "sqlite bridge expiry 2026",
+            "part 3",
+            "let fifo",
+            "42 x",
+            "nothing-matches-this",
+        ];
+        // Small units, so one file spans several and units span files.
+        let seq = Index::build_in(files.clone(), Vocab::new(), 1, 2_048);
+        assert!(seq.passages() > 200, "{} passages", seq.passages());
+        for threads in [2, 3, 8] {
+            let par = Index::build_in(files.clone(), Vocab::new(), threads, 2_048);
+            assert_eq!(par.docs, seq.docs, "{threads} threads");
+            assert_eq!(par.postings, seq.postings, "{threads} threads");
+            assert_eq!(par.toks, seq.toks, "{threads} threads");
+            assert_eq!(
+                (par.version(), par.passages(), par.total_len),
+                (seq.version(), seq.passages(), seq.total_len)
+            );
+            for q in queries {
+                assert_eq!(hits(&par, q), hits(&seq, q), "{threads} threads, {q:?}");
+            }
+        }
+        // Cut differently (one unit, so term ids differ): the same answers.
+        let whole = Index::build_in(files.clone(), Vocab::new(), 1, usize::MAX);
+        for q in queries {
+            assert_eq!(hits(&whole, q), hits(&seq, q), "{q:?}");
+        }
+        // An update done in parallel gives what a sequential build gives.
+        let mut changed = files.clone();
+        for i in (0..changed.len()).step_by(5) {
+            let name = changed[i].display.clone();
+            changed[i] = file(&name, &format!("# New {i}\ncache fifo w{i}\n"));
+        }
+        changed.remove(3);
+        let updated = seq.update(changed.clone(), 4);
+        let fresh = Index::build_in(changed, Vocab::new(), 1, 2_048);
+        for q in queries {
+            assert_eq!(hits(&updated, q), hits(&fresh, q), "{q:?}");
+        }
+    }
+
+    #[test]
+    fn term_ids_round_trip_through_their_compact_form() {
+        let ids = [0, 1, 2, 127, 128, 129, 16_383, 16_384, 1 << 21, u32::MAX];
+        let bytes = encode_ids(&ids);
+        assert_eq!(decode_ids(&bytes).collect::<Vec<_>>(), ids);
+        assert!(bytes.len() < ids.len() * 4);
+        assert_eq!(decode_ids(&encode_ids(&[])).count(), 0);
     }
 
     #[test]

@@ -6,6 +6,8 @@ pub mod citations;
 pub mod context;
 pub mod external;
 pub mod index;
+pub mod par;
+mod postings;
 pub mod prompt;
 pub mod text;
 pub use external::wire;
@@ -59,9 +61,16 @@ pub trait Engine: Send + Sync {
     fn instances(&self) -> Vec<WorkerInfo> {
         Vec::new()
     }
-    /// Re-read context files that changed on disk. Called periodically by
-    /// the server's reload thread.
+    /// Re-read context files that changed on disk, walking all of them.
+    /// Called by the `context-watch` thread as a safety net, and when
+    /// inotify cannot say what changed.
     fn reload_if_changed(&self) {}
+    /// Re-read only these context paths (files or folders, as inotify
+    /// named them). Called by the `context-watch` thread after events.
+    fn reload_paths(&self, paths: &[std::path::PathBuf]) {
+        let _ = paths;
+        self.reload_if_changed();
+    }
     /// Stop (external backends end their child processes). Called once.
     fn shutdown(&self) {}
 }

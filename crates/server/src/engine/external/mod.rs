@@ -332,6 +332,10 @@ impl Engine for ExternalEngine {
         self.catalog.reload();
     }
 
+    fn reload_paths(&self, paths: &[std::path::PathBuf]) {
+        self.catalog.reload_paths(paths);
+    }
+
     fn shutdown(&self) {
         self.stop.trigger();
         // Busy instances: end their children now, so readers see EOF.
