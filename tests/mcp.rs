@@ -313,7 +313,7 @@ fn create_send_check_and_status_through_the_sdk_share_rows_with_the_python_bridg
     let text = ok_text(&r, 0);
     assert!(text.starts_with("1 new message(s):"), "{text}");
     for line in [
-        "From: Session B",
+        "From: Session b",
         "Type: info",
         "Message:",
         "The cache holds 64 entries.",
@@ -570,7 +570,7 @@ fn bad_arguments_and_wrong_tokens_are_tool_errors_that_say_what_to_fix() {
                     json!({"conversation_id": "conv_0123456789abcdef"}),
                 ),
             ),
-            "not found",
+            "is not in this bridge file",
         ),
         (
             call(
@@ -958,4 +958,88 @@ fn a_call_sent_on_reading_the_previous_reply_is_never_refused_by_the_limit() {
         );
         assert_eq!(r["result"]["isError"], false, "call {i}: {r}");
     }
+}
+
+/// Regression: a cancel used to silence any running call, also one that
+/// had already marked its messages read: they were read and never
+/// delivered. Now what a cancelled call marked is unread again. The call is
+/// held behind another connection's write lock while the cancel comes.
+#[test]
+fn a_cancelled_check_messages_leaves_its_messages_unread() {
+    let env = Env::new();
+    let conv = env.conversation();
+    let mut raw = Raw::start(&env);
+    raw.ask(&json!({"jsonrpc": "2.0", "id": 0, "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}).to_string());
+    let r = raw.ask(&json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": "send_to_partner", "arguments": with(auth(&conv, "a"), json!({"message": "important message"}))}})
+    .to_string());
+    assert_eq!(r["result"]["isError"], false, "{r}");
+    let lock = rusqlite::Connection::open(env.db()).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    raw.write(
+        &json!({"jsonrpc": "2.0", "id": "chk", "method": "tools/call", "params": {
+        "name": "check_messages", "arguments": auth(&conv, "b")}})
+        .to_string(),
+    );
+    // Lines are handled in order: the call is running when the cancel comes.
+    raw.write(
+        r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":"chk"}}"#,
+    );
+    let log = || std::fs::read_to_string(env.path("raw.log")).unwrap_or_default();
+    wait_until("the cancel is applied", TIMEOUT, || {
+        log().contains("event=call_cancelled")
+    });
+    lock.execute_batch("COMMIT").unwrap();
+    wait_until("the cancelled call unmarks its message", TIMEOUT, || {
+        log().contains("event=unmarked_after_cancel count=1")
+    });
+    // No reply for the cancelled call; the next check_messages has the message.
+    let r = raw.ask(
+        &json!({"jsonrpc": "2.0", "id": "again", "method": "tools/call", "params": {
+        "name": "check_messages", "arguments": auth(&conv, "b")}})
+        .to_string(),
+    );
+    assert_eq!(r["id"], "again", "a reply to the cancelled call came: {r}");
+    let text = r["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(text.contains("important message"), "{text}");
+}
+
+/// Regression: replies had an unbounded queue and an unbounded final
+/// join, so a client that sent requests and read nothing grew the process
+/// without limit and, once its stdin closed, left it running for ever.
+#[test]
+fn a_client_that_reads_no_replies_cannot_keep_the_server_alive() {
+    let env = Env::new();
+    let mut child = common::KillOnDrop(
+        env.cmd("autopoll")
+            .args(["mcp", "--db", path_str(&env.db())])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(env.path("stalled.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // Its stdout stays open and is never read: the pipe and the queue fill.
+    let _unread = child.0.stdout.take().unwrap();
+    let mut w = child.0.stdin.take().unwrap();
+    let list = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
+    let mut wrote = 0;
+    for _ in 0..3000 {
+        if w.write_all(list.as_bytes())
+            .and_then(|()| w.write_all(b"\n"))
+            .is_err()
+        {
+            break;
+        }
+        wrote += 1;
+    }
+    assert!(wrote > 300, "{wrote}");
+    drop(w);
+    wait_until("autopoll mcp stops", Duration::from_secs(60), || {
+        child.0.try_wait().unwrap().is_some()
+    });
+    let log = std::fs::read_to_string(env.path("stalled.log")).unwrap_or_default();
+    assert!(log.contains("event=client_stalled"), "{log}");
 }

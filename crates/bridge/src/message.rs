@@ -133,7 +133,7 @@ pub(crate) fn insert(
     text: &str,
     metadata: &Value,
 ) -> rusqlite::Result<Sent> {
-    let (text, mut redacted) = redact::redact(text);
+    let (text, mut redacted) = redact::redact_message(text);
     let mut metadata = metadata.clone();
     redacted |= redact::redact_json(&mut metadata);
     let timestamp = clock::now_string();
@@ -339,6 +339,33 @@ impl Bridge {
             &json!({ "count": n }),
         )
         .map_err(&map)?;
+        tx.commit().map_err(&map)?;
+        Ok(n)
+    }
+
+    /// Undo [`Bridge::mark_read`] for messages a reader took but could not
+    /// deliver (an MCP call cancelled after it committed): they are unread
+    /// again, so the next `check_messages` returns them. Only messages to
+    /// `session` that are read now; returns how many changed.
+    pub fn unmark_read(
+        &mut self,
+        conversation: &str,
+        session: Session,
+        token: &str,
+        ids: &[i64],
+    ) -> Result<usize> {
+        let (tx, map) = self.immediate()?;
+        verify_on(&tx, conversation, session, token)?;
+        let mut n = 0;
+        for id in ids {
+            n += tx
+                .prepare_cached(
+                    "UPDATE messages SET read = 0
+                     WHERE id = ?1 AND conversation_id = ?2 AND to_session = ?3 AND read = 1",
+                )
+                .and_then(|mut s| s.execute(params![id, conversation, session.as_str()]))
+                .map_err(&map)?;
+        }
         tx.commit().map_err(&map)?;
         Ok(n)
     }

@@ -63,6 +63,25 @@ pub fn redact(text: &str) -> (String, bool) {
     (out.into_owned(), changed)
 }
 
+/// Redact a message text. As [`redact`], except that a text that is valid
+/// JSON (a shard query or response) stays valid JSON: when redacting the
+/// raw text would break it (a secret inside an escaped string, say
+/// `"api_key: \"abc\""`), the strings inside the parsed value are redacted
+/// instead. Where nothing is found the text is left byte for byte.
+pub fn redact_message(text: &str) -> (String, bool) {
+    let (out, changed) = redact(text);
+    if !changed || serde_json::from_str::<serde::de::IgnoredAny>(&out).is_ok() {
+        return (out, changed);
+    }
+    match serde_json::from_str::<Value>(text) {
+        Ok(mut v) => {
+            let changed = redact_json(&mut v);
+            (v.to_string(), changed)
+        }
+        Err(_) => (out, changed),
+    }
+}
+
 /// Redact every string (keys and values) inside a JSON value; returns whether
 /// anything changed. Working on the parsed value keeps the result valid JSON.
 pub fn redact_json(v: &mut Value) -> bool {
@@ -96,6 +115,26 @@ mod tests {
 
     fn r(s: &str) -> String {
         redact(s).0
+    }
+
+    #[test]
+    fn a_secret_inside_a_json_query_leaves_valid_json_without_the_secret() {
+        let q = crate::shard::query_text("q-1", r#"is my api_key: "abc123" set? password=hunter2"#);
+        let (out, changed) = redact_message(&q);
+        assert!(changed);
+        let v: Value = serde_json::from_str(&out).expect("still JSON");
+        let question = v["question"].as_str().unwrap();
+        assert!(
+            !question.contains("abc123") && !question.contains("hunter2"),
+            "{question}"
+        );
+        assert_eq!(v["query_id"], "q-1");
+        // Plain text and clean JSON are as redact() leaves them.
+        assert_eq!(redact_message("password=x").0, redact("password=x").0);
+        assert_eq!(
+            redact_message(&crate::shard::query_text("q", "fine")),
+            (crate::shard::query_text("q", "fine"), false)
+        );
     }
 
     #[test]

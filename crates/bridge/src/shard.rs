@@ -276,10 +276,76 @@ impl Response {
     /// Parse a message text as a response; `None` if it is not one. Read
     /// leniently, as Python writes JSON (a lone-surrogate `query_id` comes
     /// back with U+FFFD in it).
+    ///
+    /// Other shards on the bridge write looser shapes: a field that is
+    /// `null` or of another type (`"sources": null`, `"answer": null` with
+    /// an `error`, `"response_time_sec": "0.4"`) is read as its default (or
+    /// its value as text) rather than making the whole response unreadable;
+    /// only `"type": "response"` and a string `query_id` are required.
     pub fn parse(text: &str) -> Option<Response> {
-        serde_json::from_str::<Response>(&crate::pyjson::sanitize(text))
-            .ok()
-            .filter(|r| r.kind == "response")
+        let text = crate::pyjson::sanitize(text);
+        if let Ok(r) = serde_json::from_str::<Response>(&text) {
+            return (r.kind == "response").then_some(r);
+        }
+        let Value::Object(mut m) = serde_json::from_str::<Value>(&text).ok()? else {
+            return None;
+        };
+        if m.get("type").and_then(Value::as_str) != Some("response") {
+            return None;
+        }
+        let query_id = m.remove("query_id")?.as_str()?.to_string();
+        let mut text_of = |k: &str| -> Option<String> {
+            match m.remove(k)? {
+                Value::Null => None,
+                Value::String(s) => Some(s),
+                other => Some(other.to_string()),
+            }
+        };
+        let answer = text_of("answer").unwrap_or_default();
+        let shard_id = text_of("shard_id").unwrap_or_default();
+        let llm_type = text_of("llm_type").unwrap_or_default();
+        let error = text_of("error");
+        let context_version = text_of("context_version");
+        let response_time_sec = match m.remove("response_time_sec") {
+            Some(Value::Number(n)) => n.as_f64().unwrap_or(0.0),
+            Some(Value::String(s)) => s.trim().parse().unwrap_or(0.0),
+            _ => 0.0,
+        };
+        let sources = match m.remove("sources") {
+            Some(Value::Array(a)) => a
+                .into_iter()
+                .filter_map(|v| match v {
+                    Value::String(s) => Some(s),
+                    Value::Null => None,
+                    other => Some(other.to_string()),
+                })
+                .collect(),
+            Some(Value::String(s)) => vec![s],
+            _ => Vec::new(),
+        };
+        let attempts = m
+            .remove("attempts")
+            .and_then(|v| v.as_u64())
+            .and_then(|n| u32::try_from(n).ok());
+        let repeat = m
+            .remove("repeat")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        m.remove("type");
+        Some(Response {
+            kind: "response".into(),
+            query_id,
+            answer,
+            sources,
+            shard_id,
+            llm_type,
+            response_time_sec,
+            error,
+            context_version,
+            attempts,
+            repeat,
+            extra: m,
+        })
     }
 
     /// The message text.
@@ -526,5 +592,44 @@ mod tests {
         assert!(
             matches!(classify(&msg(1, &t)), Incoming::Query(q) if q.query_id == id && q.question == "why \"quotes\"?")
         );
+    }
+
+    #[test]
+    fn a_response_with_null_or_odd_fields_is_still_read() {
+        for (text, answer, sources, error) in [
+            (
+                r#"{"type":"response","query_id":"q-1","answer":"a","llm_type":null}"#,
+                "a",
+                0,
+                None,
+            ),
+            (
+                r#"{"type":"response","query_id":"q-1","answer":"a","sources":null}"#,
+                "a",
+                0,
+                None,
+            ),
+            (
+                r#"{"type":"response","query_id":"q-1","answer":null,"error":"engine down"}"#,
+                "",
+                0,
+                Some("engine down"),
+            ),
+            (
+                r#"{"type":"response","query_id":"q-1","answer":"a","response_time_sec":"0.4","sources":["F:1-2",null]}"#,
+                "a",
+                1,
+                None,
+            ),
+        ] {
+            let r = Response::parse(text).unwrap_or_else(|| panic!("unread: {text}"));
+            assert_eq!(r.query_id, "q-1");
+            assert_eq!(r.answer, answer, "{text}");
+            assert_eq!(r.sources.len(), sources, "{text}");
+            assert_eq!(r.error.as_deref(), error, "{text}");
+        }
+        assert!(Response::parse(r#"{"type":"query","query_id":"q-1","question":"x"}"#).is_none());
+        assert!(Response::parse(r#"{"type":"response","query_id":7}"#).is_none());
+        assert!(Response::parse("not json").is_none());
     }
 }

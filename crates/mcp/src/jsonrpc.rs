@@ -141,6 +141,11 @@ pub fn classify(line: &str) -> Incoming {
 }
 
 fn classify_object(mut obj: Map<String, Value>) -> Incoming {
+    // A response (to a request of ours; we send none) is never answered,
+    // whatever its id: replying to a response is against JSON-RPC.
+    if !obj.contains_key("method") && (obj.contains_key("result") || obj.contains_key("error")) {
+        return Incoming::Response;
+    }
     let id = obj.remove("id");
     let id_ok = matches!(id, None | Some(Value::String(_) | Value::Number(_)));
     let reply_id = if id_ok {
@@ -158,12 +163,7 @@ fn classify_object(mut obj: Map<String, Value>) -> Incoming {
     let method = match obj.remove("method") {
         Some(Value::String(m)) => m,
         Some(_) => return invalid("invalid request: \"method\" must be a string"),
-        None => {
-            if id.is_some() && (obj.contains_key("result") || obj.contains_key("error")) {
-                return Incoming::Response;
-            }
-            return invalid("invalid request: no \"method\"");
-        }
+        None => return invalid("invalid request: no \"method\""),
     };
     let params = obj.remove("params").unwrap_or(Value::Null);
     if !matches!(params, Value::Null | Value::Object(_) | Value::Array(_)) {
@@ -235,6 +235,12 @@ mod tests {
         );
         assert_eq!(
             classify(r#"{"jsonrpc":"2.0","id":1,"result":{}}"#),
+            Incoming::Response
+        );
+        // A client's error response with a null id (as JSON-RPC sends when
+        // it could not read our id) is a response too: never replied to.
+        assert_eq!(
+            classify(r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"x"}}"#),
             Incoming::Response
         );
     }

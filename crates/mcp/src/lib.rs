@@ -79,7 +79,18 @@ pub enum McpError {
 /// bounded by the 10 s busy timeout).
 const DRAIN: Duration = Duration::from_secs(15);
 
-/// The version of the protocol spoken on this connection.
+/// Replies queued for stdout at most; past that a sender waits.
+const OUT_QUEUE: usize = 256;
+
+/// How long a reply may wait for room while the client reads nothing, before
+/// the server gives up on the client and stops.
+const STALLED: Duration = Duration::from_secs(10);
+
+/// After the drain, how long the replies still queued get to be written.
+const WRITER_DRAIN: Duration = Duration::from_secs(5);
+
+/// Whether the protocol version spoken on this connection has
+/// `outputSchema` and `structuredContent` (2025-06-18 and later).
 fn has_structured(version: &str) -> bool {
     version >= "2025-06-18"
 }
@@ -112,10 +123,16 @@ pub fn run(
     drop(bridge);
     let watcher = waiter::Watcher::start(&cfg.db)
         .map_err(|e| McpError::Io(format!("cannot start the bridge watch: {e}")))?;
-    let (out_tx, out_rx) = crossbeam_channel::unbounded::<Value>();
+    // Bounded: a client that stops reading its replies holds us up (and
+    // then stops us, past STALLED) instead of growing our memory.
+    let (out_tx, out_rx) = crossbeam_channel::bounded::<Value>(OUT_QUEUE);
+    let (writer_done_tx, writer_done) = crossbeam_channel::bounded::<()>(1);
     let writer = std::thread::Builder::new()
         .name("mcp-stdout".into())
-        .spawn(move || write_loop(output, out_rx))
+        .spawn(move || {
+            write_loop(output, out_rx);
+            let _ = writer_done_tx.send(());
+        })
         .map_err(|e| McpError::Io(format!("cannot start the writer thread: {e}")))?;
     let (line_tx, line_rx) = crossbeam_channel::bounded::<Line>(64);
     std::thread::Builder::new()
@@ -158,7 +175,18 @@ pub fn run(
         }
     }
     drop(s);
-    let _ = writer.join();
+    // The writer ends once every reply is written and every worker is gone;
+    // a client that does not read them is not waited for past WRITER_DRAIN
+    // (the process exits, and the writer with it).
+    match writer_done.recv_timeout(WRITER_DRAIN) {
+        Ok(()) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+            let _ = writer.join();
+        }
+        Err(crossbeam_channel::RecvTimeoutError::Timeout) => log::warn!(
+            "event=mcp_exit_unwritten: the client read no replies for {} s; exiting without them",
+            WRITER_DRAIN.as_secs()
+        ),
+    }
     drop(watcher);
     log::info!("event=mcp_stopped");
     Ok(())
@@ -197,7 +225,17 @@ fn write_loop(output: impl Write, rx: Receiver<Value>) {
 
 impl Server {
     fn send(&self, v: Value) -> bool {
-        self.out.send(v).is_ok()
+        match self.out.send_timeout(v, STALLED) {
+            Ok(()) => true,
+            Err(crossbeam_channel::SendTimeoutError::Timeout(_)) => {
+                log::error!(
+                    "event=client_stalled: the client read none of our replies for {} s; stopping",
+                    STALLED.as_secs()
+                );
+                false
+            }
+            Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => false,
+        }
     }
 
     fn calls(&self) -> std::sync::MutexGuard<'_, InFlight> {
@@ -363,8 +401,8 @@ impl Server {
                     text: format!(
                         "Error: the arguments must be a JSON object of the tool's parameters, not {other}"
                     ),
-                    structured: None,
                     is_error: true,
+                    ..tools::ToolResult::default()
                 };
                 return self.send(jsonrpc::result(&id, r.to_value()));
             }
@@ -377,8 +415,8 @@ impl Server {
                      wait for one to finish and call again",
                     running
                 ),
-                structured: None,
                 is_error: true,
+                ..tools::ToolResult::default()
             };
             return self.send(jsonrpc::result(&id, r.to_value()));
         }
@@ -389,6 +427,7 @@ impl Server {
         let (ctx, out, done) = (self.ctx.clone(), self.out.clone(), self.done_tx.clone());
         let calls = self.in_flight.clone();
         let key_again = key.clone();
+        let id_again = id.clone();
         let structured = has_structured(self.version);
         self.next_worker += 1;
         let spawned = std::thread::Builder::new()
@@ -401,8 +440,8 @@ impl Server {
                 }))
                 .unwrap_or_else(|_| tools::ToolResult {
                     text: format!("Error: {tool} failed inside autopoll mcp (a bug; its log on stderr says where)"),
-                    structured: None,
                     is_error: true,
+                    ..tools::ToolResult::default()
                 });
                 log::debug!(
                     "event=tool_done tool={tool} error={} ms={:.1}",
@@ -413,18 +452,24 @@ impl Server {
                     r.structured = None;
                 }
                 calls.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
-                // A cancelled call gets no reply (the client has moved on).
-                if !silent.load(Ordering::SeqCst) {
-                    let _ = out.send(jsonrpc::result(&id, r.to_value()));
+                // A cancelled call gets no reply (the client has moved on);
+                // what it marked read is made unread again, so nothing is
+                // lost (check_messages returns it).
+                if silent.load(Ordering::SeqCst) {
+                    if let Some(u) = &r.undo {
+                        tools::undo(&ctx, u);
+                    }
+                } else {
+                    let _ = out.send_timeout(jsonrpc::result(&id, r.to_value()), STALLED);
                 }
                 let _ = done.send(());
             });
         if let Err(e) = spawned {
             self.calls().remove(&key_again);
             return self.send(jsonrpc::error(
-                &Value::Null,
+                &id_again,
                 jsonrpc::INTERNAL_ERROR,
-                &format!("cannot start a thread for the call: {e}"),
+                &format!("cannot start a thread for the call: {e}; try again"),
             ));
         }
         true

@@ -34,6 +34,10 @@ pub const MAX_FILES: usize = 20;
 /// Shortest and longest role names.
 pub const ROLE_CHARS: (usize, usize) = (3, 100);
 
+/// The longest `ask_shard` question, in characters (the query object
+/// around it must fit the bridge's 50,000-character message limit).
+pub const MAX_QUESTION_CHARS: usize = 49_000;
+
 /// Default and longest `ask_shard` wait, seconds.
 pub const ASK_TIMEOUT_SECS: (f64, f64) = (60.0, 3600.0);
 
@@ -213,7 +217,7 @@ pub fn tools() -> Vec<Value> {
                             context version and the time taken. On timeout the question stays queued and the result \
                             names its query_id: check_messages later finds the late answer.",
             "inputSchema": input(json!({
-                "question": { "type": "string", "minLength": 1, "maxLength": 49_000,
+                "question": { "type": "string", "minLength": 1, "maxLength": MAX_QUESTION_CHARS,
                               "description": "The question" },
                 "timeout_secs": { "type": "number", "exclusiveMinimum": 0, "maximum": ASK_TIMEOUT_SECS.1,
                                   "description": "How long to wait for the answer (default 60)" }

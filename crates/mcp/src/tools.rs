@@ -31,7 +31,7 @@ pub struct Ctx {
 }
 
 /// A tool's result, as `tools/call` returns it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ToolResult {
     /// The text content.
     pub text: String,
@@ -39,6 +39,48 @@ pub struct ToolResult {
     pub structured: Option<Value>,
     /// `isError`.
     pub is_error: bool,
+    /// Messages this call marked read, to be made unread again when the
+    /// call was cancelled and its result is never sent ([`undo`]).
+    pub undo: Option<Undo>,
+}
+
+/// Messages a call marked read: what [`undo`] needs to unmark them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Undo {
+    /// Their conversation.
+    pub conversation: String,
+    /// The reader's session.
+    pub session: Session,
+    /// The reader's token.
+    pub token: String,
+    /// The message ids.
+    pub ids: Vec<i64>,
+}
+
+/// A call was cancelled after it had marked messages read: make them unread
+/// again, so they are not lost (the client ignores the result of a call it
+/// cancelled, and we send none). Returns how many were unmarked.
+pub fn undo(ctx: &Ctx, u: &Undo) -> usize {
+    let res = open(&ctx.db).map_err(|_| ()).and_then(|mut b| {
+        b.unmark_read(&u.conversation, u.session, &u.token, &u.ids)
+            .map_err(|e| {
+                log::warn!(
+                    "event=unmark_failed ids={:?} reason={:?}",
+                    u.ids,
+                    e.to_string()
+                )
+            })
+    });
+    match res {
+        Ok(n) => {
+            log::info!(
+                "event=unmarked_after_cancel count={n} conversation={}",
+                u.conversation
+            );
+            n
+        }
+        Err(()) => 0,
+    }
 }
 
 impl ToolResult {
@@ -46,15 +88,15 @@ impl ToolResult {
         ToolResult {
             text,
             structured: Some(structured),
-            is_error: false,
+            ..ToolResult::default()
         }
     }
 
     fn error(text: String) -> ToolResult {
         ToolResult {
             text,
-            structured: None,
             is_error: true,
+            ..ToolResult::default()
         }
     }
 
@@ -81,6 +123,13 @@ enum Fail {
 }
 
 impl Fail {
+    /// The message without its `Error:` or `Authentication failed:` prefix.
+    fn message(&self) -> &str {
+        match self {
+            Fail::Error(m) | Fail::Auth(m) => m,
+        }
+    }
+
     fn into_result(self) -> ToolResult {
         match self {
             Fail::Error(m) => ToolResult::error(format!("Error: {m}")),
@@ -115,6 +164,12 @@ impl From<BridgeError> for Fail {
                  create a new one with create_conversation, or renew it from a shell with \
                  `autopoll bridge renew --conversation {conversation} --token TOKEN`"
             )),
+            BridgeError::NotFound { what, .. } if what.starts_with("conversation ") => {
+                Fail::Auth(format!(
+                    "Invalid session token: {what} is not in this bridge file; use the \
+                     conversation_id that create_conversation returned (on the same bridge file)"
+                ))
+            }
             BridgeError::NotFound { what, .. } => Fail::Error(format!(
                 "{what} not found in this bridge file; use the conversation_id that \
                  create_conversation returned (on the same bridge file)"
@@ -367,10 +422,7 @@ pub fn messages_text(msgs: &[Message]) -> String {
     let mut s = format!("{} new message(s):\n", msgs.len());
     for m in msgs {
         s.push('\n');
-        s.push_str(&format!(
-            "From: Session {}\n",
-            m.from_session.to_ascii_uppercase()
-        ));
+        s.push_str(&format!("From: Session {}\n", m.from_session));
         s.push_str(&format!("Time: {}\n", m.timestamp));
         if let Some(t) = m.action_type() {
             s.push_str(&format!("Type: {t}\n"));
@@ -406,10 +458,19 @@ fn check(ctx: &Ctx, a: &Args<'_>) -> R<ToolResult> {
             })
         })
         .collect();
-    Ok(ToolResult::ok(
+    let mut r = ToolResult::ok(
         messages_text(&msgs),
         json!({ "count": msgs.len(), "messages": list }),
-    ))
+    );
+    if !msgs.is_empty() {
+        r.undo = Some(Undo {
+            conversation: conv.into(),
+            session,
+            token: token.into(),
+            ids: msgs.iter().map(|m| m.id).collect(),
+        });
+    }
+    Ok(r)
 }
 
 fn status(ctx: &Ctx, a: &Args<'_>) -> R<ToolResult> {
@@ -448,7 +509,7 @@ fn partner(ctx: &Ctx, a: &Args<'_>) -> R<ToolResult> {
             py_bool(p.alive)
         ),
         (None, _) => format!(
-            "Partner Session {other}\nStatus: {}\nNo heartbeat yet\nAlive: {}",
+            "Partner Session {other}\nStatus: {}\nLast heartbeat: Never\nAge: N/As\nAlive: {}",
             p.status,
             py_bool(p.alive)
         ),
@@ -472,6 +533,13 @@ fn ask(ctx: &Ctx, a: &Args<'_>, cancel: &AtomicBool) -> R<ToolResult> {
         return Err(bad(
             "`question` is empty: give the question to ask the shard",
         ));
+    }
+    let chars = question.chars().count();
+    if chars > schema::MAX_QUESTION_CHARS {
+        return Err(bad(format!(
+            "`question` is {chars} characters; ask_shard takes at most {}: shorten it",
+            schema::MAX_QUESTION_CHARS
+        )));
     }
     let timeout = match a.opt("timeout_secs") {
         None => schema::ASK_TIMEOUT_SECS.0,
@@ -513,11 +581,41 @@ fn ask(ctx: &Ctx, a: &Args<'_>, cancel: &AtomicBool) -> R<ToolResult> {
         cancelled: cancel,
     };
     let other = session.other();
-    match waiter::wait_for_response(&mut b, &ctx.hub, &w)? {
-        Waited::Answered { message, response } => {
+    // From here on the question is queued: every failure names its query_id.
+    let waited = waiter::wait_for_response(&mut b, &ctx.hub, &w).map_err(|e| {
+        bad(format!(
+            "{}. The question stays queued as query_id {qid} (message {}); check_messages \
+             returns its response",
+            Fail::from(e).message(),
+            sent.id
+        ))
+    })?;
+    match waited {
+        Waited::Answered {
+            message,
+            response,
+            newly_read,
+        } => {
             let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
             log::info!("event=answer_received query_id={qid} elapsed_ms={elapsed_ms:.1}");
-            Ok(answer_result(&response, sent.id, message.id, elapsed_ms))
+            let mut r = answer_result(&response, sent.id, message.id, elapsed_ms);
+            if newly_read {
+                r.undo = Some(Undo {
+                    conversation: conv.into(),
+                    session,
+                    token: token.into(),
+                    ids: vec![message.id],
+                });
+            } else {
+                // Another reader (a check_messages) took it first.
+                r.text.push_str(
+                    "already_read: true (another check_messages call read this answer too)\n",
+                );
+                if let Some(st) = r.structured.as_mut() {
+                    st["already_read"] = json!(true);
+                }
+            }
+            Ok(r)
         }
         Waited::TimedOut => {
             log::info!("event=ask_timed_out query_id={qid} message_id={}", sent.id);
@@ -580,6 +678,7 @@ fn answer_result(r: &Response, message_id: i64, response_id: i64, elapsed_ms: f6
         text,
         structured: Some(s),
         is_error: r.error.is_some(),
+        undo: None,
     }
 }
 
@@ -705,7 +804,7 @@ mod tests {
         );
         assert!(r.text.starts_with("1 new message(s):\n"), "{}", r.text);
         for line in [
-            "From: Session A\n",
+            "From: Session a\n",
             "Type: proposal\n",
             "\nMessage:\nhi, ",
             "Files: x.rs, y.rs\n",

@@ -146,6 +146,9 @@ pub enum Waited {
         message: Box<Message>,
         /// The parsed response.
         response: Box<Response>,
+        /// Whether this wait marked it read (false: another reader, a
+        /// `check_messages`, had taken it between our look and our mark).
+        newly_read: bool,
     },
     /// The deadline passed.
     TimedOut,
@@ -193,9 +196,13 @@ pub fn wait_for_response(
             Err(e) => return Err(e),
         };
         if version.is_none() || version != seen_version {
-            seen_version = version;
-            if let Some(found) = look(bridge, w, &mut after)? {
-                return Ok(found);
+            match look(bridge, w, &mut after)? {
+                Looked::Found(found) => return Ok(found),
+                // Seen only once looked at whole: a look that failed for a
+                // moment is done again on the next turn, not skipped until
+                // the next commit.
+                Looked::Nothing => seen_version = version,
+                Looked::Retry => settle = Some(SETTLE_FIRST),
             }
         }
         let now = Instant::now();
@@ -222,16 +229,22 @@ pub const SETTLE_FIRST: Duration = Duration::from_millis(1);
 /// The last settle interval (1 + 2 + ... + 64 ms: seven looks in 127 ms).
 pub const SETTLE_LAST: Duration = Duration::from_millis(64);
 
+/// What one look found.
+enum Looked {
+    /// The response (marked read).
+    Found(Waited),
+    /// Not there yet.
+    Nothing,
+    /// The bridge was busy: look again soon.
+    Retry,
+}
+
 /// Scan the unread messages above `after` for the response; mark it read.
-fn look(
-    bridge: &mut Bridge,
-    w: &Wait<'_>,
-    after: &mut i64,
-) -> autopoll_bridge::Result<Option<Waited>> {
+fn look(bridge: &mut Bridge, w: &Wait<'_>, after: &mut i64) -> autopoll_bridge::Result<Looked> {
     loop {
         let msgs = match bridge.peek_unread(w.conversation, w.session, *after, PEEK_BATCH) {
             Ok(m) => m,
-            Err(e) if e.is_transient() => return Ok(None),
+            Err(e) if e.is_transient() => return Ok(Looked::Retry),
             Err(e) => return Err(e),
         };
         let full = msgs.len() == PEEK_BATCH;
@@ -243,14 +256,15 @@ fn look(
             if r.query_id != w.query_id {
                 continue;
             }
-            bridge.mark_read(w.conversation, w.session, w.token, &[m.id])?;
-            return Ok(Some(Waited::Answered {
+            let n = bridge.mark_read(w.conversation, w.session, w.token, &[m.id])?;
+            return Ok(Looked::Found(Waited::Answered {
                 message: Box::new(m),
                 response: Box::new(r),
+                newly_read: n == 1,
             }));
         }
         if !full {
-            return Ok(None);
+            return Ok(Looked::Nothing);
         }
     }
 }
