@@ -733,7 +733,13 @@ fn bridge_replaced_by_mv_mid_question_answers_the_new_file_and_loses_nothing_of_
     want.sort();
     assert_eq!(ids, want, "{}", p2.log());
     assert_eq!(read, 3);
-    assert!(p.alive() && p2.alive());
+    let (s1, s2) = (p.child.try_wait().unwrap(), p2.child.try_wait().unwrap());
+    assert!(
+        s1.is_none() && s2.is_none(),
+        "a poller exited: {s1:?} {s2:?}\n{}\n{}",
+        p.log(),
+        p2.log()
+    );
     // And the new file still holds exactly its own answers.
     env.expect_each_answered_once(&b_ids, TIMEOUT);
 }
