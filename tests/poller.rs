@@ -809,7 +809,17 @@ fn bridge_folder_removed_exits_14_after_missing_grace_and_a_recreated_one_is_wat
         .execute("VACUUM INTO ?1", [path_str(&keep)])
         .unwrap();
     let ids = send_into(&keep, &conv, "back", 1);
-    std::fs::remove_dir_all(&dir).unwrap();
+    // Regression: the watch thread used to reopen its connection in the
+    // middle of the removal and so create a -wal in the folder (ENOTEMPTY).
+    if let Err(e) = std::fs::remove_dir_all(&dir) {
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        panic!(
+            "rm -r of the bridge's folder: {e}; left: {left:?}\n{}",
+            p.log()
+        );
+    }
     wait_until("the poller sees the folder gone", TIMEOUT, || {
         p.log().contains("reason=\"its folder is gone\"")
     });

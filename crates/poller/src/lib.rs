@@ -1055,6 +1055,7 @@ impl Poller {
             }
         }
         self.file_id = None;
+        self.served.gate.allow(None);
         for m in &mut self.members {
             m.status = None;
         }
@@ -1078,8 +1079,16 @@ impl Poller {
             let conn::Seen::File(sig) = seen else {
                 return Ok(false);
             };
+            // Not while the watch thread still has the old file open: the
+            // two would share the -shm by name (watch::FileGate). It lets go
+            // on its next wake; the timers bring us back here.
+            if !self.served.gate.clear_to_open(sig.id) {
+                log::debug!("waiting for the watch thread to close the old file");
+                return Ok(false);
+            }
             match open_checked(&self.cfg.db, &self.members, self.cfg.session, sig.id) {
                 Ok((b, version)) => {
+                    self.served.gate.allow(Some(sig.id));
                     let after = gone.since.elapsed();
                     self.gone = None;
                     self.generation += 1;
@@ -1252,7 +1261,9 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
     let served = watch::Served {
         session: cfg.session,
         conversations: std::sync::Arc::new(std::sync::Mutex::new(served_names(&members))),
+        gate: std::sync::Arc::new(watch::FileGate::default()),
     };
+    served.gate.allow(file_id);
     let served_tx = served.clone();
     let watcher = std::thread::Builder::new()
         .name("bridge-watch".into())

@@ -19,6 +19,7 @@ use autopoll_protocol::fifo;
 use crossbeam_channel::Sender;
 
 use crate::Event;
+use crate::conn::FileId;
 
 /// While the folder is not watched, how often to try again.
 pub const REWATCH: Duration = Duration::from_millis(100);
@@ -198,6 +199,8 @@ impl Watch {
         // A write not yet visible as a commit: (when to look again, step).
         let mut recheck: Option<(Instant, usize)> = None;
         loop {
+            // The loop may be waiting to open another file (FileGate).
+            confirm.release_stale();
             let now = Instant::now();
             if self.watched.is_none() || now >= next_check {
                 next_check = now + Duration::from_secs(1);
@@ -242,7 +245,11 @@ impl Watch {
                 let (relevant, writes_only) = self.drain();
                 if relevant && !writes_only {
                     // Another file at the path, or none: the loop finds out.
-                    confirm.reset();
+                    // The connection is not dropped here but by the gate
+                    // (release_stale, on the path's inode): a fresh one
+                    // opened mid `rm -r` would create a -wal in a folder
+                    // being removed.
+                    confirm.release_stale();
                     recheck = None;
                     if events.send(Event::Wake).is_err() {
                         return;
@@ -415,6 +422,45 @@ pub struct Served {
     pub session: autopoll_bridge::Session,
     /// The conversation ids claimed for.
     pub conversations: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Which bridge file the watch thread may have open.
+    pub gate: std::sync::Arc<FileGate>,
+}
+
+/// Which bridge file (inode) the watch thread may open, and which it has
+/// open. SQLite finds a file's `-wal` and `-shm` by name: two connections of
+/// one process on two files that had the same path (the bridge replaced by
+/// `mv`) share the `-shm`, and the second to open it truncates it under the
+/// first, whose next read of it is a SIGBUS. So the watch opens only the
+/// file the poller's loop has open ([`FileGate::allow`]), lets go of it as
+/// soon as the path names another, and the loop opens a new file only once
+/// the watch holds no other ([`FileGate::clear_to_open`]).
+#[derive(Debug, Default)]
+pub struct FileGate {
+    state: std::sync::Mutex<GateState>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct GateState {
+    /// The file the loop has open.
+    allowed: Option<FileId>,
+    /// The file the watch thread has open.
+    held: Option<FileId>,
+}
+
+impl FileGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The loop has `id` open now (None: none, it closed its connection).
+    pub fn allow(&self, id: Option<FileId>) {
+        self.lock().allowed = id;
+    }
+
+    /// Whether the loop may open `id`: the watch holds no other file.
+    pub fn clear_to_open(&self, id: FileId) -> bool {
+        self.lock().held.is_none_or(|h| h == id)
+    }
 }
 
 impl Confirm {
@@ -440,24 +486,62 @@ impl Confirm {
 
     /// Forget the connection (the file at the path may be another one now).
     fn reset(&mut self) {
+        let mut g = self.served.gate.lock();
         self.conn = None;
         self.seen = None;
+        g.held = None;
     }
 
-    /// Some(true): a commit showed since the last look; Some(false): none
-    /// did; None: cannot tell (no file, not SQLite, busy, just opened).
-    fn moved(&mut self) -> Option<bool> {
+    /// Let go of a connection the loop no longer allows (it closed its own,
+    /// or the path names another file), without opening one.
+    fn release_stale(&mut self) {
+        if self.conn.is_some() {
+            self.gated();
+        }
+    }
+
+    /// Keep a connection only on the file the loop has open, and only while
+    /// the path still names it ([`FileGate`]); open one when allowed.
+    /// Whether a connection is there to use.
+    fn gated(&mut self) -> bool {
+        let at_path = match crate::conn::look(&self.path) {
+            crate::conn::Seen::File(sig) => Some(sig.id),
+            crate::conn::Seen::Missing(_) => None,
+        };
+        let mut g = self.served.gate.lock();
+        let ok = at_path.is_some() && g.allowed == at_path;
+        if !ok || (self.conn.is_some() && g.held != at_path) {
+            // Closed under the lock: the loop opens no other file meanwhile.
+            self.conn = None;
+            self.seen = None;
+            g.held = None;
+            return false;
+        }
         if self.conn.is_none() {
             let c = rusqlite::Connection::open_with_flags(
                 &self.path,
                 rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
                     | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )
-            .ok()?;
+            );
             // Bounded: a checkpoint or recovery holding the index is waited
             // out briefly; past that the loop is woken unconfirmed.
-            c.busy_timeout(Duration::from_millis(50)).ok()?;
-            self.conn = Some(c);
+            match c.and_then(|c| c.busy_timeout(Duration::from_millis(50)).map(|()| c)) {
+                Ok(c) => {
+                    self.conn = Some(c);
+                    g.held = at_path;
+                }
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Some(true): a commit showed since the last look; Some(false): none
+    /// did; None: cannot tell (no file, not SQLite, busy, just opened, the
+    /// file at the path not the loop's).
+    fn moved(&mut self) -> Option<bool> {
+        if !self.gated() {
+            return None;
         }
         let v = self
             .conn
