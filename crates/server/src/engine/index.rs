@@ -580,6 +580,51 @@ impl Index {
         )
     }
 
+    /// The line of passage `hit` most likely to answer `query`: the one
+    /// whose distinct query terms weigh most (by their inverse document
+    /// frequency), the earliest on a tie; headings and lines with no letter
+    /// or digit are never chosen. Its 1-based line number and its text
+    /// (trimmed), or `None` when no line holds a query term.
+    pub fn best_line(&self, hit: &Hit, query: &str) -> Option<(u32, &str)> {
+        let mut weights: Vec<(u32, f32)> = Vec::new();
+        let n = self.live as f32;
+        text::terms(query, |t| {
+            if let Some(id) = self.vocab.get(t)
+                && let Some(list) = self.postings.get(id as usize)
+                && !list.is_empty()
+                && !weights.iter().any(|(i, _)| *i == id)
+            {
+                let df = list.len() as f32;
+                weights.push((id, (1.0 + (n - df + 0.5) / (df + 0.5)).ln()));
+            }
+        });
+        let file = self.files.get(hit.file)?;
+        let p = file.passages.get(hit.passage)?;
+        let mut best: Option<(f32, u32, &str)> = None;
+        let mut seen: Vec<u32> = Vec::new();
+        for (i, line) in file.text[p.bytes.clone()].lines().enumerate() {
+            let trimmed = line.trim();
+            if trimmed.starts_with('#') || !trimmed.chars().any(char::is_alphanumeric) {
+                continue;
+            }
+            seen.clear();
+            let mut score = 0.0f32;
+            text::terms(trimmed, |t| {
+                if let Some(id) = self.vocab.get(t)
+                    && !seen.contains(&id)
+                    && let Some((_, w)) = weights.iter().find(|(i, _)| *i == id)
+                {
+                    seen.push(id);
+                    score += w;
+                }
+            });
+            if score > 0.0 && best.is_none_or(|(b, _, _)| score > b) {
+                best = Some((score, p.start_line + i as u32, trimmed));
+            }
+        }
+        best.map(|(_, line, text)| (line, text))
+    }
+
     /// The best `k` passages for `query`, best first; empty when no query
     /// term occurs anywhere.
     pub fn search(&self, query: &str, k: usize) -> Vec<Hit> {
