@@ -1,6 +1,8 @@
 //! The built-in engine's index: an inverted index over passages, ranked
 //! with BM25 (k1 = 1.2, b = 0.75); heading words count once more in the
-//! passages under them.
+//! passages under them, and a passage shorter than half the average is
+//! scored as if it had half the average length (a heading and a line do
+//! not outrank a full passage on their few words).
 //!
 //! Tokenising is done once per file version, in units of about 256 KB of
 //! passages spread over the cores ([`super::par`]) and merged in order, so
@@ -28,6 +30,8 @@ use super::text;
 
 const K1: f32 = 1.2;
 const B: f32 = 0.75;
+/// The shortest length (a share of the average) a passage is scored with.
+const MIN_LEN_SHARE: f32 = 0.5;
 
 /// A passage as indexed: which file, which passage of it, its length in terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -644,6 +648,7 @@ impl Index {
             return Vec::new();
         }
         let n = self.live as f32;
+        let min_len = self.avg_len * MIN_LEN_SHARE;
         SCRATCH.with(|s| {
             let (scores, touched) = &mut *s.borrow_mut();
             if scores.len() < self.docs.len() {
@@ -655,7 +660,10 @@ impl Index {
                 let idf = (1.0 + (n - df + 0.5) / (df + 0.5)).ln();
                 for (doc, tf) in list.iter() {
                     let tf = f32::from(tf);
-                    let dl = self.docs[doc as usize].len as f32;
+                    // A near-empty passage (a heading and a line) is scored
+                    // as if it had [`MIN_LEN_SHARE`] of the average length,
+                    // so its few words do not outweigh a full passage's.
+                    let dl = (self.docs[doc as usize].len as f32).max(min_len);
                     let s = idf * tf * (K1 + 1.0) / (tf + K1 * (1.0 - B + B * dl / self.avg_len));
                     let slot = &mut scores[doc as usize];
                     if *slot == 0.0 {
@@ -947,6 +955,23 @@ mod tests {
         assert_eq!(decode_ids(&bytes).collect::<Vec<_>>(), ids);
         assert!(bytes.len() < ids.len() * 4);
         assert_eq!(decode_ids(&encode_ids(&[])).count(), 0);
+    }
+
+    #[test]
+    fn a_near_empty_passage_does_not_outrank_a_full_one() {
+        let filler = "alpha beta gamma delta epsilon zeta\n".repeat(6);
+        let mut body = format!(
+            "# Notes\nCache eviction.\n# Policy\nThe cache eviction policy drops the oldest cache entry; the cache eviction runs hourly.\n{filler}"
+        );
+        for i in 0..4 {
+            body.push_str(&format!("# Other {i}\n{filler}omega\n"));
+        }
+        let (_d, idx) = index_of(&[("notes.md", &body)]);
+        let hits = idx.search("cache eviction", 2);
+        // Two words once in a heading and a line lose to a full passage
+        // that says them three and two times.
+        assert_eq!(hits[0].passage, 1, "{hits:?}");
+        assert_eq!(hits[1].passage, 0, "{hits:?}");
     }
 
     #[test]
