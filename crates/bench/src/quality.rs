@@ -356,12 +356,13 @@ fn parse_citation(c: &str) -> Option<(&str, u32, u32)> {
     Some((file, a.parse().ok()?, b.parse().ok()?))
 }
 
+/// A cited range: file, first line, last line.
+pub type Cited = (String, u32, u32);
+
 /// Split off a leading `FILE:LINE` citation that the next cited range
 /// covers (the engine's best line, taken from its best passage), so ranks
 /// count passages only.
-pub fn fold_best_line(
-    mut cited: Vec<(String, u32, u32)>,
-) -> (Option<(String, u32)>, Vec<(String, u32, u32)>) {
+pub fn fold_best_line(mut cited: Vec<Cited>) -> (Option<(String, u32)>, Vec<Cited>) {
     let folds = match cited.as_slice() {
         [(f, a, b), (g, s, e), ..] => a == b && f == g && s <= a && a <= e,
         _ => false,
