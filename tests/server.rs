@@ -35,7 +35,8 @@ fn notes(env: &Env) -> String {
 
 fn line_range(source: &str) -> (usize, usize) {
     let (_, r) = source.rsplit_once(':').unwrap();
-    let (a, b) = r.split_once('-').unwrap();
+    // The built-in engine's best line is cited `FILE:LINE`.
+    let (a, b) = r.split_once('-').unwrap_or((r, r));
     (a.parse().unwrap(), b.parse().unwrap())
 }
 

@@ -20,7 +20,11 @@
 //!
 //! A question is a hit at rank k when the k-th cited `FILE:START-END` range
 //! covers a line containing the substring; MRR is over the (at most three)
-//! ranges cited.
+//! ranges cited. The engine's answer starts with its best line, cited
+//! `FILE:LINE` before the passages; that line always lies in the rank-1
+//! passage, so it is not counted as a rank of its own ([`fold_best_line`]):
+//! the passages are scored as before, and the best line gets its own row
+//! (how often it is an answer line itself).
 
 pub mod bm25;
 
@@ -352,6 +356,25 @@ fn parse_citation(c: &str) -> Option<(&str, u32, u32)> {
     Some((file, a.parse().ok()?, b.parse().ok()?))
 }
 
+/// A cited range: file, first line, last line.
+pub type Cited = (String, u32, u32);
+
+/// Split off a leading `FILE:LINE` citation that the next cited range
+/// covers (the engine's best line, taken from its best passage), so ranks
+/// count passages only.
+pub fn fold_best_line(mut cited: Vec<Cited>) -> (Option<(String, u32)>, Vec<Cited>) {
+    let folds = match cited.as_slice() {
+        [(f, a, b), (g, s, e), ..] => a == b && f == g && s <= a && a <= e,
+        _ => false,
+    };
+    if folds {
+        let (f, a, _) = cited.remove(0);
+        (Some((f, a)), cited)
+    } else {
+        (None, cited)
+    }
+}
+
 /// The 1-based rank of the first of `cited` that covers one of `lines` of
 /// `file`, if any.
 pub fn rank(cited: &[(String, u32, u32)], file: &str, lines: &[u32]) -> Option<usize> {
@@ -481,7 +504,7 @@ pub fn quality(opts: &Options, r: &mut Report) -> Res<()> {
     let engine = BuiltinEngine::load(&[corpus.dir.path().to_path_buf()])?;
     let engine_index_secs = t.elapsed().as_secs_f64();
     let prefix = format!("{}/", corpus.dir.path().display());
-    let engine_run = ask_all(&qs, passes, |q| {
+    let cite = |q: &str| -> Vec<(String, u32, u32)> {
         engine
             .answer_now(q)
             .sources
@@ -489,7 +512,17 @@ pub fn quality(opts: &Options, r: &mut Report) -> Res<()> {
             .filter_map(|s| parse_citation(s))
             .map(|(f, a, b)| (f.strip_prefix(&prefix).unwrap_or(f).to_string(), a, b))
             .collect()
-    });
+    };
+    let engine_run = ask_all(&qs, passes, |q| fold_best_line(cite(q)).1);
+    // The best line alone: is it an answer line?
+    let best_exact: Vec<bool> = scorable
+        .iter()
+        .map(|(q, lines)| {
+            fold_best_line(cite(&q.question))
+                .0
+                .is_some_and(|(f, l)| f == q.file && lines.contains(&l))
+        })
+        .collect();
 
     let t = Instant::now();
     let bodies: Vec<&str> = corpus.files.iter().map(|(_, t)| t.as_str()).collect();
@@ -547,6 +580,27 @@ pub fn quality(opts: &Options, r: &mut Report) -> Res<()> {
             json!({"engine": es.json(), "baseline": bs.json()}),
         );
     }
+    let share = |pick: fn(&Question) -> bool| -> String {
+        let picked: Vec<bool> = scorable
+            .iter()
+            .zip(&best_exact)
+            .filter(|((q, _), _)| pick(q))
+            .map(|(_, b)| *b)
+            .collect();
+        let hits = picked.iter().filter(|b| **b).count();
+        format!("{:.1}%", 100.0 * hits as f64 / picked.len().max(1) as f64)
+    };
+    r.row(
+        "Quality best line is an answer line, tune / check half",
+        format!(
+            "engine {} / {}",
+            share(|q| q.split == "tune"),
+            share(|q| q.split == "check")
+        ),
+        "(the baseline has no best line)".to_string(),
+        "-",
+        None,
+    );
     let (el, bl) = (sorted(engine_run.micros), sorted(base_run.micros));
     r.row(
         "Quality query latency p50 / p99",
@@ -781,6 +835,22 @@ mod tests {
         let err = parse_questions(&format!("{ok}\n\n{ok}")).unwrap_err();
         assert!(err.contains("line 3") && err.contains("twice"), "{err}");
         assert!(parse_questions(&ok.replace("false", "\"no\"")).is_err());
+    }
+
+    #[test]
+    fn the_best_line_is_folded_into_the_passage_that_holds_it() {
+        let c = |f: &str, a, b| (f.to_string(), a, b);
+        let (best, rest) = fold_best_line(vec![c("f.md", 5, 5), c("f.md", 3, 9), c("g.md", 1, 2)]);
+        assert_eq!(best, Some(("f.md".into(), 5)));
+        assert_eq!(rest, vec![c("f.md", 3, 9), c("g.md", 1, 2)]);
+        // Not held by the next range (or no best line): nothing is folded.
+        for cited in [
+            vec![c("f.md", 5, 5), c("g.md", 3, 9)],
+            vec![c("f.md", 3, 9), c("f.md", 5, 5)],
+            vec![c("f.md", 5, 5)],
+        ] {
+            assert_eq!(fold_best_line(cited.clone()), (None, cited));
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The built-in context engine: the embedded "instance". It indexes the
 //! context into passages that keep their line ranges, ranks them with BM25,
-//! and answers with the best passages, cited as `FILE:START-END`. It needs no
+//! and answers with its best line (`FILE:LINE`) and then the best passages,
+//! cited as `FILE:START-END`. It needs no
 //! outside service. Context files that change on disk are reloaded by
 //! [`BuiltinEngine::reload_paths`] (the paths inotify named) or
 //! [`BuiltinEngine::reload`] (a walk of everything); a failed reload keeps
@@ -218,6 +219,21 @@ impl BuiltinEngine {
         };
         let mut answer = String::new();
         let mut sources = Vec::new();
+        // The best line first, from the best passage: one line to read.
+        if let Some((line, text)) = index.best_line(&hits[0], question) {
+            let source = format!("{}:{line}", index.files()[hits[0].file].display);
+            answer.push_str("Best line: [");
+            answer.push_str(&source);
+            answer.push_str("] ");
+            match text.char_indices().nth(MAX_QUOTE) {
+                Some((cut, _)) => {
+                    answer.push_str(&text[..cut]);
+                    answer.push_str(" [...]");
+                }
+                None => answer.push_str(text),
+            }
+            sources.push(source);
+        }
         for h in hits.iter().filter(|h| h.score >= best * RELATIVE_CUTOFF) {
             let file = &index.files()[h.file];
             let p = &file.passages[h.passage];
@@ -503,8 +519,32 @@ mod tests {
 
     fn line_range(source: &str) -> (u32, u32) {
         let (_, range) = source.rsplit_once(':').unwrap();
-        let (a, b) = range.split_once('-').unwrap();
+        let (a, b) = range.split_once('-').unwrap_or((range, range));
         (a.parse().unwrap(), b.parse().unwrap())
+    }
+
+    #[test]
+    fn the_best_line_comes_first_with_its_file_and_line() {
+        let (_d, p, e) = engine(NOTES);
+        let a = e.answer_now("How big is the cache we decided on?");
+        let line = NOTES
+            .lines()
+            .position(|l| l.contains("64 entries"))
+            .unwrap()
+            + 1;
+        let cite = format!("{}:{line}", p.display());
+        assert_eq!(a.sources[0], cite, "{:?}", a.sources);
+        assert!(
+            a.answer.starts_with(&format!(
+                "Best line: [{cite}] We decided to keep the LRU cache at 64 entries.\n\n["
+            )),
+            "{}",
+            a.answer
+        );
+        // It lies in the best passage, which follows, cited as before.
+        let (s, end) = line_range(&a.sources[1]);
+        assert!((s..=end).contains(&(line as u32)), "{:?}", a.sources);
+        assert_eq!(a.sources.len(), 1 + a.answer.matches("\n\n[").count());
     }
 
     #[test]
@@ -528,7 +568,7 @@ mod tests {
         assert!(a.context_version.starts_with("sha256:"));
 
         let a = e.answer_now("how do replies reach each client?");
-        let (s, end) = line_range(&a.sources[0]);
+        let (s, end) = line_range(&a.sources[1]);
         let line = NOTES
             .lines()
             .position(|l| l.contains("private pair"))

@@ -12,8 +12,9 @@ use sha2::{Digest, Sha256};
 const TEXT_EXTENSIONS: &[&str] = &["md", "markdown", "mdx", "txt", "text", "rst", "adoc", "org"];
 /// Directories never descended into.
 const SKIP_DIRS: &[&str] = &["target", "node_modules"];
-/// A passage closes at a blank line once it has this many lines...
-const MIN_LINES: usize = 4;
+/// A passage closes at a blank line once it has this many lines (so a
+/// table keeps its caption and the line under it, a command its note)...
+const MIN_LINES: usize = 8;
 /// ...and is cut at this many lines regardless.
 const MAX_LINES: usize = 40;
 
@@ -264,9 +265,12 @@ fn heading_level(trimmed: &str) -> Option<(usize, &str)> {
 }
 
 /// Split text into passages: a markdown heading starts a new passage; a blank
-/// line ends one that has at least 4 lines; none grows past 40 lines; blank
-/// lines inside fenced code blocks do not split. Returns the passages and
-/// the number of lines.
+/// line ends one that has at least 8 lines; none grows past 40 lines; blank
+/// lines inside fenced code blocks do not split. Lines with no letter or
+/// digit (`---`, `***`, a lone fence) are not body: a passage of such lines
+/// and headings alone runs on into the next one, and at the end of a file
+/// joins the passage before it. Returns the passages and the number of
+/// lines.
 pub fn split(text: &str) -> (Vec<Passage>, u32) {
     struct Open {
         start: usize,
@@ -349,18 +353,27 @@ pub fn split(text: &str) -> (Vec<Passage>, u32) {
         if in_fence && trimmed.is_empty() && cur.is_none() {
             continue;
         }
+        let body = usize::from(trimmed.chars().any(char::is_alphanumeric));
         match cur.as_mut() {
             Some(o) => {
                 o.last = i;
                 o.byte_end = line_end;
-                o.body += 1;
+                o.body += body;
             }
-            None => cur = Some(Open::at(i, line_start, line_end, 1)),
+            None => cur = Some(Open::at(i, line_start, line_end, body)),
         }
         let limit = if in_fence { 2 * MAX_LINES } else { MAX_LINES };
         if cur.as_ref().is_some_and(|o| o.last - o.start + 1 >= limit) {
             close(&mut cur, &headings, &mut out);
         }
+    }
+    // Trailing lines with nothing to quote (`---`) join the passage before.
+    if let (Some(o), Some(last)) = (cur.as_ref(), out.last_mut())
+        && o.body == 0
+    {
+        last.end_line = (o.last + 1) as u32;
+        last.bytes.end = o.byte_end;
+        cur = None;
     }
     close(&mut cur, &headings, &mut out);
     (out, n as u32)
@@ -413,9 +426,37 @@ mod tests {
     }
 
     #[test]
-    fn paragraphs_merge_until_four_lines_then_split_at_blank() {
-        let t = "a\nb\n\nc\nd\n\ne\n";
-        assert_eq!(spans(t), vec![(1, 5, String::new()), (7, 7, String::new())]);
+    fn paragraphs_merge_until_eight_lines_then_split_at_blank() {
+        let t = "a\nb\n\nc\nd\n\ne\nf\ng\n\nh\n";
+        assert_eq!(
+            spans(t),
+            vec![(1, 9, String::new()), (11, 11, String::new())]
+        );
+    }
+
+    #[test]
+    fn a_table_with_its_caption_and_the_line_under_it_stays_one_passage() {
+        let t = "## Limits\n\nTable 1: what each limit is.\n\n| limit | value |\n|---|---|\n| clients | 64 |\n\nThe clients limit counts open FIFOs.\n\n## Next\nother\n";
+        assert_eq!(
+            spans(t),
+            vec![(1, 9, "Limits".into()), (11, 12, "Next".into())]
+        );
+        // A command with the note that explains it, too.
+        let t = "text one\ntext two\n\n```\nautopoll ask --name x\n```\n\nNote: exits 3 when no server runs.\n";
+        assert_eq!(spans(t), vec![(1, 8, String::new())]);
+    }
+
+    #[test]
+    fn a_rule_line_never_forms_a_passage_of_its_own() {
+        let body: String = (0..8).map(|i| format!("line {i}\n")).collect();
+        // Between sections: it runs on into the next one.
+        let t = format!("# A\n{body}\n---\n\n# B\nb text\n");
+        assert_eq!(spans(&t), vec![(1, 9, "A".into()), (11, 14, "B".into())]);
+        // At the end of the file: it joins the passage before.
+        let t = format!("# A\n{body}\n---\n");
+        assert_eq!(spans(&t), vec![(1, 11, "A".into())]);
+        // A file of nothing else still has its passage.
+        assert_eq!(spans("---\n"), vec![(1, 1, String::new())]);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The built-in engine's index: an inverted index over passages, ranked
 //! with BM25 (k1 = 1.2, b = 0.75); heading words count once more in the
-//! passages under them.
+//! passages under them, and a passage shorter than half the average is
+//! scored as if it had half the average length (a heading and a line do
+//! not outrank a full passage on their few words).
 //!
 //! Tokenising is done once per file version, in units of about 256 KB of
 //! passages spread over the cores ([`super::par`]) and merged in order, so
@@ -28,6 +30,8 @@ use super::text;
 
 const K1: f32 = 1.2;
 const B: f32 = 0.75;
+/// The shortest length (a share of the average) a passage is scored with.
+const MIN_LEN_SHARE: f32 = 0.5;
 
 /// A passage as indexed: which file, which passage of it, its length in terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -580,6 +584,51 @@ impl Index {
         )
     }
 
+    /// The line of passage `hit` most likely to answer `query`: the one
+    /// whose distinct query terms weigh most (by their inverse document
+    /// frequency), the earliest on a tie; headings and lines with no letter
+    /// or digit are never chosen. Its 1-based line number and its text
+    /// (trimmed), or `None` when no line holds a query term.
+    pub fn best_line(&self, hit: &Hit, query: &str) -> Option<(u32, &str)> {
+        let mut weights: Vec<(u32, f32)> = Vec::new();
+        let n = self.live as f32;
+        text::terms(query, |t| {
+            if let Some(id) = self.vocab.get(t)
+                && let Some(list) = self.postings.get(id as usize)
+                && !list.is_empty()
+                && !weights.iter().any(|(i, _)| *i == id)
+            {
+                let df = list.len() as f32;
+                weights.push((id, (1.0 + (n - df + 0.5) / (df + 0.5)).ln()));
+            }
+        });
+        let file = self.files.get(hit.file)?;
+        let p = file.passages.get(hit.passage)?;
+        let mut best: Option<(f32, u32, &str)> = None;
+        let mut seen: Vec<u32> = Vec::new();
+        for (i, line) in file.text[p.bytes.clone()].lines().enumerate() {
+            let trimmed = line.trim();
+            if trimmed.starts_with('#') || !trimmed.chars().any(char::is_alphanumeric) {
+                continue;
+            }
+            seen.clear();
+            let mut score = 0.0f32;
+            text::terms(trimmed, |t| {
+                if let Some(id) = self.vocab.get(t)
+                    && !seen.contains(&id)
+                    && let Some((_, w)) = weights.iter().find(|(i, _)| *i == id)
+                {
+                    seen.push(id);
+                    score += w;
+                }
+            });
+            if score > 0.0 && best.is_none_or(|(b, _, _)| score > b) {
+                best = Some((score, p.start_line + i as u32, trimmed));
+            }
+        }
+        best.map(|(_, line, text)| (line, text))
+    }
+
     /// The best `k` passages for `query`, best first; empty when no query
     /// term occurs anywhere.
     pub fn search(&self, query: &str, k: usize) -> Vec<Hit> {
@@ -599,6 +648,7 @@ impl Index {
             return Vec::new();
         }
         let n = self.live as f32;
+        let min_len = self.avg_len * MIN_LEN_SHARE;
         SCRATCH.with(|s| {
             let (scores, touched) = &mut *s.borrow_mut();
             if scores.len() < self.docs.len() {
@@ -610,7 +660,10 @@ impl Index {
                 let idf = (1.0 + (n - df + 0.5) / (df + 0.5)).ln();
                 for (doc, tf) in list.iter() {
                     let tf = f32::from(tf);
-                    let dl = self.docs[doc as usize].len as f32;
+                    // A near-empty passage (a heading and a line) is scored
+                    // as if it had [`MIN_LEN_SHARE`] of the average length,
+                    // so its few words do not outweigh a full passage's.
+                    let dl = (self.docs[doc as usize].len as f32).max(min_len);
                     let s = idf * tf * (K1 + 1.0) / (tf + K1 * (1.0 - B + B * dl / self.avg_len));
                     let slot = &mut scores[doc as usize];
                     if *slot == 0.0 {
@@ -902,6 +955,23 @@ mod tests {
         assert_eq!(decode_ids(&bytes).collect::<Vec<_>>(), ids);
         assert!(bytes.len() < ids.len() * 4);
         assert_eq!(decode_ids(&encode_ids(&[])).count(), 0);
+    }
+
+    #[test]
+    fn a_near_empty_passage_does_not_outrank_a_full_one() {
+        let filler = "alpha beta gamma delta epsilon zeta\n".repeat(6);
+        let mut body = format!(
+            "# Notes\nCache eviction.\n# Policy\nThe cache eviction policy drops the oldest cache entry; the cache eviction runs hourly.\n{filler}"
+        );
+        for i in 0..4 {
+            body.push_str(&format!("# Other {i}\n{filler}omega\n"));
+        }
+        let (_d, idx) = index_of(&[("notes.md", &body)]);
+        let hits = idx.search("cache eviction", 2);
+        // Two words once in a heading and a line lose to a full passage
+        // that says them three and two times.
+        assert_eq!(hits[0].passage, 1, "{hits:?}");
+        assert_eq!(hits[1].passage, 0, "{hits:?}");
     }
 
     #[test]
