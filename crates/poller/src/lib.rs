@@ -937,6 +937,7 @@ impl Poller {
             return;
         }
         let batch: Vec<BridgeAnswer> = self.answers.iter().map(|(a, _, _)| a.clone()).collect();
+        log::debug!("event=answers_commit count={}", batch.len());
         fault::point("before_commit");
         match live(&mut self.bridge).and_then(|b| b.complete(&self.claimer, &batch)) {
             Ok(ids) => {

@@ -457,6 +457,15 @@ impl Confirm {
             // Bounded: a checkpoint or recovery holding the index is waited
             // out briefly; past that the loop is woken unconfirmed.
             c.busy_timeout(Duration::from_millis(50)).ok()?;
+            // One plan per statement: the look binds the time, which moves
+            // on every wake, and SQLite (built with STAT4) would otherwise
+            // compile it again each time (most of an idle poller's cost
+            // per commit by others).
+            c.set_db_config(
+                rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+                true,
+            )
+            .ok()?;
             self.conn = Some(c);
         }
         let v = self
