@@ -872,7 +872,9 @@ mod tests {
             .unwrap();
         assert_eq!(b.claimed.len(), 5);
         assert_eq!(
-            f.bridge.extend(&me, &[qs[0], qs[1], qs[3], qs[4]], Duration::from_secs(60)).unwrap(),
+            f.bridge
+                .extend(&me, &[qs[0], qs[1], qs[3], qs[4]], Duration::from_secs(60))
+                .unwrap(),
             4
         );
         let taken = f
@@ -880,7 +882,11 @@ mod tests {
             .claim(&other, &conv, Session::B, &opts(5, 60_000, 5))
             .unwrap();
         assert_eq!(
-            taken.claimed.iter().map(|c| c.message.id).collect::<Vec<_>>(),
+            taken
+                .claimed
+                .iter()
+                .map(|c| c.message.id)
+                .collect::<Vec<_>>(),
             vec![qs[2]]
         );
         let batch: Vec<Answer> = qs.iter().map(|q| answer(*q, &format!("a{q}"))).collect();
@@ -910,7 +916,10 @@ mod tests {
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!(responses, 4, "one response per answer, none for the stale claim");
+        assert_eq!(
+            responses, 4,
+            "one response per answer, none for the stale claim"
+        );
         // The new owner still answers its claim.
         assert!(f.bridge.complete(&other, &[answer(qs[2], "mine")]).unwrap()[0].is_some());
     }
@@ -924,16 +933,24 @@ mod tests {
             let mut st = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
             let args: Vec<String> = (0..n).map(|i| i.to_string()).collect();
             let rows = st
-                .query_map(rusqlite::params_from_iter(args.iter()), |r| r.get::<_, String>(3))
+                .query_map(rusqlite::params_from_iter(args.iter()), |r| {
+                    r.get::<_, String>(3)
+                })
                 .unwrap();
             rows.map(|r| r.unwrap()).collect::<Vec<_>>().join("; ")
         };
         let claim = plan(&claim_sql(), 4);
         assert!(claim.contains("autopoll_messages_unread_fifo"), "{claim}");
-        assert!(!claim.contains("TEMP B-TREE"), "a claim must not sort the backlog: {claim}");
+        assert!(
+            !claim.contains("TEMP B-TREE"),
+            "a claim must not sort the backlog: {claim}"
+        );
         let look = plan(&claimable_sql(3), 5);
         assert!(look.contains("autopoll_messages_unread"), "{look}");
-        assert!(!look.contains("TEMP B-TREE") && !look.contains("SCAN m"), "{look}");
+        assert!(
+            !look.contains("TEMP B-TREE") && !look.contains("SCAN m"),
+            "{look}"
+        );
     }
 
     #[test]
