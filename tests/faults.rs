@@ -196,6 +196,74 @@ fn poller_killed_at_each_point_of_a_question() {
 }
 
 #[test]
+fn an_answer_group_killed_before_its_commit_is_answered_exactly_once_after_restart() {
+    let env = Env::new();
+    let (conv, ctx) = setup(&env);
+    let _s = env.server("default", &["--context", &ctx]);
+    let mut ids = Vec::new();
+    let mut grouped = 0;
+    for trial in 0..10 {
+        ids.extend(env.send_queries(&conv, &format!("grp{trial}"), 16, "cache?"));
+        let log = env.path(&format!("poller-{trial}.log"));
+        let mut p = env
+            .cmd("autopoll-poller")
+            .env("AUTOPOLL_CONVERSATION", &conv.id)
+            .env("AUTOPOLL_TOKEN", &conv.token_b)
+            .env("AUTOPOLL_RUNTIME_DIR", env.runtime())
+            .env("AUTOPOLL_FAULT_KILL_AT", "before_commit")
+            .env("RUST_LOG", "debug")
+            .args(["--lease", "0.5", "--concurrency", "16"])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + TIMEOUT;
+        let status = loop {
+            if let Some(st) = p.try_wait().unwrap() {
+                break Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = p.kill();
+                let _ = p.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            status.and_then(|s| s.signal()),
+            Some(libc::SIGKILL),
+            "the poller dies at its first commit of answers"
+        );
+        assert_eq!(integrity(&env), "ok");
+        // The group it died with.
+        let text = std::fs::read_to_string(&log).unwrap();
+        let count: usize = text
+            .lines()
+            .filter_map(|l| l.split("event=answers_commit count=").nth(1))
+            .filter_map(|c| c.split_whitespace().next()?.parse().ok())
+            .next_back()
+            .unwrap_or_else(|| panic!("no answers_commit line in {text}"));
+        if count >= 2 {
+            grouped += 1;
+            if grouped >= 2 {
+                break;
+            }
+        }
+    }
+    assert!(
+        grouped > 0,
+        "no poller died holding a group of two or more answers"
+    );
+    finish(
+        &env,
+        &conv,
+        &ids,
+        "answer group killed before its commit",
+        format!("{grouped} kills with a group of 2+ answers, integrity_check ok every time"),
+    );
+}
+
+#[test]
 fn server_kill_9_during_a_run() {
     let env = Env::new();
     let (conv, ctx) = setup(&env);

@@ -3,10 +3,13 @@
 //!
 //! The four shared tables are never altered. Our state (claims, leases,
 //! attempts, outcomes, answers kept for repeated query ids) lives in
-//! `autopoll_*` tables. One partial index on
-//! `messages` (`autopoll_messages_unread`, only over unread rows) keeps claim
-//! scans cheap on a file with a long history; an index does not change the
-//! table's definition, and the Python server's statements work unchanged.
+//! `autopoll_*` tables. Two partial indexes on `messages`, only over unread
+//! rows, keep claim scans cheap on a file with a long history:
+//! `autopoll_messages_unread` and `autopoll_messages_unread_fifo` (rows in
+//! row id order per conversation and session, so a claim, which goes in
+//! arrival order, reads only the rows it takes instead of sorting the
+//! whole backlog). An index does not change the table's definition, and
+//! the Python server's statements work unchanged.
 //!
 //! Before anything is written, a file is [classified](classify) with reads
 //! only: a file that holds tables but not the bridge's, or that is not SQLite
@@ -106,6 +109,8 @@ CREATE INDEX IF NOT EXISTS autopoll_outcomes_by_session
     ON autopoll_outcomes (conversation_id, to_session, outcome);
 CREATE INDEX IF NOT EXISTS autopoll_messages_unread
     ON messages (conversation_id, to_session, timestamp) WHERE read = 0;
+CREATE INDEX IF NOT EXISTS autopoll_messages_unread_fifo
+    ON messages (conversation_id, to_session) WHERE read = 0;
 ";
 
 /// Columns each shared table must have, as the Python server and autopoll use them.

@@ -217,6 +217,13 @@ pub(crate) const RECHECK: [Duration; 11] = [
     Duration::from_micros(5000),
 ];
 
+/// Group commit: answers that arrive while others are still being asked
+/// wait at most this long for company, so one transaction writes many of
+/// them (a commit costs about as much as ten answers in it). An answer with
+/// nothing else in flight is written at once (a lone question's pickup
+/// pays nothing for this).
+pub const GROUP_WINDOW: Duration = Duration::from_millis(1);
+
 /// Largest answer text written back (the Python side takes 50,000 characters per message).
 const MAX_ANSWER_CHARS: usize = 45_000;
 
@@ -278,6 +285,10 @@ struct Poller {
     tokens_error: Option<String>,
     data_version: i64,
     flush_after: Instant,
+    /// When the oldest answer in `answers` arrived (group commit).
+    answers_since: Option<Instant>,
+    /// Shutting down: answers are written without waiting for company.
+    stopping: bool,
     next_health: Instant,
     probe_client: Option<Client>,
     /// No claims before this (the server said it is overloaded).
@@ -899,16 +910,38 @@ impl Poller {
         }
     }
 
+    /// Group commit: when the gathered answers are to be written. At once
+    /// when nothing else is being asked (no answer could join them), when
+    /// they fill half the slots, or when stopping; otherwise
+    /// [`GROUP_WINDOW`] after the first of them arrived. `None`: no answers.
+    fn group_due(&mut self) -> Option<Instant> {
+        if self.answers.is_empty() {
+            self.answers_since = None;
+            return None;
+        }
+        let since = *self.answers_since.get_or_insert_with(Instant::now);
+        let asking = self.in_flight.len().saturating_sub(self.answers.len());
+        if self.stopping || asking == 0 || self.answers.len() >= self.cfg.concurrency.div_ceil(2) {
+            return Some(since);
+        }
+        Some(since + GROUP_WINDOW)
+    }
+
     /// Write gathered answers in one transaction. Their questions stay in
     /// flight (leases extended) until the commit succeeds.
     fn flush(&mut self) {
         if self.answers.is_empty() || Instant::now() < self.flush_after {
             return;
         }
+        if self.group_due().is_some_and(|t| Instant::now() < t) {
+            return;
+        }
         let batch: Vec<BridgeAnswer> = self.answers.iter().map(|(a, _, _)| a.clone()).collect();
+        log::debug!("event=answers_commit count={}", batch.len());
         fault::point("before_commit");
         match live(&mut self.bridge).and_then(|b| b.complete(&self.claimer, &batch)) {
             Ok(ids) => {
+                self.answers_since = None;
                 for ((a, qid, took), rid) in self.answers.drain(..).zip(ids) {
                     self.in_flight.remove(&a.message_id);
                     match rid {
@@ -1029,6 +1062,7 @@ impl Poller {
         for (id, f) in self.in_flight.drain() {
             self.orphans.insert((f.generation, id), f.query_id);
         }
+        self.answers_since = None;
         for (a, qid, _) in self.answers.drain(..) {
             log::warn!(
                 "event=answer_dropped message_id={} query_id={qid} reason=\"its bridge file was replaced or removed before the answer's commit\": \
@@ -1317,6 +1351,8 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         tokens_error: None,
         data_version,
         flush_after: Instant::now(),
+        answers_since: None,
+        stopping: false,
         next_health: Instant::now() + cfg.heartbeat,
         probe_client: None,
         claims_paused_until: Instant::now(),
@@ -1414,6 +1450,9 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         if let Some((t, _)) = recheck {
             wake = wake.min(t);
         }
+        if let Some(t) = p.group_due() {
+            wake = wake.min(t.max(p.flush_after));
+        }
         if p.cfg.retain.is_some() && p.bridge.is_some() && stop_at.is_none() {
             wake = wake.min(p.next_prune);
         }
@@ -1466,6 +1505,7 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
                             p.cfg.grace.as_secs_f64()
                         );
                         stop_at = Some(Instant::now() + p.cfg.grace);
+                        p.stopping = true;
                     }
                 }
             }
@@ -1518,6 +1558,7 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
     {
         p.close(conn::Why::Missing("checked at shutdown".into()));
     }
+    p.stopping = true;
     p.flush();
     let left: Vec<i64> = p.in_flight.keys().copied().collect();
     if !left.is_empty() && p.bridge.is_some() {

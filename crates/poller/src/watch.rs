@@ -525,7 +525,19 @@ impl Confirm {
             );
             // Bounded: a checkpoint or recovery holding the index is waited
             // out briefly; past that the loop is woken unconfirmed.
-            match c.and_then(|c| c.busy_timeout(Duration::from_millis(50)).map(|()| c)) {
+            // One plan per statement: the look binds the time, which moves
+            // on every wake, and SQLite (built with STAT4) would otherwise
+            // compile it again each time (most of an idle poller's cost
+            // per commit by others).
+            let ready = c.and_then(|c| {
+                c.busy_timeout(Duration::from_millis(50))?;
+                c.set_db_config(
+                    rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+                    true,
+                )?;
+                Ok(c)
+            });
+            match ready {
                 Ok(c) => {
                     self.conn = Some(c);
                     g.held = at_path;
