@@ -319,34 +319,14 @@ impl Bridge {
         token: &str,
         ids: &[i64],
     ) -> Result<usize> {
-        let (tx, map) = self.immediate()?;
-        verify_on(&tx, conversation, session, token)?;
-        let mut n = 0;
-        for id in ids {
-            n += tx
-                .prepare_cached(
-                    "UPDATE messages SET read = 1
-                     WHERE id = ?1 AND conversation_id = ?2 AND to_session = ?3 AND read = 0",
-                )
-                .and_then(|mut s| s.execute(params![id, conversation, session.as_str()]))
-                .map_err(&map)?;
-        }
-        audit::write(
-            &tx,
-            Some(conversation),
-            Some(session.as_str()),
-            audit::actions::GET_MESSAGES,
-            &json!({ "count": n }),
-        )
-        .map_err(&map)?;
-        tx.commit().map_err(&map)?;
-        Ok(n)
+        self.set_read(conversation, session, token, ids, true)
     }
 
     /// Undo [`Bridge::mark_read`] for messages a reader took but could not
     /// deliver (an MCP call cancelled after it committed): they are unread
     /// again, so the next `check_messages` returns them. Only messages to
-    /// `session` that are read now; returns how many changed.
+    /// `session` that are read now; returns how many changed (not audited:
+    /// the Python server has no such action).
     pub fn unmark_read(
         &mut self,
         conversation: &str,
@@ -354,17 +334,41 @@ impl Bridge {
         token: &str,
         ids: &[i64],
     ) -> Result<usize> {
+        self.set_read(conversation, session, token, ids, false)
+    }
+
+    /// Set `read` on the given messages to `session` (those not so already),
+    /// in one transaction; marking read is audited as `get_messages`.
+    fn set_read(
+        &mut self,
+        conversation: &str,
+        session: Session,
+        token: &str,
+        ids: &[i64],
+        read: bool,
+    ) -> Result<usize> {
         let (tx, map) = self.immediate()?;
         verify_on(&tx, conversation, session, token)?;
+        let (to, from) = if read { (1, 0) } else { (0, 1) };
         let mut n = 0;
         for id in ids {
             n += tx
                 .prepare_cached(
-                    "UPDATE messages SET read = 0
-                     WHERE id = ?1 AND conversation_id = ?2 AND to_session = ?3 AND read = 1",
+                    "UPDATE messages SET read = ?4
+                     WHERE id = ?1 AND conversation_id = ?2 AND to_session = ?3 AND read = ?5",
                 )
-                .and_then(|mut s| s.execute(params![id, conversation, session.as_str()]))
+                .and_then(|mut s| s.execute(params![id, conversation, session.as_str(), to, from]))
                 .map_err(&map)?;
+        }
+        if read {
+            audit::write(
+                &tx,
+                Some(conversation),
+                Some(session.as_str()),
+                audit::actions::GET_MESSAGES,
+                &json!({ "count": n }),
+            )
+            .map_err(&map)?;
         }
         tx.commit().map_err(&map)?;
         Ok(n)
