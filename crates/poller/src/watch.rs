@@ -296,57 +296,19 @@ impl Watch {
     /// [`crate::tokens::Hangup`]) becomes readable; [`Event::Stop`] when told
     /// to stop.
     pub fn run_files(
-        mut self,
+        self,
         stop_fd: RawFd,
         hangup: Option<crate::tokens::Hangup>,
         events: Sender<Event>,
         make: fn() -> Event,
     ) {
-        let mut next_check = Instant::now() + Duration::from_secs(1);
-        loop {
-            let now = Instant::now();
-            if self.watched.is_none() || now >= next_check {
-                next_check = now + Duration::from_secs(1);
-                if !self.current() && self.add().is_ok() {
-                    log::info!("event=watch_restored dir={}", self.dir.display());
-                    if events.send(make()).is_err() {
-                        return;
-                    }
-                }
-            }
-            let until = if self.watched.is_some() {
-                next_check
-            } else {
-                Instant::now() + REWATCH
-            };
-            let mut fds = [
-                fifo::pollfd(self.fd.as_raw_fd(), libc::POLLIN),
-                fifo::pollfd(stop_fd, libc::POLLIN),
-                fifo::pollfd(hangup.as_ref().map_or(-1, |h| h.fd()), libc::POLLIN),
-            ];
-            if fifo::poll(&mut fds, Some(until)).is_err() {
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-            if fds[1].revents != 0 {
+        self.run_loop(stop_fd, hangup.as_ref(), |n| match n {
+            Notice::Changed => events.send(make()).is_ok(),
+            Notice::Stop => {
                 let _ = events.send(Event::Stop);
-                return;
+                false
             }
-            let mut send = false;
-            if fds[2].revents != 0
-                && let Some(h) = &hangup
-            {
-                h.drain();
-                log::info!("event=sighup: reading the tokens file again");
-                send = true;
-            }
-            if fds[0].revents != 0 && self.drain().0 {
-                send = true;
-            }
-            if send && events.send(make()).is_err() {
-                return;
-            }
-        }
+        });
     }
 }
 
@@ -356,7 +318,18 @@ impl Watch {
     /// a lost watch is restored), `notify(Notice::Stop)` once when told to
     /// stop. The caller confirms a change itself (`PRAGMA data_version`);
     /// used by `autopoll mcp`'s `ask_shard` waiter.
-    pub fn run_with(mut self, stop_fd: RawFd, mut notify: impl FnMut(Notice) -> bool) {
+    pub fn run_with(self, stop_fd: RawFd, notify: impl FnMut(Notice) -> bool) {
+        self.run_loop(stop_fd, None, notify);
+    }
+
+    /// The loop of [`Watch::run_with`] and [`Watch::run_files`]: a readable
+    /// `hangup` (SIGHUP) counts as a change too.
+    fn run_loop(
+        mut self,
+        stop_fd: RawFd,
+        hangup: Option<&crate::tokens::Hangup>,
+        mut notify: impl FnMut(Notice) -> bool,
+    ) {
         let mut next_check = Instant::now() + Duration::from_secs(1);
         loop {
             let now = Instant::now();
@@ -377,6 +350,7 @@ impl Watch {
             let mut fds = [
                 fifo::pollfd(self.fd.as_raw_fd(), libc::POLLIN),
                 fifo::pollfd(stop_fd, libc::POLLIN),
+                fifo::pollfd(hangup.map_or(-1, |h| h.fd()), libc::POLLIN),
             ];
             if fifo::poll(&mut fds, Some(until)).is_err() {
                 std::thread::sleep(Duration::from_millis(100));
@@ -386,7 +360,18 @@ impl Watch {
                 notify(Notice::Stop);
                 return;
             }
-            if fds[0].revents != 0 && self.drain().0 && !notify(Notice::Changed) {
+            let mut changed = false;
+            if fds[2].revents != 0
+                && let Some(h) = hangup
+            {
+                h.drain();
+                log::info!("event=sighup: reading the tokens file again");
+                changed = true;
+            }
+            if fds[0].revents != 0 && self.drain().0 {
+                changed = true;
+            }
+            if changed && !notify(Notice::Changed) {
                 return;
             }
         }
