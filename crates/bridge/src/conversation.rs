@@ -58,6 +58,38 @@ impl ConversationInfo {
     }
 }
 
+/// Roles are 1 to 100 characters (the Python server's rule).
+pub(crate) fn check_roles(role_a: &str, role_b: &str) -> Result<()> {
+    for role in [role_a, role_b] {
+        if role.trim().is_empty() || role.chars().count() > 100 {
+            return Err(Error::Invalid(format!(
+                "a role must be 1 to 100 characters, got {role:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Which session `presented` is the token of (for `renew`, which takes either).
+pub(crate) fn session_of_token(
+    conversation: &str,
+    presented: &str,
+    ta: &str,
+    tb: &str,
+) -> Result<Session> {
+    if token::tokens_equal(presented, ta) {
+        Ok(Session::A)
+    } else if token::tokens_equal(presented, tb) {
+        Ok(Session::B)
+    } else {
+        Err(Error::InvalidToken {
+            conversation: conversation.to_string(),
+            session: "a or b".into(),
+            hint: "; it is neither session's token: use one that `autopoll bridge create` printed (in AUTOPOLL_TOKEN)".into(),
+        })
+    }
+}
+
 pub(crate) fn is_expired(expires_at: &str) -> Result<bool> {
     Ok(clock::now() >= clock::parse(expires_at)?)
 }
@@ -107,6 +139,17 @@ pub(crate) fn verify_on(
                 .optional()
         })
         .map_err(Error::Sqlite)?;
+    check_token(conversation, session, presented, row)
+}
+
+/// The token check on a conversation's stored `(session_a_token,
+/// session_b_token, expires_at)` row, whichever store it came from.
+pub(crate) fn check_token(
+    conversation: &str,
+    session: Session,
+    presented: &str,
+    row: Option<(String, String, String)>,
+) -> Result<()> {
     let Some((ta, tb, expires_at)) = row else {
         return Err(Error::NotFound {
             what: format!("conversation {conversation}"),
@@ -165,13 +208,7 @@ impl Bridge {
         role_b: &str,
         ttl: Duration,
     ) -> Result<NewConversation> {
-        for role in [role_a, role_b] {
-            if role.trim().is_empty() || role.chars().count() > 100 {
-                return Err(Error::Invalid(format!(
-                    "a role must be 1 to 100 characters, got {role:?}"
-                )));
-            }
-        }
+        check_roles(role_a, role_b)?;
         let id = token::conversation_id()?;
         let ta = token::session_token()?;
         let tb = token::session_token()?;
@@ -225,17 +262,7 @@ impl Bridge {
         let Some((ta, tb)) = row else {
             return Err(Error::not_found(format!("conversation {conversation}")));
         };
-        let session = if token::tokens_equal(token, &ta) {
-            Session::A
-        } else if token::tokens_equal(token, &tb) {
-            Session::B
-        } else {
-            return Err(Error::InvalidToken {
-                conversation: conversation.to_string(),
-                session: "a or b".into(),
-                hint: "; it is neither session's token: use one that `autopoll bridge create` printed (in AUTOPOLL_TOKEN)".into(),
-            });
-        };
+        let session = session_of_token(conversation, token, &ta, &tb)?;
         let expires_at = clock::format(clock::add(clock::now(), ttl));
         tx.execute(
             "UPDATE conversations SET expires_at = ?1 WHERE id = ?2",

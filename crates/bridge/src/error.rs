@@ -118,6 +118,16 @@ pub enum Error {
     /// Any other SQLite failure (corruption, full disk, ...).
     #[error("SQLite: {0}")]
     Sqlite(#[source] rusqlite::Error),
+    /// A PostgreSQL failure: what was being done, the server's or the
+    /// connection's reason, and what to do about it.
+    #[error("PostgreSQL: {message}")]
+    Postgres {
+        /// The whole message.
+        message: String,
+        /// True when a retry may pass (connection lost, server restarting,
+        /// a timeout or a serialization failure).
+        transient: bool,
+    },
 }
 
 /// Shorthand for bridge results.
@@ -142,7 +152,14 @@ impl Error {
 
     /// True for failures that may pass when retried later (lock contention).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Busy { .. })
+        matches!(
+            self,
+            Error::Busy { .. }
+                | Error::Postgres {
+                    transient: true,
+                    ..
+                }
+        )
     }
 }
 

@@ -22,6 +22,7 @@ pub mod clock;
 mod conversation;
 pub mod error;
 mod message;
+pub mod pg;
 pub mod prune;
 pub mod pyjson;
 pub mod redact;
@@ -29,6 +30,7 @@ pub mod schema;
 pub mod shard;
 mod stats;
 mod status;
+pub mod store;
 pub mod token;
 
 use std::path::{Path, PathBuf};
@@ -46,6 +48,7 @@ pub use message::{Message, Sent};
 pub use prune::{CompactReport, FileSize, PruneReport, Pruner};
 pub use stats::{SessionStats, UnseenDeadLetter};
 pub use status::{PartnerStatus, SessionState, SessionStatus};
+pub use store::{Store, StoreKind, Target};
 
 /// The Python server's conversation lifetime.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3 * 3600);

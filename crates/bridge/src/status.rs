@@ -103,22 +103,44 @@ pub(crate) fn read_status(
             .optional()
         })
         .map_err(Error::Sqlite)?;
-    row.map(|(status, last_heartbeat)| {
-        // A heartbeat nobody can read (garbage from another writer) has no
-        // age and is not alive; it does not make the whole status fail.
-        let age_secs = clock::parse(&last_heartbeat)
-            .ok()
-            .map(|t| clock::seconds_between(t, clock::now()));
-        // A poller that said it stopped is not alive, however fresh.
-        let stopped = status == SessionState::Stopped.as_str();
-        Ok(SessionStatus {
-            status,
-            last_heartbeat,
-            age_secs,
-            alive: age_secs.is_some_and(|a| a < ALIVE_SECS) && !stopped,
-        })
-    })
-    .transpose()
+    row.map(|(status, last_heartbeat)| Ok(status_of(status, last_heartbeat)))
+        .transpose()
+}
+
+/// A stored `(status, last_heartbeat)` pair as a [`SessionStatus`], whichever
+/// store it came from.
+pub(crate) fn status_of(status: String, last_heartbeat: String) -> SessionStatus {
+    // A heartbeat nobody can read (garbage from another writer) has no
+    // age and is not alive; it does not make the whole status fail.
+    let age_secs = clock::parse(&last_heartbeat)
+        .ok()
+        .map(|t| clock::seconds_between(t, clock::now()));
+    // A poller that said it stopped is not alive, however fresh.
+    let stopped = status == SessionState::Stopped.as_str();
+    SessionStatus {
+        status,
+        last_heartbeat,
+        age_secs,
+        alive: age_secs.is_some_and(|a| a < ALIVE_SECS) && !stopped,
+    }
+}
+
+/// What a session is told of its partner, from the partner's status row.
+pub(crate) fn partner_of(status: Option<SessionStatus>) -> PartnerStatus {
+    match status {
+        Some(s) => PartnerStatus {
+            status: s.status,
+            last_heartbeat: Some(s.last_heartbeat),
+            age_seconds: s.age_secs.map(|a| a as i64),
+            alive: s.alive,
+        },
+        None => PartnerStatus {
+            status: "unknown".into(),
+            last_heartbeat: None,
+            age_seconds: None,
+            alive: false,
+        },
+    }
 }
 
 impl Bridge {
@@ -227,20 +249,9 @@ impl Bridge {
         token: &str,
     ) -> Result<PartnerStatus> {
         verify_on(&self.conn, conversation, session, token)?;
-        Ok(match self.session_status(conversation, session.other())? {
-            Some(s) => PartnerStatus {
-                status: s.status,
-                last_heartbeat: Some(s.last_heartbeat),
-                age_seconds: s.age_secs.map(|a| a as i64),
-                alive: s.alive,
-            },
-            None => PartnerStatus {
-                status: "unknown".into(),
-                last_heartbeat: None,
-                age_seconds: None,
-                alive: false,
-            },
-        })
+        Ok(partner_of(
+            self.session_status(conversation, session.other())?,
+        ))
     }
 }
 

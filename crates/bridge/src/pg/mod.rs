@@ -1,0 +1,288 @@
+//! The bridge in PostgreSQL: [`PgBridge`], one blocking connection
+//! (the `postgres` crate's client; no async in our code) to a database that
+//! pollers and coordinators on several hosts share.
+//!
+//! - `--db postgres://USER[:PASSWORD]@HOST[:PORT]/DBNAME[?sslmode=..]` (or
+//!   `postgresql://`); what the URL leaves out comes from the usual `PG*`
+//!   variables (`PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE`,
+//!   `PGSSLMODE`, `PGCONNECT_TIMEOUT`, `PGAPPNAME`), then libpq's defaults
+//!   (localhost, 5432, the user's name).
+//! - Every call is bounded: a connect timeout ([`CONNECT_TIMEOUT`] unless
+//!   the URL or `PGCONNECT_TIMEOUT` says otherwise), TCP keepalives and a
+//!   TCP user timeout (a silent peer fails the call instead of hanging it),
+//!   and per session `statement_timeout`, `lock_timeout` and
+//!   `idle_in_transaction_session_timeout`.
+//! - The schema ([`schema`]) is created by `autopoll bridge init` and
+//!   migrated forward in one transaction; opening a database without it
+//!   fails with the command that makes it.
+//! - Claims ([`ops`]): `FOR UPDATE SKIP LOCKED` over unread messages, and a
+//!   claim upsert guarded by the lease, so two pollers on two hosts never
+//!   hold one message; completing deletes the claim only while the caller
+//!   owns it, in the transaction that writes the answer.
+//! - Wake-ups: a trigger sends `NOTIFY autopoll_messages` with
+//!   `CONVERSATION SESSION` as payload on every new message; [`Listener`]
+//!   waits for those on a connection of its own.
+
+pub mod cluster;
+pub mod listen;
+mod ops;
+pub mod schema;
+
+use std::time::Duration;
+
+use postgres::config::SslMode;
+use postgres::{Client, Config, NoTls};
+
+use crate::error::{Error, Result};
+use crate::{BridgeOptions, ms};
+
+pub use listen::Listener;
+
+/// Connect timeout when neither the URL nor `PGCONNECT_TIMEOUT` gives one.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection whose peer stops acknowledging for this long fails.
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
+/// The longest one statement may run (a bound on every call).
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// One connection to a bridge in PostgreSQL.
+pub struct PgBridge {
+    client: Client,
+    shown: String,
+    opts: BridgeOptions,
+}
+
+impl std::fmt::Debug for PgBridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgBridge").field("db", &self.shown).finish()
+    }
+}
+
+/// The URL with its password (if any) replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let Some((userinfo, host)) = auth.rsplit_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+        None => url.to_string(),
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// The connection settings for `url`, completed from the `PG*` variables
+/// and bounded by our timeouts.
+pub fn config(url: &str) -> Result<Config> {
+    let mut cfg: Config = url.parse().map_err(|e| {
+        Error::Invalid(format!(
+            "--db {}: not a PostgreSQL URL ({e}); the shape is postgres://USER@HOST:PORT/DBNAME",
+            redact_url(url)
+        ))
+    })?;
+    if cfg.get_hosts().is_empty() {
+        cfg.host(&env("PGHOST").unwrap_or_else(|| "localhost".into()));
+    }
+    if cfg.get_ports().is_empty()
+        && let Some(p) = env("PGPORT")
+    {
+        let port = p
+            .parse()
+            .map_err(|_| Error::Invalid(format!("PGPORT={p:?} is not a port number")))?;
+        cfg.port(port);
+    }
+    if cfg.get_user().is_none() {
+        let user = env("PGUSER")
+            .or_else(|| env("USER"))
+            .unwrap_or_else(|| "postgres".into());
+        cfg.user(&user);
+    }
+    if cfg.get_password().is_none()
+        && let Some(p) = env("PGPASSWORD")
+    {
+        cfg.password(p);
+    }
+    if cfg.get_dbname().is_none()
+        && let Some(d) = env("PGDATABASE")
+    {
+        cfg.dbname(&d);
+    }
+    if !url.contains("sslmode=")
+        && let Some(m) = env("PGSSLMODE")
+    {
+        cfg.ssl_mode(match m.as_str() {
+            "disable" => SslMode::Disable,
+            "prefer" | "allow" => SslMode::Prefer,
+            "require" | "verify-ca" | "verify-full" => SslMode::Require,
+            other => {
+                return Err(Error::Invalid(format!(
+                    "PGSSLMODE={other:?}: use disable, prefer or require"
+                )));
+            }
+        });
+    }
+    if cfg.get_ssl_mode() == SslMode::Require {
+        return Err(Error::Invalid(format!(
+            "--db {}: sslmode=require, but this build of autopoll has no TLS for PostgreSQL; \
+             use sslmode=disable on a private network, or a TLS tunnel (stunnel, ssh -L) to the server",
+            redact_url(url)
+        )));
+    }
+    if cfg.get_connect_timeout().is_none() {
+        let t = env("PGCONNECT_TIMEOUT")
+            .and_then(|s| s.parse::<u64>().ok())
+            .filter(|&s| s > 0)
+            .map(Duration::from_secs)
+            .unwrap_or(CONNECT_TIMEOUT);
+        cfg.connect_timeout(t);
+    }
+    if cfg.get_application_name().is_none() {
+        cfg.application_name(&env("PGAPPNAME").unwrap_or_else(|| "autopoll".into()));
+    }
+    cfg.keepalives(true)
+        .keepalives_idle(Duration::from_secs(5))
+        .keepalives_interval(Duration::from_secs(2))
+        .keepalives_retries(3)
+        .tcp_user_timeout(TCP_USER_TIMEOUT);
+    Ok(cfg)
+}
+
+/// Where `cfg` points, for messages: `HOST:PORT/DBNAME as USER`.
+fn describe(cfg: &Config) -> String {
+    let host = match cfg.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "{host}:{port}/{} as {}",
+        cfg.get_dbname().unwrap_or(cfg.get_user().unwrap_or("?")),
+        cfg.get_user().unwrap_or("?")
+    )
+}
+
+/// Open a bounded session on `cfg` (timeouts set), without the schema check.
+pub(crate) fn session(cfg: &Config, statement_timeout: Duration) -> Result<Client> {
+    let mut client = cfg
+        .connect(NoTls)
+        .map_err(|e| pg_error(&format!("cannot connect to {}", describe(cfg)), e))?;
+    let st = ms(statement_timeout).max(1);
+    client
+        .batch_execute(&format!(
+            "SET statement_timeout = {st}; SET lock_timeout = {st}; \
+             SET idle_in_transaction_session_timeout = {}; SET TIME ZONE 'UTC'",
+            st.saturating_mul(4)
+        ))
+        .map_err(|e| pg_error("cannot set the session's timeouts", e))?;
+    Ok(client)
+}
+
+/// Turn a driver error into a bridge error that says what to do.
+pub(crate) fn pg_error(op: &str, e: postgres::Error) -> Error {
+    use postgres::error::SqlState;
+    let code = e.code().cloned();
+    let db = e.as_db_error().map(|d| d.message().to_string());
+    let detail = db.clone().unwrap_or_else(|| {
+        let mut s = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(inner) = src {
+            s.push_str(": ");
+            s.push_str(&inner.to_string());
+            src = inner.source();
+        }
+        s
+    });
+    let (hint, transient) = match &code {
+        Some(c)
+            if *c == SqlState::INVALID_PASSWORD
+                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
+        {
+            (
+                "; check the user and password in --db or PGUSER/PGPASSWORD, and pg_hba.conf on the server",
+                false,
+            )
+        }
+        Some(c) if *c == SqlState::INVALID_CATALOG_NAME => (
+            "; create the database first (`createdb NAME`, or CREATE DATABASE as a superuser), then `autopoll bridge init --db URL`",
+            false,
+        ),
+        Some(c) if *c == SqlState::UNDEFINED_TABLE || *c == SqlState::UNDEFINED_FUNCTION => (
+            "; the database has no bridge schema: make it with `autopoll bridge init --db URL`",
+            false,
+        ),
+        Some(c) if *c == SqlState::INSUFFICIENT_PRIVILEGE => (
+            "; the user lacks a privilege on the bridge's tables: GRANT SELECT, INSERT, UPDATE, DELETE on them (docs/OPERATIONS.md)",
+            false,
+        ),
+        Some(c)
+            if *c == SqlState::QUERY_CANCELED
+                || *c == SqlState::LOCK_NOT_AVAILABLE
+                || *c == SqlState::T_R_SERIALIZATION_FAILURE
+                || *c == SqlState::T_R_DEADLOCK_DETECTED
+                || *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CRASH_SHUTDOWN
+                || *c == SqlState::CANNOT_CONNECT_NOW =>
+        {
+            ("; retried later", true)
+        }
+        Some(_) => ("", false),
+        // No server error: the connection failed or closed.
+        None => (
+            "; is PostgreSQL running and reachable there? (check --db, PGHOST/PGPORT, and the server's listen_addresses)",
+            true,
+        ),
+    };
+    Error::Postgres {
+        message: format!("{op}: {detail}{hint}"),
+        transient,
+    }
+}
+
+impl PgBridge {
+    /// Connect to the bridge at `url`. With `opts.create` the schema is
+    /// created (or migrated) first; without, a database lacking it is
+    /// refused with the `bridge init` command that makes it.
+    pub fn connect(url: &str, opts: BridgeOptions) -> Result<PgBridge> {
+        let cfg = config(url)?;
+        let mut client = session(&cfg, STATEMENT_TIMEOUT.max(opts.busy_timeout))?;
+        let shown = redact_url(url);
+        if opts.create {
+            schema::ensure(&mut client)?;
+        } else {
+            schema::check(&mut client, &shown)?;
+        }
+        Ok(PgBridge {
+            client,
+            shown,
+            opts,
+        })
+    }
+
+    /// The raw client, for tests and `doctor`.
+    pub fn client(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
+    /// Seconds the database server's clock is ahead of ours (negative:
+    /// behind), measured over one round trip.
+    pub fn clock_skew_secs(&mut self) -> Result<f64> {
+        let before = crate::clock::unix_ms();
+        let row = self
+            .client
+            .query_one("SELECT autopoll_now_ms()", &[])
+            .map_err(|e| pg_error("cannot read the server's clock", e))?;
+        let after = crate::clock::unix_ms();
+        let server: i64 = row.get(0);
+        Ok((server as f64 - (before + after) as f64 / 2.0) / 1000.0)
+    }
+}
