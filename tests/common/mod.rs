@@ -29,6 +29,8 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
 /// One test's world: a private temp dir with a bridge path in it.
 pub struct Env {
     pub dir: tempfile::TempDir,
+    /// The bridge is this PostgreSQL database instead of `bridge.db`.
+    pub pg: Option<String>,
 }
 
 impl Env {
@@ -38,7 +40,40 @@ impl Env {
                 .prefix("autopoll-e2e-")
                 .tempdir()
                 .unwrap(),
+            pg: None,
         }
+    }
+
+    /// A world whose bridge is a fresh database on the process's private
+    /// PostgreSQL cluster (`autopoll_bridge::pg::cluster`); fails loudly
+    /// when PostgreSQL cannot start.
+    pub fn postgres() -> Env {
+        let cluster =
+            autopoll_bridge::pg::cluster::Cluster::shared().unwrap_or_else(|e| panic!("{e}"));
+        Env::on_postgres(cluster.database().unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    /// A world whose bridge is the PostgreSQL database at `url`.
+    pub fn on_postgres(url: String) -> Env {
+        Env {
+            pg: Some(url),
+            ..Env::new()
+        }
+    }
+
+    /// What `--db` (AUTOPOLL_DB) is: the file's path, or the URL.
+    pub fn db_arg(&self) -> String {
+        match &self.pg {
+            Some(url) => url.clone(),
+            None => self.db().to_string_lossy().into_owned(),
+        }
+    }
+
+    /// The bridge through the store layer (either database).
+    pub fn store(&self) -> Box<dyn autopoll_bridge::Store> {
+        autopoll_bridge::Target::parse(&self.db_arg())
+            .open(autopoll_bridge::BridgeOptions::default())
+            .unwrap()
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -64,7 +99,8 @@ impl Env {
                 c.env_remove(k);
             }
         }
-        c.env("AUTOPOLL_DB", self.db()).current_dir(self.dir.path());
+        c.env("AUTOPOLL_DB", self.db_arg())
+            .current_dir(self.dir.path());
         c.stdin(Stdio::null());
         c
     }

@@ -41,6 +41,9 @@ pub struct SessionStats {
     pub expires_at: String,
     /// Whether it has expired.
     pub expired: bool,
+    /// The host of the last heartbeat, where the store keeps it (PostgreSQL).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// A dead-lettered question whose error response the asker has not read yet.
@@ -200,6 +203,7 @@ impl Bridge {
                     alive: hb.as_ref().is_some_and(|h| h.alive),
                     expires_at: c.expires_at.clone(),
                     expired: c.expired,
+                    host: None,
                 });
             }
         }

@@ -21,7 +21,7 @@ use serde_json::Value;
 use crate::{
     Answer, Bridge, BridgeOptions, ClaimBatch, ClaimOptions, Claimer, ConversationInfo,
     DeadLettered, Message, NewConversation, PartnerStatus, Result, Sent, Session, SessionState,
-    SessionStatus,
+    SessionStats, SessionStatus, UnseenDeadLetter,
 };
 
 /// Where a bridge lives, from a `--db` value.
@@ -114,6 +114,18 @@ pub trait Store: Send {
     fn location(&self) -> String;
     /// The options it was opened with.
     fn options(&self) -> &BridgeOptions;
+    /// A counter that moves whenever another connection commits, where the
+    /// store has one cheaply (SQLite's `PRAGMA data_version`); `None` on
+    /// PostgreSQL, whose wake-ups come from `LISTEN` instead.
+    fn data_version(&mut self) -> Result<Option<i64>>;
+    /// The SQLite bridge, for what only a file has (prune, WAL checkpoints).
+    fn as_sqlite(&mut self) -> Option<&mut Bridge> {
+        None
+    }
+    /// [`Store::as_sqlite`], by value.
+    fn into_sqlite(self: Box<Self>) -> Option<Bridge> {
+        None
+    }
 
     /// [`Bridge::create_conversation`].
     fn create_conversation(
@@ -267,6 +279,16 @@ pub trait Store: Send {
             self.session_status(conversation, session.other())?,
         ))
     }
+    /// [`Bridge::last_response_at`].
+    fn last_response_at(&mut self, conversation: &str, from: Session) -> Result<Option<String>>;
+    /// [`Bridge::stats`].
+    fn stats(&mut self, conversation: Option<&str>) -> Result<Vec<SessionStats>>;
+    /// [`Bridge::unseen_dead_letters`].
+    fn unseen_dead_letters(
+        &mut self,
+        conversation: &str,
+        session: Session,
+    ) -> Result<Vec<UnseenDeadLetter>>;
     /// The host of the last heartbeat of `session`, where the store keeps
     /// it (PostgreSQL; a SQLite bridge is on one host and keeps none).
     fn heartbeat_host(&mut self, conversation: &str, session: Session) -> Result<Option<String>> {
@@ -290,6 +312,15 @@ impl Store for Bridge {
     }
     fn options(&self) -> &BridgeOptions {
         Bridge::options(self)
+    }
+    fn data_version(&mut self) -> Result<Option<i64>> {
+        Bridge::data_version(self).map(Some)
+    }
+    fn as_sqlite(&mut self) -> Option<&mut Bridge> {
+        Some(self)
+    }
+    fn into_sqlite(self: Box<Self>) -> Option<Bridge> {
+        Some(*self)
     }
     fn claim(
         &mut self,
@@ -336,5 +367,8 @@ impl Store for Bridge {
         heartbeat(&mut self, conversation: &str, session: Session, token: &str, state: SessionState) -> Result<()>;
         update_status(&mut self, conversation: &str, session: Session, token: &str, state: SessionState) -> Result<String>;
         session_status(&mut self, conversation: &str, session: Session) -> Result<Option<SessionStatus>>;
+        stats(&mut self, conversation: Option<&str>) -> Result<Vec<SessionStats>>;
+        last_response_at(&mut self, conversation: &str, from: Session) -> Result<Option<String>>;
+        unseen_dead_letters(&mut self, conversation: &str, session: Session) -> Result<Vec<UnseenDeadLetter>>;
     }
 }

@@ -125,6 +125,7 @@ both_stores!(
     concurrent_claimers_never_share_a_message,
     extend_keeps_the_lease_ours,
     renew_and_list_conversations,
+    stats_count_each_state,
 );
 
 fn tokens_are_checked_with_hints(mut f: Fx) {
@@ -540,4 +541,39 @@ fn renew_and_list_conversations(mut f: Fx) {
     let list = f.store.list_conversations().unwrap();
     assert!(list.iter().any(|c| c.id == id && !c.expired));
     assert_eq!(f.store.conversation(&id).unwrap().session_b_role, "shard");
+}
+
+fn stats_count_each_state(mut f: Fx) {
+    let id = f.id();
+    let ids: Vec<i64> = (0..5).map(|i| f.ask(&format!("q-{i}"), "x?")).collect();
+    let me = Claimer::new("s").unwrap();
+    f.store
+        .claim(&me, &id, Session::B, &claim_opts(3, 30_000, 3))
+        .unwrap();
+    f.store.complete(&me, &[Answer::new(ids[0], "a")]).unwrap();
+    f.store.dead_letter(&me, ids[1], "bad").unwrap();
+    let tb = f.conv.session_b_token.clone();
+    f.store
+        .heartbeat(&id, Session::B, &tb, SessionState::Working)
+        .unwrap();
+    let st = f.store.stats(Some(&id)).unwrap();
+    assert_eq!(st.len(), 2);
+    let b = st.iter().find(|s| s.session == "b").unwrap();
+    assert_eq!(
+        (b.unread, b.claimed, b.answered, b.dead_lettered, b.skipped),
+        (3, 1, 1, 1, 0)
+    );
+    assert_eq!(
+        (b.role.as_str(), b.status.as_deref(), b.alive),
+        ("shard", Some("working"), true)
+    );
+    assert!(b.oldest_unread_age_secs.is_some());
+    let dl = f.store.unseen_dead_letters(&id, Session::B).unwrap();
+    assert_eq!(dl.len(), 1);
+    assert_eq!((dl[0].message_id, dl[0].query_id.as_str()), (ids[1], "q-1"));
+    // PostgreSQL keeps the heartbeat's host; a SQLite bridge is on one host.
+    match f.target {
+        Target::Postgres(_) => assert!(b.host.as_deref().is_some_and(|h| !h.is_empty())),
+        Target::File(_) => assert_eq!(b.host, None),
+    }
 }

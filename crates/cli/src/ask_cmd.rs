@@ -169,7 +169,11 @@ pub fn status(args: StatusArgs) -> Result<(), CliError> {
     let server =
         connect(&args.target, timeout, "autopoll-status").and_then(|mut c| Ok(c.stats(timeout)?));
     let bridge = match &args.db {
-        Some(db) => Some(autopoll_bridge::Bridge::open(db)?.stats(args.conversation.as_deref())?),
+        Some(db) => Some(
+            autopoll_bridge::Target::from_path(db)
+                .open(autopoll_bridge::BridgeOptions::default())?
+                .stats(args.conversation.as_deref())?,
+        ),
         None => None,
     };
     if args.json {

@@ -1,11 +1,12 @@
-//! `autopoll bridge ...`: administer the SQLite bridge from a shell.
+//! `autopoll bridge ...`: administer the bridge (a SQLite file or a
+//! PostgreSQL database, see `autopoll_bridge::store`) from a shell.
 
 use std::io::Read;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use autopoll_bridge::shard::{self, Response};
-use autopoll_bridge::{Bridge, BridgeOptions, Session, SessionStats};
+use autopoll_bridge::{Bridge, BridgeOptions, Session, SessionStats, Store, Target};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
@@ -22,8 +23,9 @@ pub struct BridgeArgs {
 /// Options every bridge subcommand takes.
 #[derive(Debug, Clone, Args)]
 struct Common {
-    /// The bridge's SQLite file.
-    #[arg(long, env = "AUTOPOLL_DB", value_name = "PATH")]
+    /// The bridge: its SQLite file, or a PostgreSQL URL
+    /// (postgres://USER@HOST:PORT/DBNAME; PG* variables fill in what it leaves out).
+    #[arg(long, env = "AUTOPOLL_DB", value_name = "PATH|URL")]
     db: PathBuf,
     /// Print machine-readable JSON on stdout instead of text.
     #[arg(long)]
@@ -210,14 +212,21 @@ fn print_json(v: &impl serde::Serialize) {
     );
 }
 
-fn open(common: &Common) -> Result<Bridge, CliError> {
-    Ok(Bridge::open(&common.db)?)
+fn target(common: &Common) -> Target {
+    Target::from_path(&common.db)
+}
+
+fn open(common: &Common) -> Result<Box<dyn Store>, CliError> {
+    Ok(target(common).open(BridgeOptions::default())?)
 }
 
 /// Run a bridge subcommand.
 pub fn run(args: BridgeArgs) -> Result<(), CliError> {
     match args.cmd {
         BridgeCmd::Init { common, force } => {
+            if let Target::Postgres(url) = target(&common) {
+                return init_postgres(&common, &url);
+            }
             let b = Bridge::open_with(
                 &common.db,
                 BridgeOptions {
@@ -259,7 +268,10 @@ pub fn run(args: BridgeArgs) -> Result<(), CliError> {
             role_b,
             ttl_hours,
         } => {
-            let mut b = Bridge::open_or_create(&common.db)?;
+            let mut b = target(&common).open(BridgeOptions {
+                create: true,
+                ..BridgeOptions::default()
+            })?;
             let c = b.create_conversation(&role_a, &role_b, hours_to_duration(ttl_hours))?;
             if common.json {
                 print_json(&c);
@@ -365,14 +377,14 @@ pub fn run(args: BridgeArgs) -> Result<(), CliError> {
             common,
             conversation,
         } => {
-            let b = open(&common)?;
+            let mut b = open(&common)?;
             let stats = b.stats(conversation.as_deref())?;
             if common.json {
                 print_json(&stats);
             } else if stats.is_empty() {
                 eprintln!(
                     "no conversations in {}; create one with `autopoll bridge create`",
-                    common.db.display()
+                    target(&common).shown()
                 );
             } else {
                 print!("{}", status_table(&stats));
@@ -403,6 +415,24 @@ pub fn run(args: BridgeArgs) -> Result<(), CliError> {
     }
 }
 
+/// `bridge init` on PostgreSQL: create or migrate the schema.
+fn init_postgres(common: &Common, url: &str) -> Result<(), CliError> {
+    let before = autopoll_bridge::pg::schema::init(url)?;
+    let now = autopoll_bridge::pg::schema::current();
+    let shown = autopoll_bridge::pg::redact_url(url);
+    let what = match before {
+        0 => "created".to_string(),
+        v if v == now => "already current".to_string(),
+        v => format!("migrated from v{v}"),
+    };
+    if common.json {
+        print_json(&json!({ "db": shown, "schema_version": now, "schema_before": before }));
+    } else {
+        println!("bridge ready at {shown} (PostgreSQL, autopoll schema v{now}: {what})");
+    }
+    Ok(())
+}
+
 /// Rows per prune transaction: small enough that the Python server and
 /// pollers never wait long for the write lock.
 const PRUNE_BATCH: usize = 500;
@@ -413,7 +443,16 @@ fn prune(
     dry_run: bool,
     vacuum: bool,
 ) -> Result<(), CliError> {
+    if let Target::Postgres(_) = target(common) {
+        return Err(CliError::new(
+            exit::INVALID,
+            "`bridge prune` works on SQLite bridge files only so far; on PostgreSQL, delete \
+             finished history with SQL (docs/OPERATIONS.md, \"Several hosts\") until it is built",
+        ));
+    }
+    let mut b = Bridge::open(&common.db)?;
     if dry_run {
+        drop(b);
         let before = prune_file_bytes(&common.db);
         let r = autopoll_bridge::prune::dry_run(&common.db, older_than)?;
         if common.json {
@@ -424,7 +463,6 @@ fn prune(
         }
         return Ok(());
     }
-    let mut b = open(common)?;
     let before = b.file_size()?;
     let r = b.prune(older_than, PRUNE_BATCH)?;
     let c = b.compact(vacuum)?;
@@ -567,7 +605,7 @@ fn ask(common: &Common, auth: &Auth, timeout: Duration, question: String) -> Res
     log::info!("event=query_sent query_id={qid} message_id={}", sent.id);
     // The same waiter as `autopoll mcp`'s ask_shard: woken by the bridge
     // watch, confirmed by data_version; only the response is marked read.
-    let watcher = autopoll_mcp::waiter::Watcher::start(&common.db)
+    let watcher = autopoll_mcp::waiter::Watcher::start(&target(common))
         .map_err(|e| CliError::new(exit::FAILURE, format!("cannot watch the bridge: {e}")))?;
     let never = std::sync::atomic::AtomicBool::new(false);
     let w = autopoll_mcp::waiter::Wait {
@@ -579,7 +617,7 @@ fn ask(common: &Common, auth: &Auth, timeout: Duration, question: String) -> Res
         deadline: started + timeout,
         cancelled: &never,
     };
-    match autopoll_mcp::waiter::wait_for_response(&mut b, &watcher.hub, &w)? {
+    match autopoll_mcp::waiter::wait_for_response(b.as_mut(), &watcher.hub, &w)? {
         autopoll_mcp::waiter::Waited::Answered { response, .. } => {
             print_answer(common.json, &response, started.elapsed())
         }

@@ -92,7 +92,9 @@ impl From<BridgeError> for CliError {
             | BridgeError::NotADatabase { .. } => SCHEMA,
             BridgeError::RateLimited { .. } => RATE_LIMITED,
             BridgeError::Invalid(_) => INVALID,
-            BridgeError::Io { .. } | BridgeError::Sqlite(_) => FAILURE,
+            BridgeError::Io { .. } | BridgeError::Sqlite(_) | BridgeError::Postgres { .. } => {
+                FAILURE
+            }
             // The enum may grow; anything new is a plain failure until mapped.
             #[allow(unreachable_patterns)]
             _ => FAILURE,

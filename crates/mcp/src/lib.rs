@@ -119,9 +119,13 @@ pub fn run(
     input: impl Read + Send + 'static,
     output: impl Write + Send + 'static,
 ) -> Result<(), McpError> {
-    let bridge = autopoll_bridge::Bridge::open_or_create(&cfg.db)?;
+    let target = autopoll_bridge::Target::from_path(&cfg.db);
+    let bridge = target.open(autopoll_bridge::BridgeOptions {
+        create: true,
+        ..autopoll_bridge::BridgeOptions::default()
+    })?;
     drop(bridge);
-    let watcher = waiter::Watcher::start(&cfg.db)
+    let watcher = waiter::Watcher::start(&target)
         .map_err(|e| McpError::Io(format!("cannot start the bridge watch: {e}")))?;
     // Bounded: a client that stops reading its replies holds us up (and
     // then stops us, past STALLED) instead of growing our memory.
@@ -142,7 +146,7 @@ pub fn run(
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<()>();
     log::info!(
         "event=mcp_started db={} tools={}",
-        cfg.db.display(),
+        target.shown(),
         schema::TOOL_NAMES.len()
     );
     let mut s = Server {

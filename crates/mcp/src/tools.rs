@@ -15,7 +15,9 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use autopoll_bridge::shard::{self, Response};
-use autopoll_bridge::{Bridge, Error as BridgeError, Message, Session, SessionState};
+use autopoll_bridge::{
+    BridgeOptions, Error as BridgeError, Message, Session, SessionState, Store, Target,
+};
 use serde_json::{Map, Value, json};
 
 use crate::schema;
@@ -270,8 +272,10 @@ fn clip(s: &str, n: usize) -> String {
     }
 }
 
-fn open(db: &Path) -> R<Bridge> {
-    Bridge::open(db).map_err(|e| bad(format!("cannot open the bridge file: {e}")))
+fn open(db: &Path) -> R<Box<dyn Store>> {
+    Target::from_path(db)
+        .open(BridgeOptions::default())
+        .map_err(|e| bad(format!("cannot open the bridge: {e}")))
 }
 
 /// Run tool `name` (which must be one of [`schema::TOOL_NAMES`]).
@@ -498,7 +502,7 @@ fn py_bool(b: bool) -> &'static str {
 
 fn partner(ctx: &Ctx, a: &Args<'_>) -> R<ToolResult> {
     let (conv, session, token) = a.auth()?;
-    let b = open(&ctx.db)?;
+    let mut b = open(&ctx.db)?;
     let p = b.partner_status(conv, session, token)?;
     let other = session.other().as_str().to_ascii_uppercase();
     let text = match (&p.last_heartbeat, p.age_seconds) {
@@ -582,7 +586,7 @@ fn ask(ctx: &Ctx, a: &Args<'_>, cancel: &AtomicBool) -> R<ToolResult> {
     };
     let other = session.other();
     // From here on the question is queued: every failure names its query_id.
-    let waited = waiter::wait_for_response(&mut b, &ctx.hub, &w).map_err(|e| {
+    let waited = waiter::wait_for_response(b.as_mut(), &ctx.hub, &w).map_err(|e| {
         bad(format!(
             "{}. The question stays queued as query_id {qid} (message {}); check_messages \
              returns its response",
@@ -684,7 +688,7 @@ fn answer_result(r: &Response, message_id: i64, response_id: i64, elapsed_ms: f6
 
 fn shard_status(ctx: &Ctx, a: &Args<'_>) -> R<ToolResult> {
     let (conv, session, token) = a.auth()?;
-    let b = open(&ctx.db)?;
+    let mut b = open(&ctx.db)?;
     b.verify(conv, session, token)?;
     let other = session.other();
     let stats = b.stats(Some(conv))?;
@@ -752,7 +756,7 @@ mod tests {
 
     fn ctx(dir: &tempfile::TempDir) -> Ctx {
         let db = dir.path().join("bridge.db");
-        Bridge::open_or_create(&db).unwrap();
+        autopoll_bridge::Bridge::open_or_create(&db).unwrap();
         Ctx {
             db,
             hub: Arc::new(crate::waiter::Hub::default()),

@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use autopoll_bridge::shard::Response;
-use autopoll_bridge::{Bridge, Message, Session};
+use autopoll_bridge::{Message, Session, Store, Target};
 use autopoll_poller::watch::{Notice, Watch};
 use autopoll_protocol::Shutdown;
 
@@ -95,11 +95,36 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    /// Start watching the folder of `db`. When inotify cannot watch it, the
-    /// waiters fall back to looking every [`NO_WATCH_PERIOD`] (logged once).
-    pub fn start(db: &std::path::Path) -> std::io::Result<Watcher> {
+    /// Start watching the bridge: inotify on the folder of a SQLite file
+    /// (when inotify cannot watch it, the waiters fall back to looking
+    /// every [`NO_WATCH_PERIOD`], logged once), or `LISTEN` on PostgreSQL
+    /// (a `pg-listen` thread that reconnects with backoff).
+    pub fn start(target: &Target) -> std::io::Result<Watcher> {
         let hub = Arc::new(Hub::new());
         let stop = Shutdown::new()?;
+        let db = match target {
+            Target::File(p) => p.clone(),
+            Target::Postgres(url) => {
+                hub.watched.store(true, Ordering::Relaxed);
+                let (h, s) = (hub.clone(), stop.clone());
+                let thread = autopoll_bridge::pg::listen::spawn(
+                    "pg-listen",
+                    url.clone(),
+                    None,
+                    move |_| {
+                        h.poke();
+                        true
+                    },
+                    move || s.is_triggered(),
+                )?;
+                return Ok(Watcher {
+                    hub,
+                    stop,
+                    thread: Some(thread),
+                });
+            }
+        };
+        let db = db.as_path();
         let thread = match Watch::new(db) {
             Ok(watch) => {
                 hub.watched.store(true, Ordering::Relaxed);
@@ -176,7 +201,7 @@ pub struct Wait<'a> {
 
 /// Wait for the response to `w.query_id`; mark only it read.
 pub fn wait_for_response(
-    bridge: &mut Bridge,
+    bridge: &mut dyn Store,
     hub: &Hub,
     w: &Wait<'_>,
 ) -> autopoll_bridge::Result<Waited> {
@@ -190,8 +215,10 @@ pub fn wait_for_response(
         if w.cancelled.load(Ordering::SeqCst) {
             return Ok(Waited::Cancelled);
         }
+        // None (PostgreSQL, or a busy SQLite file): look every turn; turns
+        // come from the watch's wake-ups and the safety net.
         let version = match bridge.data_version() {
-            Ok(v) => Some(v),
+            Ok(v) => v,
             Err(e) if e.is_transient() => None,
             Err(e) => return Err(e),
         };
@@ -240,7 +267,7 @@ enum Looked {
 }
 
 /// Scan the unread messages above `after` for the response; mark it read.
-fn look(bridge: &mut Bridge, w: &Wait<'_>, after: &mut i64) -> autopoll_bridge::Result<Looked> {
+fn look(bridge: &mut dyn Store, w: &Wait<'_>, after: &mut i64) -> autopoll_bridge::Result<Looked> {
     loop {
         let msgs = match bridge.peek_unread(w.conversation, w.session, *after, PEEK_BATCH) {
             Ok(m) => m,

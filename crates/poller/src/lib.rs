@@ -55,7 +55,7 @@ use std::time::{Duration, Instant};
 use autopoll_bridge::shard::{self, Incoming, Response};
 use autopoll_bridge::{
     Answer as BridgeAnswer, Bridge, BridgeOptions, ClaimOptions, Claimer, Error as BridgeError,
-    Pruner, Session,
+    Pruner, Session, Store, Target,
 };
 use autopoll_protocol::{
     Client, ClientError, ClientOptions, ErrorCode, Notifier, NotifyConfig, ServerPaths, Shutdown,
@@ -257,7 +257,10 @@ enum ServerState {
 struct Poller {
     cfg: PollerConfig,
     /// `None` while the file is missing or refused (see [`conn`]).
-    bridge: Option<Bridge>,
+    bridge: Option<Box<dyn Store>>,
+    /// On PostgreSQL: the queues the `pg-listen` thread wakes us for (and
+    /// no file to watch: [`Poller::watch_file`] does nothing).
+    pg_queues: Option<autopoll_bridge::pg::listen::Queues>,
     /// The device and inode of the file `bridge` is on.
     file_id: Option<conn::FileId>,
     /// Counts connections opened; tags questions with the one they came from.
@@ -319,7 +322,7 @@ impl Poller {
             return;
         }
         let generation = self.generation;
-        let Some(b) = self.bridge.as_mut() else {
+        let Some(b) = self.bridge.as_mut().and_then(|b| b.as_sqlite()) else {
             return;
         };
         let mut pruner = match self.pruner.take() {
@@ -1010,14 +1013,15 @@ impl Poller {
     }
 
     fn changed(&mut self) -> bool {
-        let Some(b) = &self.bridge else {
+        let Some(b) = self.bridge.as_mut() else {
             return false;
         };
         match b.data_version() {
-            Ok(v) if v != self.data_version => {
+            Ok(Some(v)) if v != self.data_version => {
                 self.data_version = v;
                 true
             }
+            // PostgreSQL: wake-ups come from LISTEN (Event::Changed).
             Ok(_) => false,
             Err(_) => true,
         }
@@ -1028,6 +1032,9 @@ impl Poller {
     /// Returns true when a connection was (re)opened (claim at once), and
     /// fails when the file has been gone longer than the grace.
     fn watch_file(&mut self) -> Result<bool, PollerError> {
+        if self.pg_queues.is_some() {
+            return Ok(false);
+        }
         let seen = conn::look(&self.cfg.db);
         if self.bridge.is_some() {
             match &seen {
@@ -1073,7 +1080,7 @@ impl Poller {
         // The -wal and -shm are found by name: emptied now, they cannot be
         // read as part of the next file at the path (and the old file, if it
         // lives on elsewhere, holds all its commits itself).
-        if let Some(b) = self.bridge.take() {
+        if let Some(b) = self.bridge.take().and_then(|b| b.into_sqlite()) {
             match b.checkpoint_truncate() {
                 Ok(true) => {}
                 Ok(false) => log::warn!(
@@ -1128,7 +1135,7 @@ impl Poller {
                     self.generation += 1;
                     self.file_id = Some(sig.id);
                     self.data_version = version;
-                    self.bridge = Some(b);
+                    self.bridge = Some(Box::new(b));
                     for m in &mut self.members {
                         m.reset(now);
                     }
@@ -1245,8 +1252,8 @@ fn served_names(members: &[Member]) -> Vec<String> {
 }
 
 /// The open connection, or an error saying there is none.
-fn live(b: &mut Option<Bridge>) -> Result<&mut Bridge, BridgeError> {
-    b.as_mut().ok_or_else(|| BridgeError::NotFound {
+fn live(b: &mut Option<Box<dyn Store>>) -> Result<&mut (dyn Store + 'static), BridgeError> {
+    b.as_deref_mut().ok_or_else(|| BridgeError::NotFound {
         what: "a bridge connection".into(),
         hint: " (closed: the file was replaced or removed)".into(),
     })
@@ -1260,11 +1267,23 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
             "--concurrency and --max-attempts must be at least 1".into(),
         ));
     }
-    let file_id = match conn::look(&cfg.db) {
-        conn::Seen::File(sig) => Some(sig.id),
-        conn::Seen::Missing(_) => None,
+    let target = Target::from_path(&cfg.db);
+    let pg_url = match &target {
+        Target::Postgres(url) => Some(url.clone()),
+        Target::File(_) => None,
     };
-    let bridge = Bridge::open_with(&cfg.db, BridgeOptions::default())?;
+    if pg_url.is_some() && cfg.retain.is_some() {
+        return Err(PollerError::Config(
+            "--retain works on SQLite bridge files only so far; on PostgreSQL, leave it out \
+             (see docs/OPERATIONS.md, \"Several hosts\")"
+                .into(),
+        ));
+    }
+    let file_id = match (&pg_url, conn::look(&cfg.db)) {
+        (None, conn::Seen::File(sig)) => Some(sig.id),
+        _ => None,
+    };
+    let mut bridge = target.open(BridgeOptions::default())?;
     let members = match &cfg.tokens_file {
         // One conversation: a wrong token is fatal, as it always was.
         None => {
@@ -1278,7 +1297,7 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
                 .map(|e| Member::new(e.conversation, e.token))
                 .collect();
             for m in &mut ms {
-                members::check(&bridge, m, cfg.session);
+                members::check(bridge.as_mut(), m, cfg.session);
             }
             ms
         }
@@ -1287,22 +1306,48 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
     let (events_tx, events) = crossbeam_channel::unbounded::<Event>();
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<AskJob>(cfg.concurrency);
 
-    let watch = watch::Watch::new(&cfg.db)
-        .map_err(|e| PollerError::Io(format!("inotify on {}: {e}", cfg.db.display())))?;
-    let stop_fd = shutdown.fd();
-    let tx = events_tx.clone();
-    let db = cfg.db.clone();
     let served = watch::Served {
         session: cfg.session,
         conversations: std::sync::Arc::new(std::sync::Mutex::new(served_names(&members))),
         gate: std::sync::Arc::new(watch::FileGate::default()),
     };
     served.gate.allow(file_id);
-    let served_tx = served.clone();
-    let watcher = std::thread::Builder::new()
-        .name("bridge-watch".into())
-        .spawn(move || watch.run(stop_fd, &db, served_tx, tx))
-        .map_err(|e| PollerError::Io(format!("cannot start the watch thread: {e}")))?;
+    let pg_queues = pg_url.as_ref().map(|_| {
+        let q = autopoll_bridge::pg::listen::Queues::default();
+        let names = served_names(&members);
+        q.set(
+            &names.iter().map(String::as_str).collect::<Vec<_>>(),
+            cfg.session,
+        );
+        q
+    });
+    let stop_fd = shutdown.fd();
+    let watcher = match &pg_url {
+        // PostgreSQL: LISTEN, woken only for our queues; a reconnect wakes
+        // us too (notifications sent meanwhile are lost: look for work).
+        Some(url) => {
+            let (tx, stop) = (events_tx.clone(), shutdown.clone());
+            autopoll_bridge::pg::listen::spawn(
+                "pg-listen",
+                url.clone(),
+                pg_queues.clone(),
+                move |_| tx.send(Event::Changed).is_ok(),
+                move || stop.is_triggered(),
+            )
+            .map_err(|e| PollerError::Io(format!("cannot start the listen thread: {e}")))?
+        }
+        None => {
+            let watch = watch::Watch::new(&cfg.db)
+                .map_err(|e| PollerError::Io(format!("inotify on {}: {e}", cfg.db.display())))?;
+            let tx = events_tx.clone();
+            let db = cfg.db.clone();
+            let served_tx = served.clone();
+            std::thread::Builder::new()
+                .name("bridge-watch".into())
+                .spawn(move || watch.run(stop_fd, &db, served_tx, tx))
+                .map_err(|e| PollerError::Io(format!("cannot start the watch thread: {e}")))?
+        }
+    };
     let tokens_watcher = match &cfg.tokens_file {
         Some(path) => {
             let w = watch::Watch::file(path, false, watch::TOKENS_MASK).map_err(|e| {
@@ -1332,9 +1377,10 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
     drop(events_tx);
     drop(jobs_rx);
 
-    let data_version = bridge.data_version()?;
+    let data_version = bridge.data_version()?.unwrap_or(0);
     let mut p = Poller {
         bridge: Some(bridge),
+        pg_queues,
         file_id,
         generation: 1,
         gone: None,
@@ -1554,6 +1600,7 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
     // Release what is still unanswered, so others need not wait for leases.
     // (Without a connection, orphans' claims keep their leases in the old file.)
     if p.bridge.is_some()
+        && p.pg_queues.is_none()
         && !matches!(conn::look(&p.cfg.db), conn::Seen::File(s) if Some(s.id) == p.file_id)
     {
         p.close(conn::Why::Missing("checked at shutdown".into()));

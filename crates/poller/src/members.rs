@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use autopoll_bridge::{Bridge, Error as BridgeError, SessionState};
+use autopoll_bridge::{Error as BridgeError, SessionState, Store};
 
 use crate::{Poller, ServerState, live, tokens};
 
@@ -67,7 +67,7 @@ impl Member {
 /// Check a member's token on `b`: a wrong token or a missing conversation
 /// makes it refused (logged once); an expired one is still served (its
 /// heartbeats are refused and say so), as with `--conversation`.
-pub(crate) fn check(b: &Bridge, m: &mut Member, session: autopoll_bridge::Session) {
+pub(crate) fn check(b: &mut dyn Store, m: &mut Member, session: autopoll_bridge::Session) {
     match b.verify(&m.conversation, session, &m.token) {
         Ok(()) | Err(BridgeError::Expired { .. }) => m.refused = None,
         Err(e @ (BridgeError::InvalidToken { .. } | BridgeError::NotFound { .. })) => {
@@ -270,16 +270,16 @@ impl Poller {
                     m.refused = None;
                     m.token_warned = false;
                     m.reset(now);
-                    if let Some(b) = &self.bridge {
-                        check(b, &mut m, self.cfg.session);
+                    if let Some(b) = self.bridge.as_mut() {
+                        check(b.as_mut(), &mut m, self.cfg.session);
                     }
                     m
                 }
                 None => {
                     added += 1;
                     let mut m = Member::new(e.conversation, e.token);
-                    if let Some(b) = &self.bridge {
-                        check(b, &mut m, self.cfg.session);
+                    if let Some(b) = self.bridge.as_mut() {
+                        check(b.as_mut(), &mut m, self.cfg.session);
                     }
                     log::info!(
                         "event=conversation_added conversation={} served={}",
@@ -307,6 +307,11 @@ impl Poller {
         self.next_turn = 0;
         if let Ok(mut names) = self.served.conversations.lock() {
             *names = crate::served_names(&self.members);
+        }
+        if let Some(q) = &self.pg_queues {
+            let names = crate::served_names(&self.members);
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            q.set(&names, self.cfg.session);
         }
     }
 }

@@ -37,6 +37,7 @@ pub struct Cluster {
     /// Its data folder (None for an outside server).
     pub data: Option<PathBuf>,
     child: Option<Mutex<Child>>,
+    bin: PathBuf,
 }
 
 fn pg_bin_dir() -> Result<PathBuf, String> {
@@ -154,6 +155,7 @@ impl Cluster {
             port,
             data: None,
             child: None,
+            bin: PathBuf::new(),
         })
     }
 
@@ -204,37 +206,13 @@ impl Cluster {
         let mut last = String::new();
         for _ in 0..5 {
             let port = free_port()?;
-            let log = std::fs::File::create(dir.join("server.log"))
-                .map_err(|e| format!("server.log: {e}"))?;
-            let child = as_owner(&bin.join("postgres"), true)
-                .arg("-D")
-                .arg(&data)
-                .args(["-p", &port.to_string(), "-k"])
-                .arg(&dir)
-                .args([
-                    "-c",
-                    "listen_addresses=127.0.0.1",
-                    "-c",
-                    "fsync=off",
-                    "-c",
-                    "synchronous_commit=off",
-                    "-c",
-                    "full_page_writes=off",
-                    "-c",
-                    "max_connections=300",
-                    "-c",
-                    "shared_buffers=64MB",
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .map_err(|e| format!("cannot start postgres: {e}"))?;
+            let child = spawn_server(&bin, &dir, &data, port)?;
             let mut c = Cluster {
                 base_url: format!("postgres://autopoll@127.0.0.1:{port}/"),
                 port,
                 data: Some(data.clone()),
                 child: Some(Mutex::new(child)),
+                bin: bin.clone(),
             };
             match c.wait_ready() {
                 Ok(()) => return Ok(c),
@@ -248,6 +226,18 @@ impl Cluster {
             "the PostgreSQL test cluster did not start: {last}; its log: {}",
             std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
         ))
+    }
+
+    /// Stop the server and start it again on the same data and port (a
+    /// PostgreSQL restart, as an operator's would be). The server is a
+    /// child of the calling thread from then on.
+    pub fn restart(&mut self) -> Result<(), String> {
+        let data = self.data.clone().ok_or("not a cluster of ours")?;
+        let dir = data.parent().ok_or("no folder")?.to_path_buf();
+        self.stop();
+        let child = spawn_server(&self.bin, &dir, &data, self.port)?;
+        self.child = Some(Mutex::new(child));
+        self.wait_ready()
     }
 
     fn wait_ready(&mut self) -> Result<(), String> {
@@ -321,6 +311,38 @@ impl Cluster {
             let _ = c.wait();
         }
     }
+}
+
+fn spawn_server(bin: &Path, dir: &Path, data: &Path, port: u16) -> Result<Child, String> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.log"))
+        .map_err(|e| format!("server.log: {e}"))?;
+    as_owner(&bin.join("postgres"), true)
+        .arg("-D")
+        .arg(data)
+        .args(["-p", &port.to_string(), "-k"])
+        .arg(dir)
+        .args([
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "max_connections=300",
+            "-c",
+            "shared_buffers=64MB",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start postgres: {e}"))
 }
 
 fn signal(pid: u32, sig: i32) {

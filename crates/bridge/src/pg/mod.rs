@@ -48,6 +48,7 @@ pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
 /// One connection to a bridge in PostgreSQL.
 pub struct PgBridge {
     client: Client,
+    cfg: Config,
     shown: String,
     opts: BridgeOptions,
 }
@@ -187,6 +188,10 @@ pub(crate) fn session(cfg: &Config, statement_timeout: Duration) -> Result<Clien
     Ok(client)
 }
 
+fn statement_timeout(opts: &BridgeOptions) -> Duration {
+    STATEMENT_TIMEOUT.max(opts.busy_timeout)
+}
+
 /// Turn a driver error into a bridge error that says what to do.
 pub(crate) fn pg_error(op: &str, e: postgres::Error) -> Error {
     use postgres::error::SqlState;
@@ -254,7 +259,7 @@ impl PgBridge {
     /// refused with the `bridge init` command that makes it.
     pub fn connect(url: &str, opts: BridgeOptions) -> Result<PgBridge> {
         let cfg = config(url)?;
-        let mut client = session(&cfg, STATEMENT_TIMEOUT.max(opts.busy_timeout))?;
+        let mut client = session(&cfg, statement_timeout(&opts))?;
         let shown = redact_url(url);
         if opts.create {
             schema::ensure(&mut client)?;
@@ -263,14 +268,30 @@ impl PgBridge {
         }
         Ok(PgBridge {
             client,
+            cfg,
             shown,
             opts,
         })
     }
 
-    /// The raw client, for tests and `doctor`.
-    pub fn client(&mut self) -> &mut Client {
-        &mut self.client
+    /// The connection, opened again first when it was lost (the server
+    /// restarted, the network went away). The call that found it lost
+    /// failed with a transient error; a transaction cut off that way was
+    /// rolled back by the server or committed whole, and every write of
+    /// ours is guarded (a claim by its lease, an answer by the claim's
+    /// owner), so retrying never answers twice.
+    pub(crate) fn conn(&mut self) -> Result<&mut Client> {
+        if self.client.is_closed() {
+            let client = session(&self.cfg, statement_timeout(&self.opts))?;
+            log::info!("event=pg_reconnected db={}", self.shown);
+            self.client = client;
+        }
+        Ok(&mut self.client)
+    }
+
+    /// The raw client, for tests and `doctor` (reconnected when lost).
+    pub fn client(&mut self) -> Result<&mut Client> {
+        self.conn()
     }
 
     /// Seconds the database server's clock is ahead of ours (negative:
@@ -278,7 +299,7 @@ impl PgBridge {
     pub fn clock_skew_secs(&mut self) -> Result<f64> {
         let before = crate::clock::unix_ms();
         let row = self
-            .client
+            .conn()?
             .query_one("SELECT autopoll_now_ms()", &[])
             .map_err(|e| pg_error("cannot read the server's clock", e))?;
         let after = crate::clock::unix_ms();

@@ -27,8 +27,8 @@ use crate::status::status_of;
 use crate::store::{Store, StoreKind};
 use crate::{
     Answer, BridgeOptions, ClaimBatch, ClaimOptions, Claimed, Claimer, ConversationInfo,
-    DeadLettered, Message, NewConversation, Sent, Session, SessionState, SessionStatus, redact,
-    token,
+    DeadLettered, Message, NewConversation, Sent, Session, SessionState, SessionStats,
+    SessionStatus, UnseenDeadLetter, redact, token,
 };
 
 const MESSAGE_COLUMNS: &str = "m.id, m.conversation_id, m.from_session, m.to_session, m.message, \
@@ -352,7 +352,7 @@ const INFO_COLUMNS: &str =
 
 impl PgBridge {
     fn tx(&mut self) -> Result<postgres::Transaction<'_>> {
-        self.client
+        self.conn()?
             .transaction()
             .map_err(|e| pg_error("cannot begin a transaction", e))
     }
@@ -460,6 +460,10 @@ impl Store for PgBridge {
         &self.opts
     }
 
+    fn data_version(&mut self) -> Result<Option<i64>> {
+        Ok(None)
+    }
+
     fn create_conversation(
         &mut self,
         role_a: &str,
@@ -500,7 +504,7 @@ impl Store for PgBridge {
     }
 
     fn verify(&mut self, conversation: &str, session: Session, token: &str) -> Result<()> {
-        verify_on(&mut self.client, conversation, session, token)
+        verify_on(self.conn()?, conversation, session, token)
     }
 
     fn renew(&mut self, conversation: &str, presented: &str, ttl: Duration) -> Result<String> {
@@ -544,7 +548,7 @@ impl Store for PgBridge {
 
     fn list_conversations(&mut self) -> Result<Vec<ConversationInfo>> {
         Ok(self
-            .client
+            .conn()?
             .query(
                 &format!("SELECT {INFO_COLUMNS} FROM conversations ORDER BY created_at DESC, id"),
                 &[],
@@ -556,7 +560,7 @@ impl Store for PgBridge {
     }
 
     fn conversation(&mut self, conversation: &str) -> Result<ConversationInfo> {
-        self.client
+        self.conn()?
             .query_opt(
                 &format!("SELECT {INFO_COLUMNS} FROM conversations WHERE id = $1"),
                 &[&conversation],
@@ -669,7 +673,7 @@ impl Store for PgBridge {
         limit: usize,
     ) -> Result<Vec<Message>> {
         Ok(self
-            .client
+            .conn()?
             .query(
                 &format!(
                     "SELECT {MESSAGE_COLUMNS} FROM messages m
@@ -705,7 +709,7 @@ impl Store for PgBridge {
     }
 
     fn message(&mut self, id: i64) -> Result<Message> {
-        self.client
+        self.conn()?
             .query_opt(
                 &format!("SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = $1"),
                 &[&id],
@@ -747,7 +751,7 @@ impl Store for PgBridge {
         }
         let list: Vec<&str> = conversations.to_vec();
         let found: std::collections::HashSet<String> = self
-            .client
+            .conn()?
             .query(
                 "SELECT cid FROM unnest($1::text[]) AS w(cid) WHERE EXISTS (
                    SELECT 1 FROM messages m LEFT JOIN autopoll_claims c ON c.message_id = m.id
@@ -769,7 +773,7 @@ impl Store for PgBridge {
     fn extend(&mut self, claimer: &Claimer, ids: &[i64], lease: Duration) -> Result<usize> {
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
         Ok(self
-            .client
+            .conn()?
             .execute(
                 "UPDATE autopoll_claims SET lease_until_ms = autopoll_now_ms() + $1
                  WHERE message_id = ANY($2) AND owner = $3",
@@ -810,7 +814,7 @@ impl Store for PgBridge {
 
     fn held_by(&mut self, claimer: &Claimer) -> Result<Vec<i64>> {
         Ok(self
-            .client
+            .conn()?
             .query(
                 "SELECT message_id FROM autopoll_claims WHERE owner = $1 ORDER BY message_id",
                 &[&claimer.owner()],
@@ -930,7 +934,7 @@ impl Store for PgBridge {
         repeat_key: &str,
     ) -> Result<Option<(i64, String)>> {
         Ok(self
-            .client
+            .conn()?
             .query_opt(
                 "SELECT a.message_id, r.message FROM autopoll_answers a
                  JOIN messages r ON r.id = a.response_id
@@ -943,7 +947,7 @@ impl Store for PgBridge {
 
     fn outcome(&mut self, message_id: i64) -> Result<Option<(String, Option<i64>, u32)>> {
         Ok(self
-            .client
+            .conn()?
             .query_opt(
                 "SELECT outcome, response_id, attempts FROM autopoll_outcomes WHERE message_id = $1",
                 &[&message_id],
@@ -979,7 +983,7 @@ impl Store for PgBridge {
         session: Session,
     ) -> Result<Option<SessionStatus>> {
         Ok(self
-            .client
+            .conn()?
             .query_opt(
                 "SELECT status, autopoll_pyts(last_heartbeat) FROM session_status
                  WHERE conversation_id = $1 AND session_id = $2",
@@ -989,9 +993,107 @@ impl Store for PgBridge {
             .map(|r| status_of(r.get(0), r.get(1))))
     }
 
+    fn stats(&mut self, conversation: Option<&str>) -> Result<Vec<SessionStats>> {
+        let convs = match conversation {
+            Some(id) => vec![self.conversation(id)?],
+            None => self.list_conversations()?,
+        };
+        let mut out = Vec::with_capacity(convs.len() * 2);
+        for c in convs {
+            for s in [Session::A, Session::B] {
+                let r = self
+                    .conn()?
+                    .query_one(
+                        "SELECT
+                           (SELECT count(*) FROM messages
+                             WHERE conversation_id = $1 AND to_session = $2 AND NOT read),
+                           (SELECT extract(epoch FROM clock_timestamp() - min(timestamp))::float8
+                             FROM messages WHERE conversation_id = $1 AND to_session = $2 AND NOT read),
+                           (SELECT count(*) FROM autopoll_claims c JOIN messages m ON m.id = c.message_id
+                             WHERE c.conversation_id = $1 AND c.to_session = $2 AND c.owner IS NOT NULL
+                               AND c.lease_until_ms > autopoll_now_ms() AND NOT m.read),
+                           (SELECT count(*) FILTER (WHERE outcome = 'answered') FROM autopoll_outcomes
+                             WHERE conversation_id = $1 AND to_session = $2),
+                           (SELECT count(*) FILTER (WHERE outcome = 'dead_letter') FROM autopoll_outcomes
+                             WHERE conversation_id = $1 AND to_session = $2),
+                           (SELECT count(*) FILTER (WHERE outcome = 'skipped') FROM autopoll_outcomes
+                             WHERE conversation_id = $1 AND to_session = $2)",
+                        &[&c.id, &s.as_str()],
+                    )
+                    .map_err(|e| pg_error("cannot count the queue", e))?;
+                let hb = self.session_status(&c.id, s)?;
+                let host = self.heartbeat_host(&c.id, s)?;
+                let n = |i: usize| r.get::<_, i64>(i).max(0) as u64;
+                out.push(SessionStats {
+                    conversation_id: c.id.clone(),
+                    session: s.to_string(),
+                    role: c.role(s).to_string(),
+                    unread: n(0),
+                    claimed: n(2),
+                    answered: n(3),
+                    dead_lettered: n(4),
+                    skipped: n(5),
+                    oldest_unread_age_secs: r.get::<_, Option<f64>>(1).map(|a| a.max(0.0)),
+                    unknown_age: 0,
+                    status: hb.as_ref().map(|h| h.status.clone()),
+                    heartbeat_age_secs: hb.as_ref().and_then(|h| h.age_secs),
+                    alive: hb.as_ref().is_some_and(|h| h.alive),
+                    expires_at: c.expires_at.clone(),
+                    expired: c.expired,
+                    host,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn last_response_at(&mut self, conversation: &str, from: Session) -> Result<Option<String>> {
+        Ok(self
+            .conn()?
+            .query_one(
+                "SELECT autopoll_pyts(max(timestamp)) FROM messages
+                 WHERE conversation_id = $1 AND from_session = $2
+                   AND metadata->>'action_type' = 'response'",
+                &[&conversation, &from.as_str()],
+            )
+            .map_err(|e| pg_error("cannot read the last response's time", e))?
+            .get(0))
+    }
+
+    fn unseen_dead_letters(
+        &mut self,
+        conversation: &str,
+        session: Session,
+    ) -> Result<Vec<UnseenDeadLetter>> {
+        Ok(self
+            .conn()?
+            .query(
+                "SELECT o.message_id, o.response_id, autopoll_pyts(o.completed_at), o.attempts,
+                        o.detail, r.message
+                 FROM autopoll_outcomes o JOIN messages r ON r.id = o.response_id
+                 WHERE o.conversation_id = $1 AND o.to_session = $2
+                   AND o.outcome = 'dead_letter' AND NOT r.read
+                 ORDER BY o.message_id",
+                &[&conversation, &session.as_str()],
+            )
+            .map_err(|e| pg_error("cannot list dead letters", e))?
+            .iter()
+            .map(|r| UnseenDeadLetter {
+                message_id: r.get(0),
+                response_id: r.get::<_, Option<i64>>(1).unwrap_or(0),
+                completed_at: r.get(2),
+                attempts: r.get::<_, i32>(3).max(0) as u32,
+                detail: r.get(4),
+                query_id: Response::parse(&r.get::<_, String>(5))
+                    .map(|x| x.query_id)
+                    .unwrap_or_default(),
+            })
+            .collect())
+    }
+
     fn heartbeat_host(&mut self, conversation: &str, session: Session) -> Result<Option<String>> {
         Ok(self
-            .client
+            .conn()?
             .query_opt(
                 "SELECT host FROM session_status WHERE conversation_id = $1 AND session_id = $2",
                 &[&conversation, &session.as_str()],

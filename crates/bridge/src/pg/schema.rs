@@ -209,6 +209,13 @@ fn newer(v: i64) -> Error {
     ))
 }
 
+/// Connect to `url` and [`ensure`] the schema; returns the version before.
+pub fn init(url: &str) -> Result<i64> {
+    let cfg = super::config(url)?;
+    let mut client = super::session(&cfg, super::STATEMENT_TIMEOUT)?;
+    ensure(&mut client)
+}
+
 /// Refuse a database whose schema is missing, older or newer than ours.
 pub fn check(client: &mut Client, shown: &str) -> Result<()> {
     let v = version(client)?;
