@@ -224,6 +224,7 @@ fn pollers_answer_each_query_once_through_kills_on_postgres() {
 #[test]
 fn a_postgres_restart_mid_run_loses_nothing_and_answers_none_twice() {
     // A cluster of its own: the restart must not disturb the other tests.
+    common::pg_cluster();
     let mut cluster = Cluster::start().unwrap_or_else(|e| panic!("{e}"));
     let env = Env::on_postgres(cluster.database().unwrap());
     let (conv, ctx) = setup(&env);

@@ -715,3 +715,28 @@ pub fn mcp_python() -> &'static str {
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     })
 }
+
+/// The process's PostgreSQL test cluster (or the server AUTOPOLL_TEST_PG
+/// names), after scripts/install-test-deps.sh has made sure Debian's
+/// server binaries are there. Panics with the reason when PostgreSQL
+/// cannot be installed or started: these tests fail, they never skip.
+pub fn pg_cluster() -> &'static autopoll_bridge::pg::cluster::Cluster {
+    static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        if std::env::var_os("AUTOPOLL_TEST_PG").is_some() {
+            return;
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-test-deps.sh");
+        let out = Command::new(script)
+            .arg("postgres")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "installing PostgreSQL failed (these tests need the real server and do not skip):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    autopoll_bridge::pg::cluster::Cluster::shared().unwrap_or_else(|e| panic!("{e}"))
+}

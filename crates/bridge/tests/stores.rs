@@ -39,7 +39,7 @@ impl Fx {
     }
 
     fn postgres() -> Fx {
-        let cluster = Cluster::shared().unwrap_or_else(|e| panic!("{e}"));
+        let cluster = cluster();
         let url = cluster.database().unwrap_or_else(|e| panic!("{e}"));
         Fx::on(tempfile::tempdir().unwrap(), Target::Postgres(url))
     }
@@ -90,6 +90,29 @@ impl Fx {
             .filter_map(|m| Response::parse(&m.message))
             .collect()
     }
+}
+
+/// The test cluster, after scripts/install-test-deps.sh made sure the
+/// server binaries are there (panics with why not: no skipping).
+fn cluster() -> &'static Cluster {
+    static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        if std::env::var_os("AUTOPOLL_TEST_PG").is_some() {
+            return;
+        }
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../scripts/install-test-deps.sh");
+        let out = std::process::Command::new(script)
+            .arg("postgres")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "installing PostgreSQL failed (these tests need it and do not skip):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    Cluster::shared().unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn claim_opts(limit: usize, lease_ms: u64, max_attempts: u32) -> ClaimOptions {
