@@ -164,6 +164,49 @@ impl Pruner {
         matches!(self.phase, Phase::Done)
     }
 
+    /// The cutoff in the bridge's text shape (naive UTC).
+    pub(crate) fn cutoff_text(&self) -> &str {
+        &self.cutoff_text
+    }
+
+    /// Rows per step.
+    pub(crate) fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Count only.
+    pub(crate) fn is_dry(&self) -> bool {
+        self.dry
+    }
+
+    /// The report, for a store that prunes with its own SQL.
+    pub(crate) fn report_mut(&mut self) -> &mut PruneReport {
+        &mut self.report
+    }
+
+    /// For a store that prunes with its own SQL: the table the pass is at
+    /// (0 answers, 1 messages, 2 audit rows, 3 done).
+    pub(crate) fn stage(&self) -> u8 {
+        match self.phase {
+            Phase::Answers { .. } => 0,
+            Phase::Messages { .. } => 1,
+            Phase::Audit { .. } => 2,
+            Phase::Done => 3,
+        }
+    }
+
+    /// Go on to the next table.
+    pub(crate) fn advance(&mut self) {
+        self.phase = match self.phase {
+            Phase::Answers { .. } => Phase::Messages {
+                after: 0,
+                keep: HashSet::new(),
+            },
+            Phase::Messages { .. } => Phase::Audit { after: 0 },
+            Phase::Audit { .. } | Phase::Done => Phase::Done,
+        };
+    }
+
     fn older(&mut self, v: ValueRef<'_>) -> bool {
         match time_of(v) {
             Some(t) => t < self.cutoff,

@@ -19,9 +19,9 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::{
-    Answer, Bridge, BridgeOptions, ClaimBatch, ClaimOptions, Claimer, ConversationInfo,
-    DeadLettered, Message, NewConversation, PartnerStatus, Result, Sent, Session, SessionState,
-    SessionStats, SessionStatus, UnseenDeadLetter,
+    Answer, Bridge, BridgeOptions, ClaimBatch, ClaimOptions, Claimer, CompactReport,
+    ConversationInfo, DeadLettered, FileSize, Message, NewConversation, PartnerStatus, PruneReport,
+    Pruner, Result, Sent, Session, SessionState, SessionStats, SessionStatus, UnseenDeadLetter,
 };
 
 /// Where a bridge lives, from a `--db` value.
@@ -118,11 +118,7 @@ pub trait Store: Send {
     /// store has one cheaply (SQLite's `PRAGMA data_version`); `None` on
     /// PostgreSQL, whose wake-ups come from `LISTEN` instead.
     fn data_version(&mut self) -> Result<Option<i64>>;
-    /// The SQLite bridge, for what only a file has (prune, WAL checkpoints).
-    fn as_sqlite(&mut self) -> Option<&mut Bridge> {
-        None
-    }
-    /// [`Store::as_sqlite`], by value.
+    /// The SQLite bridge, for what only a file has (WAL checkpoints).
     fn into_sqlite(self: Box<Self>) -> Option<Bridge> {
         None
     }
@@ -289,6 +285,20 @@ pub trait Store: Send {
         conversation: &str,
         session: Session,
     ) -> Result<Vec<UnseenDeadLetter>>;
+    /// [`Bridge::prune_step`]: one step (one short transaction) of a pass.
+    fn prune_step(&mut self, pruner: &mut Pruner) -> Result<bool>;
+    /// [`Bridge::prune`]: a whole pass.
+    fn prune(&mut self, older_than: Duration, batch: usize) -> Result<PruneReport> {
+        let mut p = Pruner::new(older_than, batch, false);
+        while !self.prune_step(&mut p)? {}
+        Ok(p.report().clone())
+    }
+    /// What [`Store::prune`] would remove now, writing nothing.
+    fn prune_dry_run(&mut self, older_than: Duration) -> Result<PruneReport>;
+    /// [`Bridge::compact`]: give freed space back after a prune.
+    fn compact(&mut self, full: bool) -> Result<CompactReport>;
+    /// [`Bridge::file_size`]: bytes the bridge takes on disk.
+    fn file_size(&mut self) -> Result<FileSize>;
     /// The host of the last heartbeat of `session`, where the store keeps
     /// it (PostgreSQL; a SQLite bridge is on one host and keeps none).
     fn heartbeat_host(&mut self, conversation: &str, session: Session) -> Result<Option<String>> {
@@ -316,9 +326,6 @@ impl Store for Bridge {
     fn data_version(&mut self) -> Result<Option<i64>> {
         Bridge::data_version(self).map(Some)
     }
-    fn as_sqlite(&mut self) -> Option<&mut Bridge> {
-        Some(self)
-    }
     fn into_sqlite(self: Box<Self>) -> Option<Bridge> {
         Some(*self)
     }
@@ -333,6 +340,15 @@ impl Store for Bridge {
     }
     fn release_all(&mut self, claimer: &Claimer, error: Option<&str>) -> Result<usize> {
         Bridge::release_all(self, claimer, error)
+    }
+    fn prune(&mut self, older_than: Duration, batch: usize) -> Result<PruneReport> {
+        Bridge::prune(self, older_than, batch)
+    }
+    fn prune_dry_run(&mut self, older_than: Duration) -> Result<PruneReport> {
+        crate::prune::dry_run(self.path(), older_than)
+    }
+    fn file_size(&mut self) -> Result<FileSize> {
+        Bridge::file_size(self)
     }
     fn partner_status(
         &mut self,
@@ -370,5 +386,7 @@ impl Store for Bridge {
         stats(&mut self, conversation: Option<&str>) -> Result<Vec<SessionStats>>;
         last_response_at(&mut self, conversation: &str, from: Session) -> Result<Option<String>>;
         unseen_dead_letters(&mut self, conversation: &str, session: Session) -> Result<Vec<UnseenDeadLetter>>;
+        prune_step(&mut self, pruner: &mut Pruner) -> Result<bool>;
+        compact(&mut self, full: bool) -> Result<CompactReport>;
     }
 }

@@ -149,6 +149,7 @@ both_stores!(
     extend_keeps_the_lease_ours,
     renew_and_list_conversations,
     stats_count_each_state,
+    prune_keeps_unread_claimed_and_repeat_answers,
 );
 
 fn tokens_are_checked_with_hints(mut f: Fx) {
@@ -599,4 +600,55 @@ fn stats_count_each_state(mut f: Fx) {
         Target::Postgres(_) => assert!(b.host.as_deref().is_some_and(|h| !h.is_empty())),
         Target::File(_) => assert_eq!(b.host, None),
     }
+}
+
+fn prune_keeps_unread_claimed_and_repeat_answers(mut f: Fx) {
+    let id = f.id();
+    let tb = f.conv.session_b_token.clone();
+    let me = Claimer::new("p").unwrap();
+    // Answered (question and response both read afterwards).
+    let done = f.ask("q-done", "x?");
+    f.store
+        .claim(&me, &id, Session::B, &claim_opts(1, 30_000, 3))
+        .unwrap();
+    f.store
+        .complete(&me, &[Answer::new(done, "answer")])
+        .unwrap();
+    let done_response = f.responses();
+    assert_eq!(
+        done_response.len(),
+        0,
+        "the plain answer text is not a Response"
+    );
+    // In flight: claimed, then read by hand while the claim is live.
+    let busy = f.ask("q-busy", "y?");
+    f.store
+        .claim(&me, &id, Session::B, &claim_opts(1, 60_000, 3))
+        .unwrap();
+    f.store.mark_read(&id, Session::B, &tb, &[busy]).unwrap();
+    // Never looked at.
+    let unread = f.ask("q-unread", "z?");
+    std::thread::sleep(Duration::from_millis(20));
+    let dry = f.store.prune_dry_run(Duration::ZERO).unwrap();
+    assert!(dry.dry_run);
+    let r = f.store.prune(Duration::ZERO, 2).unwrap();
+    assert_eq!(
+        r.messages, dry.messages,
+        "the dry run counted what the prune removed"
+    );
+    // The answered question and its read response went; the others stayed.
+    assert!(r.messages >= 2, "{r:?}");
+    assert_eq!(r.kept_live_claim, 1, "{r:?}");
+    assert!(r.audit_rows > 0, "{r:?}");
+    assert!(f.store.message(done).is_err());
+    assert!(
+        f.store.message(busy).is_ok(),
+        "a message under a live claim was pruned"
+    );
+    assert!(!f.store.message(unread).unwrap().read);
+    assert!(f.store.held_by(&me).unwrap().contains(&busy));
+    // The claim in flight still completes.
+    assert!(f.store.complete(&me, &[Answer::new(busy, "late")]).unwrap()[0].is_some());
+    f.store.compact(false).unwrap();
+    assert!(f.store.file_size().unwrap().bytes > 0);
 }

@@ -443,18 +443,18 @@ fn prune(
     dry_run: bool,
     vacuum: bool,
 ) -> Result<(), CliError> {
-    if let Target::Postgres(_) = target(common) {
-        return Err(CliError::new(
-            exit::INVALID,
-            "`bridge prune` works on SQLite bridge files only so far; on PostgreSQL, delete \
-             finished history with SQL (docs/OPERATIONS.md, \"Several hosts\") until it is built",
-        ));
-    }
-    let mut b = Bridge::open(&common.db)?;
     if dry_run {
-        drop(b);
-        let before = prune_file_bytes(&common.db);
-        let r = autopoll_bridge::prune::dry_run(&common.db, older_than)?;
+        let (before, r) = match target(common) {
+            // Opened read-only: a dry run writes nothing, not even our tables.
+            Target::File(path) => (
+                prune_file_bytes(&path),
+                autopoll_bridge::prune::dry_run(&path, older_than)?,
+            ),
+            Target::Postgres(_) => {
+                let mut b = open(common)?;
+                (b.file_size()?.bytes, b.prune_dry_run(older_than)?)
+            }
+        };
         if common.json {
             print_json(&json!({ "report": r, "bytes_before": before }));
         } else {
@@ -463,6 +463,7 @@ fn prune(
         }
         return Ok(());
     }
+    let mut b = open(common)?;
     let before = b.file_size()?;
     let r = b.prune(older_than, PRUNE_BATCH)?;
     let c = b.compact(vacuum)?;

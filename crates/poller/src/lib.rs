@@ -322,7 +322,7 @@ impl Poller {
             return;
         }
         let generation = self.generation;
-        let Some(b) = self.bridge.as_mut().and_then(|b| b.as_sqlite()) else {
+        let Some(b) = self.bridge.as_mut() else {
             return;
         };
         let mut pruner = match self.pruner.take() {
@@ -1272,13 +1272,6 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         Target::Postgres(url) => Some(url.clone()),
         Target::File(_) => None,
     };
-    if pg_url.is_some() && cfg.retain.is_some() {
-        return Err(PollerError::Config(
-            "--retain works on SQLite bridge files only so far; on PostgreSQL, leave it out \
-             (see docs/OPERATIONS.md, \"Several hosts\")"
-                .into(),
-        ));
-    }
     let file_id = match (&pg_url, conn::look(&cfg.db)) {
         (None, conn::Seen::File(sig)) => Some(sig.id),
         _ => None,

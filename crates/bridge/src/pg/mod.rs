@@ -26,6 +26,7 @@
 pub mod cluster;
 pub mod listen;
 mod ops;
+mod prune;
 pub mod schema;
 
 use std::time::Duration;
@@ -192,6 +193,20 @@ fn statement_timeout(opts: &BridgeOptions) -> Duration {
     STATEMENT_TIMEOUT.max(opts.busy_timeout)
 }
 
+/// Whether an I/O error (a refused, reset or timed-out connection) is
+/// behind `e`.
+fn io_cause(e: &postgres::Error) -> bool {
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        if inner.is::<std::io::Error>() {
+            return true;
+        }
+        src = inner.source();
+    }
+    // The driver's own connect timeout carries no source.
+    e.to_string().contains("timed out")
+}
+
 /// Turn a driver error into a bridge error that says what to do.
 pub(crate) fn pg_error(op: &str, e: postgres::Error) -> Error {
     use postgres::error::SqlState;
@@ -241,11 +256,13 @@ pub(crate) fn pg_error(op: &str, e: postgres::Error) -> Error {
             ("; retried later", true)
         }
         Some(_) => ("", false),
-        // No server error: the connection failed or closed.
-        None => (
+        // No server error: the connection failed or closed ...
+        None if e.is_closed() || io_cause(&e) => (
             "; is PostgreSQL running and reachable there? (check --db, PGHOST/PGPORT, and the server's listen_addresses)",
             true,
         ),
+        // ... or something on our side (a value the driver cannot send).
+        None => ("", false),
     };
     Error::Postgres {
         message: format!("{op}: {detail}{hint}"),

@@ -26,9 +26,9 @@ use crate::shard::{self, Response};
 use crate::status::status_of;
 use crate::store::{Store, StoreKind};
 use crate::{
-    Answer, BridgeOptions, ClaimBatch, ClaimOptions, Claimed, Claimer, ConversationInfo,
-    DeadLettered, Message, NewConversation, Sent, Session, SessionState, SessionStats,
-    SessionStatus, UnseenDeadLetter, redact, token,
+    Answer, BridgeOptions, ClaimBatch, ClaimOptions, Claimed, Claimer, CompactReport,
+    ConversationInfo, DeadLettered, FileSize, Message, NewConversation, PruneReport, Pruner, Sent,
+    Session, SessionState, SessionStats, SessionStatus, UnseenDeadLetter, redact, token,
 };
 
 const MESSAGE_COLUMNS: &str = "m.id, m.conversation_id, m.from_session, m.to_session, m.message, \
@@ -1089,6 +1089,22 @@ impl Store for PgBridge {
                     .unwrap_or_default(),
             })
             .collect())
+    }
+
+    fn prune_step(&mut self, pruner: &mut Pruner) -> Result<bool> {
+        self.prune_step_pg(pruner)
+    }
+
+    fn prune_dry_run(&mut self, older_than: Duration) -> Result<PruneReport> {
+        self.prune_dry_pg(older_than)
+    }
+
+    fn compact(&mut self, full: bool) -> Result<CompactReport> {
+        self.compact_pg(full)
+    }
+
+    fn file_size(&mut self) -> Result<FileSize> {
+        self.file_size_pg()
     }
 
     fn heartbeat_host(&mut self, conversation: &str, session: Session) -> Result<Option<String>> {
