@@ -268,3 +268,92 @@ fn bridge_ask_is_answered_through_postgres() {
     assert!(out.contains("64 entries"), "{out}");
     assert!(out.contains("NOTES.md:"), "{out}");
 }
+
+#[test]
+fn bridge_copy_moves_unread_and_claimed_messages_once_and_pollers_finish_them() {
+    // A SQLite bridge with history: an answered question, a claimed one (a
+    // poller holds it), unread ones, and a Python-shaped file's rows.
+    let file = Env::new();
+    let (conv, ctx) = setup(&file);
+    let mut sq = file.store();
+    let done = send_queries(sq.as_mut(), &conv, "done", 1);
+    let me = autopoll_bridge::Claimer::new("old-shard").unwrap();
+    let o = autopoll_bridge::ClaimOptions {
+        limit: 1,
+        lease: Duration::from_secs(600),
+        max_attempts: 3,
+    };
+    let b = sq.claim(&me, &conv.id, Session::B, &o).unwrap();
+    let text = serde_json::json!({"type": "response", "query_id": "q-done-0", "answer": "old"})
+        .to_string();
+    let mut a = autopoll_bridge::Answer::new(b.claimed[0].message.id, text);
+    a.repeat_key = Some("q-done-0".into());
+    sq.complete(&me, &[a]).unwrap();
+    let held = send_queries(sq.as_mut(), &conv, "held", 1);
+    let held_claim = sq.claim(&me, &conv.id, Session::B, &o).unwrap();
+    assert_eq!(held_claim.claimed.len(), 1);
+    let unread = send_queries(sq.as_mut(), &conv, "unread", 5);
+    drop(sq);
+
+    let pg = Env::postgres();
+    let db = path_str(&file.db()).to_string();
+    let url = pg.pg.clone().unwrap();
+    let out = pg.json(&["bridge", "copy", "--from", &db, "--to", &url]);
+    let c = &out["copied"];
+    assert_eq!(c["conversations"], 1, "{out}");
+    assert_eq!(c["messages"], 8, "{out}");
+    // Unread: the held question, the five, and the answer the coordinator has not read.
+    assert_eq!(c["unread"], 7, "{out}");
+    assert_eq!(
+        (c["claims"].as_u64(), c["claims_released"].as_u64()),
+        (Some(1), Some(1)),
+        "{out}"
+    );
+    assert_eq!(c["answers"], 1, "{out}");
+    // A second copy is refused: nothing is ever in PostgreSQL twice.
+    let again = pg.run(&["bridge", "copy", "--from", &db, "--to", &url]);
+    assert!(!again.status.success());
+    assert!(
+        describe(&again).contains("copy into an empty database"),
+        "{}",
+        describe(&again)
+    );
+
+    // The same tokens work; a poller on PostgreSQL answers what was left,
+    // the released claim included (attempt 2), and nothing twice.
+    let _server = pg.server("default", &["--context", &ctx]);
+    let _p = pg.poller(&conv, "default", &[]);
+    let mut want: Vec<String> = held.clone();
+    want.extend(unread.iter().cloned());
+    let mut store = pg.store();
+    wait_until("the copied questions answered", TIMEOUT * 2, || {
+        responses(store.as_mut(), &conv).len() >= want.len() + 1
+    });
+    let got = responses(store.as_mut(), &conv);
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for (q, _) in &got {
+        *counts.entry(q.clone()).or_default() += 1;
+    }
+    for q in want.iter().chain(done.iter()) {
+        assert_eq!(counts.get(q), Some(&1), "{q}: {got:?}");
+    }
+    let held_resp = got.iter().find(|(q, _)| q == &held[0]).unwrap();
+    assert_eq!(held_resp.1["attempts"], 2, "{}", held_resp.1);
+    // A repeat of the query answered in the file gets the stored answer.
+    let text = autopoll_bridge::shard::query_text("q-done-0", "again?");
+    store
+        .send(&conv.id, Session::A, &conv.token_a, &text, None)
+        .unwrap();
+    wait_until("the repeat answered", TIMEOUT, || {
+        responses(store.as_mut(), &conv)
+            .iter()
+            .filter(|(q, _)| q == "q-done-0")
+            .count()
+            == 2
+    });
+    let rep = responses(store.as_mut(), &conv);
+    let last = rep.iter().rev().find(|(q, _)| q == "q-done-0").unwrap();
+    assert_eq!(last.1["answer"], "old", "{}", last.1);
+    let left = store.peek_unread(&conv.id, Session::B, 0, 10).unwrap();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -161,6 +161,23 @@ enum BridgeCmd {
         #[arg(long)]
         vacuum: bool,
     },
+    /// Copy a SQLite bridge file into an empty PostgreSQL bridge: conversations and tokens, every
+    /// message (unread ones stay unread), status, claims (released, attempts kept), outcomes,
+    /// stored answers, audit rows. One transaction: all or nothing; a second copy is refused.
+    ///
+    /// Stop the pollers and coordinators on the file first: what they write after the copy's
+    /// snapshot stays in the file. Then point every --db at the URL.
+    Copy {
+        /// The SQLite bridge file (opened read-only).
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// The PostgreSQL bridge (postgres://USER@HOST:PORT/DBNAME); its schema is made if missing.
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// Print machine-readable JSON on stdout instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Extend a conversation's expiry to now + TTL (either session's token; works after expiry).
     Renew {
         #[command(flatten)]
@@ -397,6 +414,7 @@ pub fn run(args: BridgeArgs) -> Result<(), CliError> {
             dry_run,
             vacuum,
         } => prune(&common, older_than, dry_run, vacuum),
+        BridgeCmd::Copy { from, to, json } => copy(&from, &to, json),
         BridgeCmd::Renew {
             common,
             conversation,
@@ -413,6 +431,54 @@ pub fn run(args: BridgeArgs) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+/// `bridge copy`: a SQLite file into PostgreSQL.
+fn copy(from: &std::path::Path, to: &str, json_out: bool) -> Result<(), CliError> {
+    if !autopoll_bridge::store::is_postgres_url(to) {
+        return Err(CliError::new(
+            exit::INVALID,
+            format!("--to {to:?} is not a PostgreSQL URL; give postgres://USER@HOST:PORT/DBNAME"),
+        ));
+    }
+    let r = autopoll_bridge::pg::copy::copy(from, to)?;
+    let shown = autopoll_bridge::pg::redact_url(to);
+    if json_out {
+        print_json(&json!({ "from": from, "to": shown, "copied": r }));
+        return Ok(());
+    }
+    println!("copied {} into {shown}:", from.display());
+    println!("conversations {} (with their tokens)", r.conversations);
+    println!("messages      {} ({} unread)", r.messages, r.unread);
+    println!(
+        "claims        {} ({} held by a poller at the time: released, attempts kept)",
+        r.claims, r.claims_released
+    );
+    println!("outcomes      {}", r.outcomes);
+    println!(
+        "answers       {} (stored for repeated query ids)",
+        r.answers
+    );
+    println!("statuses      {}", r.statuses);
+    println!("audit rows    {}", r.audit_rows);
+    if r.times_fixed > 0 {
+        println!(
+            "note          {} time(s) autopoll could not read became the copy's time",
+            r.times_fixed
+        );
+    }
+    if !r.orphans_skipped.is_empty() {
+        println!(
+            "note          {} message(s) left out: their conversation is not in the file (ids {:?})",
+            r.orphans_skipped.len(),
+            r.orphans_skipped
+        );
+    }
+    println!(
+        "next          point every --db (AUTOPOLL_DB) at the URL; what was written to the file after \
+         the copy began stays in the file"
+    );
+    Ok(())
 }
 
 /// `bridge init` on PostgreSQL: create or migrate the schema.

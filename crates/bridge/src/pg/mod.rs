@@ -24,6 +24,7 @@
 //!   waits for those on a connection of its own.
 
 pub mod cluster;
+pub mod copy;
 pub mod listen;
 mod ops;
 mod prune;
