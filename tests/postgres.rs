@@ -357,3 +357,72 @@ fn bridge_copy_moves_unread_and_claimed_messages_once_and_pollers_finish_them() 
     let left = store.peek_unread(&conv.id, Session::B, 0, 10).unwrap();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// `autopoll doctor --json` for session b of `conv` against server `default`.
+fn doctor(env: &Env, conv: &Conversation, db: &str) -> Value {
+    let out = env
+        .cmd("autopoll")
+        .args(["doctor", "--json", "--name", "default", "--runtime-dir"])
+        .arg(env.runtime())
+        .args(["--db", db])
+        .env("AUTOPOLL_CONVERSATION", &conv.id)
+        .env("AUTOPOLL_TOKEN", &conv.token_b)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("doctor printed no JSON ({e}): {}", describe(&out)))
+}
+
+fn check<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no check {name} in {report:#}"))
+}
+
+#[test]
+fn doctor_checks_postgres_connection_privileges_and_clock() {
+    let env = Env::postgres();
+    let (conv, ctx) = setup(&env);
+    let _server = env.server("default", &["--context", &ctx]);
+    let _p = env.poller(&conv, "default", &[]);
+    let url = env.pg.clone().unwrap();
+    wait_until("the poller's heartbeat", TIMEOUT, || {
+        env.store()
+            .session_status(&conv.id, Session::B)
+            .unwrap()
+            .is_some()
+    });
+    let r = doctor(&env, &conv, &url);
+    for name in [
+        "bridge",
+        "privileges",
+        "clock",
+        "token",
+        "heartbeat",
+        "queue",
+    ] {
+        assert_eq!(check(&r, name)["status"], "pass", "{name}: {r:#}");
+    }
+    assert!(
+        check(&r, "bridge")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("PostgreSQL"),
+        "{r:#}"
+    );
+    assert_eq!(check(&r, "disk")["status"], "skip", "{r:#}");
+    // A user who may connect but not touch the tables: told what to grant.
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    admin
+        .batch_execute("DROP ROLE IF EXISTS autopoll_nopriv; CREATE ROLE autopoll_nopriv LOGIN")
+        .unwrap();
+    let weak = url.replace("autopoll@", "autopoll_nopriv@");
+    let r = doctor(&env, &conv, &weak);
+    let b = check(&r, "bridge");
+    assert_eq!(b["status"], "fail", "{r:#}");
+    assert!(b["detail"].as_str().unwrap().contains("GRANT"), "{r:#}");
+    assert_eq!(r["ok"], false);
+}

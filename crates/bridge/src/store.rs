@@ -118,7 +118,15 @@ pub trait Store: Send {
     /// store has one cheaply (SQLite's `PRAGMA data_version`); `None` on
     /// PostgreSQL, whose wake-ups come from `LISTEN` instead.
     fn data_version(&mut self) -> Result<Option<i64>>;
-    /// The SQLite bridge, for what only a file has (WAL checkpoints).
+    /// The SQLite bridge, for what only a file has (journal mode, WAL).
+    fn as_sqlite(&mut self) -> Option<&mut Bridge> {
+        None
+    }
+    /// The PostgreSQL bridge, for what only it has (privileges, clock skew).
+    fn as_postgres(&mut self) -> Option<&mut crate::pg::PgBridge> {
+        None
+    }
+    /// The SQLite bridge by value, for what only a file has (WAL checkpoints).
     fn into_sqlite(self: Box<Self>) -> Option<Bridge> {
         None
     }
@@ -325,6 +333,9 @@ impl Store for Bridge {
     }
     fn data_version(&mut self) -> Result<Option<i64>> {
         Bridge::data_version(self).map(Some)
+    }
+    fn as_sqlite(&mut self) -> Option<&mut Bridge> {
+        Some(self)
     }
     fn into_sqlite(self: Box<Self>) -> Option<Bridge> {
         Some(*self)

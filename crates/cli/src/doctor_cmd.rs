@@ -18,7 +18,9 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use autopoll_bridge::{Bridge, BridgeOptions, Error as BridgeError, Session};
+use autopoll_bridge::{
+    Bridge, BridgeOptions, Error as BridgeError, Session, Store, Target as DbTarget,
+};
 use autopoll_protocol::{Client, ClientError, ClientOptions, ErrorCode, PROTOCOL_VERSION, Stats};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
@@ -235,7 +237,7 @@ pub fn run(args: DoctorArgs) -> Result<(), CliError> {
     let mut checks = Vec::new();
 
     // The bridge, then everything that reads it.
-    let bridge = match &args.db {
+    let mut bridge = match &args.db {
         None => {
             checks.push(Check::skip("bridge", "no --db (AUTOPOLL_DB) given"));
             None
@@ -251,8 +253,11 @@ pub fn run(args: DoctorArgs) -> Result<(), CliError> {
     } else {
         "the bridge did not open"
     };
-    match &bridge {
-        Some(b) => checks.push(check_wal(&ctx, b)),
+    match bridge.as_mut() {
+        Some(b) => match b.as_sqlite() {
+            Some(sq) => checks.push(check_wal(&ctx, sq)),
+            None => checks.extend(check_postgres(b.as_mut())),
+        },
         None => checks.push(Check::skip("wal", why_no_bridge)),
     }
     // With a tokens file: each conversation in it (checked after the server).
@@ -286,9 +291,9 @@ pub fn run(args: DoctorArgs) -> Result<(), CliError> {
     let conv_ok = if entries.is_some() {
         false
     } else {
-        match (&bridge, &args.conversation) {
+        match (bridge.as_mut(), &args.conversation) {
             (Some(b), Some(conv)) => {
-                let (check, found) = check_token(&ctx, b, conv);
+                let (check, found) = check_token(&ctx, b.as_mut(), conv);
                 checks.push(check);
                 found
             }
@@ -323,8 +328,9 @@ pub fn run(args: DoctorArgs) -> Result<(), CliError> {
                 c.detail = format!("conversation {}: {}", en.conversation, c.detail);
                 c
             };
-            match &bridge {
+            match bridge.as_mut() {
                 Some(b) => {
+                    let b = b.as_mut();
                     let (check, found) = check_token(&cx, b, &en.conversation);
                     checks.push(tag(check));
                     if found {
@@ -337,14 +343,16 @@ pub fn run(args: DoctorArgs) -> Result<(), CliError> {
             }
         }
     } else {
-        match (&bridge, &args.conversation) {
+        let no_bridge = bridge.is_none();
+        match (bridge.as_mut(), &args.conversation) {
             (Some(b), Some(conv)) if conv_ok => {
+                let b = b.as_mut();
                 checks.push(check_heartbeat(&ctx, b, conv));
                 checks.push(check_queue(&ctx, b, conv));
                 checks.push(check_dead_letters(&ctx, b, conv));
             }
             _ => {
-                let why = if bridge.is_none() {
+                let why = if no_bridge {
                     why_no_bridge
                 } else if args.conversation.is_none() {
                     "no --conversation given"
@@ -363,6 +371,10 @@ pub fn run(args: DoctorArgs) -> Result<(), CliError> {
         None => checks.push(Check::skip("children", "the server did not answer")),
     }
     match &args.db {
+        Some(db) if DbTarget::from_path(db).file().is_none() => checks.push(Check::skip(
+            "disk",
+            "the bridge is in PostgreSQL: its disk is the database server's (check it there)",
+        )),
         Some(db) => checks.push(check_disk(db)),
         None => checks.push(Check::skip("disk", "no --db given")),
     }
@@ -407,18 +419,47 @@ pub fn run(args: DoctorArgs) -> Result<(), CliError> {
     }
 }
 
-fn check_bridge(db: &Path) -> (Check, Option<Bridge>) {
+fn check_bridge(db: &Path) -> (Check, Option<Box<dyn Store>>) {
     let opts = BridgeOptions {
         busy_timeout: Duration::from_secs(3),
         ..BridgeOptions::default()
     };
+    let target = DbTarget::from_path(db);
+    if let DbTarget::Postgres(url) = &target {
+        let shown = target.shown();
+        return match target.open(opts) {
+            Ok(b) => (
+                Check::pass(
+                    "bridge",
+                    format!(
+                        "PostgreSQL {shown} answers; autopoll schema v{}",
+                        autopoll_bridge::pg::schema::current()
+                    ),
+                ),
+                Some(b),
+            ),
+            Err(e) => {
+                let fix = match &e {
+                    BridgeError::NotFound { .. } => {
+                        format!("autopoll bridge init --db {}", shp(Path::new(&shown)))
+                    }
+                    _ => format!(
+                        "check the URL (host, port, user, database) and that the server accepts this host: \
+                         psql {} -c 'select 1'",
+                        shp(Path::new(&autopoll_bridge::pg::redact_url(url)))
+                    ),
+                };
+                (Check::fail("bridge", e.to_string(), fix), None)
+            }
+        };
+    }
     match Bridge::open_with(db, opts) {
         Ok(b) => (
             Check::pass(
                 "bridge",
                 format!("{} opens; schema compatible", db.display()),
             ),
-            Some(b),
+            Some(Box::new(b)),
         ),
         Err(e) => {
             let fix = match &e {
@@ -467,8 +508,62 @@ fn check_wal(ctx: &Ctx<'_>, b: &Bridge) -> Check {
     }
 }
 
+/// PostgreSQL's own checks: privileges on the bridge's tables, and the
+/// clock skew between this host and the server (leases and heartbeat ages
+/// use the server's clock; a host far off shows wrong ages in `status`).
+fn check_postgres(b: &mut dyn Store) -> Vec<Check> {
+    let Some(pg) = b.as_postgres() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    match pg.missing_privileges() {
+        Ok(m) if m.is_empty() => out.push(Check::pass(
+            "privileges",
+            "SELECT, INSERT, UPDATE, DELETE on every bridge table",
+        )),
+        Ok(m) => {
+            let list: Vec<String> = m
+                .iter()
+                .map(|(t, p)| format!("{t} ({})", p.join(", ")))
+                .collect();
+            out.push(Check::fail(
+                "privileges",
+                format!("this user lacks privileges on: {}", list.join("; ")),
+                "as the database's owner: GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO THIS_USER; \
+                 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO THIS_USER",
+            ));
+        }
+        Err(e) => out.push(Check::fail(
+            "privileges",
+            e.to_string(),
+            "check the URL's user",
+        )),
+    }
+    match pg.clock_skew_secs() {
+        Ok(s) if s.abs() <= CLOCK_SKEW_MAX => out.push(Check::pass(
+            "clock",
+            format!("this host's clock is {:+.3} s from the server's", -s),
+        )),
+        Ok(s) => out.push(Check::fail(
+            "clock",
+            format!(
+                "this host's clock is {:+.1} s from the database server's (limit {CLOCK_SKEW_MAX} s): \
+                 heartbeat ages and queue ages shown here are off by as much",
+                -s
+            ),
+            "keep every host's clock in sync (systemd-timesyncd or chrony), then run doctor again",
+        )),
+        Err(e) => out.push(Check::fail("clock", e.to_string(), "check the connection")),
+    }
+    out
+}
+
+/// Largest clock difference between a host and the PostgreSQL server that
+/// `doctor` passes.
+const CLOCK_SKEW_MAX: f64 = 2.0;
+
 /// Returns the check and whether the conversation exists.
-fn check_token(ctx: &Ctx<'_>, b: &Bridge, conv: &str) -> (Check, bool) {
+fn check_token(ctx: &Ctx<'_>, b: &mut dyn Store, conv: &str) -> (Check, bool) {
     let info = match b.conversation(conv) {
         Ok(i) => i,
         Err(BridgeError::NotFound { .. }) => {
@@ -732,7 +827,7 @@ fn check_permissions(paths: &autopoll_protocol::ServerPaths) -> Check {
     )
 }
 
-fn check_heartbeat(ctx: &Ctx<'_>, b: &Bridge, conv: &str) -> Check {
+fn check_heartbeat(ctx: &Ctx<'_>, b: &mut dyn Store, conv: &str) -> Check {
     let max = ctx.args.heartbeat_max;
     match b.session_status(conv, ctx.session) {
         Ok(None) => Check::fail(
@@ -798,7 +893,7 @@ fn check_heartbeat(ctx: &Ctx<'_>, b: &Bridge, conv: &str) -> Check {
     }
 }
 
-fn check_queue(ctx: &Ctx<'_>, b: &Bridge, conv: &str) -> Check {
+fn check_queue(ctx: &Ctx<'_>, b: &mut dyn Store, conv: &str) -> Check {
     let rows = match b.stats(Some(conv)) {
         Ok(r) => r,
         Err(e) => {
@@ -858,7 +953,7 @@ fn check_queue(ctx: &Ctx<'_>, b: &Bridge, conv: &str) -> Check {
     }
 }
 
-fn check_dead_letters(ctx: &Ctx<'_>, b: &Bridge, conv: &str) -> Check {
+fn check_dead_letters(ctx: &Ctx<'_>, b: &mut dyn Store, conv: &str) -> Check {
     match b.unseen_dead_letters(conv, ctx.session) {
         Ok(d) if d.is_empty() => {
             Check::pass("dead_letters", "no dead letter waits unread for the asker")

@@ -312,6 +312,48 @@ impl PgBridge {
         self.conn()
     }
 
+    /// The bridge tables this user may not read and write: `(table,
+    /// missing privileges)`; empty when all is well.
+    pub fn missing_privileges(&mut self) -> Result<Vec<(String, Vec<String>)>> {
+        let tables = [
+            "conversations",
+            "messages",
+            "session_status",
+            "audit_log",
+            "autopoll_meta",
+            "autopoll_claims",
+            "autopoll_outcomes",
+            "autopoll_answers",
+        ];
+        let mut out = Vec::new();
+        for t in tables {
+            let mut missing = Vec::new();
+            for p in ["SELECT", "INSERT", "UPDATE", "DELETE"] {
+                let ok: bool = self
+                    .conn()?
+                    .query_one("SELECT has_table_privilege($1, $2)", &[&t, &p])
+                    .map_err(|e| pg_error("cannot check privileges", e))?
+                    .get(0);
+                if !ok {
+                    missing.push(p.to_string());
+                }
+            }
+            if !missing.is_empty() {
+                out.push((t.to_string(), missing));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The server's version string (`SHOW server_version`).
+    pub fn server_version(&mut self) -> Result<String> {
+        Ok(self
+            .conn()?
+            .query_one("SHOW server_version", &[])
+            .map_err(|e| pg_error("cannot read the server's version", e))?
+            .get(0))
+    }
+
     /// Seconds the database server's clock is ahead of ours (negative:
     /// behind), measured over one round trip.
     pub fn clock_skew_secs(&mut self) -> Result<f64> {

@@ -464,6 +464,10 @@ impl Store for PgBridge {
         Ok(None)
     }
 
+    fn as_postgres(&mut self) -> Option<&mut PgBridge> {
+        Some(self)
+    }
+
     fn create_conversation(
         &mut self,
         role_a: &str,
