@@ -63,7 +63,7 @@ fn sdk(env: &Env, plan: Value) -> Value {
         .arg("/usr/bin/env")
         .arg("RUST_LOG=info")
         .arg(env!("CARGO_BIN_EXE_autopoll"))
-        .args(["mcp", "--db", path_str(&env.db())])
+        .args(["mcp", "--db", &env.db_arg()])
         .current_dir(env.dir.path())
         .stdin(Stdio::null())
         .output()
@@ -642,7 +642,7 @@ impl Raw {
     fn start_with(env: &Env, extra: &[&str]) -> Raw {
         let mut child = env
             .cmd("autopoll")
-            .args(["mcp", "--db", path_str(&env.db())])
+            .args(["mcp", "--db", &env.db_arg()])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::piped())
@@ -1013,7 +1013,7 @@ fn a_client_that_reads_no_replies_cannot_keep_the_server_alive() {
     let env = Env::new();
     let mut child = common::KillOnDrop(
         env.cmd("autopoll")
-            .args(["mcp", "--db", path_str(&env.db())])
+            .args(["mcp", "--db", &env.db_arg()])
             .env("RUST_LOG", "info")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -1042,4 +1042,40 @@ fn a_client_that_reads_no_replies_cannot_keep_the_server_alive() {
     });
     let log = std::fs::read_to_string(env.path("stalled.log")).unwrap_or_default();
     assert!(log.contains("event=client_stalled"), "{log}");
+}
+
+#[test]
+fn the_sdk_asks_the_shard_and_trades_messages_through_a_postgres_bridge() {
+    let env = Env::postgres();
+    let (conv, _server, _poller) = shard(&env);
+    let a = auth(&conv, "a");
+    let b = auth(&conv, "b");
+    let r = sdk(
+        &env,
+        json!({"steps": [
+            call("ask_shard", with(a.clone(), json!({"question": "How big is the LRU cache?", "timeout_secs": 30}))),
+            call("send_to_partner", with(b.clone(), json!({"message": "a note for a", "action_type": "info"}))),
+            call("check_messages", a.clone()),
+            call("shard_status", a.clone()),
+            call("create_conversation", json!({"my_role": "coordinator", "partner_role": "shard"})),
+        ]}),
+    );
+    let s = &step(&r, 0)["structured"];
+    assert!(s["answer"].as_str().unwrap().contains("64 entries"), "{s}");
+    assert!(
+        s["sources"][0].as_str().unwrap().contains("NOTES.md:"),
+        "{s}"
+    );
+    ok_text(&r, 1);
+    // Only the note: ask_shard marked its own response read.
+    let text = ok_text(&r, 2);
+    assert!(
+        text.starts_with("1 new message(s):") && text.contains("a note for a"),
+        "{r:#}"
+    );
+    assert_eq!(step(&r, 3)["structured"]["alive"], true, "{r:#}");
+    assert!(ok_text(&r, 4).contains("conv_"), "{r:#}");
+    // The rows are in PostgreSQL.
+    let mut store = env.store();
+    assert_eq!(store.list_conversations().unwrap().len(), 2);
 }

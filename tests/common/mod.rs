@@ -521,7 +521,7 @@ impl Env {
 
     /// session_status of session b, if any.
     pub fn shard_status(&self, conv: &Conversation) -> Option<String> {
-        self.bridge()
+        self.store()
             .session_status(&conv.id, autopoll_bridge::Session::B)
             .unwrap()
             .map(|s| s.status)
