@@ -426,3 +426,148 @@ fn doctor_checks_postgres_connection_privileges_and_clock() {
     assert!(b["detail"].as_str().unwrap().contains("GRANT"), "{r:#}");
     assert_eq!(r["ok"], false);
 }
+
+/// A shard host's namespace and the database's address as it sees it.
+type ShardHost = (String, String);
+
+/// Network namespaces made for one test, removed when dropped.
+struct Hosts {
+    names: Vec<String>,
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", n])
+                .status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A database host and `n` shard hosts as network namespaces, each shard
+/// host joined to the database host by its own veth pair: 10.213.I.1 on
+/// the database side, 10.213.I.2 on host I. The addresses exist inside
+/// the namespaces only. Returns the namespaces and, per shard host, the
+/// database's address as that host sees it.
+fn make_hosts(n: usize) -> Result<(Hosts, String, Vec<ShardHost>), String> {
+    let tag = std::process::id() % 100_000;
+    let db = format!("ap{tag}-db");
+    let mut hosts = Hosts { names: Vec::new() };
+    ip(&["netns", "add", &db])?;
+    hosts.names.push(db.clone());
+    ip(&["netns", "exec", &db, "ip", "link", "set", "lo", "up"])?;
+    let mut out = Vec::new();
+    for i in 1..=n {
+        let h = format!("ap{tag}-h{i}");
+        ip(&["netns", "add", &h])?;
+        hosts.names.push(h.clone());
+        let (a, b) = (format!("ap{tag}d{i}"), format!("ap{tag}h{i}"));
+        ip(&["link", "add", &a, "type", "veth", "peer", "name", &b])?;
+        ip(&["link", "set", &a, "netns", &db])?;
+        ip(&["link", "set", &b, "netns", &h])?;
+        let (da, ha) = (format!("10.213.{i}.1/24"), format!("10.213.{i}.2/24"));
+        ip(&["netns", "exec", &db, "ip", "addr", "add", &da, "dev", &a])?;
+        ip(&["netns", "exec", &db, "ip", "link", "set", &a, "up"])?;
+        ip(&["netns", "exec", &h, "ip", "addr", "add", &ha, "dev", &b])?;
+        ip(&["netns", "exec", &h, "ip", "link", "set", &b, "up"])?;
+        ip(&["netns", "exec", &h, "ip", "link", "set", "lo", "up"])?;
+        out.push((h, format!("10.213.{i}.1")));
+    }
+    Ok((hosts, db, out))
+}
+
+#[test]
+fn pollers_on_three_hosts_share_one_postgres_through_kills_and_a_restart() {
+    common::pg_cluster();
+    let made = make_hosts(3);
+    let (_hosts, mut cluster, shard_hosts) = match made {
+        Ok((hosts, db, shard_hosts)) => {
+            let listen = autopoll_bridge::pg::cluster::Listen {
+                netns: Some(db),
+                addresses: Some("*".into()),
+                hba: vec!["host all all 10.213.0.0/16 trust".into()],
+            };
+            let c = Cluster::start_with(listen).unwrap_or_else(|e| panic!("{e}"));
+            (Some(hosts), c, Some(shard_hosts))
+        }
+        Err(why) => {
+            eprintln!(
+                "MULTI-HOST: network namespaces cannot be made here ({why}); \
+                 RUNNING THE SAME CASE OVER LOOPBACK INSTEAD"
+            );
+            (
+                None,
+                Cluster::start().unwrap_or_else(|e| panic!("{e}")),
+                None,
+            )
+        }
+    };
+    // The test itself (the coordinator) reaches the database through its
+    // Unix socket (shared file system); the pollers through their hosts'
+    // networks.
+    let local = cluster.database().unwrap_or_else(|e| panic!("{e}"));
+    let dbname = local.rsplit('/').next().unwrap().to_string();
+    let env = Env::on_postgres(local);
+    let (conv, ctx) = setup(&env);
+    let _server = env.server("default", &["--context", &ctx]);
+    let poller_args = ["--concurrency", "4", "--lease", "2"];
+    let port = cluster.port;
+    let start = |i: usize| match &shard_hosts {
+        Some(hs) => {
+            let (ns, addr) = &hs[i];
+            let url = format!("postgres://autopoll@{addr}:{port}/{dbname}");
+            env.poller_in(ns, &url, &conv, "default", &poller_args)
+        }
+        None => env.poller(&conv, "default", &poller_args),
+    };
+    let mut pollers: Vec<_> = (0..3).map(start).collect();
+    let mut s = seed();
+    let mut ids = Vec::new();
+    for round in 0..10 {
+        let mut store = env.store();
+        ids.extend(send_queries(
+            store.as_mut(),
+            &conv,
+            &format!("m{round}"),
+            100,
+        ));
+        drop(store);
+        // A kill at a random moment: after a random short while.
+        std::thread::sleep(Duration::from_millis(common::rng(&mut s) % 150));
+        let victim = (common::rng(&mut s) % 3) as usize;
+        pollers[victim].kill9();
+        pollers[victim] = start(victim);
+        if round == 5 {
+            cluster.restart().unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    expect_each_answered_once(&env, &conv, &ids, TIMEOUT * 6);
+    for p in &mut pollers {
+        assert!(p.alive(), "a poller died: {}", p.log());
+    }
+    if shard_hosts.is_some() {
+        // Each host's poller did answer over its own network.
+        let answered: usize = pollers
+            .iter()
+            .filter(|p| p.log().contains("event=query_answered"))
+            .count();
+        assert!(answered >= 1, "no poller answered");
+    }
+}

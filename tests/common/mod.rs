@@ -389,6 +389,48 @@ impl Env {
         Poller { child, log }
     }
 
+    /// [`Env::poller`] inside network namespace `netns` (`ip netns exec`,
+    /// which execs: the child is the poller itself), with `--db db`.
+    pub fn poller_in(
+        &self,
+        netns: &str,
+        db: &str,
+        conv: &Conversation,
+        name: &str,
+        args: &[&str],
+    ) -> Poller {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = self.path(&format!("poller-{netns}-{n}.log"));
+        let mut c = Command::new("ip");
+        c.args([
+            "netns",
+            "exec",
+            netns,
+            env!("CARGO_BIN_EXE_autopoll-poller"),
+        ]);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("AUTOPOLL_") || k == "RUST_LOG" {
+                c.env_remove(k);
+            }
+        }
+        let child = c
+            .env("AUTOPOLL_DB", db)
+            .env("AUTOPOLL_CONVERSATION", &conv.id)
+            .env("AUTOPOLL_TOKEN", &conv.token_b)
+            .env("AUTOPOLL_RUNTIME_DIR", self.runtime())
+            .env("RUST_LOG", "info")
+            .current_dir(self.dir.path())
+            .args(["--name", name])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Poller { child, log }
+    }
+
     /// Start `autopoll-poller --tokens-file FILE` (many conversations)
     /// against server `name`.
     pub fn poller_tokens(&self, tokens: &Path, name: &str, args: &[&str]) -> Poller {

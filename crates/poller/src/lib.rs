@@ -1242,6 +1242,51 @@ fn open_checked(
     Ok((b, v))
 }
 
+/// Open the bridge; a PostgreSQL server that cannot be reached yet (down,
+/// restarting, the network not up) is waited for with backoff, up to
+/// `grace`, as a missing file is later on. Other failures (a wrong
+/// password, no schema) are returned at once.
+fn open_waiting(
+    target: &Target,
+    grace: Duration,
+    shutdown: &Shutdown,
+) -> Result<Box<dyn Store>, PollerError> {
+    let since = Instant::now();
+    let mut pause = Duration::from_millis(100);
+    let mut logged = false;
+    loop {
+        match target.open(BridgeOptions::default()) {
+            Ok(b) => {
+                if logged {
+                    log::info!(
+                        "event=bridge_reachable db={} after_secs={:.1}",
+                        target.shown(),
+                        since.elapsed().as_secs_f64()
+                    );
+                }
+                return Ok(b);
+            }
+            Err(e) if e.is_transient() && target.file().is_none() => {
+                if since.elapsed() >= grace || shutdown.is_triggered() {
+                    return Err(e.into());
+                }
+                if !logged {
+                    log::warn!(
+                        "event=bridge_unreachable db={} reason={:?}: retrying with backoff for up to {} s",
+                        target.shown(),
+                        e.to_string(),
+                        grace.as_secs()
+                    );
+                    logged = true;
+                }
+                std::thread::sleep(pause.min(grace.saturating_sub(since.elapsed())));
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// The ids of the conversations whose questions are claimed.
 fn served_names(members: &[Member]) -> Vec<String> {
     members
@@ -1276,7 +1321,7 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         (None, conn::Seen::File(sig)) => Some(sig.id),
         _ => None,
     };
-    let mut bridge = target.open(BridgeOptions::default())?;
+    let mut bridge = open_waiting(&target, cfg.missing_grace, &shutdown)?;
     let members = match &cfg.tokens_file {
         // One conversation: a wrong token is fatal, as it always was.
         None => {

@@ -27,6 +27,18 @@ use std::time::{Duration, Instant};
 /// How long a new cluster may take to accept connections.
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Where a cluster's server listens (see [`Cluster::start_with`]).
+#[derive(Debug, Clone, Default)]
+pub struct Listen {
+    /// Run the server inside this network namespace (`ip netns exec`);
+    /// `None`: the caller's.
+    pub netns: Option<String>,
+    /// `listen_addresses` (default `127.0.0.1`).
+    pub addresses: Option<String>,
+    /// Extra `pg_hba.conf` lines (e.g. trust for a private range).
+    pub hba: Vec<String>,
+}
+
 /// A running cluster (or the server `AUTOPOLL_TEST_PG` names).
 #[derive(Debug)]
 pub struct Cluster {
@@ -38,6 +50,7 @@ pub struct Cluster {
     pub data: Option<PathBuf>,
     child: Option<Mutex<Child>>,
     bin: PathBuf,
+    listen: Listen,
 }
 
 fn pg_bin_dir() -> Result<PathBuf, String> {
@@ -156,11 +169,20 @@ impl Cluster {
             data: None,
             child: None,
             bin: PathBuf::new(),
+            listen: Listen::default(),
         })
     }
 
-    /// Start a new cluster in a new folder under the temp dir.
+    /// Start a new cluster in a new folder under the temp dir, on loopback.
     pub fn start() -> Result<Cluster, String> {
+        Cluster::start_with(Listen::default())
+    }
+
+    /// [`Cluster::start`], listening as `listen` says. The server's Unix
+    /// socket is in the cluster's folder, and [`Cluster::base_url`] uses
+    /// it when the server runs in another network namespace (the file
+    /// system is shared; the network is not).
+    pub fn start_with(listen: Listen) -> Result<Cluster, String> {
         let bin = pg_bin_dir()?;
         let root = std::env::temp_dir();
         reap_old(&root);
@@ -203,16 +225,34 @@ impl Cluster {
                 String::from_utf8_lossy(&out.stderr).trim()
             ));
         }
+        if !listen.hba.is_empty() {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("pg_hba.conf"))
+                .map_err(|e| format!("pg_hba.conf: {e}"))?;
+            for l in &listen.hba {
+                writeln!(f, "{l}").map_err(|e| format!("pg_hba.conf: {e}"))?;
+            }
+        }
         let mut last = String::new();
         for _ in 0..5 {
             let port = free_port()?;
-            let child = spawn_server(&bin, &dir, &data, port)?;
+            let child = spawn_server(&bin, &dir, &data, port, &listen)?;
+            let base_url = match &listen.netns {
+                None => format!("postgres://autopoll@127.0.0.1:{port}/"),
+                Some(_) => format!(
+                    "postgres://autopoll@{}:{port}/",
+                    dir.to_string_lossy().replace('/', "%2F")
+                ),
+            };
             let mut c = Cluster {
-                base_url: format!("postgres://autopoll@127.0.0.1:{port}/"),
+                base_url,
                 port,
                 data: Some(data.clone()),
                 child: Some(Mutex::new(child)),
                 bin: bin.clone(),
+                listen: listen.clone(),
             };
             match c.wait_ready() {
                 Ok(()) => return Ok(c),
@@ -235,7 +275,7 @@ impl Cluster {
         let data = self.data.clone().ok_or("not a cluster of ours")?;
         let dir = data.parent().ok_or("no folder")?.to_path_buf();
         self.stop();
-        let child = spawn_server(&self.bin, &dir, &data, self.port)?;
+        let child = spawn_server(&self.bin, &dir, &data, self.port, &self.listen)?;
         self.child = Some(Mutex::new(child));
         self.wait_ready()
     }
@@ -313,20 +353,38 @@ impl Cluster {
     }
 }
 
-fn spawn_server(bin: &Path, dir: &Path, data: &Path, port: u16) -> Result<Child, String> {
+fn spawn_server(
+    bin: &Path,
+    dir: &Path,
+    data: &Path,
+    port: u16,
+    listen: &Listen,
+) -> Result<Child, String> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("server.log"))
         .map_err(|e| format!("server.log: {e}"))?;
-    as_owner(&bin.join("postgres"), true)
-        .arg("-D")
+    let mut c = match &listen.netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "setpriv"]);
+            if is_root() {
+                c.args(["--reuid=postgres", "--regid=postgres", "--clear-groups"]);
+            }
+            c.arg("--pdeathsig=INT").arg(bin.join("postgres"));
+            c
+        }
+        None => as_owner(&bin.join("postgres"), true),
+    };
+    let addresses = listen.addresses.as_deref().unwrap_or("127.0.0.1");
+    c.arg("-D")
         .arg(data)
         .args(["-p", &port.to_string(), "-k"])
         .arg(dir)
         .args([
             "-c",
-            "listen_addresses=127.0.0.1",
+            &format!("listen_addresses={addresses}"),
             "-c",
             "fsync=off",
             "-c",
