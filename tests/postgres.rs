@@ -92,8 +92,9 @@ fn expect_each_answered_once(env: &Env, conv: &Conversation, ids: &[String], tim
 fn bridge_commands_work_on_postgres_and_say_what_they_did() {
     let env = Env::postgres();
     let out = env.ok(&["bridge", "init"]);
+    let v = autopoll_bridge::pg::schema::current();
     assert!(
-        out.contains("PostgreSQL, autopoll schema v1: created"),
+        out.contains(&format!("PostgreSQL, autopoll schema v{v}: created")),
         "{out}"
     );
     let out = env.ok(&["bridge", "init"]);
@@ -570,4 +571,41 @@ fn pollers_on_three_hosts_share_one_postgres_through_kills_and_a_restart() {
             .count();
         assert!(answered >= 1, "no poller answered");
     }
+}
+
+#[test]
+fn an_older_schema_is_refused_until_init_migrates_it_forward() {
+    let env = Env::postgres();
+    let url = env.pg.clone().unwrap();
+    // A database at schema version 1, as an older autopoll left it.
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    c.batch_execute(autopoll_bridge::pg::schema::MIGRATIONS[0])
+        .unwrap();
+    c.execute(
+        "INSERT INTO autopoll_meta (key, value) VALUES ($1, '1')",
+        &[&autopoll_bridge::pg::schema::VERSION_KEY],
+    )
+    .unwrap();
+    let out = env.run(&["bridge", "status"]);
+    assert!(!out.status.success());
+    assert!(
+        describe(&out).contains("migrate it with `autopoll bridge init --db"),
+        "{}",
+        describe(&out)
+    );
+    let out = env.ok(&["bridge", "init"]);
+    assert!(out.contains("migrated from v1"), "{out}");
+    env.ok(&["bridge", "status"]);
+    // A newer schema than ours is refused, never downgraded.
+    c.execute(
+        "UPDATE autopoll_meta SET value = '999' WHERE key = $1",
+        &[&autopoll_bridge::pg::schema::VERSION_KEY],
+    )
+    .unwrap();
+    let out = env.run(&["bridge", "init"]);
+    assert!(
+        describe(&out).contains("newer than this autopoll"),
+        "{}",
+        describe(&out)
+    );
 }

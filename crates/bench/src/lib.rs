@@ -12,14 +12,16 @@
 //! tokens per question with autopoll's defaults vs the CLI's), the
 //! built-in engine's answer quality against a BM25 baseline,
 //! `ask_shard` through `autopoll mcp` vs a client polling `check_messages`,
-//! and many conversations on one bridge against a minimal shard
-//! (`conversations`).
+//! many conversations on one bridge against a minimal shard
+//! (`conversations`), and the bridge in PostgreSQL against SQLite
+//! (`postgres`).
 #![deny(missing_docs)]
 
 mod claude;
 mod context;
 mod conversations;
 mod mcp;
+mod postgres;
 pub mod procs;
 pub mod quality;
 
@@ -1048,6 +1050,7 @@ pub fn run(opts: &Options) -> Report {
         ("mcp", mcp::mcp),
         ("conversations", conversations::step),
         ("context", context::step),
+        ("postgres", postgres::step),
     ];
     for &(name, step) in steps {
         if !opts.only.is_empty() && !opts.only.iter().any(|o| o == name) {

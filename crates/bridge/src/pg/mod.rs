@@ -50,6 +50,8 @@ pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
 /// One connection to a bridge in PostgreSQL.
 pub struct PgBridge {
     client: Client,
+    /// Statements prepared on `client`, by their SQL (emptied on reconnect).
+    stmts: std::collections::HashMap<&'static str, postgres::Statement>,
     cfg: Config,
     shown: String,
     opts: BridgeOptions,
@@ -286,6 +288,7 @@ impl PgBridge {
         }
         Ok(PgBridge {
             client,
+            stmts: std::collections::HashMap::new(),
             cfg,
             shown,
             opts,
@@ -303,8 +306,24 @@ impl PgBridge {
             let client = session(&self.cfg, statement_timeout(&self.opts))?;
             log::info!("event=pg_reconnected db={}", self.shown);
             self.client = client;
+            self.stmts.clear();
         }
         Ok(&mut self.client)
+    }
+
+    /// `sql` prepared once per connection (a hot statement then costs one
+    /// round trip, not two).
+    pub(crate) fn prepared(&mut self, sql: &'static str) -> Result<postgres::Statement> {
+        self.conn()?;
+        if let Some(s) = self.stmts.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self
+            .client
+            .prepare(sql)
+            .map_err(|e| pg_error("cannot prepare a statement", e))?;
+        self.stmts.insert(sql, s.clone());
+        Ok(s)
     }
 
     /// The raw client, for tests and `doctor` (reconnected when lost).

@@ -1,17 +1,19 @@
 //! [`Store`] for [`PgBridge`]: the SQLite bridge's operations in
 //! PostgreSQL's SQL, with the same checks, texts and audit rows.
 //!
-//! Claims across hosts: a claim locks the unread rows it looks at with
-//! `FOR UPDATE OF m SKIP LOCKED` (another poller's claim in progress is
-//! passed over, not waited on), then upserts each claim row guarded by
-//! `owner IS NULL OR lease_until_ms <= now`, and keeps only the rows that
-//! upsert returned. The guard is what makes it exact under READ COMMITTED:
-//! a claim committed by another poller after this statement's snapshot is
-//! seen by the upsert (which reads the latest row), so the message is
-//! dropped from this batch. Completing, skipping and dead-lettering start
-//! with `DELETE FROM autopoll_claims ... WHERE owner = me RETURNING`, which
-//! locks the claim row: a poller whose lease was taken over deletes
-//! nothing and writes nothing.
+//! Claims across hosts: a claim is one statement ([`CLAIM_SQL`]) that locks
+//! the unread rows it looks at with `FOR UPDATE OF m SKIP LOCKED` (another
+//! poller's claim in progress is passed over, not waited on), upserts each
+//! claim row guarded by `owner IS NULL OR lease_until_ms <= now`, and keeps
+//! only the rows that upsert returned. The guard is what makes it exact
+//! under READ COMMITTED: a claim committed by another poller after this
+//! statement's snapshot is seen by the upsert (which reads the latest
+//! row), so the message is dropped from this batch. Completing (one call
+//! of the schema's `autopoll_complete` for a whole group of answers),
+//! skipping and dead-lettering start with `DELETE FROM autopoll_claims ...
+//! WHERE owner = me RETURNING`, which locks the claim row: a poller whose
+//! lease was taken over deletes nothing and writes nothing. Hot statements
+//! are prepared once per connection ([`PgBridge::prepared`]).
 
 use std::time::Duration;
 
@@ -229,110 +231,132 @@ fn dead_letter_held(
     })
 }
 
-fn claim_on(
-    c: &mut impl GenericClient,
-    claimer: &Claimer,
-    conversation: &str,
-    session: Session,
-    limit: usize,
-    opts: &ClaimOptions,
-) -> Result<ClaimBatch> {
-    let lease_ms = i64::try_from(opts.lease.as_millis()).unwrap_or(i64::MAX / 2);
-    let rows = c
-        .query(
-            &format!(
-                "SELECT {MESSAGE_COLUMNS}, COALESCE(c.attempts, 0), c.last_error, autopoll_now_ms()
-                 FROM messages m LEFT JOIN autopoll_claims c ON c.message_id = m.id
-                 WHERE m.conversation_id = $1 AND m.to_session = $2 AND NOT m.read
-                   AND (c.owner IS NULL OR c.lease_until_ms <= autopoll_now_ms())
-                 ORDER BY m.id
-                 LIMIT $3
-                 FOR UPDATE OF m SKIP LOCKED"
-            ),
-            &[&conversation, &session.as_str(), &(limit as i64)],
-        )
-        .map_err(|e| pg_error("cannot look for questions to claim", e))?;
-    let mut batch = ClaimBatch::default();
-    for r in rows {
-        let msg = from_row(&r);
-        let attempts = r.get::<_, i32>(8).max(0) as u32;
-        let last_error: Option<String> = r.get(9);
-        let now_ms: i64 = r.get(10);
-        if attempts >= opts.max_attempts {
-            // Only if nobody else took it since our snapshot.
-            let Some(h) = c
-                .query_opt(
-                    "DELETE FROM autopoll_claims
-                     WHERE message_id = $1 AND (owner IS NULL OR lease_until_ms <= autopoll_now_ms())
-                     RETURNING attempts",
-                    &[&msg.id],
-                )
-                .map_err(|e| pg_error("cannot take the message to dead-letter it", e))?
-            else {
-                continue;
-            };
-            let held = Held {
-                conversation_id: msg.conversation_id.clone(),
-                from_session: msg.from_session.clone(),
-                to_session: msg.to_session.clone(),
-                attempts: h.get::<_, i32>(0).max(0) as u32,
-            };
-            let error = format!(
-                "dead-lettered after {attempts} attempts{}",
-                last_error
-                    .as_deref()
-                    .map(|e| format!(": {e}"))
-                    .unwrap_or_default()
-            );
-            let d = dead_letter_held(c, claimer, &msg, &held, &error, last_error.as_deref())?;
-            batch.dead_lettered.push(d);
-            continue;
-        }
-        let until = now_ms.saturating_add(lease_ms);
-        let got = c
-            .query_opt(
-                "INSERT INTO autopoll_claims
-                     (message_id, conversation_id, to_session, owner, lease_until_ms, attempts,
-                      first_claimed_at, last_claimed_at)
-                 VALUES ($1, $2, $3, $4, $5, 1, clock_timestamp(), clock_timestamp())
-                 ON CONFLICT (message_id) DO UPDATE SET
-                     owner = excluded.owner,
-                     lease_until_ms = excluded.lease_until_ms,
-                     attempts = autopoll_claims.attempts + 1,
-                     last_claimed_at = excluded.last_claimed_at
-                 WHERE autopoll_claims.owner IS NULL
-                    OR autopoll_claims.lease_until_ms <= autopoll_now_ms()
-                 RETURNING attempts",
+/// One claim in one statement: lock the candidates (`SKIP LOCKED`),
+/// upsert the claims guarded by the lease, audit, and return every
+/// candidate with what happened to it. `$1` conversation, `$2` session,
+/// `$3` limit, `$4` owner, `$5` lease ms, `$6` max attempts.
+const CLAIM_SQL: &str = "WITH cand AS (
+    SELECT m.id, COALESCE(c.attempts, 0) AS attempts, c.last_error
+    FROM messages m LEFT JOIN autopoll_claims c ON c.message_id = m.id
+    WHERE m.conversation_id = $1 AND m.to_session = $2 AND NOT m.read
+      AND (c.owner IS NULL OR c.lease_until_ms <= autopoll_now_ms())
+    ORDER BY m.id LIMIT $3
+    FOR UPDATE OF m SKIP LOCKED),
+  up AS (
+    INSERT INTO autopoll_claims (message_id, conversation_id, to_session, owner,
+        lease_until_ms, attempts, first_claimed_at, last_claimed_at)
+    SELECT cand.id, $1, $2, $4, autopoll_now_ms() + $5, 1, clock_timestamp(), clock_timestamp()
+    FROM cand WHERE cand.attempts < $6
+    ON CONFLICT (message_id) DO UPDATE SET
+        owner = excluded.owner, lease_until_ms = excluded.lease_until_ms,
+        attempts = autopoll_claims.attempts + 1, last_claimed_at = excluded.last_claimed_at
+    WHERE autopoll_claims.owner IS NULL OR autopoll_claims.lease_until_ms <= autopoll_now_ms()
+    RETURNING message_id, attempts, lease_until_ms),
+  aud AS (
+    INSERT INTO audit_log (conversation_id, session_id, action, details)
+    SELECT $1, $2, 'autopoll_claim',
+           jsonb_build_object('owner', $4::text, 'message_ids', jsonb_agg(message_id ORDER BY message_id))
+    FROM up HAVING count(*) > 0)
+  SELECT m.id, m.conversation_id, m.from_session, m.to_session, m.message,
+         m.metadata::text, autopoll_pyts(m.timestamp), m.read,
+         cand.attempts, cand.last_error, up.attempts, up.lease_until_ms
+  FROM cand JOIN messages m ON m.id = cand.id LEFT JOIN up ON up.message_id = cand.id
+  ORDER BY m.id";
+
+impl PgBridge {
+    /// One conversation's claim ([`CLAIM_SQL`]), then, in a transaction of
+    /// their own, the dead letters of what failed too often.
+    fn claim_one(
+        &mut self,
+        claimer: &Claimer,
+        conversation: &str,
+        session: Session,
+        limit: usize,
+        opts: &ClaimOptions,
+    ) -> Result<ClaimBatch> {
+        let lease_ms = i64::try_from(opts.lease.as_millis()).unwrap_or(i64::MAX / 2);
+        let st = self.prepared(CLAIM_SQL)?;
+        let rows = self
+            .client
+            .query(
+                &st,
                 &[
-                    &msg.id,
-                    &msg.conversation_id,
-                    &msg.to_session,
+                    &conversation,
+                    &session.as_str(),
+                    &(limit as i64),
                     &claimer.owner(),
-                    &until,
+                    &lease_ms,
+                    &(opts.max_attempts as i32),
                 ],
             )
-            .map_err(|e| pg_error("cannot record the claim", e))?;
-        let Some(got) = got else {
-            // Another poller's claim committed after our snapshot.
-            continue;
-        };
-        batch.claimed.push(Claimed {
-            message: msg,
-            attempts: got.get::<_, i32>(0).max(0) as u32,
-            lease_until_ms: until,
-        });
+            .map_err(|e| pg_error("cannot claim questions", e))?;
+        let mut batch = ClaimBatch::default();
+        let mut exhausted = Vec::new();
+        for r in rows {
+            let msg = from_row(&r);
+            let before = r.get::<_, i32>(8).max(0) as u32;
+            match (r.get::<_, Option<i32>>(10), r.get::<_, Option<i64>>(11)) {
+                (Some(attempts), Some(until)) => batch.claimed.push(Claimed {
+                    message: msg,
+                    attempts: attempts.max(0) as u32,
+                    lease_until_ms: until,
+                }),
+                _ if before >= opts.max_attempts => {
+                    exhausted.push((msg, before, r.get::<_, Option<String>>(9)))
+                }
+                // Another poller's claim committed after our snapshot.
+                _ => {}
+            }
+        }
+        if !exhausted.is_empty() {
+            let mut tx = self.tx()?;
+            for (msg, attempts, last_error) in exhausted {
+                if let Some(d) =
+                    dead_letter_exhausted(&mut tx, claimer, &msg, attempts, last_error)?
+                {
+                    batch.dead_lettered.push(d);
+                }
+            }
+            commit(tx)?;
+        }
+        Ok(batch)
     }
-    if !batch.claimed.is_empty() {
-        let ids: Vec<i64> = batch.claimed.iter().map(|c| c.message.id).collect();
-        audit(
-            c,
-            Some(conversation),
-            Some(session.as_str()),
-            actions::CLAIM,
-            &json!({ "owner": claimer.owner(), "message_ids": ids }),
-        )?;
-    }
-    Ok(batch)
+}
+
+/// Dead-letter a message that failed `attempts` times, if nobody holds it
+/// now (a claim of another poller since our look keeps it alive).
+fn dead_letter_exhausted(
+    c: &mut impl GenericClient,
+    claimer: &Claimer,
+    msg: &Message,
+    attempts: u32,
+    last_error: Option<String>,
+) -> Result<Option<DeadLettered>> {
+    let Some(h) = c
+        .query_opt(
+            "DELETE FROM autopoll_claims
+             WHERE message_id = $1 AND (owner IS NULL OR lease_until_ms <= autopoll_now_ms())
+             RETURNING attempts",
+            &[&msg.id],
+        )
+        .map_err(|e| pg_error("cannot take the message to dead-letter it", e))?
+    else {
+        return Ok(None);
+    };
+    let held = Held {
+        conversation_id: msg.conversation_id.clone(),
+        from_session: msg.from_session.clone(),
+        to_session: msg.to_session.clone(),
+        attempts: h.get::<_, i32>(0).max(0) as u32,
+    };
+    let error = format!(
+        "dead-lettered after {attempts} attempts{}",
+        last_error
+            .as_deref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default()
+    );
+    dead_letter_held(c, claimer, msg, &held, &error, last_error.as_deref()).map(Some)
 }
 
 fn info_from_row(r: &postgres::Row) -> ConversationInfo {
@@ -733,19 +757,11 @@ impl Store for PgBridge {
         if opts.max_attempts == 0 {
             return Err(Error::Invalid("max_attempts must be at least 1".into()));
         }
-        let mut tx = self.tx()?;
+        // Each conversation's claim is one statement (atomic on its own).
         let mut out = Vec::with_capacity(wanted.len());
         for (conversation, limit) in wanted {
-            out.push(claim_on(
-                &mut tx,
-                claimer,
-                conversation,
-                session,
-                *limit,
-                opts,
-            )?);
+            out.push(self.claim_one(claimer, conversation, session, *limit, opts)?);
         }
-        commit(tx)?;
         Ok(out)
     }
 
@@ -754,15 +770,15 @@ impl Store for PgBridge {
             return Ok(Vec::new());
         }
         let list: Vec<&str> = conversations.to_vec();
+        let st = self.prepared(
+            "SELECT cid FROM unnest($1::text[]) AS w(cid) WHERE EXISTS (
+               SELECT 1 FROM messages m LEFT JOIN autopoll_claims c ON c.message_id = m.id
+               WHERE m.conversation_id = w.cid AND m.to_session = $2 AND NOT m.read
+                 AND (c.owner IS NULL OR c.lease_until_ms <= autopoll_now_ms()))",
+        )?;
         let found: std::collections::HashSet<String> = self
-            .conn()?
-            .query(
-                "SELECT cid FROM unnest($1::text[]) AS w(cid) WHERE EXISTS (
-                   SELECT 1 FROM messages m LEFT JOIN autopoll_claims c ON c.message_id = m.id
-                   WHERE m.conversation_id = w.cid AND m.to_session = $2 AND NOT m.read
-                     AND (c.owner IS NULL OR c.lease_until_ms <= autopoll_now_ms()))",
-                &[&list, &session.as_str()],
-            )
+            .client
+            .query(&st, &[&list, &session.as_str()])
             .map_err(|e| pg_error("cannot look for work", e))?
             .iter()
             .map(|r| r.get(0))
@@ -830,54 +846,48 @@ impl Store for PgBridge {
     }
 
     fn complete(&mut self, claimer: &Claimer, answers: &[Answer]) -> Result<Vec<Option<i64>>> {
-        let mut tx = self.tx()?;
-        let mut out = Vec::with_capacity(answers.len());
-        for a in answers {
-            let Some(h) = take_held(&mut tx, a.message_id, claimer.owner())? else {
-                log::warn!(
-                    "event=stale_complete message_id={} owner={}: claim lost (lease expired and taken over, or finished)",
-                    a.message_id,
-                    claimer.owner()
-                );
-                out.push(None);
-                continue;
-            };
-            let response_id = reply(&mut tx, &h, &a.text)?;
-            finish(
-                &mut tx,
-                a.message_id,
-                &h,
-                "answered",
-                Some(response_id),
-                claimer.owner(),
-                None,
-            )?;
-            audit(
-                &mut tx,
-                Some(&h.conversation_id),
-                Some(&h.to_session),
-                actions::COMPLETE,
-                &json!({ "message_id": a.message_id, "response_id": response_id, "attempts": h.attempts }),
-            )?;
-            if let Some(key) = &a.repeat_key {
-                tx.execute(
-                    "INSERT INTO autopoll_answers
-                     (conversation_id, to_session, query_id, message_id, response_id)
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                    &[
-                        &h.conversation_id,
-                        &h.to_session,
-                        key,
-                        &a.message_id,
-                        &response_id,
-                    ],
-                )
-                .map_err(|e| pg_error("cannot keep the answer for repeats", e))?;
-            }
-            out.push(Some(response_id));
+        if answers.is_empty() {
+            return Ok(Vec::new());
         }
-        commit(tx)?;
-        Ok(out)
+        let mut mids = Vec::with_capacity(answers.len());
+        let mut bodies = Vec::with_capacity(answers.len());
+        let mut redacted = Vec::with_capacity(answers.len());
+        let mut keys: Vec<Option<&str>> = Vec::with_capacity(answers.len());
+        for a in answers {
+            let (text, r) = redact::redact_message(&a.text);
+            mids.push(a.message_id);
+            bodies.push(text);
+            redacted.push(r);
+            keys.push(a.repeat_key.as_deref());
+        }
+        let meta = shard::response_metadata().to_string();
+        let st = self.prepared(
+            "SELECT mid, rid FROM autopoll_complete($1, $2, $3, $4, $5, $6::text::jsonb)",
+        )?;
+        // One statement: every answer, or none, is written.
+        let rows = self
+            .client
+            .query(
+                &st,
+                &[&claimer.owner(), &mids, &bodies, &redacted, &keys, &meta],
+            )
+            .map_err(|e| pg_error("cannot write the answers", e))?;
+        let got: std::collections::HashMap<i64, Option<i64>> =
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        Ok(answers
+            .iter()
+            .map(|a| {
+                let rid = got.get(&a.message_id).copied().flatten();
+                if rid.is_none() {
+                    log::warn!(
+                        "event=stale_complete message_id={} owner={}: claim lost (lease expired and taken over, or finished)",
+                        a.message_id,
+                        claimer.owner()
+                    );
+                }
+                rid
+            })
+            .collect())
     }
 
     fn skip(&mut self, claimer: &Claimer, ids: &[i64], reason: &str) -> Result<usize> {

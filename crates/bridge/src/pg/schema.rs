@@ -116,6 +116,47 @@ END $f$;
 CREATE TRIGGER autopoll_messages_notify AFTER INSERT ON messages
   FOR EACH ROW EXECUTE FUNCTION autopoll_notify();
 "#,
+    // 2: completing answers in one round trip (a function the poller calls
+    // with arrays), each still only while the caller owns the claim.
+    r#"
+CREATE FUNCTION autopoll_complete(p_owner text, p_mids bigint[], p_bodies text[],
+    p_redacted boolean[], p_keys text[], p_meta jsonb)
+RETURNS TABLE(mid bigint, rid bigint) LANGUAGE plpgsql AS $f$
+DECLARE
+  i integer;
+  h record;
+  r bigint;
+BEGIN
+  FOR i IN 1 .. coalesce(array_length(p_mids, 1), 0) LOOP
+    DELETE FROM autopoll_claims c USING messages m
+      WHERE c.message_id = p_mids[i] AND c.owner = p_owner AND m.id = c.message_id
+      RETURNING m.conversation_id, m.from_session, m.to_session, c.attempts INTO h;
+    IF NOT FOUND THEN
+      mid := p_mids[i]; rid := NULL; RETURN NEXT; CONTINUE;
+    END IF;
+    INSERT INTO messages (conversation_id, from_session, to_session, message, metadata)
+      VALUES (h.conversation_id, h.to_session, h.from_session, p_bodies[i], p_meta)
+      RETURNING id INTO r;
+    INSERT INTO audit_log (conversation_id, session_id, action, details) VALUES
+      (h.conversation_id, h.to_session, 'send_message', jsonb_build_object(
+         'to', h.from_session, 'message_length', char_length(p_bodies[i]),
+         'redacted', p_redacted[i]));
+    UPDATE messages SET read = true WHERE id = p_mids[i];
+    INSERT INTO autopoll_outcomes (message_id, conversation_id, to_session, outcome,
+        response_id, attempts, owner, detail)
+      VALUES (p_mids[i], h.conversation_id, h.to_session, 'answered', r, h.attempts, p_owner, NULL);
+    INSERT INTO audit_log (conversation_id, session_id, action, details) VALUES
+      (h.conversation_id, h.to_session, 'autopoll_complete', jsonb_build_object(
+         'message_id', p_mids[i], 'response_id', r, 'attempts', h.attempts));
+    IF p_keys[i] IS NOT NULL THEN
+      INSERT INTO autopoll_answers (conversation_id, to_session, query_id, message_id, response_id)
+        VALUES (h.conversation_id, h.to_session, p_keys[i], p_mids[i], r)
+        ON CONFLICT DO NOTHING;
+    END IF;
+    mid := p_mids[i]; rid := r; RETURN NEXT;
+  END LOOP;
+END $f$;
+"#,
 ];
 
 /// The version this build writes and reads.
