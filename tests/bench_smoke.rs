@@ -10,6 +10,8 @@ use std::process::Command;
 #[test]
 fn the_quick_bench_measures_everything() {
     let env = common::Env::new();
+    // The postgres step starts a cluster of Debian's PostgreSQL.
+    common::ensure_postgres();
     let json = env.path("bench.json");
     let out = Command::new(env!("CARGO_BIN_EXE_autopoll-bench"))
         .args(["--quick", "--json-out", common::path_str(&json)])
@@ -44,6 +46,10 @@ fn the_quick_bench_measures_everything() {
         "Server memory",
         "Context one-line edit",
         "Idle CPU, server over",
+        "PostgreSQL: pickup-to-answer",
+        "PostgreSQL: backlog drain, 1 / 3 pollers",
+        "PostgreSQL: one kill -9 of a poller",
+        "PostgreSQL: one server restart",
     ] {
         assert!(table.contains(metric), "{metric} missing:\n{table}");
     }
@@ -63,6 +69,7 @@ fn the_quick_bench_measures_everything() {
         "mcp",
         "conversations",
         "context",
+        "postgres",
     ] {
         assert!(
             v.get(section).is_some_and(|s| s.get("error").is_none()),

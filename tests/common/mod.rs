@@ -763,6 +763,14 @@ pub fn mcp_python() -> &'static str {
 /// server binaries are there. Panics with the reason when PostgreSQL
 /// cannot be installed or started: these tests fail, they never skip.
 pub fn pg_cluster() -> &'static autopoll_bridge::pg::cluster::Cluster {
+    ensure_postgres();
+    autopoll_bridge::pg::cluster::Cluster::shared().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Make sure Debian's PostgreSQL server binaries are installed
+/// (scripts/install-test-deps.sh postgres, once per test process; nothing
+/// to do when AUTOPOLL_TEST_PG names a server). Panics with the reason.
+pub fn ensure_postgres() {
     static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     INSTALLED.get_or_init(|| {
         if std::env::var_os("AUTOPOLL_TEST_PG").is_some() {
@@ -780,5 +788,4 @@ pub fn pg_cluster() -> &'static autopoll_bridge::pg::cluster::Cluster {
             String::from_utf8_lossy(&out.stderr)
         );
     });
-    autopoll_bridge::pg::cluster::Cluster::shared().unwrap_or_else(|e| panic!("{e}"))
 }
