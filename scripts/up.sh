@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run a shard in tmux: autopoll-server in one pane, autopoll-poller in the other.
 #
-#   scripts/up.sh [--db PATH] [--conversation ID --token TOKEN | --tokens-file FILE] [--name NAME] [--context PATH]...
+#   scripts/up.sh [--db PATH|URL] [--conversation ID --token TOKEN | --tokens-file FILE] [--name NAME] [--context PATH]...
 #
 # Without --conversation, a bridge (default ./autopoll-bridge.db) and a new
 # conversation are created, and the coordinator's token is printed. With
@@ -56,7 +56,7 @@ else
   cargo build --release --locked --quiet --bins --manifest-path "$here/Cargo.toml"
   bin=${CARGO_TARGET_DIR:-$here/target}/release
 fi
-case $db in /*) ;; *) db=$PWD/$db ;; esac
+case $db in /*|postgres://*|postgresql://*) ;; *) db=$PWD/$db ;; esac
 
 coordinator_token=
 convs=()

@@ -217,6 +217,11 @@ fn pollers_answer_each_query_once_through_kills_on_postgres() {
     let st = store.stats(Some(&conv.id)).unwrap();
     let b = st.iter().find(|x| x.session == "b").unwrap();
     assert!(b.host.as_deref().is_some_and(|h| !h.is_empty()), "{b:?}");
+    let table = env.ok(&["bridge", "status"]);
+    assert!(
+        table.contains("HOST") && table.contains(b.host.as_deref().unwrap()),
+        "{table}"
+    );
     for p in &mut pollers {
         assert!(p.alive(), "a poller died: {}", p.log());
     }

@@ -610,10 +610,12 @@ pub(crate) fn oldest_cell(s: &SessionStats) -> String {
 }
 
 pub(crate) fn status_table(stats: &[SessionStats]) -> String {
+    // PostgreSQL keeps the host of each heartbeat: shown when there is one.
+    let hosts = stats.iter().any(|s| s.host.is_some());
     let rows: Vec<Vec<String>> = stats
         .iter()
         .map(|s| {
-            vec![
+            let mut row = vec![
                 if s.expired {
                     format!("{} (expired)", s.conversation_id)
                 } else {
@@ -629,25 +631,30 @@ pub(crate) fn status_table(stats: &[SessionStats]) -> String {
                 s.status.clone().unwrap_or_else(|| "-".into()),
                 table::age(s.heartbeat_age_secs),
                 if s.alive { "yes" } else { "no" }.into(),
-            ]
+            ];
+            if hosts {
+                row.push(s.host.clone().unwrap_or_else(|| "-".into()));
+            }
+            row
         })
         .collect();
-    table::render(
-        &[
-            "CONVERSATION",
-            "SESSION",
-            "ROLE",
-            "UNREAD",
-            "CLAIMED",
-            "ANSWERED",
-            "DEAD",
-            "OLDEST",
-            "STATUS",
-            "HEARTBEAT",
-            "ALIVE",
-        ],
-        rows.as_slice(),
-    )
+    let mut head = vec![
+        "CONVERSATION",
+        "SESSION",
+        "ROLE",
+        "UNREAD",
+        "CLAIMED",
+        "ANSWERED",
+        "DEAD",
+        "OLDEST",
+        "STATUS",
+        "HEARTBEAT",
+        "ALIVE",
+    ];
+    if hosts {
+        head.push("HOST");
+    }
+    table::render(&head, rows.as_slice())
 }
 
 /// Send a query, then wait for the response carrying its query_id. Only that
