@@ -12,7 +12,8 @@
 #                                          pip's download cache in .cache/pip
 #   scripts/install-test-deps.sh postgres  Debian's postgresql server package (apt-get) when
 #                                          no /usr/lib/postgresql/*/bin/initdb is there, plus
-#                                          iproute2 (`ip netns`) for the multi-host test; needs
+#                                          iproute2 (`ip netns`) for the multi-host test and openssl
+#                                          (the TLS test's certificates); needs
 #                                          root (CI) or prints the apt-get command to run
 #
 # Prints the installed program's path on stdout (for mcp: the venv's python). Idempotent and quick when
@@ -91,14 +92,14 @@ install_postgres() {
   exec 7>"$top/.cache/install-postgres.lock"
   flock -w 900 7 || die "another install held the lock for 15 minutes"
   initdb=$(ls -1 /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n 1 || true)
-  if [ -z "$initdb" ] || ! command -v ip >/dev/null; then
+  if [ -z "$initdb" ] || ! command -v ip >/dev/null || ! command -v openssl >/dev/null; then
     if [ "$(id -u)" != 0 ]; then
-      die "PostgreSQL's server binaries (or iproute2) are missing: run \`sudo apt-get install -y postgresql iproute2\`, then rerun"
+      die "PostgreSQL's server binaries (or iproute2, openssl) are missing: run \`sudo apt-get install -y postgresql iproute2 openssl\`, then rerun"
     fi
     echo "install-test-deps: apt-get install postgresql iproute2" >&2
     export DEBIAN_FRONTEND=noninteractive
     timeout 900 apt-get update -qq >&2 || die "apt-get update failed: are Debian's package mirrors reachable?"
-    timeout 900 apt-get install -y -qq --no-install-recommends postgresql iproute2 >&2 \
+    timeout 900 apt-get install -y -qq --no-install-recommends postgresql iproute2 openssl >&2 \
       || die "apt-get install postgresql failed; the PostgreSQL tests need the real server and do not skip"
     initdb=$(ls -1 /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n 1 || true)
     [ -n "$initdb" ] || die "postgresql is installed but no /usr/lib/postgresql/*/bin/initdb was found"

@@ -170,18 +170,104 @@ fn an_unreachable_or_empty_database_fails_with_the_fix() {
         "{}",
         describe(&out)
     );
-    // sslmode=require is refused up front, naming the way out.
+    // sslmode=require against a server without TLS fails; the verify
+    // modes without a CA certificate say where to put one.
     let url = format!("{}?sslmode=require", env.pg.clone().unwrap());
     let out = env
         .cmd("autopoll")
         .args(["bridge", "status", "--db", &url])
         .output()
         .unwrap();
+    assert!(!out.status.success(), "{}", describe(&out));
     assert!(
-        describe(&out).contains("no TLS for PostgreSQL"),
+        describe(&out).contains("cannot connect"),
         "{}",
         describe(&out)
     );
+    let url = format!("{}?sslmode=verify-full", env.pg.clone().unwrap());
+    let out = env
+        .cmd("autopoll")
+        .env("HOME", env.dir.path())
+        .env_remove("PGSSLROOTCERT")
+        .args(["bridge", "status", "--db", &url])
+        .output()
+        .unwrap();
+    assert!(
+        describe(&out).contains("sslrootcert=FILE"),
+        "{}",
+        describe(&out)
+    );
+}
+
+/// Whether the session behind `store` is encrypted (pg_stat_ssl).
+fn encrypted(store: &mut dyn Store) -> bool {
+    store
+        .as_postgres()
+        .unwrap()
+        .client()
+        .unwrap()
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn tls_per_sslmode_encrypts_and_checks_the_certificate() {
+    common::pg_cluster();
+    let cluster = Cluster::start_with(autopoll_bridge::pg::cluster::Listen {
+        ssl: true,
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let url = cluster.database().unwrap();
+    let root = cluster.ssl_cert().unwrap();
+    let root = path_str(&root).to_string();
+    let open = |u: &str| {
+        autopoll_bridge::Target::parse(u).open(autopoll_bridge::BridgeOptions {
+            create: true,
+            ..Default::default()
+        })
+    };
+    // disable: plain; prefer (the default) and require: encrypted.
+    assert!(!encrypted(
+        open(&format!("{url}?sslmode=disable")).unwrap().as_mut()
+    ));
+    assert!(encrypted(open(&url).unwrap().as_mut()));
+    assert!(encrypted(
+        open(&format!("{url}?sslmode=require")).unwrap().as_mut()
+    ));
+    // verify-full: the certificate names localhost and 127.0.0.1.
+    let full = format!("{url}?sslmode=verify-full&sslrootcert={root}");
+    assert!(encrypted(open(&full).unwrap().as_mut()));
+    let by_name = full.replace("127.0.0.1", "localhost");
+    assert!(encrypted(open(&by_name).unwrap().as_mut()));
+    // Another CA: refused, saying why.
+    let other = Cluster::start_with(autopoll_bridge::pg::cluster::Listen {
+        ssl: true,
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let wrong = other.ssl_cert().unwrap();
+    let bad = format!("{url}?sslmode=verify-ca&sslrootcert={}", path_str(&wrong));
+    let err = open(&bad)
+        .err()
+        .expect("a foreign CA must be refused")
+        .to_string();
+    assert!(err.contains("cannot connect"), "{err}");
+    // The binaries take the same URLs: a poller over TLS answers.
+    let env = Env::on_postgres(full.clone());
+    let (conv, ctx) = setup(&env);
+    let _server = env.server("default", &["--context", &ctx]);
+    let _p = env.poller(&conv, "default", &[]);
+    let a = conv.auth("a");
+    let mut args: Vec<&str> = vec!["bridge", "ask", "--timeout", "30"];
+    args.extend(a.iter().map(String::as_str));
+    args.push("how big is the LRU cache?");
+    let out = env.ok(&args);
+    assert!(out.contains("64 entries"), "{out}");
 }
 
 #[test]
@@ -509,6 +595,7 @@ fn pollers_on_three_hosts_share_one_postgres_through_kills_and_a_restart() {
                 netns: Some(db),
                 addresses: Some("*".into()),
                 hba: vec!["host all all 10.213.0.0/16 trust".into()],
+                ssl: false,
             };
             let c = Cluster::start_with(listen).unwrap_or_else(|e| panic!("{e}"));
             (Some(hosts), c, Some(shard_hosts))

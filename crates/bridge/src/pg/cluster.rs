@@ -37,6 +37,10 @@ pub struct Listen {
     pub addresses: Option<String>,
     /// Extra `pg_hba.conf` lines (e.g. trust for a private range).
     pub hba: Vec<String>,
+    /// Serve TLS too, with a self-signed certificate made for the cluster
+    /// (`openssl req`; CN and names `localhost`, `127.0.0.1`), which
+    /// [`Cluster::ssl_cert`] gives clients as their root certificate.
+    pub ssl: bool,
 }
 
 /// A running cluster (or the server `AUTOPOLL_TEST_PG` names).
@@ -225,6 +229,90 @@ impl Cluster {
                 String::from_utf8_lossy(&out.stderr).trim()
             ));
         }
+        if listen.ssl {
+            // A CA of the cluster's own, and a server certificate it signs
+            // (a self-signed CA used as the server's certificate is
+            // refused by certificate checkers).
+            let run = |args: &[&str]| -> Result<(), String> {
+                let out = Command::new("openssl")
+                    .args(args)
+                    .current_dir(&dir)
+                    .stdin(Stdio::null())
+                    .output()
+                    .map_err(|e| format!("cannot run openssl for the test certificate: {e}"))?;
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "openssl {} failed: {}",
+                        args.first().unwrap_or(&""),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ))
+                }
+            };
+            run(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=autopoll test CA",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "root.crt",
+            ])?;
+            run(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=localhost",
+                "-keyout",
+                "data/server.key",
+                "-out",
+                "server.csr",
+            ])?;
+            std::fs::write(
+                dir.join("server.ext"),
+                "basicConstraints=CA:FALSE\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+            )
+            .map_err(|e| format!("server.ext: {e}"))?;
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "root.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "server.ext",
+                "-out",
+                "data/server.crt",
+            ])?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                data.join("server.key"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .map_err(|e| format!("server.key: {e}"))?;
+            if is_root() {
+                let _ = Command::new("chown")
+                    .args(["postgres:postgres"])
+                    .arg(data.join("server.key"))
+                    .arg(data.join("server.crt"))
+                    .status();
+            }
+        }
         if !listen.hba.is_empty() {
             use std::io::Write;
             let mut f = std::fs::OpenOptions::new()
@@ -297,6 +385,15 @@ impl Cluster {
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
         }
+    }
+
+    /// With [`Listen::ssl`]: the server's certificate, to give clients as
+    /// `sslrootcert`.
+    pub fn ssl_cert(&self) -> Option<PathBuf> {
+        if !self.listen.ssl {
+            return None;
+        }
+        Some(self.data.as_ref()?.parent()?.join("root.crt"))
     }
 
     /// A connection to the `postgres` database as the cluster's superuser.
@@ -378,6 +475,9 @@ fn spawn_server(
         None => as_owner(&bin.join("postgres"), true),
     };
     let addresses = listen.addresses.as_deref().unwrap_or("127.0.0.1");
+    if listen.ssl {
+        c.args(["-c", "ssl=on"]);
+    }
     c.arg("-D")
         .arg(data)
         .args(["-p", &port.to_string(), "-k"])

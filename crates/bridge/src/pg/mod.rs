@@ -5,8 +5,9 @@
 //! - `--db postgres://USER[:PASSWORD]@HOST[:PORT]/DBNAME[?sslmode=..]` (or
 //!   `postgresql://`); what the URL leaves out comes from the usual `PG*`
 //!   variables (`PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE`,
-//!   `PGSSLMODE`, `PGCONNECT_TIMEOUT`, `PGAPPNAME`), then libpq's defaults
-//!   (localhost, 5432, the user's name).
+//!   `PGSSLMODE`, `PGSSLROOTCERT`, `PGCONNECT_TIMEOUT`, `PGAPPNAME`), then
+//!   libpq's defaults (localhost, 5432, the user's name, `sslmode=prefer`);
+//!   TLS as [`tls`] says.
 //! - Every call is bounded: a connect timeout ([`CONNECT_TIMEOUT`] unless
 //!   the URL or `PGCONNECT_TIMEOUT` says otherwise), TCP keepalives and a
 //!   TCP user timeout (a silent peer fails the call instead of hanging it),
@@ -29,6 +30,7 @@ pub mod listen;
 mod ops;
 mod prune;
 pub mod schema;
+pub mod tls;
 
 use std::time::Duration;
 
@@ -52,7 +54,7 @@ pub struct PgBridge {
     client: Client,
     /// Statements prepared on `client`, by their SQL (emptied on reconnect).
     stmts: std::collections::HashMap<&'static str, postgres::Statement>,
-    cfg: Config,
+    cfg: Settings,
     shown: String,
     opts: BridgeOptions,
 }
@@ -85,10 +87,64 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
+/// How to connect: the driver's settings and the TLS connector
+/// ([`tls`]) that `sslmode` asks for.
+#[derive(Clone)]
+pub struct Settings {
+    /// The driver's settings (host, port, user, timeouts, ...).
+    pub cfg: Config,
+    /// What `sslmode` asked for.
+    pub mode: tls::Mode,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+/// Take `sslmode` and `sslrootcert` out of a URL's query (the driver knows
+/// only three of libpq's five modes, and no root certificates).
+fn split_tls_params(url: &str) -> (String, Option<String>, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_string(), None, None);
+    };
+    let (mut mode, mut root, mut rest) = (None, None, Vec::new());
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        match kv.split_once('=') {
+            Some(("sslmode", v)) => mode = Some(percent_decode(v)),
+            Some(("sslrootcert", v)) => root = Some(percent_decode(v)),
+            _ => rest.push(kv),
+        }
+    }
+    let url = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    (url, mode, root)
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(hex) = std::str::from_utf8(&b[i + 1..i + 3])
+            && let Ok(v) = u8::from_str_radix(hex, 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// The connection settings for `url`, completed from the `PG*` variables
 /// and bounded by our timeouts.
-pub fn config(url: &str) -> Result<Config> {
-    let mut cfg: Config = url.parse().map_err(|e| {
+pub fn config(url: &str) -> Result<Settings> {
+    let (plain, mode, root) = split_tls_params(url);
+    let mut cfg: Config = plain.parse().map_err(|e| {
         Error::Invalid(format!(
             "--db {}: not a PostgreSQL URL ({e}); the shape is postgres://USER@HOST:PORT/DBNAME",
             redact_url(url)
@@ -121,27 +177,18 @@ pub fn config(url: &str) -> Result<Config> {
     {
         cfg.dbname(&d);
     }
-    if !url.contains("sslmode=")
-        && let Some(m) = env("PGSSLMODE")
-    {
-        cfg.ssl_mode(match m.as_str() {
-            "disable" => SslMode::Disable,
-            "prefer" | "allow" => SslMode::Prefer,
-            "require" | "verify-ca" | "verify-full" => SslMode::Require,
-            other => {
-                return Err(Error::Invalid(format!(
-                    "PGSSLMODE={other:?}: use disable, prefer or require"
-                )));
-            }
-        });
-    }
-    if cfg.get_ssl_mode() == SslMode::Require {
-        return Err(Error::Invalid(format!(
-            "--db {}: sslmode=require, but this build of autopoll has no TLS for PostgreSQL; \
-             use sslmode=disable on a private network, or a TLS tunnel (stunnel, ssh -L) to the server",
-            redact_url(url)
-        )));
-    }
+    // libpq's default is prefer: TLS when the server offers it.
+    let mode = tls::Mode::parse(
+        &mode
+            .or_else(|| env("PGSSLMODE"))
+            .unwrap_or_else(|| "prefer".into()),
+    )?;
+    let connector = tls::connector(mode, tls::root_cert(root))?;
+    cfg.ssl_mode(match mode {
+        tls::Mode::Disable => SslMode::Disable,
+        tls::Mode::Prefer => SslMode::Prefer,
+        _ => SslMode::Require,
+    });
     if cfg.get_connect_timeout().is_none() {
         let t = env("PGCONNECT_TIMEOUT")
             .and_then(|s| s.parse::<u64>().ok())
@@ -158,7 +205,11 @@ pub fn config(url: &str) -> Result<Config> {
         .keepalives_interval(Duration::from_secs(2))
         .keepalives_retries(3)
         .tcp_user_timeout(TCP_USER_TIMEOUT);
-    Ok(cfg)
+    Ok(Settings {
+        cfg,
+        mode,
+        tls: connector,
+    })
 }
 
 /// Where `cfg` points, for messages: `HOST:PORT/DBNAME as USER`.
@@ -176,11 +227,15 @@ fn describe(cfg: &Config) -> String {
     )
 }
 
-/// Open a bounded session on `cfg` (timeouts set), without the schema check.
-pub(crate) fn session(cfg: &Config, statement_timeout: Duration) -> Result<Client> {
-    let mut client = cfg
-        .connect(NoTls)
-        .map_err(|e| pg_error(&format!("cannot connect to {}", describe(cfg)), e))?;
+/// Open a bounded session (timeouts set), without the schema check.
+pub(crate) fn session(s: &Settings, statement_timeout: Duration) -> Result<Client> {
+    let cfg = &s.cfg;
+    let connected = match &s.tls {
+        None => cfg.connect(NoTls),
+        Some(t) => cfg.connect(t.clone()),
+    };
+    let mut client =
+        connected.map_err(|e| pg_error(&format!("cannot connect to {}", describe(cfg)), e))?;
     let st = ms(statement_timeout).max(1);
     client
         .batch_execute(&format!(
@@ -259,6 +314,15 @@ pub(crate) fn pg_error(op: &str, e: postgres::Error) -> Error {
             ("; retried later", true)
         }
         Some(_) => ("", false),
+        None if detail.contains("server does not support TLS") => (
+            "; the server does not offer TLS: turn ssl on in its postgresql.conf, or use sslmode=prefer",
+            false,
+        ),
+        None if detail.contains("certificate") || detail.contains("TLS handshake") => (
+            "; the server's TLS certificate was not accepted: give the CA that signed it as \
+             sslrootcert=FILE (or PGSSLROOTCERT), and the host name the certificate names",
+            false,
+        ),
         // No server error: the connection failed or closed ...
         None if e.is_closed() || io_cause(&e) => (
             "; is PostgreSQL running and reachable there? (check --db, PGHOST/PGPORT, and the server's listen_addresses)",
