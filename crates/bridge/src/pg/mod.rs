@@ -16,7 +16,7 @@
 //! - The schema ([`schema`]) is created by `autopoll bridge init` and
 //!   migrated forward in one transaction; opening a database without it
 //!   fails with the command that makes it.
-//! - Claims ([`ops`]): `FOR UPDATE SKIP LOCKED` over unread messages, and a
+//! - Claims (`ops.rs`): `FOR UPDATE SKIP LOCKED` over unread messages, and a
 //!   claim upsert guarded by the lease, so two pollers on two hosts never
 //!   hold one message; completing deletes the claim only while the caller
 //!   owns it, in the transaction that writes the answer.
