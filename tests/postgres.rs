@@ -701,3 +701,64 @@ fn an_older_schema_is_refused_until_init_migrates_it_forward() {
         describe(&out)
     );
 }
+
+#[test]
+fn an_answer_committed_after_a_later_id_is_still_found_by_bridge_ask() {
+    // Ids are taken at insert, rows show at commit: with two writers a
+    // lower id can appear after a higher one. The waiter must not skip it
+    // (regression: it kept a cursor past the higher id and timed out).
+    let env = Env::postgres();
+    let conv = env.conversation();
+    let a = conv.auth("a");
+    let mut args: Vec<String> = vec![
+        "bridge".into(),
+        "ask".into(),
+        "--timeout".into(),
+        "30".into(),
+    ];
+    args.extend(a.iter().cloned());
+    args.push("is the late answer found?".into());
+    let ask = env
+        .cmd("autopoll")
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut store = env.store();
+    let mut qid = String::new();
+    wait_until("the query is sent", TIMEOUT, || {
+        let q = store.peek_unread(&conv.id, Session::B, 0, 10).unwrap();
+        if let Some(m) = q.first() {
+            let v: Value = serde_json::from_str(&m.message).unwrap();
+            qid = v["query_id"].as_str().unwrap().to_string();
+        }
+        !qid.is_empty()
+    });
+    let url = env.pg.clone().unwrap();
+    let mut w1 = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut w2 = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let insert =
+        "INSERT INTO messages (conversation_id, from_session, to_session, message, metadata)
+                  VALUES ($1, 'b', 'a', $2, '{\"action_type\": \"response\"}'::jsonb)";
+    let answer =
+        serde_json::json!({"type": "response", "query_id": qid, "answer": "the late answer"})
+            .to_string();
+    let other =
+        serde_json::json!({"type": "response", "query_id": "q-someone-else", "answer": "x"})
+            .to_string();
+    // Writer 1 takes the lower id and holds its commit.
+    let mut t1 = w1.transaction().unwrap();
+    t1.execute(insert, &[&conv.id, &answer]).unwrap();
+    // Writer 2 takes a higher id and commits first; the waiter sees it.
+    w2.execute(insert, &[&conv.id, &other]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    t1.commit().unwrap();
+    let out = ask.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("the late answer"),
+        "{}",
+        describe(&out)
+    );
+}

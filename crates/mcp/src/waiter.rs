@@ -223,6 +223,14 @@ pub fn wait_for_response(
             Err(e) => return Err(e),
         };
         if version.is_none() || version != seen_version {
+            // On PostgreSQL ids are taken at insert and rows show at commit,
+            // out of id order across writers: a response with a lower id can
+            // appear after a higher one was seen. Look from the query every
+            // time (an asker's unread set is small); SQLite's single writer
+            // keeps ids in commit order, so it goes on from the last seen.
+            if bridge.kind() == autopoll_bridge::StoreKind::Postgres {
+                after = w.after_id;
+            }
             match look(bridge, w, &mut after)? {
                 Looked::Found(found) => return Ok(found),
                 // Seen only once looked at whole: a look that failed for a

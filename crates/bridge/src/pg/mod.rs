@@ -44,6 +44,9 @@ pub use listen::Listener;
 
 /// Connect timeout when neither the URL nor `PGCONNECT_TIMEOUT` gives one.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Beyond the connect timeout, how long the start-up handshake (TLS,
+/// authentication, the session's settings) may take.
+pub const HANDSHAKE_SLACK: Duration = Duration::from_secs(10);
 /// A connection whose peer stops acknowledging for this long fails.
 pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
 /// The longest one statement may run (a bound on every call).
@@ -70,17 +73,29 @@ pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let (auth, tail) = match rest.find(['/', '?']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
+    // The userinfo ends at the last `@` (a password may hold `/`, `?`, `@`).
+    let rest = match rest.rsplit_once('@') {
+        Some((userinfo, after)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{after}"),
+            None => format!("{userinfo}@{after}"),
+        },
+        None => rest.to_string(),
     };
-    let Some((userinfo, host)) = auth.rsplit_once('@') else {
-        return url.to_string();
+    // And a password given as a parameter.
+    let masked = match rest.split_once('?') {
+        Some((base, query)) => {
+            let q: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some(("password", _)) => "password=***".to_string(),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            format!("{base}?{}", q.join("&"))
+        }
+        None => rest,
     };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-        None => url.to_string(),
-    }
+    format!("{scheme}://{masked}")
 }
 
 fn env(name: &str) -> Option<String> {
@@ -230,10 +245,39 @@ fn describe(cfg: &Config) -> String {
 /// Open a bounded session (timeouts set), without the schema check.
 pub(crate) fn session(s: &Settings, statement_timeout: Duration) -> Result<Client> {
     let cfg = &s.cfg;
-    let connected = match &s.tls {
-        None => cfg.connect(NoTls),
-        Some(t) => cfg.connect(t.clone()),
-    };
+    // The driver's connect timeout covers the TCP connect only, not the
+    // start-up handshake: a server that accepts and then says nothing would
+    // hold us. So the connect runs in a thread of its own, waited for with
+    // a deadline (on a timeout the thread is left to end with its socket).
+    let limit = cfg
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(CONNECT_TIMEOUT)
+        + HANDSHAKE_SLACK;
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let s2 = s.clone();
+    std::thread::Builder::new()
+        .name("pg-connect".into())
+        .spawn(move || {
+            let r = match &s2.tls {
+                None => s2.cfg.connect(NoTls),
+                Some(t) => s2.cfg.connect(t.clone()),
+            };
+            let _ = tx.send(r);
+        })
+        .map_err(|e| Error::Postgres {
+            message: format!("cannot start a connect thread: {e}"),
+            transient: true,
+        })?;
+    let connected = rx.recv_timeout(limit).map_err(|_| Error::Postgres {
+        message: format!(
+            "cannot connect to {}: no answer to the start-up handshake within {} s \
+             (is the server stopped, or overloaded?); retried later",
+            describe(cfg),
+            limit.as_secs()
+        ),
+        transient: true,
+    })?;
     let mut client =
         connected.map_err(|e| pg_error(&format!("cannot connect to {}", describe(cfg)), e))?;
     let st = ms(statement_timeout).max(1);
@@ -247,7 +291,7 @@ pub(crate) fn session(s: &Settings, statement_timeout: Duration) -> Result<Clien
     Ok(client)
 }
 
-fn statement_timeout(opts: &BridgeOptions) -> Duration {
+pub(crate) fn statement_timeout(opts: &BridgeOptions) -> Duration {
     STATEMENT_TIMEOUT.max(opts.busy_timeout)
 }
 
@@ -310,6 +354,17 @@ pub(crate) fn pg_error(op: &str, e: postgres::Error) -> Error {
                 || *c == SqlState::ADMIN_SHUTDOWN
                 || *c == SqlState::CRASH_SHUTDOWN
                 || *c == SqlState::CANNOT_CONNECT_NOW =>
+        {
+            ("; retried later", true)
+        }
+        // Out of connections or resources, connection trouble reported by
+        // the server, an idle transaction cut off: may pass later.
+        Some(c)
+            if c.code().starts_with("53")
+                || c.code().starts_with("08")
+                || c.code() == "25P03"
+                || c.code() == "57P01"
+                || c.code() == "57P02" =>
         {
             ("; retried later", true)
         }
@@ -424,6 +479,33 @@ impl PgBridge {
             if !missing.is_empty() {
                 out.push((t.to_string(), missing));
             }
+        }
+        // New rows take ids from the identity sequences; answers go through
+        // autopoll_complete.
+        for t in ["messages", "audit_log"] {
+            let ok: bool = self
+                .conn()?
+                .query_one(
+                    "SELECT has_sequence_privilege(pg_get_serial_sequence($1, 'id'), 'USAGE')",
+                    &[&t],
+                )
+                .map_err(|e| pg_error("cannot check privileges", e))?
+                .get(0);
+            if !ok {
+                out.push((format!("{t}'s id sequence"), vec!["USAGE".into()]));
+            }
+        }
+        let ok: bool = self
+            .conn()?
+            .query_one(
+                "SELECT has_function_privilege(
+                   'autopoll_complete(text, bigint[], text[], boolean[], text[], jsonb)', 'EXECUTE')",
+                &[],
+            )
+            .map_err(|e| pg_error("cannot check privileges", e))?
+            .get(0);
+        if !ok {
+            out.push(("autopoll_complete()".into(), vec!["EXECUTE".into()]));
         }
         Ok(out)
     }

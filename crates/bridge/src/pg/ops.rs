@@ -132,6 +132,12 @@ struct Held {
 
 /// End our claim on `message_id` (locking it): `None` when we do not hold it.
 fn take_held(c: &mut impl GenericClient, message_id: i64, owner: &str) -> Result<Option<Held>> {
+    // The message first, then its claim: a claim's order (no lock cycle).
+    c.execute(
+        "SELECT 1 FROM messages WHERE id = $1 FOR UPDATE",
+        &[&message_id],
+    )
+    .map_err(|e| pg_error("cannot lock the message", e))?;
     let row = c
         .query_opt(
             "DELETE FROM autopoll_claims c USING messages m
@@ -263,64 +269,55 @@ const CLAIM_SQL: &str = "WITH cand AS (
   FROM cand JOIN messages m ON m.id = cand.id LEFT JOIN up ON up.message_id = cand.id
   ORDER BY m.id";
 
-impl PgBridge {
-    /// One conversation's claim ([`CLAIM_SQL`]), then, in a transaction of
-    /// their own, the dead letters of what failed too often.
-    fn claim_one(
-        &mut self,
-        claimer: &Claimer,
-        conversation: &str,
-        session: Session,
-        limit: usize,
-        opts: &ClaimOptions,
-    ) -> Result<ClaimBatch> {
-        let lease_ms = i64::try_from(opts.lease.as_millis()).unwrap_or(i64::MAX / 2);
-        let st = self.prepared(CLAIM_SQL)?;
-        let rows = self
-            .client
-            .query(
-                &st,
-                &[
-                    &conversation,
-                    &session.as_str(),
-                    &(limit as i64),
-                    &claimer.owner(),
-                    &lease_ms,
-                    &(opts.max_attempts as i32),
-                ],
-            )
-            .map_err(|e| pg_error("cannot claim questions", e))?;
-        let mut batch = ClaimBatch::default();
-        let mut exhausted = Vec::new();
-        for r in rows {
-            let msg = from_row(&r);
-            let before = r.get::<_, i32>(8).max(0) as u32;
-            match (r.get::<_, Option<i32>>(10), r.get::<_, Option<i64>>(11)) {
-                (Some(attempts), Some(until)) => batch.claimed.push(Claimed {
-                    message: msg,
-                    attempts: attempts.max(0) as u32,
-                    lease_until_ms: until,
-                }),
-                _ if before >= opts.max_attempts => {
-                    exhausted.push((msg, before, r.get::<_, Option<String>>(9)))
-                }
-                // Another poller's claim committed after our snapshot.
-                _ => {}
+/// One conversation's claim ([`CLAIM_SQL`], prepared as `st`), then the
+/// dead letters of what failed too often, in the caller's transaction.
+fn claim_one(
+    c: &mut impl GenericClient,
+    st: &postgres::Statement,
+    claimer: &Claimer,
+    conversation: &str,
+    session: Session,
+    limit: usize,
+    opts: &ClaimOptions,
+) -> Result<ClaimBatch> {
+    let lease_ms = i64::try_from(opts.lease.as_millis()).unwrap_or(i64::MAX / 2);
+    let rows = c
+        .query(
+            st,
+            &[
+                &conversation,
+                &session.as_str(),
+                &(limit as i64),
+                &claimer.owner(),
+                &lease_ms,
+                &(opts.max_attempts as i32),
+            ],
+        )
+        .map_err(|e| pg_error("cannot claim questions", e))?;
+    let mut batch = ClaimBatch::default();
+    let mut exhausted = Vec::new();
+    for r in rows {
+        let msg = from_row(&r);
+        let before = r.get::<_, i32>(8).max(0) as u32;
+        match (r.get::<_, Option<i32>>(10), r.get::<_, Option<i64>>(11)) {
+            (Some(attempts), Some(until)) => batch.claimed.push(Claimed {
+                message: msg,
+                attempts: attempts.max(0) as u32,
+                lease_until_ms: until,
+            }),
+            _ if before >= opts.max_attempts => {
+                exhausted.push((msg, before, r.get::<_, Option<String>>(9)))
             }
+            // Another poller's claim committed after our snapshot.
+            _ => {}
         }
-        if !exhausted.is_empty() {
-            let mut tx = self.tx()?;
-            for (msg, attempts, last_error) in exhausted {
-                if let Some(d) =
-                    dead_letter_exhausted(&mut tx, claimer, &msg, attempts, last_error)?
-                {
-                    batch.dead_lettered.push(d);
-                }
-            }
-            commit(tx)?;
-        }
-        Ok(batch)
     }
+    for (msg, attempts, last_error) in exhausted {
+        if let Some(d) = dead_letter_exhausted(c, claimer, &msg, attempts, last_error)? {
+            batch.dead_lettered.push(d);
+        }
+    }
+    Ok(batch)
 }
 
 /// Dead-letter a message that failed `attempts` times, if nobody holds it
@@ -757,11 +754,23 @@ impl Store for PgBridge {
         if opts.max_attempts == 0 {
             return Err(Error::Invalid("max_attempts must be at least 1".into()));
         }
-        // Each conversation's claim is one statement (atomic on its own).
+        // All conversations in one transaction, as on SQLite: a failure
+        // part way leaves no claim behind that the caller does not know of.
+        let st = self.prepared(CLAIM_SQL)?;
+        let mut tx = self.tx()?;
         let mut out = Vec::with_capacity(wanted.len());
         for (conversation, limit) in wanted {
-            out.push(self.claim_one(claimer, conversation, session, *limit, opts)?);
+            out.push(claim_one(
+                &mut tx,
+                &st,
+                claimer,
+                conversation,
+                session,
+                *limit,
+                opts,
+            )?);
         }
+        commit(tx)?;
         Ok(out)
     }
 
@@ -872,12 +881,19 @@ impl Store for PgBridge {
                 &[&claimer.owner(), &mids, &bodies, &redacted, &keys, &meta],
             )
             .map_err(|e| pg_error("cannot write the answers", e))?;
-        let got: std::collections::HashMap<i64, Option<i64>> =
-            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        // One row per answer, in the order given.
+        let got: Vec<Option<i64>> = rows.iter().map(|r| r.get(1)).collect();
+        if got.len() != answers.len() {
+            return Err(Error::Invalid(format!(
+                "autopoll_complete returned {} rows for {} answers",
+                got.len(),
+                answers.len()
+            )));
+        }
         Ok(answers
             .iter()
-            .map(|a| {
-                let rid = got.get(&a.message_id).copied().flatten();
+            .zip(got)
+            .map(|(a, rid)| {
                 if rid.is_none() {
                     log::warn!(
                         "event=stale_complete message_id={} owner={}: claim lost (lease expired and taken over, or finished)",

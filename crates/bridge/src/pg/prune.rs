@@ -136,11 +136,22 @@ impl PgBridge {
         } else {
             "VACUUM (ANALYZE)"
         };
-        self.conn()?
-            .batch_execute(&format!(
-                "{verb} messages, audit_log, autopoll_claims, autopoll_outcomes, autopoll_answers"
-            ))
-            .map_err(|e| pg_error("cannot vacuum the bridge's tables", e))?;
+        // VACUUM runs alone (not in a transaction) and may take longer
+        // than the statement timeout on a big database: lift it for this
+        // statement only (the lock timeout stays).
+        let restore = format!(
+            "SET statement_timeout = {}",
+            crate::ms(super::statement_timeout(&self.opts)).max(1)
+        );
+        let c = self.conn()?;
+        c.batch_execute("SET statement_timeout = 0")
+            .map_err(|e| pg_error("cannot lift the statement timeout", e))?;
+        let r = c.batch_execute(&format!(
+            "{verb} messages, audit_log, autopoll_claims, autopoll_outcomes, autopoll_answers"
+        ));
+        let back = c.batch_execute(&restore);
+        r.map_err(|e| pg_error("cannot vacuum the bridge's tables", e))?;
+        back.map_err(|e| pg_error("cannot restore the statement timeout", e))?;
         Ok(CompactReport {
             auto_vacuum: "autovacuum".into(),
             vacuum: if full { "full" } else { "plain" }.into(),

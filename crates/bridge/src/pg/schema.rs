@@ -128,6 +128,9 @@ DECLARE
   r bigint;
 BEGIN
   FOR i IN 1 .. coalesce(array_length(p_mids, 1), 0) LOOP
+    -- The message first, then its claim: the order a claim takes them in,
+    -- so a claim and a completion never wait on each other in a cycle.
+    PERFORM 1 FROM messages WHERE id = p_mids[i] FOR UPDATE;
     DELETE FROM autopoll_claims c USING messages m
       WHERE c.message_id = p_mids[i] AND c.owner = p_owner AND m.id = c.message_id
       RETURNING m.conversation_id, m.from_session, m.to_session, c.attempts INTO h;
@@ -272,7 +275,7 @@ pub fn check(client: &mut Client, shown: &str) -> Result<()> {
             if v == 0 {
                 String::new()
             } else {
-                format!(" version {}", current())
+                format!(" version {} (it is at version {v})", current())
             }
         ),
         hint: format!(
