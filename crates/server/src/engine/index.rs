@@ -974,6 +974,23 @@ mod tests {
         assert_eq!(hits[1].passage, 0, "{hits:?}");
     }
 
+    /// Sub-word tokens survive the stemmer: joined words are found by
+    /// their parts, on both sides of the index.
+    #[test]
+    fn joined_words_are_found_by_their_parts() {
+        let filler = "alpha beta gamma delta\n".repeat(3);
+        let (_d, idx) = index_of(&[(
+            "notes.md",
+            &format!(
+                "# One\nThe CacheDegradation event fires.\n{filler}\n# Two\nLog in with OAuth2 tokens.\n{filler}\n# Three\nOpen the WebUI page.\n{filler}\n# Four\nA cache of tokens; a page.\n{filler}"
+            ),
+        )]);
+        for (q, want) in [("cache degradation", 0), ("oauth", 1), ("web UI", 2)] {
+            let hits = idx.search(q, 3);
+            assert_eq!(hits.first().map(|h| h.passage), Some(want), "{q:?}: {hits:?}");
+        }
+    }
+
     #[test]
     fn top_k_is_sorted_and_bounded() {
         let body: String = (0..50)

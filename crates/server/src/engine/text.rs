@@ -1,6 +1,7 @@
 //! Text analysis shared by indexing and querying: words, lower-cased,
-//! stop words dropped, and a light suffix stemmer so "claims", "claimed" and
-//! "claiming" meet "claim".
+//! stop words dropped, and stemmed with the Snowball English stemmer
+//! (Porter2, from the `rust-stemmers` crate) so "claims", "claimed" and
+//! "claiming" meet "claim", "restoring" meets "restoration".
 
 /// Common English words that carry no meaning for retrieval.
 const STOP: &[&str] = &[
@@ -46,29 +47,16 @@ fn is_stop(w: &str) -> bool {
     STOP[usize::from(STOP_FROM[l])..usize::from(STOP_FROM[l + 1])].contains(&w)
 }
 
-/// Strip common inflections, keeping a stem of at least 3 characters.
+/// The Snowball English stemmer (Porter2), made once.
+fn snowball() -> &'static rust_stemmers::Stemmer {
+    static S: std::sync::OnceLock<rust_stemmers::Stemmer> = std::sync::OnceLock::new();
+    S.get_or_init(|| rust_stemmers::Stemmer::create(rust_stemmers::Algorithm::English))
+}
+
+/// Stem `w` in place with [`snowball`].
 fn stem(w: &mut String) {
-    if !w.is_ascii() || w.len() <= 3 {
-        return;
-    }
-    let cut = |w: &mut String, suffix: &str, with: &str| -> bool {
-        if w.ends_with(suffix) && w.len() - suffix.len() + with.len() >= 3 {
-            w.truncate(w.len() - suffix.len());
-            w.push_str(with);
-            true
-        } else {
-            false
-        }
-    };
-    if !(cut(w, "ies", "y") || cut(w, "sses", "ss")) {
-        if w.ends_with('s') && !w.ends_with("ss") && !w.ends_with("us") && !w.ends_with("is") {
-            cut(w, "s", "");
-        } else if !cut(w, "ing", "") {
-            cut(w, "ed", "");
-        }
-    }
-    if w.len() > 4 && w.ends_with('e') {
-        w.pop();
+    if let std::borrow::Cow::Owned(s) = snowball().stem(w) {
+        *w = s;
     }
 }
 
@@ -231,9 +219,25 @@ mod tests {
     #[test]
     fn inflections_meet() {
         assert_eq!(all("claims claimed claiming claim"), vec!["claim"; 4]);
-        assert_eq!(all("queries query"), vec!["query", "query"]);
+        assert_eq!(all("queries query"), vec!["queri", "queri"]);
         assert_eq!(all("decide decided"), vec!["decid", "decid"]);
         assert_eq!(all("process"), vec!["process"]);
+    }
+
+    /// The word forms issue 14 named (Snowball joins them; the suffix
+    /// rules it replaced did not). "retain"/"retention" stay apart in
+    /// Porter2 too.
+    #[test]
+    fn snowball_joins_derived_forms() {
+        let one = |s: &str| {
+            let v = all(s);
+            assert!(v.windows(2).all(|w| w[0] == w[1]), "{s:?} -> {v:?}");
+        };
+        one("restoring restoration restore restored");
+        one("ingested ingestion ingest ingesting");
+        one("prevented preventing prevention");
+        one("degradation degraded degrade");
+        assert_ne!(all("retain"), all("retention"));
     }
 
     #[test]
@@ -242,11 +246,11 @@ mod tests {
             all("What did we decide about the FIFO, in 2 days?"),
             vec!["decid", "fifo", "2", "day"]
         );
-        assert_eq!(all("autopoll_claims"), vec!["autopoll", "claim"]);
+        assert_eq!(all("autopoll_claims"), vec!["autopol", "claim"]);
         // Words that carry meaning in docs are not stop words.
         assert_eq!(
             all("only the rows below, out of order"),
-            vec!["only", "row", "below", "out", "order"]
+            vec!["onli", "row", "below", "out", "order"]
         );
         assert!(all("").is_empty());
     }
@@ -312,7 +316,7 @@ mod tests {
     fn joined_words_also_give_their_parts() {
         assert_eq!(
             all("CacheDegradation"),
-            vec!["cachedegradation", "cach", "degradation"]
+            vec!["cachedegrad", "cach", "degrad"]
         );
         assert_eq!(all("OAuth2"), vec!["oauth2", "auth", "2", "oauth"]);
         assert_eq!(all("WebUI"), vec!["webui", "web", "ui"]);
