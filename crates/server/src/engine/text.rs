@@ -158,12 +158,22 @@ fn words(text: &str, mut f: impl FnMut(&mut String, &[u8])) {
     }
 }
 
-/// Stem `word` and hand it to `f`, unless it is a stop word or too short.
-fn emit(word: &mut String, f: &mut impl FnMut(&str)) {
+/// Hand `word` to `f` unless it is a stop word or too short: stemmed, with
+/// `true`, when `may_match` says it may be wanted, else as it is, with
+/// `false` (stemming is most of a word's cost).
+fn emit(
+    word: &mut String,
+    may_match: &mut impl FnMut(&str) -> bool,
+    f: &mut impl FnMut(&str, bool),
+) {
     let keep = word.len() >= 2 || word.bytes().all(|c| c.is_ascii_digit());
     if keep && !is_stop(word) {
-        stem(word);
-        f(word);
+        if may_match(word) {
+            stem(word);
+            f(word, true);
+        } else {
+            f(word, false);
+        }
     }
 }
 
@@ -172,21 +182,34 @@ fn emit(word: &mut String, f: &mut impl FnMut(&str)) {
 /// `WebUI`) also gives its parts (`cache`, `degradation`; `oauth`, `auth`,
 /// `2`; `web`, `ui`), after the whole word.
 pub fn terms(text: &str, mut f: impl FnMut(&str)) {
+    terms_where(text, |_| true, |t, _| f(t));
+}
+
+/// [`terms`], but a word is stemmed only when `may_match` (given the word
+/// lower-cased, unstemmed) says so; `f` gets every term in order, with
+/// `false` and the unstemmed word for the others, so term positions are
+/// those of [`terms`]. [`could_stem_to`] makes a `may_match` that skips
+/// the words that cannot stem to a given term.
+pub fn terms_where(
+    text: &str,
+    mut may_match: impl FnMut(&str) -> bool,
+    mut f: impl FnMut(&str, bool),
+) {
     let mut part = String::with_capacity(MAX_WORD + 4);
     words(text, |word, cuts| {
         if cuts.is_empty() {
-            emit(word, &mut f);
+            emit(word, &mut may_match, &mut f);
             return;
         }
         let whole = std::mem::take(word);
         *word = whole.clone();
-        emit(word, &mut f);
+        emit(word, &mut may_match, &mut f);
         let mut from = 0usize;
         for &c in cuts.iter().chain(std::iter::once(&(whole.len() as u8))) {
             let c = usize::from(c);
             part.clear();
             part.push_str(&whole[from..c]);
-            emit(&mut part, &mut f);
+            emit(&mut part, &mut may_match, &mut f);
             from = c;
         }
         // Letters before a number, as one word: `OAuth2` -> `oauth`.
@@ -194,9 +217,21 @@ pub fn terms(text: &str, mut f: impl FnMut(&str)) {
         if letters.len() < whole.len() && letters.len() > cuts[0] as usize {
             part.clear();
             part.push_str(letters);
-            emit(&mut part, &mut f);
+            emit(&mut part, &mut may_match, &mut f);
         }
     });
+}
+
+/// Whether `word` (lower-cased, unstemmed) may stem to `stem`: Snowball
+/// keeps a word's start and changes at most its last letter of the stem
+/// (`queries` -> `queri`), but for a few irregular words (`dying` -> `die`),
+/// which this lets pass unstemmed.
+pub fn could_stem_to(word: &str, stem: &str) -> bool {
+    let keep = stem.len().saturating_sub(1);
+    match stem.get(..keep) {
+        Some(head) => word.starts_with(head),
+        None => true,
+    }
 }
 
 #[cfg(test)]
@@ -324,6 +359,36 @@ mod tests {
         assert_eq!(all("sha256"), vec!["sha256", "sha", "256"]);
         // Plain words and all-capitals are left whole.
         assert_eq!(all("FIFO cache Claims"), vec!["fifo", "cach", "claim"]);
+    }
+
+    #[test]
+    fn the_stem_filter_skips_only_words_that_cannot_match() {
+        for w in [
+            "queries",
+            "query",
+            "claimed",
+            "restoration",
+            "degradation",
+            "oauth2",
+        ] {
+            let mut stem = w.to_string();
+            super::stem(&mut stem);
+            assert!(could_stem_to(w, &stem), "{w} -> {stem}");
+        }
+        assert!(!could_stem_to("lease", "claim"));
+        // Positions are those of `terms`, stemmed or not.
+        let text = "The claims of CacheDegradation were leased";
+        let mut all_terms = Vec::new();
+        terms(text, |t| all_terms.push(t.to_string()));
+        let mut got = Vec::new();
+        terms_where(
+            text,
+            |w| could_stem_to(w, "claim"),
+            |t, stemmed| got.push((t.to_string(), stemmed)),
+        );
+        assert_eq!(got.len(), all_terms.len());
+        assert_eq!(got[0], ("claim".to_string(), true));
+        assert!(got[1..].iter().all(|(_, s)| !s), "{got:?}");
     }
 
     #[test]
