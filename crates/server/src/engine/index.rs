@@ -1,8 +1,9 @@
 //! The built-in engine's index: an inverted index over passages, ranked
-//! with BM25 (k1 = 1.2, b = 0.75); heading words count once more in the
-//! passages under them, and a passage shorter than half the average is
-//! scored as if it had half the average length (a heading and a line do
-//! not outrank a full passage on their few words).
+//! with BM25F (k1 = 1.2) over three fields, the body, the heading path and
+//! the file's path; a body shorter than half the average is scored as if
+//! it had half the average length (a heading and a line do not outrank a
+//! full passage on their few words); the best 20 are then re-ranked by how
+//! close the query's words stand.
 //!
 //! Tokenising is done once per file version, in units of about 256 KB of
 //! passages spread over the cores ([`super::par`]) and merged in order, so
@@ -32,6 +33,30 @@ const K1: f32 = 1.2;
 const B: f32 = 0.75;
 /// The shortest length (a share of the average) a passage is scored with.
 const MIN_LEN_SHARE: f32 = 0.5;
+/// The fields of a passage (BM25F): its body, the headings above it, its
+/// file's path. Heading and path terms are indexed as their own terms,
+/// marked by a leading control character no word can hold.
+const BODY: usize = 0;
+const HEADING: usize = 1;
+const PATH: usize = 2;
+const FIELD_MARK: [char; 3] = ['\0', '\u{1}', '\u{2}'];
+/// Per field: the weight of a term's count, and how much the field's
+/// length normalises it (BM25's b). The path's length is not normalised:
+/// a word of the file's name counts the same in a long path as in a short.
+const FIELD_WEIGHT: [f32; 3] = [1.0, 1.0, 1.0];
+const FIELD_B: [f32; 3] = [B, 1.0, 0.0];
+/// Longest marked term, in bytes.
+const MAX_TERM: usize = 72;
+
+/// `t` as a term of `field`.
+fn field_term(field: usize, t: &str) -> String {
+    let mut s = String::with_capacity(t.len() + 1);
+    if field != BODY {
+        s.push(FIELD_MARK[field]);
+    }
+    s.push_str(t);
+    s
+}
 /// Weight of the proximity bonus ([`Index::proximity`]): two query terms
 /// side by side add the smaller one's idf once, ten terms apart a third of it.
 const PROXIMITY: f32 = 1.0;
@@ -43,7 +68,12 @@ const RERANK: usize = 20;
 struct Doc {
     file: u32,
     passage: u32,
+    /// Body terms (the field's length).
     len: u32,
+    /// Terms of its heading path.
+    hlen: u16,
+    /// Terms of its file's path.
+    plen: u16,
 }
 
 /// A scored passage.
@@ -177,12 +207,16 @@ impl std::hash::Hasher for Fx {
 
 type FxMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fx>>;
 
+/// A passage's lengths in terms: body, heading, path.
+type FieldLens = (u32, u16, u16);
+
 /// A run of passages tokenised by one worker, with term ids local to the
 /// run (`words[id]`), so workers share nothing while they work.
 struct Unit {
     words: Vec<Box<str>>,
-    /// Per passage: (local term id, count) and its length in terms.
-    passages: Vec<(Vec<(u32, u16)>, u32)>,
+    /// Per passage: (local term id, count), and its lengths in terms:
+    /// body, heading, path.
+    passages: Vec<(Vec<(u32, u16)>, FieldLens)>,
 }
 
 /// A unit of tokenising work is about this much text: small enough to
@@ -198,14 +232,31 @@ fn tokenize_unit(files: &[&ContextFile], starts: &[usize], flat: std::ops::Range
     let mut seen: Vec<u32> = Vec::new();
     let mut passages = Vec::with_capacity(flat.len());
     let mut fi = starts.partition_point(|&s| s <= flat.start) - 1;
+    let mut path: Option<(usize, Vec<String>)> = None;
+    let mut marked = String::with_capacity(MAX_TERM);
     for i in flat {
         while starts[fi + 1] <= i {
             fi += 1;
         }
         let file = files[fi];
         let p = &file.passages[i - starts[fi]];
-        let mut len = 0u32;
-        let mut add = |t: &str| {
+        if path.as_ref().is_none_or(|(f, _)| *f != fi) {
+            let mut v = Vec::new();
+            text::terms(&file.display, |t| v.push(field_term(PATH, t)));
+            path = Some((fi, v));
+        }
+        let mut lens = [0u32; 3];
+        let mut add = |field: usize, t: &str| {
+            // Path terms come marked already (made once per file).
+            let t = if field == BODY || t.starts_with(FIELD_MARK[field]) {
+                t
+            } else {
+                marked.clear();
+                marked.push(FIELD_MARK[field]);
+                marked.push_str(t);
+                marked.as_str()
+            };
+            lens[field] += 1;
             let id = match ids.get(t) {
                 Some(&id) => id,
                 None => {
@@ -220,15 +271,18 @@ fn tokenize_unit(files: &[&ContextFile], starts: &[usize], flat: std::ops::Range
                 seen.push(id);
             }
             *c = c.saturating_add(1);
-            len += 1;
         };
-        text::terms(&file.text[p.bytes.clone()], &mut add);
-        text::terms(&p.heading, &mut add);
+        text::terms(&file.text[p.bytes.clone()], |t| add(BODY, t));
+        text::terms(&p.heading, |t| add(HEADING, t));
+        for t in path.iter().flat_map(|(_, v)| v) {
+            add(PATH, t);
+        }
         let v: Vec<(u32, u16)> = seen
             .drain(..)
             .map(|id| (id, std::mem::take(&mut counts[id as usize])))
             .collect();
-        passages.push((v, len));
+        let short = |n: u32| n.min(u32::from(u16::MAX)) as u16;
+        passages.push((v, (lens[BODY], short(lens[HEADING]), short(lens[PATH]))));
     }
     let mut words: Vec<Box<str>> = vec![Box::from(""); ids.len()];
     for (w, id) in ids {
@@ -301,7 +355,7 @@ impl Tables {
             |u| tokenize_unit(&files, &starts, cuts[u]..cuts[u + 1]),
             |_, unit| {
                 let global = vocab.ids_of(&unit.words);
-                for (counts, plen) in unit.passages {
+                for (counts, (plen, hlen, pathlen)) in unit.passages {
                     while done == files[k].passages.len() {
                         finish(self, &mut terms, &mut len, &mut start);
                         (k, done) = (k + 1, 0);
@@ -322,6 +376,8 @@ impl Tables {
                         file: add[k].0 as u32,
                         passage: done as u32,
                         len: plen,
+                        hlen,
+                        plen: pathlen,
                     });
                     done += 1;
                 }
@@ -351,14 +407,15 @@ pub struct Index {
     /// Documents that are not holes.
     live: u32,
     total_len: u64,
-    avg_len: f32,
+    /// Average length of each field (body, heading, path) over live passages.
+    avg_len: [f32; 3],
     version: String,
     bytes: u64,
 }
 
 thread_local! {
     /// Per-thread score accumulator, reused across queries.
-    static SCRATCH: RefCell<(Vec<f32>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 /// The context version: SHA-256 over each file's path and content hash.
@@ -418,11 +475,19 @@ impl Index {
     ) -> Index {
         let (version, bytes) = version_of(&files);
         let live = toks.iter().map(|(_, r)| r.len() as u32).sum::<u32>();
-        let avg_len = if live == 0 {
-            1.0
-        } else {
-            (t.total_len as f32 / live as f32).max(1.0)
+        let (mut heading, mut path) = (0u64, 0u64);
+        for d in t.docs.iter().filter(|d| d.file != u32::MAX) {
+            heading += u64::from(d.hlen);
+            path += u64::from(d.plen);
+        }
+        let avg = |total: u64| {
+            if live == 0 {
+                1.0
+            } else {
+                (total as f32 / live as f32).max(1.0)
+            }
         };
+        let avg_len = [avg(t.total_len), avg(heading), avg(path)];
         Index {
             files,
             toks,
@@ -480,6 +545,8 @@ impl Index {
                     file: u32::MAX,
                     passage: 0,
                     len: 0,
+                    hlen: 0,
+                    plen: 0,
                 };
             }
         }
@@ -637,62 +704,42 @@ impl Index {
     /// The best `k` passages for `query`, best first; empty when no query
     /// term occurs anywhere.
     pub fn search(&self, query: &str, k: usize) -> Vec<Hit> {
-        let mut ids: Vec<u32> = Vec::new();
-        let mut q: Vec<(String, f32)> = Vec::new();
-        let n = self.live as f32;
+        let mut q: Vec<QTerm> = Vec::new();
         text::terms(query, |t| {
-            if let Some(id) = self.vocab.get(t)
-                && let Some(list) = self.postings.get(id as usize)
-                && !list.is_empty()
-                && !ids.contains(&id)
+            if !q.iter().any(|x| x.text == t)
+                && let Some(qt) = self.qterm(t)
             {
-                ids.push(id);
-                let df = list.len() as f32;
-                q.push((t.to_string(), (1.0 + (n - df + 0.5) / (df + 0.5)).ln()));
+                q.push(qt);
             }
         });
-        if ids.is_empty() || k == 0 {
+        if q.is_empty() || k == 0 {
             return Vec::new();
         }
-        let min_len = self.avg_len * MIN_LEN_SHARE;
         SCRATCH.with(|s| {
-            let (scores, touched) = &mut *s.borrow_mut();
-            if scores.len() < self.docs.len() {
-                scores.resize(self.docs.len(), 0.0);
+            let sc = &mut *s.borrow_mut();
+            if sc.scores.len() < self.docs.len() {
+                sc.scores.resize(self.docs.len(), 0.0);
+                sc.tf.resize(self.docs.len(), 0.0);
             }
-            for id in ids {
-                let list = &self.postings[id as usize];
-                let df = list.len() as f32;
-                let idf = (1.0 + (n - df + 0.5) / (df + 0.5)).ln();
-                for (doc, tf) in list.iter() {
-                    let tf = f32::from(tf);
-                    // A near-empty passage (a heading and a line) is scored
-                    // as if it had [`MIN_LEN_SHARE`] of the average length,
-                    // so its few words do not outweigh a full passage's.
-                    let dl = (self.docs[doc as usize].len as f32).max(min_len);
-                    let s = idf * tf * (K1 + 1.0) / (tf + K1 * (1.0 - B + B * dl / self.avg_len));
-                    let slot = &mut scores[doc as usize];
-                    if *slot == 0.0 {
-                        touched.push(doc);
-                    }
-                    *slot += s;
-                }
+            for t in &mut q {
+                t.idf = self.score_term(t, sc);
             }
-            let mut hits: Vec<Hit> = touched
+            let mut hits: Vec<Hit> = sc
+                .touched
                 .iter()
                 .map(|&d| {
                     let doc = self.docs[d as usize];
                     Hit {
                         file: doc.file as usize,
                         passage: doc.passage as usize,
-                        score: scores[d as usize],
+                        score: sc.scores[d as usize],
                     }
                 })
                 .collect();
-            for &d in touched.iter() {
-                scores[d as usize] = 0.0;
+            for &d in sc.touched.iter() {
+                sc.scores[d as usize] = 0.0;
             }
-            touched.clear();
+            sc.touched.clear();
             // Proximity re-ranks the best few: tokenising a passage again
             // costs more than its BM25 sum.
             let r = k.max(RERANK);
@@ -714,10 +761,72 @@ impl Index {
         })
     }
 
-    /// How close the query's terms `q` (stem, idf) stand in passage `h`:
+    /// Query term `t`'s ids in each field; `None` when it is in none.
+    fn qterm(&self, t: &str) -> Option<QTerm> {
+        let look = |s: &str| {
+            self.vocab.get(s).filter(|&id| {
+                self.postings
+                    .get(id as usize)
+                    .is_some_and(|l| !l.is_empty())
+            })
+        };
+        let ids = [
+            look(t),
+            look(&field_term(HEADING, t)),
+            look(&field_term(PATH, t)),
+        ];
+        ids.iter().any(Option::is_some).then(|| QTerm {
+            text: t.to_string(),
+            ids,
+            idf: 0.0,
+        })
+    }
+
+    /// Add term `t`'s BM25F part to every passage holding it in any field:
+    /// its counts, each weighted and normalised by its field's length, are
+    /// summed before BM25's saturation; a body shorter than
+    /// [`MIN_LEN_SHARE`] of the average is normalised as if it had that
+    /// much, so a near-empty passage (a heading and a line) does not
+    /// outweigh a full one on its few words. Returns the term's idf (over
+    /// the passages holding it in any field).
+    fn score_term(&self, t: &QTerm, sc: &mut Scratch) -> f32 {
+        let min_len = self.avg_len[BODY] * MIN_LEN_SHARE;
+        for (field, id) in t.ids.iter().enumerate() {
+            let Some(id) = id else { continue };
+            let (w, b, avg) = (FIELD_WEIGHT[field], FIELD_B[field], self.avg_len[field]);
+            for (doc, tf) in self.postings[*id as usize].iter() {
+                let d = &self.docs[doc as usize];
+                let len = match field {
+                    BODY => (d.len as f32).max(min_len),
+                    HEADING => f32::from(d.hlen),
+                    _ => f32::from(d.plen),
+                };
+                let slot = &mut sc.tf[doc as usize];
+                if *slot == 0.0 {
+                    sc.term_docs.push(doc);
+                }
+                *slot += w * f32::from(tf) / (1.0 - b + b * len / avg).max(0.01);
+            }
+        }
+        let n = self.live as f32;
+        let df = sc.term_docs.len() as f32;
+        let idf = (1.0 + (n - df + 0.5) / (df + 0.5)).ln();
+        for &doc in &sc.term_docs {
+            let tf = std::mem::take(&mut sc.tf[doc as usize]);
+            let slot = &mut sc.scores[doc as usize];
+            if *slot == 0.0 {
+                sc.touched.push(doc);
+            }
+            *slot += idf * tf * (K1 + 1.0) / (tf + K1);
+        }
+        sc.term_docs.clear();
+        idf
+    }
+
+    /// How close the query's terms `q` stand in passage `h`'s body:
     /// over each pair of distinct terms found, the smaller idf over the
     /// square root of their least distance in terms (1 for neighbours).
-    fn proximity(&self, h: &Hit, q: &[(String, f32)]) -> f32 {
+    fn proximity(&self, h: &Hit, q: &[QTerm]) -> f32 {
         let f = &self.files[h.file];
         let p = &f.passages[h.passage];
         let n = q.len();
@@ -726,9 +835,9 @@ impl Index {
         let mut pos = 0u32;
         text::terms_where(
             &f.text[p.bytes.clone()],
-            |w| q.iter().any(|(s, _)| text::could_stem_to(w, s)),
+            |w| q.iter().any(|t| text::could_stem_to(w, &t.text)),
             |t, stemmed| {
-                if stemmed && let Some(i) = q.iter().position(|(s, _)| s == t) {
+                if stemmed && let Some(i) = q.iter().position(|x| x.text == t) {
                     last[i] = Some(pos);
                     for (j, l) in last.iter().enumerate() {
                         if let Some(l) = l
@@ -747,12 +856,34 @@ impl Index {
             for b in a + 1..n {
                 let d = least[a * n + b];
                 if d != u32::MAX {
-                    bonus += q[a].1.min(q[b].1) / (d as f32).sqrt();
+                    bonus += q[a].idf.min(q[b].idf) / (d as f32).sqrt();
                 }
             }
         }
         bonus
     }
+}
+
+/// A query term: its text, its ids in the body, heading and path fields,
+/// and its idf (set once scored).
+struct QTerm {
+    text: String,
+    ids: [Option<u32>; 3],
+    idf: f32,
+}
+
+/// Per-thread score accumulators, reused across queries: every entry is
+/// back to zero and every list empty between queries.
+#[derive(Default)]
+struct Scratch {
+    /// BM25F score per document so far.
+    scores: Vec<f32>,
+    /// Documents with a score.
+    touched: Vec<u32>,
+    /// The current term's weighted count per document, over its fields.
+    tf: Vec<f32>,
+    /// Documents holding the current term.
+    term_docs: Vec<u32>,
 }
 
 /// Best first; on a tie, by file and passage.
@@ -1070,6 +1201,40 @@ mod tests {
         assert_eq!(hits[0].passage, 1, "{hits:?}");
         assert_eq!(hits[1].passage, 0, "{hits:?}");
         assert!(hits[0].score > hits[1].score, "{hits:?}");
+    }
+
+    #[test]
+    fn file_path_words_pick_the_file_the_question_names() {
+        let same = "# Minimum supported version\nThe minimum supported rustc version is 1.60.\n";
+        let (_d, idx) = index_of(&[("alpha.md", same), ("zeta.md", same)]);
+        // The same passage in two files: the one whose path says "zeta".
+        let hits = idx.search("What is zeta's minimum supported rustc version?", 2);
+        assert_eq!(idx.files()[hits[0].file].display, "zeta.md", "{hits:?}");
+        let hits = idx.search("What is alpha's minimum supported rustc version?", 2);
+        assert_eq!(idx.files()[hits[0].file].display, "alpha.md", "{hits:?}");
+        // A path word alone finds the file's passages.
+        let hits = idx.search("zeta", 2);
+        assert_eq!(hits.len(), 1, "{hits:?}");
+    }
+
+    #[test]
+    fn heading_words_are_their_own_field() {
+        let filler = "alpha beta gamma delta epsilon zeta eta theta\n".repeat(3);
+        let (_d, idx) = index_of(&[(
+            "notes.md",
+            &format!(
+                "# Leases\nHow long a claim is held.\n{filler}\n# Other\nThe word leases once in a long body.\n{filler}{filler}\n"
+            ),
+        )]);
+        // "leases" once in each: in a short heading it weighs more than
+        // once in a long body.
+        let hits = idx.search("leases", 2);
+        assert_eq!(hits[0].passage, 0, "{hits:?}");
+        assert_eq!(hits.len(), 2, "{hits:?}");
+        // Heading terms are marked, so a body word is not a heading word.
+        assert!(idx.vocab.get("leas").is_some());
+        assert!(idx.vocab.get("\u{1}leas").is_some());
+        assert!(idx.vocab.get("\u{2}note").is_some());
     }
 
     #[test]
