@@ -45,8 +45,6 @@ const FIELD_MARK: [char; 3] = ['\0', '\u{1}', '\u{2}'];
 /// a word of the file's name counts the same in a long path as in a short.
 const FIELD_WEIGHT: [f32; 3] = [1.0, 1.0, 1.0];
 const FIELD_B: [f32; 3] = [B, 1.0, 0.0];
-/// Longest marked term, in bytes.
-const MAX_TERM: usize = 72;
 
 /// `t` as a term of `field`.
 fn field_term(field: usize, t: &str) -> String {
@@ -227,13 +225,25 @@ const UNIT_BYTES: usize = 256 << 10;
 /// Tokenise passages `flat` of `files` (numbered across the files in
 /// order; `starts[i]` is file i's first) into local term counts.
 fn tokenize_unit(files: &[&ContextFile], starts: &[usize], flat: std::ops::Range<usize>) -> Unit {
-    let mut ids: FxMap<Box<str>, u32> = FxMap::default();
-    let mut counts: Vec<u16> = Vec::new();
-    let mut seen: Vec<u32> = Vec::new();
+    WORDS.with(|words| {
+        let words = &mut *words.borrow_mut();
+        if words.raw.len() >= STEM_CACHE {
+            *words = ThreadWords::default();
+        }
+        tokenize_with(words, files, starts, flat)
+    })
+}
+
+fn tokenize_with(
+    words: &mut ThreadWords,
+    files: &[&ContextFile],
+    starts: &[usize],
+    flat: std::ops::Range<usize>,
+) -> Unit {
+    let mut t = UnitTerms::default();
     let mut passages = Vec::with_capacity(flat.len());
     let mut fi = starts.partition_point(|&s| s <= flat.start) - 1;
-    let mut path: Option<(usize, Vec<String>)> = None;
-    let mut marked = String::with_capacity(MAX_TERM);
+    let mut path: Option<(usize, Vec<u32>)> = None;
     for i in flat {
         while starts[fi + 1] <= i {
             fi += 1;
@@ -242,53 +252,167 @@ fn tokenize_unit(files: &[&ContextFile], starts: &[usize], flat: std::ops::Range
         let p = &file.passages[i - starts[fi]];
         if path.as_ref().is_none_or(|(f, _)| *f != fi) {
             let mut v = Vec::new();
-            text::terms(&file.display, |t| v.push(field_term(PATH, t)));
+            text::terms(&file.display, |w| v.push(t.marked_id(&field_term(PATH, w))));
             path = Some((fi, v));
         }
         let mut lens = [0u32; 3];
-        let mut add = |field: usize, t: &str| {
-            // Path terms come marked already (made once per file).
-            let t = if field == BODY || t.starts_with(FIELD_MARK[field]) {
-                t
-            } else {
-                marked.clear();
-                marked.push(FIELD_MARK[field]);
-                marked.push_str(t);
-                marked.as_str()
-            };
-            lens[field] += 1;
-            let id = match ids.get(t) {
-                Some(&id) => id,
-                None => {
-                    let id = ids.len() as u32;
-                    ids.insert(t.into(), id);
-                    counts.push(0);
-                    id
-                }
-            };
-            let c = &mut counts[id as usize];
-            if *c == 0 {
-                seen.push(id);
-            }
-            *c = c.saturating_add(1);
-        };
-        text::terms(&file.text[p.bytes.clone()], |t| add(BODY, t));
-        text::terms(&p.heading, |t| add(HEADING, t));
-        for t in path.iter().flat_map(|(_, v)| v) {
-            add(PATH, t);
+        // Words come unstemmed: `ThreadWords` stems each distinct one once.
+        text::terms_where(
+            &file.text[p.bytes.clone()],
+            |_| false,
+            |w, _| {
+                let id = t.stem_id(words, w);
+                t.count(id);
+                lens[BODY] += 1;
+            },
+        );
+        text::terms_where(
+            &p.heading,
+            |_| false,
+            |w, _| {
+                let id = t.stem_id(words, w);
+                let id = t.heading_id(id);
+                t.count(id);
+                lens[HEADING] += 1;
+            },
+        );
+        for &id in path.iter().flat_map(|(_, v)| v) {
+            t.count(id);
+            lens[PATH] += 1;
         }
-        let v: Vec<(u32, u16)> = seen
+        let v: Vec<(u32, u16)> = t
+            .seen
             .drain(..)
-            .map(|id| (id, std::mem::take(&mut counts[id as usize])))
+            .map(|id| (id, std::mem::take(&mut t.counts[id as usize])))
             .collect();
         let short = |n: u32| n.min(u32::from(u16::MAX)) as u16;
         passages.push((v, (lens[BODY], short(lens[HEADING]), short(lens[PATH]))));
     }
-    let mut words: Vec<Box<str>> = vec![Box::from(""); ids.len()];
-    for (w, id) in ids {
-        words[id as usize] = w;
+    Unit {
+        words: t.words,
+        passages,
     }
-    Unit { words, passages }
+}
+
+/// A tokenising thread's words, kept across its units: each distinct
+/// unstemmed word is stemmed once (Snowball costs more than a look-up) and
+/// given a thread-wide id of its stem, so a unit maps a word to its own id
+/// with one hash look-up and an index.
+#[derive(Default)]
+struct ThreadWords {
+    /// Unstemmed word -> thread id of its stem.
+    raw: FxMap<Box<str>, u32>,
+    /// Stem -> thread id.
+    ids: FxMap<Box<str>, u32>,
+    /// Thread id -> stem.
+    stems: Vec<Box<str>>,
+}
+
+impl ThreadWords {
+    /// The thread id of unstemmed word `w`'s stem.
+    fn stem_id(&mut self, w: &str) -> u32 {
+        if let Some(&id) = self.raw.get(w) {
+            return id;
+        }
+        let mut stem = w.to_string();
+        text::stem(&mut stem);
+        let id = match self.ids.get(stem.as_str()) {
+            Some(&id) => id,
+            None => {
+                let id = self.stems.len() as u32;
+                let stem: Box<str> = stem.into();
+                self.ids.insert(stem.clone(), id);
+                self.stems.push(stem);
+                id
+            }
+        };
+        self.raw.insert(w.into(), id);
+        id
+    }
+}
+
+/// Distinct words a tokenising thread keeps the stems of; past it, the
+/// cache is emptied before the next unit.
+const STEM_CACHE: usize = 1 << 18;
+
+thread_local! {
+    static WORDS: RefCell<ThreadWords> = RefCell::new(ThreadWords::default());
+}
+
+/// A unit's terms while it is tokenised: local ids, and the counts of the
+/// passage at hand.
+#[derive(Default)]
+struct UnitTerms {
+    /// Marked (heading, path) term -> local id.
+    marked: FxMap<Box<str>, u32>,
+    /// Thread id of a stem -> local id + 1 (0: not in this unit yet).
+    local: Vec<u32>,
+    /// Local id -> term.
+    words: Vec<Box<str>>,
+    /// Body term's local id -> its heading term's id (`u32::MAX`: none yet).
+    heading: Vec<u32>,
+    /// Per local id: count in the passage at hand.
+    counts: Vec<u16>,
+    /// Local ids counted in the passage at hand, in first-seen order.
+    seen: Vec<u32>,
+}
+
+impl UnitTerms {
+    fn push(&mut self, t: Box<str>) -> u32 {
+        let id = self.words.len() as u32;
+        self.words.push(t);
+        self.counts.push(0);
+        self.heading.push(u32::MAX);
+        id
+    }
+
+    /// The local id of marked term `t`.
+    fn marked_id(&mut self, t: &str) -> u32 {
+        if let Some(&id) = self.marked.get(t) {
+            return id;
+        }
+        let id = self.push(t.into());
+        self.marked.insert(t.into(), id);
+        id
+    }
+
+    /// The local id of unstemmed word `w`'s stem.
+    fn stem_id(&mut self, words: &mut ThreadWords, w: &str) -> u32 {
+        let tid = words.stem_id(w) as usize;
+        if tid >= self.local.len() {
+            self.local.resize(words.stems.len().max(tid + 1), 0);
+        }
+        match self.local[tid] {
+            0 => {
+                let id = self.push(words.stems[tid].clone());
+                self.local[tid] = id + 1;
+                id
+            }
+            l => l - 1,
+        }
+    }
+
+    /// The local id of body term `id` as a heading term.
+    fn heading_id(&mut self, id: u32) -> u32 {
+        match self.heading[id as usize] {
+            u32::MAX => {
+                let marked = field_term(HEADING, &self.words[id as usize]);
+                let h = self.marked_id(&marked);
+                self.heading[id as usize] = h;
+                h
+            }
+            h => h,
+        }
+    }
+
+    /// Count local id `id` once more in the passage at hand.
+    fn count(&mut self, id: u32) {
+        let c = &mut self.counts[id as usize];
+        if *c == 0 {
+            self.seen.push(id);
+        }
+        *c = c.saturating_add(1);
+    }
 }
 
 /// The tables an index is made of, while being made.
@@ -896,6 +1020,8 @@ fn by_score(a: &Hit, b: &Hit) -> std::cmp::Ordering {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::super::context::{Found, load};
     use super::*;
 
@@ -1235,6 +1361,51 @@ mod tests {
         assert!(idx.vocab.get("leas").is_some());
         assert!(idx.vocab.get("\u{1}leas").is_some());
         assert!(idx.vocab.get("\u{2}note").is_some());
+    }
+
+    /// The cached stems give each passage the terms `text::terms` gives,
+    /// in every field, whatever the thread saw before.
+    #[test]
+    fn cached_stems_give_the_terms_of_the_plain_tokeniser() {
+        let files = varied_corpus();
+        let refs: Vec<&ContextFile> = files.iter().map(|f| f.as_ref()).collect();
+        let mut starts = vec![0usize];
+        for f in &refs {
+            starts.push(starts.last().unwrap() + f.passages.len());
+        }
+        let all = *starts.last().unwrap();
+        // Twice on this thread: the second pass reads the cache only.
+        for _ in 0..2 {
+            let unit = tokenize_unit(&refs, &starts, 0..all);
+            let mut fi = 0;
+            for (i, (counts, lens)) in unit.passages.iter().enumerate() {
+                while starts[fi + 1] <= i {
+                    fi += 1;
+                }
+                let f = refs[fi];
+                let p = &f.passages[i - starts[fi]];
+                let mut want: BTreeMap<String, u16> = BTreeMap::new();
+                let mut n = [0u32; 3];
+                text::terms(&f.text[p.bytes.clone()], |t| {
+                    *want.entry(t.to_string()).or_default() += 1;
+                    n[BODY] += 1;
+                });
+                text::terms(&p.heading, |t| {
+                    *want.entry(field_term(HEADING, t)).or_default() += 1;
+                    n[HEADING] += 1;
+                });
+                text::terms(&f.display, |t| {
+                    *want.entry(field_term(PATH, t)).or_default() += 1;
+                    n[PATH] += 1;
+                });
+                let got: BTreeMap<String, u16> = counts
+                    .iter()
+                    .map(|&(id, c)| (unit.words[id as usize].to_string(), c))
+                    .collect();
+                assert_eq!(got, want, "passage {i}");
+                assert_eq!(*lens, (n[BODY], n[HEADING] as u16, n[PATH] as u16));
+            }
+        }
     }
 
     #[test]

@@ -53,8 +53,9 @@ fn snowball() -> &'static rust_stemmers::Stemmer {
     S.get_or_init(|| rust_stemmers::Stemmer::create(rust_stemmers::Algorithm::English))
 }
 
-/// Stem `w` in place with [`snowball`].
-fn stem(w: &mut String) {
+/// Stem `w` (a word as [`terms_where`] gives it unstemmed) in place with
+/// [`snowball`], as [`terms`] would.
+pub fn stem(w: &mut String) {
     if let std::borrow::Cow::Owned(s) = snowball().stem(w) {
         *w = s;
     }
