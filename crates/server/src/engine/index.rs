@@ -110,17 +110,17 @@ impl Vocab {
     /// The ids of `words`, new ones given the next ids in order. Takes the
     /// write lock once, and only if a word is new, so queries are not held
     /// up while a big file is indexed.
-    fn ids_of(&self, words: &[Box<str>]) -> Vec<u32> {
+    fn ids_of(&self, words: &[Arc<str>]) -> Vec<u32> {
         let mut out: Vec<Option<u32>> = {
             let g = self.ids.read().unwrap_or_else(PoisonError::into_inner);
-            words.iter().map(|w| g.get(w).copied()).collect()
+            words.iter().map(|w| g.get(&**w).copied()).collect()
         };
         if out.iter().any(Option::is_none) {
             let mut g = self.ids.write().unwrap_or_else(PoisonError::into_inner);
             for (w, id) in words.iter().zip(out.iter_mut()) {
                 if id.is_none() {
                     let next = g.len() as u32;
-                    *id = Some(*g.entry(w.clone()).or_insert(next));
+                    *id = Some(*g.entry(Box::from(&**w)).or_insert(next));
                 }
             }
         }
@@ -211,7 +211,7 @@ type FieldLens = (u32, u16, u16);
 /// A run of passages tokenised by one worker, with term ids local to the
 /// run (`words[id]`), so workers share nothing while they work.
 struct Unit {
-    words: Vec<Box<str>>,
+    words: Vec<Arc<str>>,
     /// Per passage: (local term id, count), and its lengths in terms:
     /// body, heading, path.
     passages: Vec<(Vec<(u32, u16)>, FieldLens)>,
@@ -305,7 +305,7 @@ struct ThreadWords {
     /// Stem -> thread id.
     ids: FxMap<Box<str>, u32>,
     /// Thread id -> stem.
-    stems: Vec<Box<str>>,
+    stems: Vec<Arc<str>>,
 }
 
 impl ThreadWords {
@@ -320,9 +320,8 @@ impl ThreadWords {
             Some(&id) => id,
             None => {
                 let id = self.stems.len() as u32;
-                let stem: Box<str> = stem.into();
-                self.ids.insert(stem.clone(), id);
-                self.stems.push(stem);
+                self.ids.insert(stem.as_str().into(), id);
+                self.stems.push(stem.into());
                 id
             }
         };
@@ -348,7 +347,7 @@ struct UnitTerms {
     /// Thread id of a stem -> local id + 1 (0: not in this unit yet).
     local: Vec<u32>,
     /// Local id -> term.
-    words: Vec<Box<str>>,
+    words: Vec<Arc<str>>,
     /// Body term's local id -> its heading term's id (`u32::MAX`: none yet).
     heading: Vec<u32>,
     /// Per local id: count in the passage at hand.
@@ -358,7 +357,7 @@ struct UnitTerms {
 }
 
 impl UnitTerms {
-    fn push(&mut self, t: Box<str>) -> u32 {
+    fn push(&mut self, t: Arc<str>) -> u32 {
         let id = self.words.len() as u32;
         self.words.push(t);
         self.counts.push(0);
@@ -458,6 +457,9 @@ impl Tables {
         let (mut k, mut done) = (0usize, 0usize);
         let mut start = self.docs.len() as u32;
         let mut terms: Vec<u32> = Vec::new();
+        // Per term id: 1 + the position in `add` of the last file that
+        // listed it, so `terms` gets each of a file's terms once.
+        let mut in_file: Vec<u32> = Vec::new();
         let mut len = 0u64;
         let mut finish = |tables: &Tables, terms: &mut Vec<u32>, len: &mut u64, start: &mut u32| {
             terms.sort_unstable();
@@ -492,7 +494,13 @@ impl Tables {
                             self.postings.resize_with(ti + 1, Default::default);
                         }
                         Arc::make_mut(&mut self.postings[ti]).push(doc, c);
-                        terms.push(t);
+                        if ti >= in_file.len() {
+                            in_file.resize(ti + 1, 0);
+                        }
+                        if in_file[ti] != k as u32 + 1 {
+                            in_file[ti] = k as u32 + 1;
+                            terms.push(t);
+                        }
                     }
                     len += u64::from(plen);
                     self.total_len += u64::from(plen);
