@@ -54,7 +54,7 @@ fn snowball() -> &'static rust_stemmers::Stemmer {
 }
 
 /// Stem `w` (a word as [`terms_where`] gives it unstemmed) in place with
-/// [`snowball`], as [`terms`] would.
+/// the Snowball English stemmer, as [`terms`] would.
 pub fn stem(w: &mut String) {
     if let std::borrow::Cow::Owned(s) = snowball().stem(w) {
         *w = s;
