@@ -1,8 +1,9 @@
 //! The built-in engine's index: an inverted index over passages, ranked
-//! with BM25 (k1 = 1.2, b = 0.75); heading words count once more in the
-//! passages under them, and a passage shorter than half the average is
-//! scored as if it had half the average length (a heading and a line do
-//! not outrank a full passage on their few words).
+//! with BM25F (k1 = 1.2) over three fields, the body, the heading path and
+//! the file's path; a body shorter than half the average is scored as if
+//! it had half the average length (a heading and a line do not outrank a
+//! full passage on their few words); the best 20 are then re-ranked by how
+//! close the query's words stand.
 //!
 //! Tokenising is done once per file version, in units of about 256 KB of
 //! passages spread over the cores ([`super::par`]) and merged in order, so
@@ -32,13 +33,45 @@ const K1: f32 = 1.2;
 const B: f32 = 0.75;
 /// The shortest length (a share of the average) a passage is scored with.
 const MIN_LEN_SHARE: f32 = 0.5;
+/// The fields of a passage (BM25F): its body, the headings above it, its
+/// file's path. Heading and path terms are indexed as their own terms,
+/// marked by a leading control character no word can hold.
+const BODY: usize = 0;
+const HEADING: usize = 1;
+const PATH: usize = 2;
+const FIELD_MARK: [char; 3] = ['\0', '\u{1}', '\u{2}'];
+/// Per field: the weight of a term's count, and how much the field's
+/// length normalises it (BM25's b). The path's length is not normalised:
+/// a word of the file's name counts the same in a long path as in a short.
+const FIELD_WEIGHT: [f32; 3] = [1.0, 1.0, 1.0];
+const FIELD_B: [f32; 3] = [B, 1.0, 0.0];
+
+/// `t` as a term of `field`.
+fn field_term(field: usize, t: &str) -> String {
+    let mut s = String::with_capacity(t.len() + 1);
+    if field != BODY {
+        s.push(FIELD_MARK[field]);
+    }
+    s.push_str(t);
+    s
+}
+/// Weight of the proximity bonus ([`Index::proximity`]): two query terms
+/// side by side add the smaller one's idf once, ten terms apart a third of it.
+const PROXIMITY: f32 = 1.0;
+/// How many of the best BM25 passages proximity re-ranks.
+const RERANK: usize = 20;
 
 /// A passage as indexed: which file, which passage of it, its length in terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Doc {
     file: u32,
     passage: u32,
+    /// Body terms (the field's length).
     len: u32,
+    /// Terms of its heading path.
+    hlen: u16,
+    /// Terms of its file's path.
+    plen: u16,
 }
 
 /// A scored passage.
@@ -77,17 +110,17 @@ impl Vocab {
     /// The ids of `words`, new ones given the next ids in order. Takes the
     /// write lock once, and only if a word is new, so queries are not held
     /// up while a big file is indexed.
-    fn ids_of(&self, words: &[Box<str>]) -> Vec<u32> {
+    fn ids_of(&self, words: &[Arc<str>]) -> Vec<u32> {
         let mut out: Vec<Option<u32>> = {
             let g = self.ids.read().unwrap_or_else(PoisonError::into_inner);
-            words.iter().map(|w| g.get(w).copied()).collect()
+            words.iter().map(|w| g.get(&**w).copied()).collect()
         };
         if out.iter().any(Option::is_none) {
             let mut g = self.ids.write().unwrap_or_else(PoisonError::into_inner);
             for (w, id) in words.iter().zip(out.iter_mut()) {
                 if id.is_none() {
                     let next = g.len() as u32;
-                    *id = Some(*g.entry(w.clone()).or_insert(next));
+                    *id = Some(*g.entry(Box::from(&**w)).or_insert(next));
                 }
             }
         }
@@ -172,12 +205,16 @@ impl std::hash::Hasher for Fx {
 
 type FxMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fx>>;
 
+/// A passage's lengths in terms: body, heading, path.
+type FieldLens = (u32, u16, u16);
+
 /// A run of passages tokenised by one worker, with term ids local to the
 /// run (`words[id]`), so workers share nothing while they work.
 struct Unit {
-    words: Vec<Box<str>>,
-    /// Per passage: (local term id, count) and its length in terms.
-    passages: Vec<(Vec<(u32, u16)>, u32)>,
+    words: Vec<Arc<str>>,
+    /// Per passage: (local term id, count), and its lengths in terms:
+    /// body, heading, path.
+    passages: Vec<(Vec<(u32, u16)>, FieldLens)>,
 }
 
 /// A unit of tokenising work is about this much text: small enough to
@@ -188,48 +225,193 @@ const UNIT_BYTES: usize = 256 << 10;
 /// Tokenise passages `flat` of `files` (numbered across the files in
 /// order; `starts[i]` is file i's first) into local term counts.
 fn tokenize_unit(files: &[&ContextFile], starts: &[usize], flat: std::ops::Range<usize>) -> Unit {
-    let mut ids: FxMap<Box<str>, u32> = FxMap::default();
-    let mut counts: Vec<u16> = Vec::new();
-    let mut seen: Vec<u32> = Vec::new();
+    WORDS.with(|words| {
+        let words = &mut *words.borrow_mut();
+        if words.raw.len() >= STEM_CACHE {
+            *words = ThreadWords::default();
+        }
+        tokenize_with(words, files, starts, flat)
+    })
+}
+
+fn tokenize_with(
+    words: &mut ThreadWords,
+    files: &[&ContextFile],
+    starts: &[usize],
+    flat: std::ops::Range<usize>,
+) -> Unit {
+    let mut t = UnitTerms::default();
     let mut passages = Vec::with_capacity(flat.len());
     let mut fi = starts.partition_point(|&s| s <= flat.start) - 1;
+    let mut path: Option<(usize, Vec<u32>)> = None;
     for i in flat {
         while starts[fi + 1] <= i {
             fi += 1;
         }
         let file = files[fi];
         let p = &file.passages[i - starts[fi]];
-        let mut len = 0u32;
-        let mut add = |t: &str| {
-            let id = match ids.get(t) {
-                Some(&id) => id,
-                None => {
-                    let id = ids.len() as u32;
-                    ids.insert(t.into(), id);
-                    counts.push(0);
-                    id
-                }
-            };
-            let c = &mut counts[id as usize];
-            if *c == 0 {
-                seen.push(id);
-            }
-            *c = c.saturating_add(1);
-            len += 1;
-        };
-        text::terms(&file.text[p.bytes.clone()], &mut add);
-        text::terms(&p.heading, &mut add);
-        let v: Vec<(u32, u16)> = seen
+        if path.as_ref().is_none_or(|(f, _)| *f != fi) {
+            let mut v = Vec::new();
+            text::terms(&file.display, |w| v.push(t.marked_id(&field_term(PATH, w))));
+            path = Some((fi, v));
+        }
+        let mut lens = [0u32; 3];
+        // Words come unstemmed: `ThreadWords` stems each distinct one once.
+        text::terms_where(
+            &file.text[p.bytes.clone()],
+            |_| false,
+            |w, _| {
+                let id = t.stem_id(words, w);
+                t.count(id);
+                lens[BODY] += 1;
+            },
+        );
+        text::terms_where(
+            &p.heading,
+            |_| false,
+            |w, _| {
+                let id = t.stem_id(words, w);
+                let id = t.heading_id(id);
+                t.count(id);
+                lens[HEADING] += 1;
+            },
+        );
+        for &id in path.iter().flat_map(|(_, v)| v) {
+            t.count(id);
+            lens[PATH] += 1;
+        }
+        let v: Vec<(u32, u16)> = t
+            .seen
             .drain(..)
-            .map(|id| (id, std::mem::take(&mut counts[id as usize])))
+            .map(|id| (id, std::mem::take(&mut t.counts[id as usize])))
             .collect();
-        passages.push((v, len));
+        let short = |n: u32| n.min(u32::from(u16::MAX)) as u16;
+        passages.push((v, (lens[BODY], short(lens[HEADING]), short(lens[PATH]))));
     }
-    let mut words: Vec<Box<str>> = vec![Box::from(""); ids.len()];
-    for (w, id) in ids {
-        words[id as usize] = w;
+    Unit {
+        words: t.words,
+        passages,
     }
-    Unit { words, passages }
+}
+
+/// A tokenising thread's words, kept across its units: each distinct
+/// unstemmed word is stemmed once (Snowball costs more than a look-up) and
+/// given a thread-wide id of its stem, so a unit maps a word to its own id
+/// with one hash look-up and an index.
+#[derive(Default)]
+struct ThreadWords {
+    /// Unstemmed word -> thread id of its stem.
+    raw: FxMap<Box<str>, u32>,
+    /// Stem -> thread id.
+    ids: FxMap<Box<str>, u32>,
+    /// Thread id -> stem.
+    stems: Vec<Arc<str>>,
+}
+
+impl ThreadWords {
+    /// The thread id of unstemmed word `w`'s stem.
+    fn stem_id(&mut self, w: &str) -> u32 {
+        if let Some(&id) = self.raw.get(w) {
+            return id;
+        }
+        let mut stem = w.to_string();
+        text::stem(&mut stem);
+        let id = match self.ids.get(stem.as_str()) {
+            Some(&id) => id,
+            None => {
+                let id = self.stems.len() as u32;
+                self.ids.insert(stem.as_str().into(), id);
+                self.stems.push(stem.into());
+                id
+            }
+        };
+        self.raw.insert(w.into(), id);
+        id
+    }
+}
+
+/// Distinct words a tokenising thread keeps the stems of; past it, the
+/// cache is emptied before the next unit.
+const STEM_CACHE: usize = 1 << 18;
+
+thread_local! {
+    static WORDS: RefCell<ThreadWords> = RefCell::new(ThreadWords::default());
+}
+
+/// A unit's terms while it is tokenised: local ids, and the counts of the
+/// passage at hand.
+#[derive(Default)]
+struct UnitTerms {
+    /// Marked (heading, path) term -> local id.
+    marked: FxMap<Box<str>, u32>,
+    /// Thread id of a stem -> local id + 1 (0: not in this unit yet).
+    local: Vec<u32>,
+    /// Local id -> term.
+    words: Vec<Arc<str>>,
+    /// Body term's local id -> its heading term's id (`u32::MAX`: none yet).
+    heading: Vec<u32>,
+    /// Per local id: count in the passage at hand.
+    counts: Vec<u16>,
+    /// Local ids counted in the passage at hand, in first-seen order.
+    seen: Vec<u32>,
+}
+
+impl UnitTerms {
+    fn push(&mut self, t: Arc<str>) -> u32 {
+        let id = self.words.len() as u32;
+        self.words.push(t);
+        self.counts.push(0);
+        self.heading.push(u32::MAX);
+        id
+    }
+
+    /// The local id of marked term `t`.
+    fn marked_id(&mut self, t: &str) -> u32 {
+        if let Some(&id) = self.marked.get(t) {
+            return id;
+        }
+        let id = self.push(t.into());
+        self.marked.insert(t.into(), id);
+        id
+    }
+
+    /// The local id of unstemmed word `w`'s stem.
+    fn stem_id(&mut self, words: &mut ThreadWords, w: &str) -> u32 {
+        let tid = words.stem_id(w) as usize;
+        if tid >= self.local.len() {
+            self.local.resize(words.stems.len().max(tid + 1), 0);
+        }
+        match self.local[tid] {
+            0 => {
+                let id = self.push(words.stems[tid].clone());
+                self.local[tid] = id + 1;
+                id
+            }
+            l => l - 1,
+        }
+    }
+
+    /// The local id of body term `id` as a heading term.
+    fn heading_id(&mut self, id: u32) -> u32 {
+        match self.heading[id as usize] {
+            u32::MAX => {
+                let marked = field_term(HEADING, &self.words[id as usize]);
+                let h = self.marked_id(&marked);
+                self.heading[id as usize] = h;
+                h
+            }
+            h => h,
+        }
+    }
+
+    /// Count local id `id` once more in the passage at hand.
+    fn count(&mut self, id: u32) {
+        let c = &mut self.counts[id as usize];
+        if *c == 0 {
+            self.seen.push(id);
+        }
+        *c = c.saturating_add(1);
+    }
 }
 
 /// The tables an index is made of, while being made.
@@ -275,6 +457,9 @@ impl Tables {
         let (mut k, mut done) = (0usize, 0usize);
         let mut start = self.docs.len() as u32;
         let mut terms: Vec<u32> = Vec::new();
+        // Per term id: 1 + the position in `add` of the last file that
+        // listed it, so `terms` gets each of a file's terms once.
+        let mut in_file: Vec<u32> = Vec::new();
         let mut len = 0u64;
         let mut finish = |tables: &Tables, terms: &mut Vec<u32>, len: &mut u64, start: &mut u32| {
             terms.sort_unstable();
@@ -296,7 +481,7 @@ impl Tables {
             |u| tokenize_unit(&files, &starts, cuts[u]..cuts[u + 1]),
             |_, unit| {
                 let global = vocab.ids_of(&unit.words);
-                for (counts, plen) in unit.passages {
+                for (counts, (plen, hlen, pathlen)) in unit.passages {
                     while done == files[k].passages.len() {
                         finish(self, &mut terms, &mut len, &mut start);
                         (k, done) = (k + 1, 0);
@@ -309,7 +494,13 @@ impl Tables {
                             self.postings.resize_with(ti + 1, Default::default);
                         }
                         Arc::make_mut(&mut self.postings[ti]).push(doc, c);
-                        terms.push(t);
+                        if ti >= in_file.len() {
+                            in_file.resize(ti + 1, 0);
+                        }
+                        if in_file[ti] != k as u32 + 1 {
+                            in_file[ti] = k as u32 + 1;
+                            terms.push(t);
+                        }
                     }
                     len += u64::from(plen);
                     self.total_len += u64::from(plen);
@@ -317,6 +508,8 @@ impl Tables {
                         file: add[k].0 as u32,
                         passage: done as u32,
                         len: plen,
+                        hlen,
+                        plen: pathlen,
                     });
                     done += 1;
                 }
@@ -346,14 +539,15 @@ pub struct Index {
     /// Documents that are not holes.
     live: u32,
     total_len: u64,
-    avg_len: f32,
+    /// Average length of each field (body, heading, path) over live passages.
+    avg_len: [f32; 3],
     version: String,
     bytes: u64,
 }
 
 thread_local! {
     /// Per-thread score accumulator, reused across queries.
-    static SCRATCH: RefCell<(Vec<f32>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 /// The context version: SHA-256 over each file's path and content hash.
@@ -413,11 +607,19 @@ impl Index {
     ) -> Index {
         let (version, bytes) = version_of(&files);
         let live = toks.iter().map(|(_, r)| r.len() as u32).sum::<u32>();
-        let avg_len = if live == 0 {
-            1.0
-        } else {
-            (t.total_len as f32 / live as f32).max(1.0)
+        let (mut heading, mut path) = (0u64, 0u64);
+        for d in t.docs.iter().filter(|d| d.file != u32::MAX) {
+            heading += u64::from(d.hlen);
+            path += u64::from(d.plen);
+        }
+        let avg = |total: u64| {
+            if live == 0 {
+                1.0
+            } else {
+                (total as f32 / live as f32).max(1.0)
+            }
         };
+        let avg_len = [avg(t.total_len), avg(heading), avg(path)];
         Index {
             files,
             toks,
@@ -475,6 +677,8 @@ impl Index {
                     file: u32::MAX,
                     passage: 0,
                     len: 0,
+                    hlen: 0,
+                    plen: 0,
                 };
             }
         }
@@ -632,67 +836,54 @@ impl Index {
     /// The best `k` passages for `query`, best first; empty when no query
     /// term occurs anywhere.
     pub fn search(&self, query: &str, k: usize) -> Vec<Hit> {
-        let mut ids: Vec<u32> = Vec::new();
+        let mut q: Vec<QTerm> = Vec::new();
         text::terms(query, |t| {
-            if let Some(id) = self.vocab.get(t)
-                && self
-                    .postings
-                    .get(id as usize)
-                    .is_some_and(|l| !l.is_empty())
-                && !ids.contains(&id)
+            if !q.iter().any(|x| x.text == t)
+                && let Some(qt) = self.qterm(t)
             {
-                ids.push(id);
+                q.push(qt);
             }
         });
-        if ids.is_empty() || k == 0 {
+        if q.is_empty() || k == 0 {
             return Vec::new();
         }
-        let n = self.live as f32;
-        let min_len = self.avg_len * MIN_LEN_SHARE;
         SCRATCH.with(|s| {
-            let (scores, touched) = &mut *s.borrow_mut();
-            if scores.len() < self.docs.len() {
-                scores.resize(self.docs.len(), 0.0);
+            let sc = &mut *s.borrow_mut();
+            if sc.scores.len() < self.docs.len() {
+                sc.scores.resize(self.docs.len(), 0.0);
+                sc.tf.resize(self.docs.len(), 0.0);
             }
-            for id in ids {
-                let list = &self.postings[id as usize];
-                let df = list.len() as f32;
-                let idf = (1.0 + (n - df + 0.5) / (df + 0.5)).ln();
-                for (doc, tf) in list.iter() {
-                    let tf = f32::from(tf);
-                    // A near-empty passage (a heading and a line) is scored
-                    // as if it had [`MIN_LEN_SHARE`] of the average length,
-                    // so its few words do not outweigh a full passage's.
-                    let dl = (self.docs[doc as usize].len as f32).max(min_len);
-                    let s = idf * tf * (K1 + 1.0) / (tf + K1 * (1.0 - B + B * dl / self.avg_len));
-                    let slot = &mut scores[doc as usize];
-                    if *slot == 0.0 {
-                        touched.push(doc);
-                    }
-                    *slot += s;
-                }
+            for t in &mut q {
+                t.idf = self.score_term(t, sc);
             }
-            let mut hits: Vec<Hit> = touched
+            let mut hits: Vec<Hit> = sc
+                .touched
                 .iter()
                 .map(|&d| {
                     let doc = self.docs[d as usize];
                     Hit {
                         file: doc.file as usize,
                         passage: doc.passage as usize,
-                        score: scores[d as usize],
+                        score: sc.scores[d as usize],
                     }
                 })
                 .collect();
-            for &d in touched.iter() {
-                scores[d as usize] = 0.0;
+            for &d in sc.touched.iter() {
+                sc.scores[d as usize] = 0.0;
             }
-            touched.clear();
-            let by_score = |a: &Hit, b: &Hit| {
-                b.score
-                    .total_cmp(&a.score)
-                    .then(a.file.cmp(&b.file))
-                    .then(a.passage.cmp(&b.passage))
-            };
+            sc.touched.clear();
+            // Proximity re-ranks the best few: tokenising a passage again
+            // costs more than its BM25 sum.
+            let r = k.max(RERANK);
+            if hits.len() > r {
+                hits.select_nth_unstable_by(r - 1, by_score);
+                hits.truncate(r);
+            }
+            if q.len() > 1 {
+                for h in &mut hits {
+                    h.score += PROXIMITY * self.proximity(h, &q);
+                }
+            }
             if hits.len() > k {
                 hits.select_nth_unstable_by(k - 1, by_score);
                 hits.truncate(k);
@@ -701,10 +892,144 @@ impl Index {
             hits
         })
     }
+
+    /// Query term `t`'s ids in each field; `None` when it is in none.
+    fn qterm(&self, t: &str) -> Option<QTerm> {
+        let look = |s: &str| {
+            self.vocab.get(s).filter(|&id| {
+                self.postings
+                    .get(id as usize)
+                    .is_some_and(|l| !l.is_empty())
+            })
+        };
+        let ids = [
+            look(t),
+            look(&field_term(HEADING, t)),
+            look(&field_term(PATH, t)),
+        ];
+        ids.iter().any(Option::is_some).then(|| QTerm {
+            text: t.to_string(),
+            ids,
+            idf: 0.0,
+        })
+    }
+
+    /// Add term `t`'s BM25F part to every passage holding it in any field:
+    /// its counts, each weighted and normalised by its field's length, are
+    /// summed before BM25's saturation; a body shorter than
+    /// [`MIN_LEN_SHARE`] of the average is normalised as if it had that
+    /// much, so a near-empty passage (a heading and a line) does not
+    /// outweigh a full one on its few words. Returns the term's idf (over
+    /// the passages holding it in any field).
+    fn score_term(&self, t: &QTerm, sc: &mut Scratch) -> f32 {
+        let min_len = self.avg_len[BODY] * MIN_LEN_SHARE;
+        for (field, id) in t.ids.iter().enumerate() {
+            let Some(id) = id else { continue };
+            let (w, b, avg) = (FIELD_WEIGHT[field], FIELD_B[field], self.avg_len[field]);
+            for (doc, tf) in self.postings[*id as usize].iter() {
+                let d = &self.docs[doc as usize];
+                let len = match field {
+                    BODY => (d.len as f32).max(min_len),
+                    HEADING => f32::from(d.hlen),
+                    _ => f32::from(d.plen),
+                };
+                let slot = &mut sc.tf[doc as usize];
+                if *slot == 0.0 {
+                    sc.term_docs.push(doc);
+                }
+                *slot += w * f32::from(tf) / (1.0 - b + b * len / avg).max(0.01);
+            }
+        }
+        let n = self.live as f32;
+        let df = sc.term_docs.len() as f32;
+        let idf = (1.0 + (n - df + 0.5) / (df + 0.5)).ln();
+        for &doc in &sc.term_docs {
+            let tf = std::mem::take(&mut sc.tf[doc as usize]);
+            let slot = &mut sc.scores[doc as usize];
+            if *slot == 0.0 {
+                sc.touched.push(doc);
+            }
+            *slot += idf * tf * (K1 + 1.0) / (tf + K1);
+        }
+        sc.term_docs.clear();
+        idf
+    }
+
+    /// How close the query's terms `q` stand in passage `h`'s body:
+    /// over each pair of distinct terms found, the smaller idf over the
+    /// square root of their least distance in terms (1 for neighbours).
+    fn proximity(&self, h: &Hit, q: &[QTerm]) -> f32 {
+        let f = &self.files[h.file];
+        let p = &f.passages[h.passage];
+        let n = q.len();
+        let mut last: Vec<Option<u32>> = vec![None; n];
+        let mut least: Vec<u32> = vec![u32::MAX; n * n];
+        let mut pos = 0u32;
+        text::terms_where(
+            &f.text[p.bytes.clone()],
+            |w| q.iter().any(|t| text::could_stem_to(w, &t.text)),
+            |t, stemmed| {
+                if stemmed && let Some(i) = q.iter().position(|x| x.text == t) {
+                    last[i] = Some(pos);
+                    for (j, l) in last.iter().enumerate() {
+                        if let Some(l) = l
+                            && j != i
+                        {
+                            let slot = &mut least[i.min(j) * n + i.max(j)];
+                            *slot = (*slot).min((pos - l).max(1));
+                        }
+                    }
+                }
+                pos += 1;
+            },
+        );
+        let mut bonus = 0.0;
+        for a in 0..n {
+            for b in a + 1..n {
+                let d = least[a * n + b];
+                if d != u32::MAX {
+                    bonus += q[a].idf.min(q[b].idf) / (d as f32).sqrt();
+                }
+            }
+        }
+        bonus
+    }
+}
+
+/// A query term: its text, its ids in the body, heading and path fields,
+/// and its idf (set once scored).
+struct QTerm {
+    text: String,
+    ids: [Option<u32>; 3],
+    idf: f32,
+}
+
+/// Per-thread score accumulators, reused across queries: every entry is
+/// back to zero and every list empty between queries.
+#[derive(Default)]
+struct Scratch {
+    /// BM25F score per document so far.
+    scores: Vec<f32>,
+    /// Documents with a score.
+    touched: Vec<u32>,
+    /// The current term's weighted count per document, over its fields.
+    tf: Vec<f32>,
+    /// Documents holding the current term.
+    term_docs: Vec<u32>,
+}
+
+/// Best first; on a tie, by file and passage.
+fn by_score(a: &Hit, b: &Hit) -> std::cmp::Ordering {
+    b.score
+        .total_cmp(&a.score)
+        .then(a.file.cmp(&b.file))
+        .then(a.passage.cmp(&b.passage))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::super::context::{Found, load};
     use super::*;
 
@@ -972,6 +1297,123 @@ mod tests {
         // that says them three and two times.
         assert_eq!(hits[0].passage, 1, "{hits:?}");
         assert_eq!(hits[1].passage, 0, "{hits:?}");
+    }
+
+    /// Sub-word tokens survive the stemmer: joined words are found by
+    /// their parts, on both sides of the index.
+    #[test]
+    fn joined_words_are_found_by_their_parts() {
+        let filler = "alpha beta gamma delta\n".repeat(3);
+        let (_d, idx) = index_of(&[(
+            "notes.md",
+            &format!(
+                "# One\nThe CacheDegradation event fires.\n{filler}\n# Two\nLog in with OAuth2 tokens.\n{filler}\n# Three\nOpen the WebUI page.\n{filler}\n# Four\nA cache of tokens; a page.\n{filler}"
+            ),
+        )]);
+        for (q, want) in [("cache degradation", 0), ("oauth", 1), ("web UI", 2)] {
+            let hits = idx.search(q, 3);
+            assert_eq!(
+                hits.first().map(|h| h.passage),
+                Some(want),
+                "{q:?}: {hits:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn query_words_side_by_side_outrank_the_same_words_apart() {
+        let filler = "alpha beta gamma delta epsilon zeta eta theta\n".repeat(3);
+        let (_d, idx) = index_of(&[(
+            "notes.md",
+            &format!(
+                "# Apart\nThe lease is long.\n{filler}Each claim is short.\n\n# Close\nThe claim lease is short.\n{filler}Nothing more is said.\n\n# Other\n{filler}omega\n"
+            ),
+        )]);
+        // Same words, same counts, same lengths: BM25 alone ties them and
+        // the first would win; proximity puts the close pair first.
+        let hits = idx.search("claim lease", 2);
+        assert_eq!(hits[0].passage, 1, "{hits:?}");
+        assert_eq!(hits[1].passage, 0, "{hits:?}");
+        assert!(hits[0].score > hits[1].score, "{hits:?}");
+    }
+
+    #[test]
+    fn file_path_words_pick_the_file_the_question_names() {
+        let same = "# Minimum supported version\nThe minimum supported rustc version is 1.60.\n";
+        let (_d, idx) = index_of(&[("alpha.md", same), ("zeta.md", same)]);
+        // The same passage in two files: the one whose path says "zeta".
+        let hits = idx.search("What is zeta's minimum supported rustc version?", 2);
+        assert_eq!(idx.files()[hits[0].file].display, "zeta.md", "{hits:?}");
+        let hits = idx.search("What is alpha's minimum supported rustc version?", 2);
+        assert_eq!(idx.files()[hits[0].file].display, "alpha.md", "{hits:?}");
+        // A path word alone finds the file's passages.
+        let hits = idx.search("zeta", 2);
+        assert_eq!(hits.len(), 1, "{hits:?}");
+    }
+
+    #[test]
+    fn heading_words_are_their_own_field() {
+        let filler = "alpha beta gamma delta epsilon zeta eta theta\n".repeat(3);
+        let (_d, idx) = index_of(&[(
+            "notes.md",
+            &format!(
+                "# Leases\nHow long a claim is held.\n{filler}\n# Other\nThe word leases once in a long body.\n{filler}{filler}\n"
+            ),
+        )]);
+        // "leases" once in each: in a short heading it weighs more than
+        // once in a long body.
+        let hits = idx.search("leases", 2);
+        assert_eq!(hits[0].passage, 0, "{hits:?}");
+        assert_eq!(hits.len(), 2, "{hits:?}");
+        // Heading terms are marked, so a body word is not a heading word.
+        assert!(idx.vocab.get("leas").is_some());
+        assert!(idx.vocab.get("\u{1}leas").is_some());
+        assert!(idx.vocab.get("\u{2}note").is_some());
+    }
+
+    /// The cached stems give each passage the terms `text::terms` gives,
+    /// in every field, whatever the thread saw before.
+    #[test]
+    fn cached_stems_give_the_terms_of_the_plain_tokeniser() {
+        let files = varied_corpus();
+        let refs: Vec<&ContextFile> = files.iter().map(|f| f.as_ref()).collect();
+        let mut starts = vec![0usize];
+        for f in &refs {
+            starts.push(starts.last().unwrap() + f.passages.len());
+        }
+        let all = *starts.last().unwrap();
+        // Twice on this thread: the second pass reads the cache only.
+        for _ in 0..2 {
+            let unit = tokenize_unit(&refs, &starts, 0..all);
+            let mut fi = 0;
+            for (i, (counts, lens)) in unit.passages.iter().enumerate() {
+                while starts[fi + 1] <= i {
+                    fi += 1;
+                }
+                let f = refs[fi];
+                let p = &f.passages[i - starts[fi]];
+                let mut want: BTreeMap<String, u16> = BTreeMap::new();
+                let mut n = [0u32; 3];
+                text::terms(&f.text[p.bytes.clone()], |t| {
+                    *want.entry(t.to_string()).or_default() += 1;
+                    n[BODY] += 1;
+                });
+                text::terms(&p.heading, |t| {
+                    *want.entry(field_term(HEADING, t)).or_default() += 1;
+                    n[HEADING] += 1;
+                });
+                text::terms(&f.display, |t| {
+                    *want.entry(field_term(PATH, t)).or_default() += 1;
+                    n[PATH] += 1;
+                });
+                let got: BTreeMap<String, u16> = counts
+                    .iter()
+                    .map(|&(id, c)| (unit.words[id as usize].to_string(), c))
+                    .collect();
+                assert_eq!(got, want, "passage {i}");
+                assert_eq!(*lens, (n[BODY], n[HEADING] as u16, n[PATH] as u16));
+            }
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Text analysis shared by indexing and querying: words, lower-cased,
-//! stop words dropped, and a light suffix stemmer so "claims", "claimed" and
-//! "claiming" meet "claim".
+//! stop words dropped, and stemmed with the Snowball English stemmer
+//! (Porter2, from the `rust-stemmers` crate) so "claims", "claimed" and
+//! "claiming" meet "claim", "restoring" meets "restoration".
 
 /// Common English words that carry no meaning for retrieval.
 const STOP: &[&str] = &[
@@ -46,29 +47,17 @@ fn is_stop(w: &str) -> bool {
     STOP[usize::from(STOP_FROM[l])..usize::from(STOP_FROM[l + 1])].contains(&w)
 }
 
-/// Strip common inflections, keeping a stem of at least 3 characters.
-fn stem(w: &mut String) {
-    if !w.is_ascii() || w.len() <= 3 {
-        return;
-    }
-    let cut = |w: &mut String, suffix: &str, with: &str| -> bool {
-        if w.ends_with(suffix) && w.len() - suffix.len() + with.len() >= 3 {
-            w.truncate(w.len() - suffix.len());
-            w.push_str(with);
-            true
-        } else {
-            false
-        }
-    };
-    if !(cut(w, "ies", "y") || cut(w, "sses", "ss")) {
-        if w.ends_with('s') && !w.ends_with("ss") && !w.ends_with("us") && !w.ends_with("is") {
-            cut(w, "s", "");
-        } else if !cut(w, "ing", "") {
-            cut(w, "ed", "");
-        }
-    }
-    if w.len() > 4 && w.ends_with('e') {
-        w.pop();
+/// The Snowball English stemmer (Porter2), made once.
+fn snowball() -> &'static rust_stemmers::Stemmer {
+    static S: std::sync::OnceLock<rust_stemmers::Stemmer> = std::sync::OnceLock::new();
+    S.get_or_init(|| rust_stemmers::Stemmer::create(rust_stemmers::Algorithm::English))
+}
+
+/// Stem `w` (a word as [`terms_where`] gives it unstemmed) in place with
+/// the Snowball English stemmer, as [`terms`] would.
+pub fn stem(w: &mut String) {
+    if let std::borrow::Cow::Owned(s) = snowball().stem(w) {
+        *w = s;
     }
 }
 
@@ -170,12 +159,22 @@ fn words(text: &str, mut f: impl FnMut(&mut String, &[u8])) {
     }
 }
 
-/// Stem `word` and hand it to `f`, unless it is a stop word or too short.
-fn emit(word: &mut String, f: &mut impl FnMut(&str)) {
+/// Hand `word` to `f` unless it is a stop word or too short: stemmed, with
+/// `true`, when `may_match` says it may be wanted, else as it is, with
+/// `false` (stemming is most of a word's cost).
+fn emit(
+    word: &mut String,
+    may_match: &mut impl FnMut(&str) -> bool,
+    f: &mut impl FnMut(&str, bool),
+) {
     let keep = word.len() >= 2 || word.bytes().all(|c| c.is_ascii_digit());
     if keep && !is_stop(word) {
-        stem(word);
-        f(word);
+        if may_match(word) {
+            stem(word);
+            f(word, true);
+        } else {
+            f(word, false);
+        }
     }
 }
 
@@ -184,21 +183,34 @@ fn emit(word: &mut String, f: &mut impl FnMut(&str)) {
 /// `WebUI`) also gives its parts (`cache`, `degradation`; `oauth`, `auth`,
 /// `2`; `web`, `ui`), after the whole word.
 pub fn terms(text: &str, mut f: impl FnMut(&str)) {
+    terms_where(text, |_| true, |t, _| f(t));
+}
+
+/// [`terms`], but a word is stemmed only when `may_match` (given the word
+/// lower-cased, unstemmed) says so; `f` gets every term in order, with
+/// `false` and the unstemmed word for the others, so term positions are
+/// those of [`terms`]. [`could_stem_to`] makes a `may_match` that skips
+/// the words that cannot stem to a given term.
+pub fn terms_where(
+    text: &str,
+    mut may_match: impl FnMut(&str) -> bool,
+    mut f: impl FnMut(&str, bool),
+) {
     let mut part = String::with_capacity(MAX_WORD + 4);
     words(text, |word, cuts| {
         if cuts.is_empty() {
-            emit(word, &mut f);
+            emit(word, &mut may_match, &mut f);
             return;
         }
         let whole = std::mem::take(word);
         *word = whole.clone();
-        emit(word, &mut f);
+        emit(word, &mut may_match, &mut f);
         let mut from = 0usize;
         for &c in cuts.iter().chain(std::iter::once(&(whole.len() as u8))) {
             let c = usize::from(c);
             part.clear();
             part.push_str(&whole[from..c]);
-            emit(&mut part, &mut f);
+            emit(&mut part, &mut may_match, &mut f);
             from = c;
         }
         // Letters before a number, as one word: `OAuth2` -> `oauth`.
@@ -206,9 +218,21 @@ pub fn terms(text: &str, mut f: impl FnMut(&str)) {
         if letters.len() < whole.len() && letters.len() > cuts[0] as usize {
             part.clear();
             part.push_str(letters);
-            emit(&mut part, &mut f);
+            emit(&mut part, &mut may_match, &mut f);
         }
     });
+}
+
+/// Whether `word` (lower-cased, unstemmed) may stem to `stem`: Snowball
+/// keeps a word's start and changes at most its last letter of the stem
+/// (`queries` -> `queri`), but for a few irregular words (`dying` -> `die`),
+/// which this lets pass unstemmed.
+pub fn could_stem_to(word: &str, stem: &str) -> bool {
+    let keep = stem.len().saturating_sub(1);
+    match stem.get(..keep) {
+        Some(head) => word.starts_with(head),
+        None => true,
+    }
 }
 
 #[cfg(test)]
@@ -231,9 +255,25 @@ mod tests {
     #[test]
     fn inflections_meet() {
         assert_eq!(all("claims claimed claiming claim"), vec!["claim"; 4]);
-        assert_eq!(all("queries query"), vec!["query", "query"]);
+        assert_eq!(all("queries query"), vec!["queri", "queri"]);
         assert_eq!(all("decide decided"), vec!["decid", "decid"]);
         assert_eq!(all("process"), vec!["process"]);
+    }
+
+    /// The word forms issue 14 named (Snowball joins them; the suffix
+    /// rules it replaced did not). "retain"/"retention" stay apart in
+    /// Porter2 too.
+    #[test]
+    fn snowball_joins_derived_forms() {
+        let one = |s: &str| {
+            let v = all(s);
+            assert!(v.windows(2).all(|w| w[0] == w[1]), "{s:?} -> {v:?}");
+        };
+        one("restoring restoration restore restored");
+        one("ingested ingestion ingest ingesting");
+        one("prevented preventing prevention");
+        one("degradation degraded degrade");
+        assert_ne!(all("retain"), all("retention"));
     }
 
     #[test]
@@ -242,11 +282,11 @@ mod tests {
             all("What did we decide about the FIFO, in 2 days?"),
             vec!["decid", "fifo", "2", "day"]
         );
-        assert_eq!(all("autopoll_claims"), vec!["autopoll", "claim"]);
+        assert_eq!(all("autopoll_claims"), vec!["autopol", "claim"]);
         // Words that carry meaning in docs are not stop words.
         assert_eq!(
             all("only the rows below, out of order"),
-            vec!["only", "row", "below", "out", "order"]
+            vec!["onli", "row", "below", "out", "order"]
         );
         assert!(all("").is_empty());
     }
@@ -312,7 +352,7 @@ mod tests {
     fn joined_words_also_give_their_parts() {
         assert_eq!(
             all("CacheDegradation"),
-            vec!["cachedegradation", "cach", "degradation"]
+            vec!["cachedegrad", "cach", "degrad"]
         );
         assert_eq!(all("OAuth2"), vec!["oauth2", "auth", "2", "oauth"]);
         assert_eq!(all("WebUI"), vec!["webui", "web", "ui"]);
@@ -320,6 +360,36 @@ mod tests {
         assert_eq!(all("sha256"), vec!["sha256", "sha", "256"]);
         // Plain words and all-capitals are left whole.
         assert_eq!(all("FIFO cache Claims"), vec!["fifo", "cach", "claim"]);
+    }
+
+    #[test]
+    fn the_stem_filter_skips_only_words_that_cannot_match() {
+        for w in [
+            "queries",
+            "query",
+            "claimed",
+            "restoration",
+            "degradation",
+            "oauth2",
+        ] {
+            let mut stem = w.to_string();
+            super::stem(&mut stem);
+            assert!(could_stem_to(w, &stem), "{w} -> {stem}");
+        }
+        assert!(!could_stem_to("lease", "claim"));
+        // Positions are those of `terms`, stemmed or not.
+        let text = "The claims of CacheDegradation were leased";
+        let mut all_terms = Vec::new();
+        terms(text, |t| all_terms.push(t.to_string()));
+        let mut got = Vec::new();
+        terms_where(
+            text,
+            |w| could_stem_to(w, "claim"),
+            |t, stemmed| got.push((t.to_string(), stemmed)),
+        );
+        assert_eq!(got.len(), all_terms.len());
+        assert_eq!(got[0], ("claim".to_string(), true));
+        assert!(got[1..].iter().all(|(_, s)| !s), "{got:?}");
     }
 
     #[test]
