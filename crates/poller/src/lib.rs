@@ -45,6 +45,7 @@ pub mod asker;
 pub mod conn;
 pub mod fault;
 pub mod members;
+pub mod shm;
 pub mod tokens;
 pub mod watch;
 
