@@ -1,10 +1,11 @@
 //! Noticing bridge changes cheaply: inotify on the bridge's directory,
 //! filtered to the database file and its WAL. Every commit by any process
 //! writes the WAL, so a commit wakes the poller within microseconds; when
-//! nothing happens, the thread sleeps in poll(2). The main loop confirms a
-//! wake with `PRAGMA data_version` (which ignores our own commits) and also
-//! checks it on a timer, so a missed event (network file systems) costs at
-//! most one timer period. The same watch, on other names and events
+//! nothing happens, the thread sleeps in poll(2). The thread confirms a wake
+//! by reading the WAL index's header ([`crate::shm`], or `PRAGMA
+//! data_version` where there is none); the main loop also checks
+//! `data_version` (which ignores our own commits) on a timer, so a missed
+//! event (network file systems) costs at most one timer period. The same watch, on other names and events
 //! ([`Watch::file`], [`TOKENS_MASK`]), follows the `--tokens-file`.
 
 use std::ffi::CString;
@@ -197,9 +198,10 @@ impl Watch {
     /// [`Event::Stop`] when told to stop.
     ///
     /// The WAL is written before the commit shows in the shared index, so
-    /// a write seen before its commit is looked at again after 15, 15, 30, 30, 60
-    /// ... microseconds (`RECHECK` in lib.rs, about 9 ms in all), in this
-    /// thread, with nothing sent meanwhile.
+    /// a write seen before its commit is looked at again after 40, 40, 80,
+    /// 160 ... microseconds (`RECHECK` in lib.rs, about 10 ms in all), in
+    /// this thread, with nothing sent meanwhile. A look reads the WAL
+    /// index's header ([`crate::shm`]) once the connection has one.
     pub fn run(mut self, stop_fd: RawFd, db: &Path, served: Served, events: Sender<Event>) {
         // Sleeps of tens of microseconds mean what they say (the default
         // timer slack is 50 us); this thread only.
@@ -665,4 +667,82 @@ fn ppoll(fds: &mut [libc::pollfd], deadline: Instant) -> io::Result<usize> {
         return Ok(0);
     }
     Err(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use autopoll_bridge::{Bridge, Session};
+
+    fn served(db: &Path, conversation: &str) -> Served {
+        let s = Served {
+            session: Session::B,
+            conversations: std::sync::Arc::new(std::sync::Mutex::new(vec![
+                conversation.to_string(),
+            ])),
+            gate: std::sync::Arc::new(FileGate::default()),
+        };
+        match crate::conn::look(db) {
+            crate::conn::Seen::File(sig) => s.gate.allow(Some(sig.id)),
+            crate::conn::Seen::Missing(why) => panic!("no bridge: {why}"),
+        }
+        s
+    }
+
+    #[test]
+    fn commits_by_another_connection_are_seen_through_the_wal_index_and_reads_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("bridge.db");
+        let mut writer = Bridge::open_or_create(&db).unwrap();
+        let mine = writer
+            .create_conversation("c", "s", Duration::from_secs(3600))
+            .unwrap();
+        let other = writer
+            .create_conversation("c", "s", Duration::from_secs(3600))
+            .unwrap();
+        let mut confirm = Confirm::new(&db, served(&db, &mine.conversation_id));
+        assert_eq!(
+            confirm.moved(),
+            None,
+            "the first look has nothing to compare"
+        );
+        assert!(
+            confirm.wal.is_some(),
+            "after its first read the watch looks at the WAL index"
+        );
+        assert_eq!(confirm.moved(), Some(false));
+        // Another conversation's question: a commit, but no work for us.
+        writer
+            .send(
+                &other.conversation_id,
+                Session::A,
+                &other.session_a_token,
+                "not for us",
+                None,
+            )
+            .unwrap();
+        assert_eq!(confirm.moved(), Some(true), "a commit by anyone shows");
+        assert_eq!(confirm.work(), Some(false));
+        assert_eq!(confirm.moved(), Some(false), "once");
+        // Reading changes nothing.
+        let _ = writer.claimable(&[mine.conversation_id.as_str()], Session::B);
+        assert_eq!(confirm.moved(), Some(false));
+        writer
+            .send(
+                &mine.conversation_id,
+                Session::A,
+                &mine.session_a_token,
+                "for us",
+                None,
+            )
+            .unwrap();
+        assert_eq!(confirm.moved(), Some(true));
+        assert_eq!(confirm.work(), Some(true));
+        assert!(confirm.wal.is_some(), "still on the cheap path");
+        // The loop lets go of the file: so does the watch, WAL index included.
+        confirm.served.gate.allow(None);
+        confirm.release_if_gate_moved();
+        assert!(confirm.conn.is_none() && confirm.wal.is_none());
+    }
 }
