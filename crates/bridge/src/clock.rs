@@ -35,7 +35,41 @@ pub fn from_system(t: SystemTime) -> Timestamp {
 }
 
 /// Format in the Python shape: `YYYY-MM-DDTHH:MM:SS[.ffffff]`.
+///
+/// Digits are written by hand: this runs several times per answer (the
+/// response row, its audit rows, the outcome), and `format!` cost about
+/// 4,000 instructions a call, a tenth of the poller's work per answer.
 pub fn format(t: Timestamp) -> String {
+    let year = t.year();
+    if !(0..=9999).contains(&year) {
+        return format_slow(t);
+    }
+    fn put(out: &mut [u8], at: usize, width: usize, mut v: u32) {
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    }
+    let mut b = *b"0000-00-00T00:00:00.000000";
+    put(&mut b, 0, 4, year as u32);
+    put(&mut b, 5, 2, u32::from(u8::from(t.month())));
+    put(&mut b, 8, 2, u32::from(t.day()));
+    put(&mut b, 11, 2, u32::from(t.hour()));
+    put(&mut b, 14, 2, u32::from(t.minute()));
+    put(&mut b, 17, 2, u32::from(t.second()));
+    let len = match t.microsecond() {
+        0 => 19,
+        us => {
+            put(&mut b, 20, 6, us);
+            26
+        }
+    };
+    // Only ASCII digits and separators were written.
+    String::from_utf8_lossy(&b[..len]).into_owned()
+}
+
+/// [`format`] with `format!`, for years outside 0..=9999.
+fn format_slow(t: Timestamp) -> String {
     let base = format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
         t.year(),
@@ -182,6 +216,17 @@ pub fn unix_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fast_format_equals_the_format_macro() {
+        let start = parse("1999-12-31T23:59:58.999999").unwrap();
+        for step in 0..5_000i64 {
+            let t = start + time::Duration::microseconds(step * 7_919_113_331);
+            assert_eq!(format(t), format_slow(t), "{t:?}");
+            let whole = t.replace_microsecond(0).unwrap();
+            assert_eq!(format(whole), format_slow(whole), "{whole:?}");
+        }
+    }
 
     #[test]
     fn formats_like_python_isoformat() {

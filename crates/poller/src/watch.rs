@@ -1,10 +1,11 @@
 //! Noticing bridge changes cheaply: inotify on the bridge's directory,
 //! filtered to the database file and its WAL. Every commit by any process
 //! writes the WAL, so a commit wakes the poller within microseconds; when
-//! nothing happens, the thread sleeps in poll(2). The main loop confirms a
-//! wake with `PRAGMA data_version` (which ignores our own commits) and also
-//! checks it on a timer, so a missed event (network file systems) costs at
-//! most one timer period. The same watch, on other names and events
+//! nothing happens, the thread sleeps in poll(2). The thread confirms a wake
+//! by reading the WAL index's header ([`crate::shm`], or `PRAGMA
+//! data_version` where there is none); the main loop also checks
+//! `data_version` (which ignores our own commits) on a timer, so a missed
+//! event (network file systems) costs at most one timer period. The same watch, on other names and events
 //! ([`Watch::file`], [`TOKENS_MASK`]), follows the `--tokens-file`.
 
 use std::ffi::CString;
@@ -20,6 +21,7 @@ use crossbeam_channel::Sender;
 
 use crate::Event;
 use crate::conn::FileId;
+use crate::shm::{Stamp, WalIndex};
 
 /// While the folder is not watched, how often to try again.
 pub const REWATCH: Duration = Duration::from_millis(100);
@@ -54,6 +56,9 @@ pub struct Watch {
     mask: u32,
     /// The watch descriptor and the folder's (dev, ino), while watched.
     watched: Option<(i32, (u64, u64))>,
+    /// Where events are read to, kept: zeroing 4 KB on every read was a
+    /// third of an idle poller's instructions per foreign commit.
+    buf: Vec<u8>,
 }
 
 impl Watch {
@@ -94,6 +99,7 @@ impl Watch {
             dir,
             mask,
             watched: None,
+            buf: vec![0; 4096],
         };
         w.add()?;
         Ok(w)
@@ -131,7 +137,14 @@ impl Watch {
     /// were plain writes (`IN_MODIFY`: a commit, or a checkpoint), not a
     /// file created, renamed, removed or the folder lost.
     fn drain(&mut self) -> (bool, bool) {
-        let mut buf = [0u8; 4096];
+        let mut buf = std::mem::take(&mut self.buf);
+        let seen = self.drain_into(&mut buf);
+        self.buf = buf;
+        seen
+    }
+
+    /// [`Watch::drain`] with the buffer taken out of `self`.
+    fn drain_into(&mut self, buf: &mut [u8]) -> (bool, bool) {
         let mut relevant = false;
         let mut writes_only = true;
         loop {
@@ -185,9 +198,10 @@ impl Watch {
     /// [`Event::Stop`] when told to stop.
     ///
     /// The WAL is written before the commit shows in the shared index, so
-    /// a write seen before its commit is looked at again after 15, 15, 30, 30, 60
-    /// ... microseconds (`RECHECK` in lib.rs, about 9 ms in all), in this
-    /// thread, with nothing sent meanwhile.
+    /// a write seen before its commit is looked at again after 40, 40, 80,
+    /// 160 ... microseconds (`RECHECK` in lib.rs, about 10 ms in all), in
+    /// this thread, with nothing sent meanwhile. A look reads the WAL
+    /// index's header ([`crate::shm`]) once the connection has one.
     pub fn run(mut self, stop_fd: RawFd, db: &Path, served: Served, events: Sender<Event>) {
         // Sleeps of tens of microseconds mean what they say (the default
         // timer slack is 50 us); this thread only.
@@ -200,7 +214,7 @@ impl Watch {
         let mut recheck: Option<(Instant, usize)> = None;
         loop {
             // The loop may be waiting to open another file (FileGate).
-            confirm.release_stale();
+            confirm.release_if_gate_moved();
             let now = Instant::now();
             if self.watched.is_none() || now >= next_check {
                 next_check = now + Duration::from_secs(1);
@@ -396,7 +410,19 @@ struct Confirm {
     conn: Option<rusqlite::Connection>,
     seen: Option<i64>,
     served: Served,
+    /// The WAL index of the file `conn` has open, and its header at the last
+    /// look ([`crate::shm`]): while there, a look is one `pread` instead of a
+    /// `stat` and a read transaction. Closed whenever `conn` is.
+    wal: Option<(WalIndex, Stamp)>,
+    /// The gate's generation at the last full check, and when the next one
+    /// is due anyway.
+    gate_seen: u64,
+    next_gate_check: Instant,
 }
+
+/// How often the watch checks, with a `stat`, that the path still names the
+/// file its connection has open, when nothing else made it look.
+const GATE_CHECK: Duration = Duration::from_millis(100);
 
 /// The conversations a poller serves and its session, shared with the
 /// watch thread (the poller's loop updates them when its tokens file
@@ -422,6 +448,9 @@ pub struct Served {
 #[derive(Debug, Default)]
 pub struct FileGate {
     state: std::sync::Mutex<GateState>,
+    /// Bumped by every [`FileGate::allow`]: the watch re-checks the gate
+    /// when it moved.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -440,6 +469,8 @@ impl FileGate {
     /// The loop has `id` open now (None: none, it closed its connection).
     pub fn allow(&self, id: Option<FileId>) {
         self.lock().allowed = id;
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Whether the loop may open `id`: the watch holds no other file.
@@ -455,6 +486,9 @@ impl Confirm {
             conn: None,
             seen: None,
             served,
+            wal: None,
+            gate_seen: 0,
+            next_gate_check: Instant::now(),
         }
     }
 
@@ -472,6 +506,7 @@ impl Confirm {
     /// Forget the connection (the file at the path may be another one now).
     fn reset(&mut self) {
         let mut g = self.served.gate.lock();
+        self.wal = None;
         self.conn = None;
         self.seen = None;
         g.held = None;
@@ -481,7 +516,27 @@ impl Confirm {
     /// or the path names another file), without opening one.
     fn release_stale(&mut self) {
         if self.conn.is_some() {
+            self.next_gate_check = Instant::now() + GATE_CHECK;
+            self.gate_seen = self
+                .served
+                .gate
+                .generation
+                .load(std::sync::atomic::Ordering::SeqCst);
             self.gated();
+        }
+    }
+
+    /// [`Confirm::release_stale`] when the loop changed the gate since the
+    /// last check, or [`GATE_CHECK`] after it; otherwise nothing (not even
+    /// a `stat`: this runs on every wake).
+    fn release_if_gate_moved(&mut self) {
+        let generation = self
+            .served
+            .gate
+            .generation
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if generation != self.gate_seen || Instant::now() >= self.next_gate_check {
+            self.release_stale();
         }
     }
 
@@ -497,6 +552,7 @@ impl Confirm {
         let ok = at_path.is_some() && g.allowed == at_path;
         if !ok || (self.conn.is_some() && g.held != at_path) {
             // Closed under the lock: the loop opens no other file meanwhile.
+            self.wal = None;
             self.conn = None;
             self.seen = None;
             g.held = None;
@@ -536,15 +592,44 @@ impl Confirm {
     /// Some(true): a commit showed since the last look; Some(false): none
     /// did; None: cannot tell (no file, not SQLite, busy, just opened, the
     /// file at the path not the loop's).
+    ///
+    /// With the WAL index open, a look reads its header (one `pread`); a
+    /// header caught while it is being written is confirmed the slow way,
+    /// with `PRAGMA data_version`.
     fn moved(&mut self) -> Option<bool> {
+        if self.conn.is_some()
+            && let Some((idx, last)) = self.wal.as_mut()
+        {
+            let now = idx.stamp();
+            if let Stamp::Header(_) = now {
+                let changed = now != *last;
+                *last = now;
+                return Some(changed);
+            }
+        }
         if !self.gated() {
             return None;
         }
-        let v = self
-            .conn
-            .as_ref()?
-            .prepare_cached("PRAGMA data_version")
-            .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)));
+        let version = |c: &rusqlite::Connection| {
+            c.prepare_cached("PRAGMA data_version")
+                .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
+        };
+        let mut v = version(self.conn.as_ref()?);
+        if let Ok(first) = v {
+            // Our connection has the WAL index open now: read its header
+            // from here on. A commit after this header shows at the next
+            // look; one before it, in data_version read again.
+            let idx = match self.wal.take() {
+                Some((idx, _)) => Some(idx),
+                None => WalIndex::open(&self.path),
+            };
+            if let Some(idx) = idx
+                && let now @ Stamp::Header(_) = idx.stamp()
+            {
+                self.wal = Some((idx, now));
+                v = version(self.conn.as_ref()?).or(Ok(first));
+            }
+        }
         match v {
             Ok(v) => {
                 let before = self.seen.replace(v);
@@ -582,4 +667,82 @@ fn ppoll(fds: &mut [libc::pollfd], deadline: Instant) -> io::Result<usize> {
         return Ok(0);
     }
     Err(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use autopoll_bridge::{Bridge, Session};
+
+    fn served(db: &Path, conversation: &str) -> Served {
+        let s = Served {
+            session: Session::B,
+            conversations: std::sync::Arc::new(std::sync::Mutex::new(vec![
+                conversation.to_string(),
+            ])),
+            gate: std::sync::Arc::new(FileGate::default()),
+        };
+        match crate::conn::look(db) {
+            crate::conn::Seen::File(sig) => s.gate.allow(Some(sig.id)),
+            crate::conn::Seen::Missing(why) => panic!("no bridge: {why}"),
+        }
+        s
+    }
+
+    #[test]
+    fn commits_by_another_connection_are_seen_through_the_wal_index_and_reads_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("bridge.db");
+        let mut writer = Bridge::open_or_create(&db).unwrap();
+        let mine = writer
+            .create_conversation("c", "s", Duration::from_secs(3600))
+            .unwrap();
+        let other = writer
+            .create_conversation("c", "s", Duration::from_secs(3600))
+            .unwrap();
+        let mut confirm = Confirm::new(&db, served(&db, &mine.conversation_id));
+        assert_eq!(
+            confirm.moved(),
+            None,
+            "the first look has nothing to compare"
+        );
+        assert!(
+            confirm.wal.is_some(),
+            "after its first read the watch looks at the WAL index"
+        );
+        assert_eq!(confirm.moved(), Some(false));
+        // Another conversation's question: a commit, but no work for us.
+        writer
+            .send(
+                &other.conversation_id,
+                Session::A,
+                &other.session_a_token,
+                "not for us",
+                None,
+            )
+            .unwrap();
+        assert_eq!(confirm.moved(), Some(true), "a commit by anyone shows");
+        assert_eq!(confirm.work(), Some(false));
+        assert_eq!(confirm.moved(), Some(false), "once");
+        // Reading changes nothing.
+        let _ = writer.claimable(&[mine.conversation_id.as_str()], Session::B);
+        assert_eq!(confirm.moved(), Some(false));
+        writer
+            .send(
+                &mine.conversation_id,
+                Session::A,
+                &mine.session_a_token,
+                "for us",
+                None,
+            )
+            .unwrap();
+        assert_eq!(confirm.moved(), Some(true));
+        assert_eq!(confirm.work(), Some(true));
+        assert!(confirm.wal.is_some(), "still on the cheap path");
+        // The loop lets go of the file: so does the watch, WAL index included.
+        confirm.served.gate.allow(None);
+        confirm.release_if_gate_moved();
+        assert!(confirm.conn.is_none() && confirm.wal.is_none());
+    }
 }

@@ -1,0 +1,117 @@
+//! A look at the bridge's WAL index without SQLite: the header at the start
+//! of the `-shm` file, read with one `pread`. SQLite rewrites that header on
+//! every commit (by any process), so comparing it with the last copy seen
+//! tells whether something was committed: one system call, no read
+//! transaction, no lock. The watch thread uses it to tell a commit from a
+//! page written in the middle of one (and from a checkpoint), which it used
+//! to ask `PRAGMA data_version` for, with a `stat`, a read transaction and
+//! its `fcntl` locks on each look; an idle poller does such a look several
+//! times for every commit by others.
+//!
+//! The layout is SQLite's documented WAL-index format
+//! (<https://www.sqlite.org/walformat.html>): two copies of a 48-byte
+//! header, the writer updating the second first and the first last; a reader
+//! takes the header only when both copies agree. A header that is being
+//! written reads as [`Stamp::Busy`] and is looked at again a moment later.
+//! `pread` sees the same page cache as SQLite's shared mapping of the file,
+//! and, unlike a mapping of our own, cannot fault when another process
+//! truncates the file (it reads short instead: `Busy`).
+//!
+//! The file is opened while a SQLite connection of this process has the same
+//! bridge open, and closed with it (`Confirm` in [`crate::watch`]), so it is
+//! the WAL index of the file that connection reads. Without a `-shm` file (a
+//! bridge not in WAL mode, or a writer in exclusive locking mode) the caller
+//! falls back to `PRAGMA data_version`.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// The bytes of one header copy.
+const HEADER: usize = 48;
+
+/// What a look at the header saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stamp {
+    /// A consistent header (both copies equal, initialised).
+    Header([u8; HEADER]),
+    /// Being written right now, not initialised, or unreadable: look again.
+    Busy,
+}
+
+/// A bridge's `-shm` file, open for reading its header.
+pub struct WalIndex {
+    file: std::fs::File,
+}
+
+impl WalIndex {
+    /// Open the WAL index of `db` (`db` + `-shm`). `None` when there is no
+    /// such file or it does not hold a header yet.
+    pub fn open(db: &Path) -> Option<WalIndex> {
+        let mut name = db.as_os_str().to_os_string();
+        name.push("-shm");
+        let file = std::fs::File::open(&name).ok()?;
+        let w = WalIndex { file };
+        matches!(w.stamp(), Stamp::Header(_)).then_some(w)
+    }
+
+    /// Read the header now.
+    pub fn stamp(&self) -> Stamp {
+        let mut both = [0u8; 2 * HEADER];
+        match self.file.read_at(&mut both, 0) {
+            Ok(n) if n == both.len() => {}
+            _ => return Stamp::Busy,
+        }
+        let (a, b) = both.split_at(HEADER);
+        // isInit is the byte at offset 12 of the header.
+        if a != b || a[12] == 0 {
+            return Stamp::Busy;
+        }
+        let mut h = [0u8; HEADER];
+        h.copy_from_slice(a);
+        Stamp::Header(h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_header_moves_on_a_commit_by_another_connection_and_not_on_a_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("b.db");
+        let w = rusqlite::Connection::open(&db).unwrap();
+        w.pragma_update(None, "journal_mode", "WAL").unwrap();
+        w.execute_batch("CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (1);")
+            .unwrap();
+        let r =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .unwrap();
+        let n: i64 = r
+            .query_row("SELECT count(*) FROM t", [], |x| x.get(0))
+            .unwrap();
+        assert_eq!(n, 1);
+        let idx = WalIndex::open(&db).expect("a WAL bridge has a -shm file");
+        let before = idx.stamp();
+        assert!(matches!(before, Stamp::Header(_)), "{before:?}");
+        let _: i64 = r
+            .query_row("SELECT count(*) FROM t", [], |x| x.get(0))
+            .unwrap();
+        assert_eq!(idx.stamp(), before, "a read changes nothing");
+        w.execute("INSERT INTO t VALUES (2)", []).unwrap();
+        let after = idx.stamp();
+        assert!(matches!(after, Stamp::Header(_)));
+        assert_ne!(after, before, "a commit rewrites the header");
+        w.execute("INSERT INTO t VALUES (3)", []).unwrap();
+        assert_ne!(idx.stamp(), after, "and every commit does");
+    }
+
+    #[test]
+    fn no_shm_file_means_no_mapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("rollback.db");
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch("CREATE TABLE t (x INTEGER);").unwrap();
+        assert!(WalIndex::open(&db).is_none());
+    }
+}
