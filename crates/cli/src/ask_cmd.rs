@@ -32,8 +32,9 @@ pub struct AskArgs {
 pub struct StatusArgs {
     #[command(flatten)]
     target: Target,
-    /// Also show the bridge's queues (unread, claimed, answered, dead letters, heartbeats).
-    #[arg(long, env = "AUTOPOLL_DB", value_name = "PATH")]
+    /// Also show the bridge's queues (unread, claimed, answered, dead letters, heartbeats):
+    /// its SQLite file or PostgreSQL URL.
+    #[arg(long, env = "AUTOPOLL_DB", value_name = "PATH|URL")]
     db: Option<std::path::PathBuf>,
     /// With --db: only this conversation.
     #[arg(long, env = "AUTOPOLL_CONVERSATION", value_name = "ID")]

@@ -34,8 +34,9 @@ use crate::target::Target;
 pub struct DoctorArgs {
     #[command(flatten)]
     target: Target,
-    /// The bridge's SQLite file (bridge, WAL, queue and disk checks).
-    #[arg(long, env = "AUTOPOLL_DB", value_name = "PATH")]
+    /// The bridge: its SQLite file (bridge, WAL, queue and disk checks) or a PostgreSQL URL
+    /// (bridge, privileges, clock and queue checks).
+    #[arg(long, env = "AUTOPOLL_DB", value_name = "PATH|URL")]
     db: Option<PathBuf>,
     /// The conversation the shard serves (token, heartbeat, queue, dead-letter checks).
     #[arg(long, env = "AUTOPOLL_CONVERSATION", value_name = "ID")]

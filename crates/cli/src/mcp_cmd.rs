@@ -13,8 +13,9 @@ pub const PYTHON_DEFAULT_DB: &str = "/tmp/claude_bridge_secure.db";
 /// Arguments of `autopoll mcp`.
 #[derive(Debug, Args)]
 pub struct McpArgs {
-    /// The bridge's SQLite file (created with its tables when missing, as the Python server does).
-    #[arg(long, env = "AUTOPOLL_DB", value_name = "PATH", default_value = PYTHON_DEFAULT_DB)]
+    /// The bridge's SQLite file (created with its tables when missing, as the Python server does),
+    /// or a PostgreSQL URL (postgres://USER@HOST:PORT/DBNAME; its schema made when missing).
+    #[arg(long, env = "AUTOPOLL_DB", value_name = "PATH|URL", default_value = PYTHON_DEFAULT_DB)]
     db: PathBuf,
     /// Most tool calls running at once (each waiting ask_shard is one).
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1024))]

@@ -44,8 +44,9 @@ enum SessionArg {
 struct PollerCli {
     #[command(flatten)]
     verbosity: logging::Verbosity,
-    /// The bridge's SQLite file.
-    #[arg(long, env = "AUTOPOLL_DB", value_name = "PATH")]
+    /// The bridge: its SQLite file, or a PostgreSQL URL (postgres://USER@HOST:PORT/DBNAME;
+    /// PG* variables fill in what it leaves out; sslmode as libpq reads it).
+    #[arg(long, env = "AUTOPOLL_DB", value_name = "PATH|URL")]
     db: PathBuf,
     /// Conversation id (one conversation; for many, --tokens-file).
     #[arg(

@@ -80,29 +80,36 @@ impl Listener {
     pub fn wait(&mut self, timeout: Duration) -> Result<Vec<String>> {
         let deadline = Instant::now() + timeout;
         let mut woken: Vec<String> = Vec::new();
-        loop {
-            let left = if woken.is_empty() {
-                deadline.saturating_duration_since(Instant::now())
-            } else {
-                // Drain what is already here, then report.
-                Duration::ZERO
-            };
-            let mut notes = self.client.notifications();
-            let next = notes
-                .timeout_iter(left)
-                .next()
-                .map_err(|e| pg_error("lost the LISTEN connection", e))?;
-            let Some(n) = next else {
-                return Ok(woken);
-            };
-            let wanted = self.queues.as_ref().is_none_or(|q| q.has(n.payload()));
+        let take = |payload: &str, woken: &mut Vec<String>| {
+            let wanted = self.queues.as_ref().is_none_or(|q| q.has(payload));
             if wanted
-                && let Some((conv, _)) = n.payload().rsplit_once(' ')
+                && let Some((conv, _)) = payload.rsplit_once(' ')
                 && !woken.iter().any(|w| w == conv)
             {
                 woken.push(conv.to_string());
             }
-            if woken.is_empty() && Instant::now() >= deadline {
+        };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut notes = self.client.notifications();
+            let first = notes
+                .timeout_iter(left)
+                .next()
+                .map_err(|e| pg_error("lost the LISTEN connection", e))?;
+            let Some(n) = first else {
+                return Ok(woken);
+            };
+            take(n.payload(), &mut woken);
+            // What else has already arrived, without waiting (a zero
+            // timeout would cost a timer tick, a millisecond).
+            let mut more = notes.iter();
+            while let Some(n) = more
+                .next()
+                .map_err(|e| pg_error("lost the LISTEN connection", e))?
+            {
+                take(n.payload(), &mut woken);
+            }
+            if !woken.is_empty() || Instant::now() >= deadline {
                 return Ok(woken);
             }
         }
