@@ -719,20 +719,25 @@ impl Drop for KillOnDrop {
 /// real CLI fail, they never skip.
 pub fn claude_bin() -> &'static str {
     static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-test-deps.sh");
-        let out = Command::new(script)
-            .arg("claude")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "installing the pinned Claude Code CLI failed (these tests need it and do not skip):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    })
+    BIN.get_or_init(|| install("claude", "the pinned Claude Code CLI"))
+}
+
+/// Run scripts/install-test-deps.sh WHAT; its stdout, trimmed (the
+/// installed program's path). Panics with the script's message when it
+/// fails: the tests that need the outside program fail, they never skip.
+fn install(what: &str, label: &str) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-test-deps.sh");
+    let out = Command::new(script)
+        .arg(what)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "installing {label} failed (these tests need it and do not skip):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 /// The venv python with the pinned MCP Python SDK
@@ -742,20 +747,7 @@ pub fn claude_bin() -> &'static str {
 /// fail, they never skip.
 pub fn mcp_python() -> &'static str {
     static PY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PY.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-test-deps.sh");
-        let out = Command::new(script)
-            .arg("mcp")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "installing the pinned MCP Python SDK failed (these tests need it and do not skip):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    })
+    PY.get_or_init(|| install("mcp", "the pinned MCP Python SDK"))
 }
 
 /// The process's PostgreSQL test cluster (or the server AUTOPOLL_TEST_PG
@@ -773,19 +765,8 @@ pub fn pg_cluster() -> &'static autopoll_bridge::pg::cluster::Cluster {
 pub fn ensure_postgres() {
     static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     INSTALLED.get_or_init(|| {
-        if std::env::var_os("AUTOPOLL_TEST_PG").is_some() {
-            return;
+        if std::env::var_os("AUTOPOLL_TEST_PG").is_none() {
+            install("postgres", "PostgreSQL");
         }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-test-deps.sh");
-        let out = Command::new(script)
-            .arg("postgres")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "installing PostgreSQL failed (these tests need the real server and do not skip):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
     });
 }

@@ -192,6 +192,30 @@ fn check_rate(
     Ok(())
 }
 
+/// A send's text and metadata checked as both stores take them: the text
+/// within the length limit, the metadata an object (by default
+/// `{"action_type": "info", "files_involved": []}`). Returns the metadata.
+pub(crate) fn checked_send(
+    opts: &crate::BridgeOptions,
+    text: &str,
+    metadata: Option<&Value>,
+) -> Result<Value> {
+    let chars = text.chars().count();
+    if chars > opts.max_message_chars {
+        return Err(Error::Invalid(format!(
+            "message is {chars} characters; the bridge takes at most {}",
+            opts.max_message_chars
+        )));
+    }
+    let metadata = metadata
+        .cloned()
+        .unwrap_or_else(|| json!({ "action_type": "info", "files_involved": [] }));
+    if !metadata.is_object() {
+        return Err(Error::Invalid("metadata must be a JSON object".into()));
+    }
+    Ok(metadata)
+}
+
 impl Bridge {
     /// Send `text` from `from` to the other session. The token must be
     /// `from`'s. `metadata` defaults to `{"action_type": "info", "files_involved": []}`.
@@ -203,18 +227,7 @@ impl Bridge {
         text: &str,
         metadata: Option<&Value>,
     ) -> Result<Sent> {
-        let chars = text.chars().count();
-        if chars > self.opts.max_message_chars {
-            return Err(Error::Invalid(format!(
-                "message is {chars} characters; the bridge takes at most {}",
-                self.opts.max_message_chars
-            )));
-        }
-        let default_meta = json!({ "action_type": "info", "files_involved": [] });
-        let metadata = metadata.unwrap_or(&default_meta);
-        if !metadata.is_object() {
-            return Err(Error::Invalid("metadata must be a JSON object".into()));
-        }
+        let metadata = &checked_send(&self.opts, text, metadata)?;
         let rate = self.opts.rate_limit;
         let (tx, map) = self.immediate()?;
         verify_on(&tx, conversation, from, token)?;

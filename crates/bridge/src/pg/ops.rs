@@ -603,18 +603,7 @@ impl Store for PgBridge {
         text: &str,
         metadata: Option<&Value>,
     ) -> Result<Sent> {
-        let chars = text.chars().count();
-        if chars > self.opts.max_message_chars {
-            return Err(Error::Invalid(format!(
-                "message is {chars} characters; the bridge takes at most {}",
-                self.opts.max_message_chars
-            )));
-        }
-        let default_meta = json!({ "action_type": "info", "files_involved": [] });
-        let metadata = metadata.unwrap_or(&default_meta);
-        if !metadata.is_object() {
-            return Err(Error::Invalid("metadata must be a JSON object".into()));
-        }
+        let metadata = &crate::message::checked_send(&self.opts, text, metadata)?;
         let rate = self.opts.rate_limit;
         let mut tx = self.tx()?;
         verify_on(&mut tx, conversation, from, token)?;
