@@ -77,6 +77,16 @@ pub struct ClaimOptions {
     pub max_attempts: u32,
 }
 
+impl ClaimOptions {
+    /// Refuse options no claim can use (the same check on every store).
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.max_attempts == 0 {
+            return Err(Error::Invalid("max_attempts must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
 impl Default for ClaimOptions {
     fn default() -> Self {
         ClaimOptions {
@@ -462,9 +472,7 @@ impl Bridge {
         session: Session,
         opts: &ClaimOptions,
     ) -> Result<ClaimBatch> {
-        if opts.max_attempts == 0 {
-            return Err(Error::Invalid("max_attempts must be at least 1".into()));
-        }
+        opts.check()?;
         let (tx, map) = self.immediate()?;
         let batch = claim_on(
             &tx,
@@ -489,9 +497,7 @@ impl Bridge {
         session: Session,
         opts: &ClaimOptions,
     ) -> Result<Vec<ClaimBatch>> {
-        if opts.max_attempts == 0 {
-            return Err(Error::Invalid("max_attempts must be at least 1".into()));
-        }
+        opts.check()?;
         let (tx, map) = self.immediate()?;
         let now_ms = clock::unix_ms();
         let mut out = Vec::with_capacity(wanted.len());

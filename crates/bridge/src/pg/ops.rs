@@ -740,9 +740,7 @@ impl Store for PgBridge {
         session: Session,
         opts: &ClaimOptions,
     ) -> Result<Vec<ClaimBatch>> {
-        if opts.max_attempts == 0 {
-            return Err(Error::Invalid("max_attempts must be at least 1".into()));
-        }
+        opts.check()?;
         // All conversations in one transaction, as on SQLite: a failure
         // part way leaves no claim behind that the caller does not know of.
         let st = self.prepared(CLAIM_SQL)?;
