@@ -75,7 +75,7 @@ pub fn step(opts: &Options, r: &mut Report) -> Res<()> {
             for i in 0..10 {
                 ask(&mut b, &ro, &convs[i % k], &format!("warm-{k}-{i}"))?;
             }
-            let cpu0: f64 = pollers.iter().map(|p| procs::cpu_secs(p.pid())).sum();
+            let cpu0: f64 = pollers.iter().map(|p| procs::cpu_secs_exact(p.pid())).sum();
             let mut lat = Vec::with_capacity(n);
             for i in 0..n {
                 let took = ask(&mut b, &ro, &convs[i % k], &format!("{mode:?}-{k}-{i}"))?;
@@ -83,7 +83,7 @@ pub fn step(opts: &Options, r: &mut Report) -> Res<()> {
             }
             let cpu = pollers
                 .iter()
-                .map(|p| procs::cpu_secs(p.pid()))
+                .map(|p| procs::cpu_secs_exact(p.pid()))
                 .sum::<f64>()
                 - cpu0;
             // Clock ticks are 10 ms: per question, over all n (rough in --quick).
@@ -125,23 +125,27 @@ pub fn step(opts: &Options, r: &mut Report) -> Res<()> {
     let idle = idle_cpu(&w, &convs[..idle_at], window)?;
     r.row(
         &format!(
-            "Idle CPU of {} pollers while another conversation is asked",
+            "Idle CPU of {} pollers while another conversation is asked (one of them leads the hub / the busy one does)",
             idle_at - 1
         ),
-        format!("{:.2}% of one core over {:.1} s", idle.0, idle.1),
+        format!(
+            "{:.2}% / {:.2}% of one core over {:.1} s",
+            idle.idle_leads, idle.busy_leads, idle.secs
+        ),
         format!(
             "quiet bridge: {} pollers {:.3}%, one poller holding {idle_at} {:.3}%",
-            idle_at, idle.2, idle.3
+            idle_at, idle.quiet, idle.quiet_one
         ),
         "<= 1% at 16",
-        (idle_at == 16).then_some(idle.0 <= 1.0),
+        (idle_at == 16).then_some(idle.idle_leads <= 1.0),
     );
     r.json.insert(
         "conversations".into(),
         json!({"samples": n, "minimal_shard": {"p50_ms": m50, "p99_ms": m99},
             "pickup": Value::Array(rows),
-            "idle": {"pollers": idle_at - 1, "cpu_percent_while_other_asked": idle.0, "seconds": idle.1,
-                     "quiet_separate_cpu_percent": idle.2, "quiet_one_poller_cpu_percent": idle.3}}),
+            "idle": {"pollers": idle_at - 1, "cpu_percent_while_other_asked": idle.idle_leads,
+                     "cpu_percent_while_other_asked_busy_leads": idle.busy_leads, "seconds": idle.secs,
+                     "quiet_separate_cpu_percent": idle.quiet, "quiet_one_poller_cpu_percent": idle.quiet_one}}),
     );
     Ok(())
 }
@@ -338,34 +342,100 @@ fn minimal_shard(w: &World, conv: &NewConversation, n: usize) -> Res<Vec<f64>> {
     Ok(sorted(lat))
 }
 
-/// A poller per conversation; the first conversation is asked one question
-/// after another for `window` while the others wait: their CPU, as a share
-/// of a core (clock ticks are 10 ms: the window must be seconds). Then the
-/// quiet cost of all of them, and of one poller holding all.
-/// Returns (busy-neighbour %, seconds, quiet separate %, quiet one %).
-fn idle_cpu(w: &World, convs: &[NewConversation], window: Duration) -> Res<(f64, f64, f64, f64)> {
-    let quiet_secs = window.as_secs_f64();
-    let cpu = |ps: &[Daemon]| -> f64 { ps.iter().map(|p| procs::cpu_secs(p.pid())).sum() };
-    let pollers = start(w, convs, Mode::Separate)?;
+/// A poller per conversation, `convs[leader]`'s started (and alive) before
+/// the others, so it leads their hub ([`autopoll_poller::hub`]); in
+/// `convs` order.
+fn separate_led_by(w: &World, convs: &[NewConversation], leader: usize) -> Res<Vec<Daemon>> {
+    let one = |c: &NewConversation| {
+        poller(
+            w,
+            &["--conversation", &c.conversation_id, "--concurrency", "2"],
+            &[("AUTOPOLL_TOKEN", &c.session_b_token)],
+        )
+    };
+    let first = one(&convs[leader])?;
+    wait_alive(w, &convs[leader..=leader])?;
+    let mut first = Some(first);
+    let mut all = Vec::with_capacity(convs.len());
+    for (i, c) in convs.iter().enumerate() {
+        all.push(match (i == leader).then(|| first.take()).flatten() {
+            Some(d) => d,
+            None => one(c)?,
+        });
+    }
     wait_alive(w, convs)?;
+    Ok(all)
+}
+
+/// The CPU of all of `pollers` but the first while the first conversation
+/// is asked one question after another for `window`, as a share of a core
+/// (clock ticks are 10 ms: the window must be seconds); and the seconds.
+fn busy_neighbour(
+    w: &World,
+    convs: &[NewConversation],
+    pollers: &[Daemon],
+    window: Duration,
+) -> Res<(f64, f64)> {
+    let cpu = |ps: &[Daemon]| -> f64 { ps.iter().map(|p| procs::cpu_secs_exact(p.pid())).sum() };
     let mut b = Bridge::open(w.db()).map_err(e("bridge"))?;
     let ro = crate::read_only(&w.db())?;
     let (c0, t0) = (cpu(&pollers[1..]), Instant::now());
     let mut i = 0;
     while t0.elapsed() < window {
-        ask(&mut b, &ro, &convs[0], &format!("idle-{i}"))?;
+        ask(
+            &mut b,
+            &ro,
+            &convs[0],
+            &format!("idle-{}-{i}", pollers.len()),
+        )?;
         i += 1;
     }
     let secs = t0.elapsed().as_secs_f64();
-    let busy = (cpu(&pollers[1..]) - c0) / secs * 100.0;
+    Ok(((cpu(&pollers[1..]) - c0) / secs * 100.0, secs))
+}
+
+/// The idle pollers' CPU: a poller per conversation, the first
+/// conversation asked for `window` while the others wait, once with an
+/// idle poller leading the hub (the worst case: it reads every commit for
+/// all) and once with the busy one leading; then the quiet cost of all of
+/// them, and of one poller holding all.
+fn idle_cpu(w: &World, convs: &[NewConversation], window: Duration) -> Res<Idle> {
+    let quiet_secs = window.as_secs_f64();
+    let cpu = |ps: &[Daemon]| -> f64 { ps.iter().map(|p| procs::cpu_secs_exact(p.pid())).sum() };
+    let pollers = separate_led_by(w, convs, convs.len() - 1)?;
+    let (idle_leads, secs) = busy_neighbour(w, convs, &pollers, window)?;
     let (c0, t0) = (cpu(&pollers), Instant::now());
     std::thread::sleep(Duration::from_secs_f64(quiet_secs));
     let quiet = (cpu(&pollers) - c0) / t0.elapsed().as_secs_f64() * 100.0;
+    drop(pollers);
+    let pollers = separate_led_by(w, convs, 0)?;
+    let (busy_leads, _) = busy_neighbour(w, convs, &pollers, window)?;
     drop(pollers);
     let one = start(w, convs, Mode::One)?;
     wait_alive(w, convs)?;
     let (c0, t0) = (cpu(&one), Instant::now());
     std::thread::sleep(Duration::from_secs_f64(quiet_secs));
     let quiet_one = (cpu(&one) - c0) / t0.elapsed().as_secs_f64() * 100.0;
-    Ok((busy, secs, quiet, quiet_one))
+    Ok(Idle {
+        idle_leads,
+        busy_leads,
+        secs,
+        quiet,
+        quiet_one,
+    })
+}
+
+/// What [`idle_cpu`] measured, in % of one core.
+struct Idle {
+    /// The idle pollers while another conversation is asked, one of them
+    /// leading the hub.
+    idle_leads: f64,
+    /// The same with the busy poller leading.
+    busy_leads: f64,
+    /// The length of the busy window.
+    secs: f64,
+    /// All pollers on a quiet bridge.
+    quiet: f64,
+    /// One poller holding all the conversations, quiet.
+    quiet_one: f64,
 }

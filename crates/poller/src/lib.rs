@@ -44,6 +44,7 @@
 pub mod asker;
 pub mod conn;
 pub mod fault;
+pub mod hub;
 pub mod members;
 pub mod shm;
 pub mod tokens;
@@ -219,6 +220,10 @@ pub(crate) const RECHECK: [Duration; 9] = [
     Duration::from_micros(2500),
     Duration::from_micros(5000),
 ];
+
+/// How often a poller whose bridge another poller watches for it
+/// ([`hub`]) checks `PRAGMA data_version` itself.
+pub const FOLLOWER_VERSION_CHECK: Duration = Duration::from_secs(1);
 
 /// Group commit: answers that arrive while others are still being asked
 /// wait at most this long for company, so one transaction writes many of
@@ -1351,6 +1356,7 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         session: cfg.session,
         conversations: std::sync::Arc::new(std::sync::Mutex::new(served_names(&members))),
         gate: std::sync::Arc::new(watch::FileGate::default()),
+        following: Default::default(),
     };
     served.gate.allow(file_id);
     let pg_queues = pg_url.as_ref().map(|_| {
@@ -1613,8 +1619,16 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         let woke = woke && p.last_claim_error.is_none();
         if woke || recheck_due || now >= next_version {
             // While the bridge refuses writes, look at it once a second only.
+            // Likewise while another poller watches the file for us (the
+            // hub): its wake-ups are the fast path, this the safety net.
             let every = if p.last_claim_error.is_some() {
                 Duration::from_secs(1)
+            } else if p
+                .served
+                .following
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                p.cfg.version_check.max(FOLLOWER_VERSION_CHECK)
             } else {
                 p.cfg.version_check
             };

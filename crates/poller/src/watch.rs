@@ -19,8 +19,11 @@ use std::time::{Duration, Instant};
 use autopoll_protocol::fifo;
 use crossbeam_channel::Sender;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::Event;
 use crate::conn::FileId;
+use crate::hub::Hub;
 use crate::shm::{Stamp, WalIndex};
 
 /// While the folder is not watched, how often to try again.
@@ -34,6 +37,10 @@ const MASK: u32 = libc::IN_MODIFY
     | libc::IN_MOVED_FROM
     | libc::IN_DELETE_SELF
     | libc::IN_MOVE_SELF;
+
+/// While another poller watches the bridge for this one ([`crate::hub`]):
+/// only the file being created, renamed or removed, not its writes.
+const FOLLOWER_MASK: u32 = MASK & !(libc::IN_MODIFY | libc::IN_CLOSE_WRITE);
 
 /// What the tokens file's watch listens for: written and closed, renamed
 /// in or out, created, removed, chmod-ed (a partial write is not read: the
@@ -124,6 +131,16 @@ impl Watch {
         Ok(())
     }
 
+    /// Listen for `mask` from now on (same folder, same watch).
+    fn set_mask(&mut self, mask: u32) {
+        if self.mask != mask {
+            self.mask = mask;
+            if self.watched.is_some() {
+                let _ = self.add();
+            }
+        }
+    }
+
     /// Whether the watched folder is still the one at the path.
     fn current(&self) -> bool {
         match (self.watched, std::fs::metadata(&self.dir)) {
@@ -207,14 +224,22 @@ impl Watch {
         // timer slack is 50 us); this thread only.
         // SAFETY: plain prctl on the calling thread.
         unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1_000 as libc::c_ulong) };
+        let following = served.following.clone();
+        let mut hub = Hub::new(served.session);
         let mut confirm = Confirm::new(db, served);
         let _ = confirm.moved();
         let mut next_check = Instant::now() + Duration::from_secs(1);
         // A write not yet visible as a commit: (when to look again, step).
         let mut recheck: Option<(Instant, usize)> = None;
+        let mut fds = Vec::with_capacity(4);
         loop {
             // The loop may be waiting to open another file (FileGate).
             confirm.release_if_gate_moved();
+            if hub.set_key(confirm.served.gate.allowed())
+                && !self.hub_changed(&hub, &following, &events)
+            {
+                return;
+            }
             let now = Instant::now();
             if self.watched.is_none() || now >= next_check {
                 next_check = now + Duration::from_secs(1);
@@ -234,6 +259,9 @@ impl Watch {
             if let Some((t, _)) = recheck {
                 until = until.min(t);
             }
+            if let Some(t) = hub.due() {
+                until = until.min(t);
+            }
             // While a commit is awaited, its further page writes do not wake
             // us (one wake per page would be a dozen per commit): the
             // schedule does, and drains them.
@@ -242,16 +270,27 @@ impl Watch {
             } else {
                 self.fd.as_raw_fd()
             };
-            let mut fds = [
-                fifo::pollfd(inotify, libc::POLLIN),
-                fifo::pollfd(stop_fd, libc::POLLIN),
-            ];
+            fds.clear();
+            fds.push(fifo::pollfd(inotify, libc::POLLIN));
+            fds.push(fifo::pollfd(stop_fd, libc::POLLIN));
+            hub.pollfds(&mut fds);
             if ppoll(&mut fds, until).is_err() {
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
             if fds[1].revents != 0 {
                 let _ = events.send(Event::Stop);
+                return;
+            }
+            let turn = match confirm.served.conversations.lock() {
+                Ok(mine) => hub.turn(&fds[2..], &mine),
+                Err(_) => crate::hub::Turn::default(),
+            };
+            if turn.changed && !self.hub_changed(&hub, &following, &events) {
+                return;
+            }
+            // Woken by the leader: it saw a commit with work for us.
+            if turn.look && events.send(Event::Changed).is_err() {
                 return;
             }
             let mut look = recheck.is_some_and(|(t, _)| Instant::now() >= t);
@@ -280,7 +319,16 @@ impl Watch {
                     recheck = None;
                     // The rest of this commit's writes are queued already.
                     let _ = self.drain();
-                    match confirm.work() {
+                    if hub.after_commit(|session, names| confirm.claimable(session, names))
+                        && !self.hub_changed(&hub, &following, &events)
+                    {
+                        return;
+                    }
+                    let own = confirm.work();
+                    if own == Some(true) {
+                        hub.own_work();
+                    }
+                    match own {
                         Some(true) => Event::Changed,
                         // Nothing for us: the loop sleeps on.
                         Some(false) => continue,
@@ -296,6 +344,7 @@ impl Watch {
                 }
                 None => {
                     recheck = None;
+                    hub.wake_all();
                     Event::Wake
                 }
             };
@@ -303,6 +352,26 @@ impl Watch {
                 return;
             }
         }
+    }
+
+    /// The hub role changed: listen for writes unless another poller
+    /// watches for us, tell the loop, and have it look for work (wake-ups
+    /// may have been missed meanwhile). False when the loop is gone.
+    fn hub_changed(&mut self, hub: &Hub, following: &AtomicBool, events: &Sender<Event>) -> bool {
+        let f = hub.following();
+        following.store(f, Ordering::Relaxed);
+        self.set_mask(if f { FOLLOWER_MASK } else { MASK });
+        log::info!(
+            "event=hub role={}",
+            if f {
+                "follower"
+            } else if hub.leading() {
+                "leader"
+            } else {
+                "alone"
+            }
+        );
+        events.send(Event::Wake).is_ok()
     }
 
     /// For other files (the tokens file): send `make()` for each burst of
@@ -435,6 +504,10 @@ pub struct Served {
     pub conversations: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     /// Which bridge file the watch thread may have open.
     pub gate: std::sync::Arc<FileGate>,
+    /// Whether another poller watches the bridge for this one
+    /// ([`crate::hub`]): the loop's own look at `data_version` may then be
+    /// rarer.
+    pub following: std::sync::Arc<AtomicBool>,
 }
 
 /// Which bridge file (inode) the watch thread may open, and which it has
@@ -473,6 +546,11 @@ impl FileGate {
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// The file the loop has open.
+    pub fn allowed(&self) -> Option<FileId> {
+        self.lock().allowed
+    }
+
     /// Whether the loop may open `id`: the watch holds no other file.
     pub fn clear_to_open(&self, id: FileId) -> bool {
         self.lock().held.is_none_or(|h| h == id)
@@ -501,6 +579,12 @@ impl Confirm {
             Ok(found) => Some(!found.is_empty()),
             Err(_) => None,
         }
+    }
+
+    /// Which of `names` (in `session`) have something to claim, on this
+    /// thread's connection (None: cannot tell).
+    fn claimable(&self, session: autopoll_bridge::Session, names: &[&str]) -> Option<Vec<String>> {
+        autopoll_bridge::claimable_on(self.conn.as_ref()?, names, session).ok()
     }
 
     /// Forget the connection (the file at the path may be another one now).
@@ -682,6 +766,7 @@ mod tests {
                 conversation.to_string(),
             ])),
             gate: std::sync::Arc::new(FileGate::default()),
+            following: Default::default(),
         };
         match crate::conn::look(db) {
             crate::conn::Seen::File(sig) => s.gate.allow(Some(sig.id)),
