@@ -849,11 +849,11 @@ mod tests {
         until(&mut lead, &a, |h, _| h.followers() == 2);
         // Work of its own now and then keeps it leader.
         for i in 0..2 * HANDOVER_WAKES {
-            if i % 100 == 0 {
+            if i % (HANDOVER_WAKES / 2) == 0 {
                 lead.own_work();
             }
             assert!(!lead.after_commit(|_, _| Some(vec!["b".to_string()])));
-            if i % 50 == 0 {
+            if i % 16 == 0 {
                 turn(&mut fb, &b, Duration::ZERO);
             }
         }
