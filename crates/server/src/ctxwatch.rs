@@ -1,7 +1,10 @@
 //! Noticing context changes cheaply: inotify on every folder the context
 //! walk descends into (a watch per folder; a new subfolder gets one as soon
 //! as it appears) and on the folder of each context file named directly
-//! (filtered to that name). An idle server sleeps in poll(2); a burst of
+//! (filtered to that name; that folder is watched only for names coming
+//! and going, and each such file's own inode for its writes, so a busy
+//! neighbour in the same folder, a bridge's WAL say, wakes nothing). An
+//! idle server sleeps in poll(2); a burst of
 //! events is debounced (quiet for [`QUIET`], at most [`MAX_DELAY`]) into one
 //! reload of just the paths the events named (each re-stat'ed and, if
 //! changed, re-read: [`Reload::Paths`]). The full stat walk
@@ -40,6 +43,14 @@ const MASK: u32 = libc::IN_MODIFY
     | libc::IN_DELETE_SELF
     | libc::IN_MOVE_SELF
     | libc::IN_ONLYDIR;
+
+/// The folder of files named directly (and nothing else): names coming
+/// and going only; their writes are seen on the files' own watches
+/// ([`FILE_MASK`]).
+const NAMED_DIR_MASK: u32 = MASK & !(libc::IN_MODIFY | libc::IN_CLOSE_WRITE);
+
+/// A file named directly: its writes (in place, by any path to it).
+const FILE_MASK: u32 = libc::IN_MODIFY | libc::IN_CLOSE_WRITE;
 
 /// A watched folder: where it is, and, for the folder of files named
 /// directly, the only names that count there, each with the `--context`
@@ -90,6 +101,12 @@ pub struct ContextWatch {
     fd: OwnedFd,
     roots: Vec<PathBuf>,
     dirs: HashMap<i32, Dir>,
+    /// Watches on files named directly: the `--context` path each stands
+    /// for.
+    files: HashMap<i32, PathBuf>,
+    /// Where events are read to, kept (zeroing 32 KB on every wake cost
+    /// more than the read).
+    buf: Vec<u64>,
 }
 
 impl ContextWatch {
@@ -106,6 +123,8 @@ impl ContextWatch {
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
             roots: roots.to_vec(),
             dirs: HashMap::new(),
+            files: HashMap::new(),
+            buf: vec![0u64; 4096],
         };
         w.sync()?;
         Ok(w)
@@ -124,18 +143,28 @@ impl ContextWatch {
     /// Add a watch for every folder now under the roots (adding one twice
     /// is harmless: inotify hands back the same descriptor).
     pub fn sync(&mut self) -> io::Result<()> {
-        for (path, only) in context::watch_targets(&self.roots) {
-            let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-            // SAFETY: valid fd and NUL-terminated path.
-            let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), MASK) };
-            if wd < 0 {
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    // Gone or turned into a file since the walk: the next
-                    // event or walk sorts it out.
-                    Some(libc::ENOENT | libc::ENOTDIR | libc::EACCES) => continue,
-                    _ => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
-                }
+        let targets = context::watch_targets(&self.roots);
+        // A folder walked as a whole hears every write; one holding only
+        // files named directly, names coming and going.
+        let whole: std::collections::HashSet<PathBuf> = targets
+            .iter()
+            .filter(|(_, only)| only.is_none())
+            .map(|(p, _)| p.clone())
+            .collect();
+        for (path, only) in targets {
+            let mask = if whole.contains(&path) {
+                MASK
+            } else {
+                NAMED_DIR_MASK
+            };
+            let Some(wd) = self.add(&path, mask)? else {
+                continue;
+            };
+            if let Some((_, root)) = &only
+                && mask == NAMED_DIR_MASK
+                && let Some(fwd) = self.add(root, FILE_MASK)?
+            {
+                self.files.insert(fwd, root.clone());
             }
             let d = self.dirs.entry(wd).or_insert_with(|| Dir {
                 path: path.clone(),
@@ -153,17 +182,34 @@ impl ContextWatch {
         Ok(())
     }
 
+    /// An inotify watch on `path` for `mask` (None: the path is gone or
+    /// not what it was since the walk; the next event or walk sorts it out).
+    fn add(&self, path: &std::path::Path, mask: u32) -> io::Result<Option<i32>> {
+        let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        // SAFETY: valid fd and NUL-terminated path.
+        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), mask) };
+        if wd >= 0 {
+            return Ok(Some(wd));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENOENT | libc::ENOTDIR | libc::EACCES) => Ok(None),
+            _ => Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+        }
+    }
+
     /// Read every pending event.
     pub fn drain(&mut self) -> Drained {
         let mut out = Drained::default();
         // Room for many events; aligned for the kernel's structs.
-        let mut buf = vec![0u64; 4096];
+        let mut buf = std::mem::take(&mut self.buf);
         let header = std::mem::size_of::<libc::inotify_event>();
         loop {
             let len = buf.len() * 8;
             // SAFETY: reading into a valid buffer from our non-blocking fd.
             let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), len) };
             if n <= 0 {
+                self.buf = buf;
                 return out;
             }
             // SAFETY: u64 storage viewed as bytes, within its length.
@@ -190,6 +236,17 @@ impl ContextWatch {
             out.overflow = true;
             out.changed = true;
             out.resync = true;
+            return out;
+        }
+        if let Some(root) = self.files.get(&wd) {
+            out.changed = true;
+            out.paths.insert(root.clone());
+            if mask & libc::IN_IGNORED != 0 {
+                // The inode went (replaced or removed): watch what is there
+                // now.
+                self.files.remove(&wd);
+                out.resync = true;
+            }
             return out;
         }
         if mask & libc::IN_IGNORED != 0 {
@@ -227,6 +284,8 @@ impl ContextWatch {
                 if let Some(root) = names.get(name) {
                     out.changed = true;
                     out.paths.insert(root.clone());
+                    // A new file at the name: its own watch.
+                    out.resync |= mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0;
                 }
             }
             None => {
@@ -236,7 +295,7 @@ impl ContextWatch {
                 }
             }
         }
-        out.resync = out.changed
+        out.resync |= out.changed
             && is_dir
             && dir.only.is_none()
             && mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0;
@@ -432,6 +491,40 @@ mod tests {
         let got = w.drain();
         assert!(got.changed && !got.walk, "{got:?}");
         assert_eq!(got.paths, BTreeSet::from([file.clone()]));
+        w.sync().unwrap();
+        // Written in place (truncated, then the new text): seen on the
+        // file's own watch, the new inode's after the rename.
+        std::fs::write(&file, "z").unwrap();
+        let got = w.drain();
+        assert!(got.changed && !got.walk, "{got:?}");
+        assert_eq!(got.paths, BTreeSet::from([file.clone()]));
+    }
+
+    #[test]
+    fn writes_to_a_neighbour_of_a_file_named_directly_do_not_wake_the_watch() {
+        use std::io::Write;
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("ctx.md");
+        std::fs::write(&file, "x").unwrap();
+        // A bridge in the same folder, its WAL written all the time.
+        let mut wal = std::fs::File::create(d.path().join("bridge.db-wal")).unwrap();
+        let w = ContextWatch::new(std::slice::from_ref(&file)).unwrap();
+        for _ in 0..100 {
+            wal.write_all(&[0u8; 4096]).unwrap();
+        }
+        drop(wal);
+        let mut fds = [fifo::pollfd(w.fd(), libc::POLLIN)];
+        fifo::poll(&mut fds, Some(Instant::now())).unwrap();
+        assert_eq!(fds[0].revents, 0, "the WAL's writes woke the context watch");
+        let mut w = w;
+        // The file's own write still does.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&file)
+            .unwrap()
+            .write_all(b"more")
+            .unwrap();
+        assert_eq!(w.drain().paths, BTreeSet::from([file.clone()]));
     }
 
     #[test]
