@@ -1026,6 +1026,33 @@ fn machine() -> Value {
     json!({"cpu": cpu, "cores": cores, "kernel": kernel})
 }
 
+/// One measurement: it adds its rows (and JSON) to the report.
+type Step = fn(&Options, &mut Report) -> Res<()>;
+
+/// Every measurement, by the name `--only` takes, in the order they run.
+const STEPS: &[(&str, Step)] = &[
+    ("ipc", ipc),
+    ("pickup", pickup),
+    ("old_design", old_design),
+    ("drain", drain),
+    ("persistent_vs_spawn", persistent_vs_spawn),
+    ("idle", idle),
+    ("endurance", endurance),
+    ("engine", engine),
+    ("retention", retention),
+    ("claude", claude::claude),
+    ("quality", quality::quality),
+    ("mcp", mcp::mcp),
+    ("conversations", conversations::step),
+    ("context", context::step),
+    ("postgres", postgres::step),
+];
+
+/// The names `--only` takes ([`run`] runs them in this order).
+pub fn step_names() -> impl Iterator<Item = &'static str> {
+    STEPS.iter().map(|(name, _)| *name)
+}
+
 /// Run every measurement; a failing one is reported in its row, not fatal.
 pub fn run(opts: &Options) -> Report {
     let mut r = Report::default();
@@ -1034,25 +1061,7 @@ pub fn run(opts: &Options) -> Report {
         json!(if opts.quick { "quick" } else { "full" }),
     );
     r.json.insert("machine".into(), machine());
-    type Step = fn(&Options, &mut Report) -> Res<()>;
-    let steps: &[(&str, Step)] = &[
-        ("ipc", ipc),
-        ("pickup", pickup),
-        ("old_design", old_design),
-        ("drain", drain),
-        ("persistent_vs_spawn", persistent_vs_spawn),
-        ("idle", idle),
-        ("endurance", endurance),
-        ("engine", engine),
-        ("retention", retention),
-        ("claude", claude::claude),
-        ("quality", quality::quality),
-        ("mcp", mcp::mcp),
-        ("conversations", conversations::step),
-        ("context", context::step),
-        ("postgres", postgres::step),
-    ];
-    for &(name, step) in steps {
+    for &(name, step) in STEPS {
         if !opts.only.is_empty() && !opts.only.iter().any(|o| o == name) {
             continue;
         }

@@ -30,10 +30,9 @@ struct BenchCli {
     /// tests/fixtures of the source tree (for the persistent-vs-spawn figure).
     #[arg(long, value_name = "DIR")]
     fixtures: Option<PathBuf>,
-    /// Run only this measurement (repeatable): ipc, pickup, old_design, drain,
-    /// persistent_vs_spawn, idle, endurance, engine, retention, claude, quality,
-    /// mcp, conversations, context.
-    #[arg(long, value_name = "NAME")]
+    /// Run only this measurement (repeatable)
+    #[arg(long, value_name = "NAME",
+          value_parser = clap::builder::PossibleValuesParser::new(autopoll_bench::step_names()))]
     only: Vec<String>,
     /// The Claude Code CLI for the claude figures (default: the pinned one that
     /// scripts/install-test-deps.sh installs in tests/claude-cli, else `claude` from PATH).
