@@ -335,15 +335,8 @@ fn a_killed_hub_leader_is_replaced_and_every_conversation_is_still_answered() {
         TIMEOUT,
         || {
             let roles: Vec<Option<String>> = pollers[1..].iter().map(last_role).collect();
-            let leaders = roles
-                .iter()
-                .filter(|r| r.as_deref() == Some("leader"))
-                .count();
-            let followers = roles
-                .iter()
-                .filter(|r| r.as_deref() == Some("follower"))
-                .count();
-            leaders == 1 && followers == 2
+            let count = |role: &str| roles.iter().filter(|r| r.as_deref() == Some(role)).count();
+            count("leader") == 1 && count("follower") == 2
         },
     );
     for (i, c) in convs[1..].iter().enumerate() {

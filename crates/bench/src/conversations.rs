@@ -75,17 +75,13 @@ pub fn step(opts: &Options, r: &mut Report) -> Res<()> {
             for i in 0..10 {
                 ask(&mut b, &ro, &convs[i % k], &format!("warm-{k}-{i}"))?;
             }
-            let cpu0: f64 = pollers.iter().map(|p| procs::cpu_secs_exact(p.pid())).sum();
+            let cpu0 = cpu(&pollers);
             let mut lat = Vec::with_capacity(n);
             for i in 0..n {
                 let took = ask(&mut b, &ro, &convs[i % k], &format!("{mode:?}-{k}-{i}"))?;
                 lat.push(took.as_secs_f64() * 1e6);
             }
-            let cpu = pollers
-                .iter()
-                .map(|p| procs::cpu_secs_exact(p.pid()))
-                .sum::<f64>()
-                - cpu0;
+            let cpu = cpu(&pollers) - cpu0;
             // Clock ticks are 10 ms: per question, over all n (rough in --quick).
             let cpu_ms = cpu * 1000.0 / n as f64;
             let lat = sorted(lat);
@@ -182,18 +178,23 @@ fn poller(w: &World, args: &[&str], envs: &[(&str, &str)]) -> Res<Daemon> {
     Ok(Daemon { child })
 }
 
+/// The CPU time of all of `ps`, seconds (to the nanosecond).
+fn cpu(ps: &[Daemon]) -> f64 {
+    ps.iter().map(|p| procs::cpu_secs_exact(p.pid())).sum()
+}
+
+/// A poller for conversation `c` alone.
+fn separate(w: &World, c: &NewConversation) -> Res<Daemon> {
+    poller(
+        w,
+        &["--conversation", &c.conversation_id, "--concurrency", "2"],
+        &[("AUTOPOLL_TOKEN", &c.session_b_token)],
+    )
+}
+
 fn start(w: &World, convs: &[NewConversation], mode: Mode) -> Res<Vec<Daemon>> {
     match mode {
-        Mode::Separate => convs
-            .iter()
-            .map(|c| {
-                poller(
-                    w,
-                    &["--conversation", &c.conversation_id, "--concurrency", "2"],
-                    &[("AUTOPOLL_TOKEN", &c.session_b_token)],
-                )
-            })
-            .collect(),
+        Mode::Separate => convs.iter().map(|c| separate(w, c)).collect(),
         Mode::One => {
             let path = w.dir.path().join("tokens");
             write_tokens(&path, convs)?;
@@ -346,23 +347,15 @@ fn minimal_shard(w: &World, conv: &NewConversation, n: usize) -> Res<Vec<f64>> {
 /// the others, so it leads their hub ([`autopoll_poller::hub`]); in
 /// `convs` order.
 fn separate_led_by(w: &World, convs: &[NewConversation], leader: usize) -> Res<Vec<Daemon>> {
-    let one = |c: &NewConversation| {
-        poller(
-            w,
-            &["--conversation", &c.conversation_id, "--concurrency", "2"],
-            &[("AUTOPOLL_TOKEN", &c.session_b_token)],
-        )
-    };
-    let first = one(&convs[leader])?;
+    let first = separate(w, &convs[leader])?;
     wait_alive(w, &convs[leader..=leader])?;
-    let mut first = Some(first);
     let mut all = Vec::with_capacity(convs.len());
     for (i, c) in convs.iter().enumerate() {
-        all.push(match (i == leader).then(|| first.take()).flatten() {
-            Some(d) => d,
-            None => one(c)?,
-        });
+        if i != leader {
+            all.push(separate(w, c)?);
+        }
     }
+    all.insert(leader, first);
     wait_alive(w, convs)?;
     Ok(all)
 }
@@ -376,7 +369,6 @@ fn busy_neighbour(
     pollers: &[Daemon],
     window: Duration,
 ) -> Res<(f64, f64)> {
-    let cpu = |ps: &[Daemon]| -> f64 { ps.iter().map(|p| procs::cpu_secs_exact(p.pid())).sum() };
     let mut b = Bridge::open(w.db()).map_err(e("bridge"))?;
     let ro = crate::read_only(&w.db())?;
     let (c0, t0) = (cpu(&pollers[1..]), Instant::now());
@@ -401,7 +393,6 @@ fn busy_neighbour(
 /// them, and of one poller holding all.
 fn idle_cpu(w: &World, convs: &[NewConversation], window: Duration) -> Res<Idle> {
     let quiet_secs = window.as_secs_f64();
-    let cpu = |ps: &[Daemon]| -> f64 { ps.iter().map(|p| procs::cpu_secs_exact(p.pid())).sum() };
     let pollers = separate_led_by(w, convs, convs.len() - 1)?;
     let (idle_leads, secs) = busy_neighbour(w, convs, &pollers, window)?;
     let (c0, t0) = (cpu(&pollers), Instant::now());

@@ -64,12 +64,16 @@ enum Role {
     Leader {
         listener: OwnedFd,
         followers: Vec<Follower>,
+        /// When the handover counts last started again.
+        since: Instant,
     },
     /// It joined a leader, which wakes it.
     Follower {
         sock: OwnedFd,
         /// The set last sent to the leader.
         sent: Vec<String>,
+        /// The leader named it the next one.
+        heir: bool,
     },
 }
 
@@ -121,10 +125,6 @@ pub struct Hub {
     buf: Vec<u8>,
     /// A stranger's socket (another user) was refused: said once.
     warned: bool,
-    /// A follower's: its leader named it the next one.
-    heir: bool,
-    /// A leader's: when the handover counts last started again.
-    since: Instant,
 }
 
 impl Hub {
@@ -140,8 +140,6 @@ impl Hub {
             tries: 0,
             buf: Vec::new(),
             warned: false,
-            heir: false,
-            since: Instant::now(),
         }
     }
 
@@ -198,6 +196,7 @@ impl Hub {
             Role::Leader {
                 listener,
                 followers,
+                ..
             } => {
                 fds.push(fifo::pollfd(listener.as_raw_fd(), libc::POLLIN));
                 for f in followers {
@@ -220,6 +219,7 @@ impl Hub {
             Role::Leader {
                 listener,
                 followers,
+                ..
             } => {
                 if fds.first().is_some_and(|f| f.revents != 0) {
                     accept_all(listener.as_raw_fd(), self.uid, followers, &mut self.warned);
@@ -236,40 +236,36 @@ impl Hub {
                     followers.swap_remove(i);
                 }
             }
-            Role::Follower { sock, .. } => {
-                let woken = fds.first().is_some_and(|f| f.revents != 0);
-                if woken {
+            Role::Follower { sock, heir, .. } => {
+                if fds.first().is_some_and(|f| f.revents != 0) {
                     let got = drain_wakes(sock.as_raw_fd());
                     t.look = got.wakes > 0;
-                    self.heir |= got.heir;
+                    *heir |= got.heir;
                     if got.gone {
                         // The heir binds the name first; the others join it.
                         self.tries = 0;
                         self.next_try = Instant::now()
-                            + if self.heir {
+                            + if *heir {
                                 Duration::ZERO
                             } else {
                                 HEIR_HEAD_START
                             };
-                        self.heir = false;
                         self.role = Role::Alone;
                         t.changed = true;
                     }
                 }
             }
         }
-        if let Role::Follower { sock, sent } = &mut self.role
+        if let Role::Follower { sock, sent, .. } = &mut self.role
             && sent.as_slice() != mine
         {
-            {
-                let msg = subscription(self.session, mine);
-                match msg.filter(|m| send(sock.as_raw_fd(), m).is_ok()) {
-                    Some(_) => *sent = mine.to_vec(),
-                    None => {
-                        self.role = Role::Alone;
-                        self.next_try = Instant::now() + RETRY[RETRY.len() - 1];
-                        t.changed = true;
-                    }
+            let msg = subscription(self.session, mine);
+            match msg.filter(|m| send(sock.as_raw_fd(), m).is_ok()) {
+                Some(_) => *sent = mine.to_vec(),
+                None => {
+                    self.role = Role::Alone;
+                    self.next_try = Instant::now() + RETRY[RETRY.len() - 1];
+                    t.changed = true;
                 }
             }
         }
@@ -291,11 +287,11 @@ impl Hub {
     /// The leader's own conversations had work at a commit: it stays
     /// leader (the handover counts start again).
     pub fn own_work(&mut self) {
-        if let Role::Leader { followers, .. } = &mut self.role {
-            for f in followers.iter_mut() {
-                f.woken = 0;
-            }
-            self.since = Instant::now();
+        if let Role::Leader {
+            followers, since, ..
+        } = &mut self.role
+        {
+            restart_counts(followers, since);
         }
     }
 
@@ -307,17 +303,17 @@ impl Hub {
         &mut self,
         mut look: impl FnMut(Session, &[&str]) -> Option<Vec<String>>,
     ) -> bool {
-        let Role::Leader { followers, .. } = &mut self.role else {
+        let Role::Leader {
+            followers, since, ..
+        } = &mut self.role
+        else {
             return false;
         };
         if followers.is_empty() {
             return false;
         }
-        if self.since.elapsed() >= HANDOVER_WINDOW {
-            for f in followers.iter_mut() {
-                f.woken = 0;
-            }
-            self.since = Instant::now();
+        if since.elapsed() >= HANDOVER_WINDOW {
+            restart_counts(followers, since);
         }
         let mut heir = None;
         for session in [Session::A, Session::B] {
@@ -403,6 +399,7 @@ impl Hub {
                 Some(Role::Follower {
                     sock,
                     sent: mine.to_vec(),
+                    heir: false,
                 })
             }
             // Nobody listens there: lead (or lose the race to bind and
@@ -413,11 +410,20 @@ impl Hub {
                 Some(Role::Leader {
                     listener,
                     followers: Vec::new(),
+                    since: Instant::now(),
                 })
             }
             Err(_) => None,
         }
     }
+}
+
+/// Start the handover counts again: every follower's wakes, and the window.
+fn restart_counts(followers: &mut [Follower], since: &mut Instant) {
+    for f in followers.iter_mut() {
+        f.woken = 0;
+    }
+    *since = Instant::now();
 }
 
 /// The hub's name for `uid` and `key`, in the abstract namespace (no
@@ -467,14 +473,17 @@ fn socket() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn connect(name: &[u8]) -> io::Result<OwnedFd> {
+/// A new socket given to `call` (`connect` or `bind`) with the address
+/// `name`.
+fn addressed(
+    name: &[u8],
+    call: unsafe extern "C" fn(libc::c_int, *const libc::sockaddr, libc::socklen_t) -> libc::c_int,
+) -> io::Result<OwnedFd> {
     let sock = socket()?;
     let (sa, len) = sockaddr(name);
-    // SAFETY: valid socket and address. A non-blocking connect of a unix
-    // socket completes at once or fails (EAGAIN: the leader's backlog is
-    // full; tried again later).
+    // SAFETY: valid socket and address.
     let rc = unsafe {
-        libc::connect(
+        call(
             sock.as_raw_fd(),
             (&sa as *const libc::sockaddr_un).cast(),
             len,
@@ -486,20 +495,15 @@ fn connect(name: &[u8]) -> io::Result<OwnedFd> {
     Ok(sock)
 }
 
+/// A socket connected to `name`. A non-blocking connect of a unix socket
+/// completes at once or fails (EAGAIN: the leader's backlog is full; tried
+/// again later).
+fn connect(name: &[u8]) -> io::Result<OwnedFd> {
+    addressed(name, libc::connect)
+}
+
 fn listen(name: &[u8]) -> io::Result<OwnedFd> {
-    let sock = socket()?;
-    let (sa, len) = sockaddr(name);
-    // SAFETY: valid socket and address.
-    let rc = unsafe {
-        libc::bind(
-            sock.as_raw_fd(),
-            (&sa as *const libc::sockaddr_un).cast(),
-            len,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let sock = addressed(name, libc::bind)?;
     // SAFETY: a bound socket of ours.
     if unsafe { libc::listen(sock.as_raw_fd(), 128) } < 0 {
         return Err(io::Error::last_os_error());
