@@ -22,6 +22,10 @@ pub struct List {
     /// (byte offset of an entry, the id its gap is counted from), offsets
     /// and ids ascending: decoding may start at any of them.
     skips: Vec<(u32, u32)>,
+    /// The offset of the last skip point (0: none), kept here so that a
+    /// push does not read the skip table (a trip to memory per entry
+    /// while an index is built).
+    last_skip: u32,
 }
 
 impl PartialEq for List {
@@ -109,8 +113,9 @@ impl List {
         debug_assert!(self.len == 0 || doc > self.last);
         let base = if self.len == 0 { 0 } else { self.last };
         let at = self.bytes.len();
-        if self.skips.last().map_or(at, |&(o, _)| at - o as usize) >= SKIP_BYTES {
+        if at - self.last_skip as usize >= SKIP_BYTES {
             self.skips.push((at as u32, base));
+            self.last_skip = at as u32;
         }
         let gap = doc - base;
         if gap < 0x80 && tf < 0x80 {
@@ -189,6 +194,7 @@ impl List {
                         true
                     }
                 });
+                self.last_skip = self.skips.last().map_or(0, |&(o, _)| o);
                 return;
             }
             cut_from.get_or_insert(entry);
@@ -197,6 +203,7 @@ impl List {
         // The run reached the end of the list.
         if let Some(from) = cut_from {
             self.skips.retain(|&(o, _)| (o as usize) < from);
+            self.last_skip = self.skips.last().map_or(0, |&(o, _)| o);
             self.bytes.truncate(from);
             self.len -= removed;
             self.last = if self.len == 0 { 0 } else { prev };
@@ -214,10 +221,113 @@ impl List {
         out
     }
 
+    /// Append run `i` of `runs` (its first id greater than every id in
+    /// the list): the first entry as [`List::push`] would, the rest copied
+    /// as encoded, with the run's skip points that fall at least
+    /// [`SKIP_BYTES`] after the list's last one.
+    pub fn append_run(&mut self, runs: &Runs, i: usize) {
+        let h = &runs.heads[i];
+        if h.len == 0 {
+            return;
+        }
+        let (bytes_from, skips_from) = match i.checked_sub(1) {
+            Some(p) => (runs.heads[p].bytes_end, runs.heads[p].skips_end),
+            None => (0, 0),
+        };
+        self.push(h.first, h.first_tf);
+        let off0 = self.bytes.len();
+        self.bytes
+            .extend_from_slice(&runs.bytes[bytes_from as usize..h.bytes_end as usize]);
+        for &(rel, base) in &runs.skips[skips_from as usize..h.skips_end as usize] {
+            let at = off0 + rel as usize;
+            if at - self.last_skip as usize >= SKIP_BYTES {
+                self.skips.push((at as u32, base));
+                self.last_skip = at as u32;
+            }
+        }
+        self.len += h.len - 1;
+        self.last = h.last;
+    }
+
     /// Give back spare capacity.
     pub fn shrink_to_fit(&mut self) {
         self.bytes.shrink_to_fit();
         self.skips.shrink_to_fit();
+    }
+}
+
+/// One run of [`Runs`]: where it ends in the shared buffers, its first
+/// entry, its last id and its number of entries.
+#[derive(Debug, Clone, Copy)]
+struct RunHead {
+    first: u32,
+    first_tf: u16,
+    last: u32,
+    len: u32,
+    bytes_end: u32,
+    skips_end: u32,
+}
+
+/// Runs of entries of many terms, encoded apart from their lists (by an
+/// indexing worker, for the documents of its unit of work) so that
+/// joining them to their lists is a copy ([`List::append_run`]): the
+/// first entry of each run kept as it is (its gap is counted from the
+/// list it joins), the others encoded as a list holds them, with skip
+/// points about [`SKIP_BYTES`] apart.
+#[derive(Debug, Default)]
+pub struct Runs {
+    bytes: Vec<u8>,
+    /// (offset from the start of its run's encoded entries, the id its
+    /// gap is counted from).
+    skips: Vec<(u32, u32)>,
+    heads: Vec<RunHead>,
+}
+
+impl Runs {
+    /// Entries in run `i`.
+    pub fn run_len(&self, i: usize) -> usize {
+        self.heads[i].len as usize
+    }
+
+    /// Add a run of `entries` (ids ascending; may be empty).
+    pub fn push(&mut self, entries: &[(u32, u16)]) {
+        let Some(&(first, first_tf)) = entries.first() else {
+            self.heads.push(RunHead {
+                first: 0,
+                first_tf: 0,
+                last: 0,
+                len: 0,
+                bytes_end: self.bytes.len() as u32,
+                skips_end: self.skips.len() as u32,
+            });
+            return;
+        };
+        let start = self.bytes.len();
+        let mut last_skip = 0usize;
+        let mut prev = first;
+        for &(doc, tf) in &entries[1..] {
+            let rel = self.bytes.len() - start;
+            if rel - last_skip >= SKIP_BYTES {
+                self.skips.push((rel as u32, prev));
+                last_skip = rel;
+            }
+            let gap = doc - prev;
+            if gap < 0x80 && tf < 0x80 {
+                self.bytes.extend_from_slice(&[gap as u8, tf as u8]);
+            } else {
+                put(&mut self.bytes, gap);
+                put(&mut self.bytes, u32::from(tf));
+            }
+            prev = doc;
+        }
+        self.heads.push(RunHead {
+            first,
+            first_tf,
+            last: prev,
+            len: entries.len() as u32,
+            bytes_end: self.bytes.len() as u32,
+            skips_end: self.skips.len() as u32,
+        });
     }
 }
 
@@ -302,6 +412,7 @@ mod tests {
             assert_eq!(l.len(), model.len(), "round {round}");
             if round % 25 == 0 {
                 assert_eq!(l.iter().collect::<Vec<_>>(), model, "round {round}");
+                assert_eq!(l.last_skip, l.skips.last().map_or(0, |s| s.0));
                 // Every skip point decodes to the right entries.
                 for &(o, base) in &l.skips {
                     let mut it = Iter {
@@ -324,6 +435,66 @@ mod tests {
             f
         };
         assert_eq!(l, fresh);
+    }
+
+    /// Lists joined from runs hold what lists pushed entry by entry hold,
+    /// and their skip points stay right through cuts.
+    #[test]
+    fn runs_appended_equal_entries_pushed() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut model: Vec<(u32, u16)> = Vec::new();
+        let (mut pushed, mut joined) = (List::default(), List::default());
+        let mut doc = 0u32;
+        for _ in 0..400 {
+            let mut run = Vec::new();
+            for _ in 0..(1 + next() % [1, 3, 400][(next() % 3) as usize]) {
+                doc += 1 + (next() % [2, 300, 40_000][(next() % 3) as usize]) as u32;
+                run.push((doc, 1 + (next() % 300) as u16));
+            }
+            let mut runs = Runs::default();
+            runs.push(&[(1, 1)]);
+            runs.push(&[]);
+            runs.push(&run);
+            assert_eq!((runs.run_len(1), runs.run_len(2)), (0, run.len()));
+            joined.append_run(&runs, 1);
+            joined.append_run(&runs, 2);
+            for &(d, t) in &run {
+                pushed.push(d, t);
+            }
+            model.extend_from_slice(&run);
+        }
+        assert_eq!(joined, pushed);
+        assert_eq!(joined.iter().collect::<Vec<_>>(), model);
+        assert!(joined.skips.len() > 50, "{} skips", joined.skips.len());
+        assert!(
+            joined
+                .skips
+                .windows(2)
+                .all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1)
+        );
+        for round in 0..200 {
+            let a = (next() % u64::from(doc + 10)) as u32;
+            let b = a + (next() % 200_000) as u32;
+            joined.remove_run(a..b);
+            model.retain(|(d, _)| !(a..b).contains(d));
+            assert_eq!(joined.last_skip, joined.skips.last().map_or(0, |s| s.0));
+            for &(o, base) in &joined.skips {
+                let mut it = Iter {
+                    bytes: &joined.bytes,
+                    at: o as usize,
+                    doc: base,
+                };
+                let first = it.next().unwrap();
+                assert!(model.contains(&first), "round {round}");
+            }
+            assert_eq!(joined.iter().collect::<Vec<_>>(), model, "round {round}");
+        }
     }
 
     #[test]
