@@ -596,6 +596,9 @@ struct Tables {
     docs: Vec<Doc>,
     postings: Vec<Arc<List>>,
     total_len: u64,
+    /// Grow lists by what they need, not by doubling (an update: its
+    /// lists are copies, not shrunk after).
+    tight: bool,
 }
 
 impl Tables {
@@ -675,7 +678,11 @@ impl Tables {
                     if ti >= self.postings.len() {
                         self.postings.resize_with(ti + 1, Default::default);
                     }
-                    Arc::make_mut(&mut self.postings[ti]).append_run(&unit.runs, l);
+                    let list = Arc::make_mut(&mut self.postings[ti]);
+                    if self.tight {
+                        list.reserve_run(&unit.runs, l);
+                    }
+                    list.append_run(&unit.runs, l);
                 }
                 let (mut from, mut p) = (0usize, 0usize);
                 for &(fi, passages, terms_end) in &unit.segments {
@@ -785,6 +792,7 @@ impl Index {
             docs: Vec::new(),
             postings: Vec::new(),
             total_len: 0,
+            tight: false,
         };
         let add: Vec<(usize, &Arc<ContextFile>)> = files.iter().enumerate().collect();
         let toks = t.add_files(&add, &vocab, threads, unit_bytes);
@@ -858,6 +866,7 @@ impl Index {
             docs: self.docs.clone(),
             postings: self.postings.clone(),
             total_len: self.total_len,
+            tight: true,
         };
         for (oi, (tok, span)) in self.toks.iter().enumerate() {
             if kept[oi].is_some() {
