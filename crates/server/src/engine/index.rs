@@ -7,14 +7,19 @@
 //!
 //! Tokenising is done once per file version, in units of about 256 KB of
 //! passages spread over the cores ([`super::par`]) and merged in order, so
-//! the index is the same for any thread count. Term ids come from a
+//! the index is the same for any thread count. The workers do all they
+//! can: stem each distinct word once per thread, and sort their unit's
+//! entries into one encoded run per term ([`Unit::group`]); the merge, the
+//! one serial part, maps each thread's word ids to term ids once and copies
+//! each run onto its term's list. Term ids come from a
 //! [`Vocab`] shared by every index of one engine and only ever appended to;
 //! of each file the index keeps only its distinct terms (to take it out
 //! again). Posting lists are compressed (`engine/postings.rs`).
 //!
 //! After a change, [`Index::update`] makes a new index from the old one:
 //! posting lists are shared (`Arc`) and only those of the changed files'
-//! terms are copied and edited; removed passages leave holes in the
+//! terms are copied and edited, and of those only the blocks the change
+//! touches (`engine/postings.rs`); removed passages leave holes in the
 //! document table until holes outnumber documents, when it is compacted
 //! (ids renumbered, nothing re-tokenised). The new index is swapped in
 //! whole, so readers never see one half made.

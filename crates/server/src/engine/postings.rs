@@ -562,7 +562,7 @@ mod tests {
         assert_eq!(joined, pushed);
         check_blocks(&joined, &model);
         assert!(joined.sealed.len() > 20, "{} blocks", joined.sealed.len());
-        for round in 0..200 {
+        for _ in 0..200 {
             let a = (next() % u64::from(doc + 10)) as u32;
             let b = a + (next() % 200_000) as u32;
             joined.remove_run(a..b);
