@@ -167,6 +167,8 @@ fn sizes(
             cpu.push(u);
             shown.push(d);
         }
+        // The peak again: an edit holds the old index and the new at once.
+        let (hwm_edit, _) = hwm_rss_kib(s.pid());
         let (cpu_med, shown_med) = (median(cpu.clone()), median(shown.clone()));
         let cpu_max = cpu.iter().copied().fold(0.0, f64::max);
         let shown_max = shown.iter().copied().fold(0.0, f64::max);
@@ -183,16 +185,22 @@ fn sizes(
         );
         let ratio = rss as f64 * 1024.0 / ctx_bytes as f64;
         let hwm_ratio = hwm as f64 * 1024.0 / ctx_bytes as f64;
+        let edit_ratio = hwm_edit as f64 * 1024.0 / ctx_bytes as f64;
         r.row(
             &format!("Server memory, {label} context"),
             format!(
-                "VmRSS {:.0} MiB ({ratio:.2}x), VmHWM {:.0} MiB ({hwm_ratio:.2}x)",
+                "VmRSS {:.0} MiB ({ratio:.2}x), VmHWM {:.0} MiB ({hwm_ratio:.2}x), after 3 edits {:.0} MiB ({edit_ratio:.2}x)",
                 rss as f64 / 1024.0,
-                hwm as f64 / 1024.0
+                hwm as f64 / 1024.0,
+                hwm_edit as f64 / 1024.0
             ),
             format!("context {:.0} MiB on disk", ctx_bytes as f64 / MB as f64),
-            if bytes == 200 * MB { "<= 2x" } else { "-" },
-            (bytes == 200 * MB).then_some(ratio <= 2.0),
+            if bytes == 200 * MB {
+                "<= 2x, also at the peak"
+            } else {
+                "-"
+            },
+            (bytes == 200 * MB).then_some(ratio <= 2.0 && edit_ratio <= 2.0),
         );
         r.row(
             &format!("Context one-line edit, {label}"),
@@ -210,7 +218,7 @@ fn sizes(
             json!({"bytes": ctx_bytes, "files": files.len(), "read_bytes": read,
                 "threads": threads, "index_seconds": par_secs, "index_seconds_1_thread": seq_secs, "index_cpu_seconds": par_cpu, "index_cpu_seconds_1_thread": seq_cpu,
                 "raw_read_seconds": raw_secs, "same_index": same, "server_start_seconds": start_secs,
-                "vm_rss_kib": rss, "vm_hwm_kib": hwm, "edit_cpu_seconds": cpu, "edit_shown_seconds": shown}),
+                "vm_rss_kib": rss, "vm_hwm_kib": hwm, "vm_hwm_kib_after_edits": hwm_edit, "edit_cpu_seconds": cpu, "edit_shown_seconds": shown}),
         );
     }
     Ok(())

@@ -987,11 +987,11 @@ fn engine(opts: &Options, r: &mut Report) -> Res<()> {
                 format!("{index_secs:.2} s ({passages} passages)"),
                 "-".into(),
                 if opts.quick {
-                    "(50 MB: <= 2 s)"
+                    "(50 MB: <= 1 s)"
                 } else {
-                    "<= 2 s"
+                    "<= 1 s"
                 },
-                (!opts.quick).then_some(index_secs <= 2.0),
+                (!opts.quick).then_some(index_secs <= 1.0),
             );
         }
         r.row(

@@ -7,14 +7,19 @@
 //!
 //! Tokenising is done once per file version, in units of about 256 KB of
 //! passages spread over the cores ([`super::par`]) and merged in order, so
-//! the index is the same for any thread count. Term ids come from a
+//! the index is the same for any thread count. The workers do all they
+//! can: stem each distinct word once per thread, and sort their unit's
+//! entries into one encoded run per term ([`Unit::group`]); the merge, the
+//! one serial part, maps each thread's word ids to term ids once and copies
+//! each run onto its term's list. Term ids come from a
 //! [`Vocab`] shared by every index of one engine and only ever appended to;
 //! of each file the index keeps only its distinct terms (to take it out
 //! again). Posting lists are compressed (`engine/postings.rs`).
 //!
 //! After a change, [`Index::update`] makes a new index from the old one:
 //! posting lists are shared (`Arc`) and only those of the changed files'
-//! terms are copied and edited; removed passages leave holes in the
+//! terms are copied and edited, and of those only the blocks the change
+//! touches (`engine/postings.rs`); removed passages leave holes in the
 //! document table until holes outnumber documents, when it is compacted
 //! (ids renumbered, nothing re-tokenised). The new index is swapped in
 //! whole, so readers never see one half made.
@@ -26,7 +31,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use sha2::{Digest, Sha256};
 
 use super::context::ContextFile;
-use super::postings::List;
+use super::postings::{List, Runs};
 use super::text;
 
 const K1: f32 = 1.2;
@@ -211,10 +216,65 @@ type FieldLens = (u32, u16, u16);
 /// A run of passages tokenised by one worker, with term ids local to the
 /// run (`words[id]`), so workers share nothing while they work.
 struct Unit {
+    /// The [`ThreadWords`] (by its `era`) whose ids `tids` are.
+    era: u64,
     words: Vec<Arc<str>>,
-    /// Per passage: (local term id, count), and its lengths in terms:
-    /// body, heading, path.
-    passages: Vec<(Vec<(u32, u16)>, FieldLens)>,
+    /// Per local id: the id of its term in that thread's words.
+    tids: Vec<u32>,
+    /// Per passage, in order: (local term id, count), ending at `ends`.
+    entries: Vec<(u32, u16)>,
+    ends: Vec<u32>,
+    /// Per passage: its lengths in terms: body, heading, path.
+    lens: Vec<FieldLens>,
+    /// Per local id, in order, once [`Unit::group`] ran: its (document
+    /// id, count) entries, encoded as posting lists hold them.
+    runs: Runs,
+    /// Per file the unit's passages are of, in order: (its position in
+    /// the files, its passages in the unit, the end of its terms in
+    /// `file_terms`).
+    segments: Vec<(u32, u32, u32)>,
+    /// The distinct local ids of each segment's passages.
+    file_terms: Vec<u32>,
+}
+
+impl Unit {
+    /// Turn the per-passage counts into one run of entries per term, the
+    /// unit's first passage being document `first_doc`, so the merge only
+    /// copies them onto the lists (it is the one part of the work that
+    /// cannot be spread over the cores).
+    fn group(&mut self, first_doc: u32) {
+        let n = self.words.len();
+        // Counting sort by term: `at[l]` is where term l's entries start...
+        let mut at = vec![0u32; n + 1];
+        for &(l, _) in &self.entries {
+            at[l as usize + 1] += 1;
+        }
+        for i in 0..n {
+            at[i + 1] += at[i];
+        }
+        let mut sorted = vec![(0u32, 0u16); self.entries.len()];
+        let mut from = 0usize;
+        for (p, &end) in self.ends.iter().enumerate() {
+            let doc = first_doc + p as u32;
+            for &(l, c) in &self.entries[from..end as usize] {
+                let slot = &mut at[l as usize];
+                sorted[*slot as usize] = (doc, c);
+                *slot += 1;
+            }
+            from = end as usize;
+        }
+        // ...and, moved on by its entries, where they end.
+        let mut runs = Runs::default();
+        let mut start = 0usize;
+        for &end in &at[..n] {
+            // Empty for a heading word's stem not in any body here.
+            runs.push(&sorted[start..end as usize]);
+            start = end as usize;
+        }
+        self.runs = runs;
+        self.entries = Vec::new();
+        self.ends = Vec::new();
+    }
 }
 
 /// A unit of tokenising work is about this much text: small enough to
@@ -227,8 +287,8 @@ const UNIT_BYTES: usize = 256 << 10;
 fn tokenize_unit(files: &[&ContextFile], starts: &[usize], flat: std::ops::Range<usize>) -> Unit {
     WORDS.with(|words| {
         let words = &mut *words.borrow_mut();
-        if words.raw.len() >= STEM_CACHE {
-            *words = ThreadWords::default();
+        if words.cached() >= STEM_CACHE || words.stems.len() >= STEM_CACHE {
+            *words = ThreadWords::new();
         }
         tokenize_with(words, files, starts, flat)
     })
@@ -241,7 +301,10 @@ fn tokenize_with(
     flat: std::ops::Range<usize>,
 ) -> Unit {
     let mut t = UnitTerms::default();
-    let mut passages = Vec::with_capacity(flat.len());
+    let mut lens_all = Vec::with_capacity(flat.len());
+    let mut ends = Vec::with_capacity(flat.len());
+    let mut entries = Vec::new();
+    let mut segments: Vec<(u32, u32, u32)> = Vec::new();
     let mut fi = starts.partition_point(|&s| s <= flat.start) - 1;
     let mut path: Option<(usize, Vec<u32>)> = None;
     for i in flat {
@@ -251,8 +314,12 @@ fn tokenize_with(
         let file = files[fi];
         let p = &file.passages[i - starts[fi]];
         if path.as_ref().is_none_or(|(f, _)| *f != fi) {
+            segments.push((fi as u32, 0, t.file_terms.len() as u32));
+            t.segment = segments.len() as u32;
             let mut v = Vec::new();
-            text::terms(&file.display, |w| v.push(t.marked_id(&field_term(PATH, w))));
+            text::terms(&file.display, |w| {
+                v.push(t.marked_id(words, &field_term(PATH, w)));
+            });
             path = Some((fi, v));
         }
         let mut lens = [0u32; 3];
@@ -271,7 +338,7 @@ fn tokenize_with(
             |_| false,
             |w, _| {
                 let id = t.stem_id(words, w);
-                let id = t.heading_id(id);
+                let id = t.heading_id(words, id);
                 t.count(id);
                 lens[HEADING] += 1;
             },
@@ -280,54 +347,113 @@ fn tokenize_with(
             t.count(id);
             lens[PATH] += 1;
         }
-        let v: Vec<(u32, u16)> = t
-            .seen
-            .drain(..)
-            .map(|id| (id, std::mem::take(&mut t.counts[id as usize])))
-            .collect();
+        for id in t.seen.drain(..) {
+            entries.push((id, std::mem::take(&mut t.counts[id as usize])));
+        }
+        ends.push(entries.len() as u32);
+        if let Some(s) = segments.last_mut() {
+            s.1 += 1;
+            s.2 = t.file_terms.len() as u32;
+        }
         let short = |n: u32| n.min(u32::from(u16::MAX)) as u16;
-        passages.push((v, (lens[BODY], short(lens[HEADING]), short(lens[PATH]))));
+        lens_all.push((lens[BODY], short(lens[HEADING]), short(lens[PATH])));
     }
     Unit {
+        era: words.era,
         words: t.words,
-        passages,
+        tids: t.tids,
+        entries,
+        ends,
+        lens: lens_all,
+        runs: Runs::default(),
+        segments,
+        file_terms: t.file_terms,
     }
 }
 
 /// A tokenising thread's words, kept across its units: each distinct
 /// unstemmed word is stemmed once (Snowball costs more than a look-up) and
 /// given a thread-wide id of its stem, so a unit maps a word to its own id
-/// with one hash look-up and an index.
-#[derive(Default)]
+/// with one hash look-up and an index. Marked (heading, path) terms get
+/// thread ids too, so the merge can map thread ids to index ids once per
+/// term instead of looking every unit's words up in the [`Vocab`].
 struct ThreadWords {
-    /// Unstemmed word -> thread id of its stem.
+    /// Which of these this is (never reused), for the merge's map of
+    /// thread ids to index ids.
+    era: u64,
+    /// Unstemmed word of up to 16 bytes, packed ([`short_key`]) -> thread
+    /// id of its stem: compared in place, where a boxed key would cost a
+    /// trip to memory per token.
+    short: FxMap<u128, u32>,
+    /// Longer unstemmed word -> thread id of its stem.
     raw: FxMap<Box<str>, u32>,
-    /// Stem -> thread id.
+    /// Stem or marked term -> thread id.
     ids: FxMap<Box<str>, u32>,
-    /// Thread id -> stem.
+    /// Thread id -> stem or marked term.
     stems: Vec<Arc<str>>,
 }
 
 impl ThreadWords {
+    fn new() -> ThreadWords {
+        static ERA: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        ThreadWords {
+            era: ERA.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            short: FxMap::default(),
+            raw: FxMap::default(),
+            ids: FxMap::default(),
+            stems: Vec::new(),
+        }
+    }
+
+    /// The thread id of term `t` (a stem or a marked term).
+    fn term_id(&mut self, t: &str) -> u32 {
+        match self.ids.get(t) {
+            Some(&id) => id,
+            None => {
+                let id = self.stems.len() as u32;
+                self.ids.insert(t.into(), id);
+                self.stems.push(t.into());
+                id
+            }
+        }
+    }
+
     /// The thread id of unstemmed word `w`'s stem.
     fn stem_id(&mut self, w: &str) -> u32 {
-        if let Some(&id) = self.raw.get(w) {
+        let key = short_key(w);
+        let found = match key {
+            Some(k) => self.short.get(&k),
+            None => self.raw.get(w),
+        };
+        if let Some(&id) = found {
             return id;
         }
         let mut stem = w.to_string();
         text::stem(&mut stem);
-        let id = match self.ids.get(stem.as_str()) {
-            Some(&id) => id,
-            None => {
-                let id = self.stems.len() as u32;
-                self.ids.insert(stem.as_str().into(), id);
-                self.stems.push(stem.into());
-                id
-            }
+        let id = self.term_id(&stem);
+        match key {
+            Some(k) => self.short.insert(k, id),
+            None => self.raw.insert(w.into(), id),
         };
-        self.raw.insert(w.into(), id);
         id
     }
+
+    /// Distinct unstemmed words cached.
+    fn cached(&self) -> usize {
+        self.short.len() + self.raw.len()
+    }
+}
+
+/// A word of up to 16 bytes as one number: its bytes, zero-padded. Words
+/// hold no zero byte (letters and digits only), so no two share a key.
+fn short_key(w: &str) -> Option<u128> {
+    let b = w.as_bytes();
+    if b.len() > 16 {
+        return None;
+    }
+    let mut k = [0u8; 16];
+    k[..b.len()].copy_from_slice(b);
+    Some(u128::from_le_bytes(k))
 }
 
 /// Distinct words a tokenising thread keeps the stems of; past it, the
@@ -335,68 +461,73 @@ impl ThreadWords {
 const STEM_CACHE: usize = 1 << 18;
 
 thread_local! {
-    static WORDS: RefCell<ThreadWords> = RefCell::new(ThreadWords::default());
+    static WORDS: RefCell<ThreadWords> = RefCell::new(ThreadWords::new());
 }
 
 /// A unit's terms while it is tokenised: local ids, and the counts of the
 /// passage at hand.
 #[derive(Default)]
 struct UnitTerms {
-    /// Marked (heading, path) term -> local id.
-    marked: FxMap<Box<str>, u32>,
-    /// Thread id of a stem -> local id + 1 (0: not in this unit yet).
+    /// Thread id of a term -> local id + 1 (0: not in this unit yet).
     local: Vec<u32>,
     /// Local id -> term.
     words: Vec<Arc<str>>,
+    /// Local id -> thread id.
+    tids: Vec<u32>,
     /// Body term's local id -> its heading term's id (`u32::MAX`: none yet).
     heading: Vec<u32>,
     /// Per local id: count in the passage at hand.
     counts: Vec<u16>,
     /// Local ids counted in the passage at hand, in first-seen order.
     seen: Vec<u32>,
+    /// The segment (file) at hand, 1-based, and per local id the last
+    /// segment it was counted in.
+    segment: u32,
+    in_segment: Vec<u32>,
+    /// Each segment's distinct local ids, one segment after the other.
+    file_terms: Vec<u32>,
 }
 
 impl UnitTerms {
-    fn push(&mut self, t: Arc<str>) -> u32 {
-        let id = self.words.len() as u32;
-        self.words.push(t);
-        self.counts.push(0);
-        self.heading.push(u32::MAX);
-        id
-    }
-
-    /// The local id of marked term `t`.
-    fn marked_id(&mut self, t: &str) -> u32 {
-        if let Some(&id) = self.marked.get(t) {
-            return id;
+    /// The local id of thread term `tid`.
+    fn local_of(&mut self, words: &ThreadWords, tid: u32) -> u32 {
+        let ti = tid as usize;
+        if ti >= self.local.len() {
+            self.local.resize(words.stems.len().max(ti + 1), 0);
         }
-        let id = self.push(t.into());
-        self.marked.insert(t.into(), id);
-        id
-    }
-
-    /// The local id of unstemmed word `w`'s stem.
-    fn stem_id(&mut self, words: &mut ThreadWords, w: &str) -> u32 {
-        let tid = words.stem_id(w) as usize;
-        if tid >= self.local.len() {
-            self.local.resize(words.stems.len().max(tid + 1), 0);
-        }
-        match self.local[tid] {
+        match self.local[ti] {
             0 => {
-                let id = self.push(words.stems[tid].clone());
-                self.local[tid] = id + 1;
+                let id = self.words.len() as u32;
+                self.words.push(words.stems[ti].clone());
+                self.tids.push(tid);
+                self.counts.push(0);
+                self.heading.push(u32::MAX);
+                self.in_segment.push(0);
+                self.local[ti] = id + 1;
                 id
             }
             l => l - 1,
         }
     }
 
+    /// The local id of marked term `t`.
+    fn marked_id(&mut self, words: &mut ThreadWords, t: &str) -> u32 {
+        let tid = words.term_id(t);
+        self.local_of(words, tid)
+    }
+
+    /// The local id of unstemmed word `w`'s stem.
+    fn stem_id(&mut self, words: &mut ThreadWords, w: &str) -> u32 {
+        let tid = words.stem_id(w);
+        self.local_of(words, tid)
+    }
+
     /// The local id of body term `id` as a heading term.
-    fn heading_id(&mut self, id: u32) -> u32 {
+    fn heading_id(&mut self, words: &mut ThreadWords, id: u32) -> u32 {
         match self.heading[id as usize] {
             u32::MAX => {
                 let marked = field_term(HEADING, &self.words[id as usize]);
-                let h = self.marked_id(&marked);
+                let h = self.marked_id(words, &marked);
                 self.heading[id as usize] = h;
                 h
             }
@@ -406,11 +537,62 @@ impl UnitTerms {
 
     /// Count local id `id` once more in the passage at hand.
     fn count(&mut self, id: u32) {
-        let c = &mut self.counts[id as usize];
+        let i = id as usize;
+        let c = &mut self.counts[i];
         if *c == 0 {
             self.seen.push(id);
         }
         *c = c.saturating_add(1);
+        if self.in_segment[i] != self.segment {
+            self.in_segment[i] = self.segment;
+            self.file_terms.push(id);
+        }
+    }
+}
+
+/// The merge's map from the ids of each tokenising thread's words to the
+/// index's term ids, so each term is looked up in the [`Vocab`] once per
+/// thread rather than once per unit.
+#[derive(Default)]
+struct KnownIds {
+    /// Per [`ThreadWords::era`]: thread id -> term id (`u32::MAX`: not yet).
+    by_era: Vec<(u64, Vec<u32>)>,
+}
+
+impl KnownIds {
+    /// The term ids of `unit`'s words (new ones given the next ids in
+    /// order, as [`Vocab::ids_of`] over all its words would).
+    fn of(&mut self, unit: &Unit, vocab: &Vocab) -> Vec<u32> {
+        let slot = match self.by_era.iter().position(|(g, _)| *g == unit.era) {
+            Some(i) => i,
+            None => {
+                self.by_era.push((unit.era, Vec::new()));
+                self.by_era.len() - 1
+            }
+        };
+        let known = &mut self.by_era[slot].1;
+        let mut out = vec![u32::MAX; unit.words.len()];
+        let (mut missing, mut words) = (Vec::new(), Vec::new());
+        for (l, &tid) in unit.tids.iter().enumerate() {
+            match known.get(tid as usize) {
+                Some(&id) if id != u32::MAX => out[l] = id,
+                _ => {
+                    missing.push(l);
+                    words.push(unit.words[l].clone());
+                }
+            }
+        }
+        if !missing.is_empty() {
+            for (&l, id) in missing.iter().zip(vocab.ids_of(&words)) {
+                out[l] = id;
+                let tid = unit.tids[l] as usize;
+                if tid >= known.len() {
+                    known.resize(tid + 1, u32::MAX);
+                }
+                known[tid] = id;
+            }
+        }
+        out
     }
 }
 
@@ -419,6 +601,9 @@ struct Tables {
     docs: Vec<Doc>,
     postings: Vec<Arc<List>>,
     total_len: u64,
+    /// Grow lists by what they need, not by doubling (an update: its
+    /// lists are copies, not shrunk after).
+    tight: bool,
 }
 
 impl Tables {
@@ -426,6 +611,9 @@ impl Tables {
     /// and append their passages as documents, in order; returns each
     /// file's terms and document ids, in the order of `add`. The documents,
     /// postings and term ids come out the same whatever `threads` is.
+    /// The workers also sort their units' entries into runs per term
+    /// ([`Unit::group`]); the merge, on this thread, copies each run onto
+    /// its term's list.
     fn add_files(
         &mut self,
         add: &[(usize, &Arc<ContextFile>)],
@@ -455,12 +643,14 @@ impl Tables {
         let mut out = Vec::with_capacity(files.len());
         // Where the merge is: file `k` of `add`, `done` of its passages.
         let (mut k, mut done) = (0usize, 0usize);
-        let mut start = self.docs.len() as u32;
+        let first_doc = self.docs.len() as u32;
+        let mut start = first_doc;
         let mut terms: Vec<u32> = Vec::new();
         // Per term id: 1 + the position in `add` of the last file that
         // listed it, so `terms` gets each of a file's terms once.
         let mut in_file: Vec<u32> = Vec::new();
         let mut len = 0u64;
+        let mut known = KnownIds::default();
         let mut finish = |tables: &Tables, terms: &mut Vec<u32>, len: &mut u64, start: &mut u32| {
             terms.sort_unstable();
             terms.dedup();
@@ -478,22 +668,36 @@ impl Tables {
         super::par::map_ordered(
             cuts.len() - 1,
             threads,
-            |u| tokenize_unit(&files, &starts, cuts[u]..cuts[u + 1]),
+            |u| {
+                let mut unit = tokenize_unit(&files, &starts, cuts[u]..cuts[u + 1]);
+                unit.group(first_doc + cuts[u] as u32);
+                unit
+            },
             |_, unit| {
-                let global = vocab.ids_of(&unit.words);
-                for (counts, (plen, hlen, pathlen)) in unit.passages {
-                    while done == files[k].passages.len() {
+                let global = known.of(&unit, vocab);
+                for (l, &t) in global.iter().enumerate() {
+                    if unit.runs.run_len(l) == 0 {
+                        continue;
+                    }
+                    let ti = t as usize;
+                    if ti >= self.postings.len() {
+                        self.postings.resize_with(ti + 1, Default::default);
+                    }
+                    let list = Arc::make_mut(&mut self.postings[ti]);
+                    if self.tight {
+                        list.reserve_run(&unit.runs, l);
+                    }
+                    list.append_run(&unit.runs, l);
+                }
+                let (mut from, mut p) = (0usize, 0usize);
+                for &(fi, passages, terms_end) in &unit.segments {
+                    while k < fi as usize {
                         finish(self, &mut terms, &mut len, &mut start);
                         (k, done) = (k + 1, 0);
                     }
-                    let doc = self.docs.len() as u32;
-                    for (l, c) in counts {
+                    for &l in &unit.file_terms[from..terms_end as usize] {
                         let t = global[l as usize];
                         let ti = t as usize;
-                        if ti >= self.postings.len() {
-                            self.postings.resize_with(ti + 1, Default::default);
-                        }
-                        Arc::make_mut(&mut self.postings[ti]).push(doc, c);
                         if ti >= in_file.len() {
                             in_file.resize(ti + 1, 0);
                         }
@@ -502,16 +706,20 @@ impl Tables {
                             terms.push(t);
                         }
                     }
-                    len += u64::from(plen);
-                    self.total_len += u64::from(plen);
-                    self.docs.push(Doc {
-                        file: add[k].0 as u32,
-                        passage: done as u32,
-                        len: plen,
-                        hlen,
-                        plen: pathlen,
-                    });
-                    done += 1;
+                    from = terms_end as usize;
+                    for &(plen, hlen, pathlen) in &unit.lens[p..p + passages as usize] {
+                        len += u64::from(plen);
+                        self.total_len += u64::from(plen);
+                        self.docs.push(Doc {
+                            file: add[k].0 as u32,
+                            passage: done as u32,
+                            len: plen,
+                            hlen,
+                            plen: pathlen,
+                        });
+                        done += 1;
+                    }
+                    p += passages as usize;
                 }
             },
         );
@@ -589,6 +797,7 @@ impl Index {
             docs: Vec::new(),
             postings: Vec::new(),
             total_len: 0,
+            tight: false,
         };
         let add: Vec<(usize, &Arc<ContextFile>)> = files.iter().enumerate().collect();
         let toks = t.add_files(&add, &vocab, threads, unit_bytes);
@@ -662,6 +871,7 @@ impl Index {
             docs: self.docs.clone(),
             postings: self.postings.clone(),
             total_len: self.total_len,
+            tight: true,
         };
         for (oi, (tok, span)) in self.toks.iter().enumerate() {
             if kept[oi].is_some() {
@@ -1384,9 +1594,13 @@ mod tests {
         let all = *starts.last().unwrap();
         // Twice on this thread: the second pass reads the cache only.
         for _ in 0..2 {
-            let unit = tokenize_unit(&refs, &starts, 0..all);
+            let mut unit = tokenize_unit(&refs, &starts, 0..all);
+            let mut lists = vec![List::default(); unit.words.len()];
             let mut fi = 0;
-            for (i, (counts, lens)) in unit.passages.iter().enumerate() {
+            assert_eq!(unit.ends.len(), all);
+            for (i, lens) in unit.lens.iter().enumerate() {
+                let from = i.checked_sub(1).map_or(0, |p| unit.ends[p] as usize);
+                let counts = &unit.entries[from..unit.ends[i] as usize];
                 while starts[fi + 1] <= i {
                     fi += 1;
                 }
@@ -1412,6 +1626,16 @@ mod tests {
                     .collect();
                 assert_eq!(got, want, "passage {i}");
                 assert_eq!(*lens, (n[BODY], n[HEADING] as u16, n[PATH] as u16));
+                for &(l, c) in counts {
+                    lists[l as usize].push(7 + i as u32, c);
+                }
+            }
+            // Grouped into runs per term, they make the same lists.
+            unit.group(7);
+            for (l, want) in lists.iter().enumerate() {
+                let mut got = List::default();
+                got.append_run(&unit.runs, l);
+                assert_eq!(&got, want, "term {:?}", unit.words[l]);
             }
         }
     }
