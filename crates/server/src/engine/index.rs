@@ -3,9 +3,8 @@
 //! the file's path; a body shorter than half the average is scored as if
 //! it had half the average length (a heading and a line do not outrank a
 //! full passage on their few words); the best 20 are then re-ranked by how
-//! close the query's words stand (within [`PROXIMITY_SPAN`] terms). A query
-//! word also looks for its related words ([`super::related`]) at
-//! [`RELATED_WEIGHT`] of its weight.
+//! close the query's words stand (within 5 terms). A query word also looks
+//! for its related words ([`super::related`]) at 0.3 of its weight.
 //!
 //! Tokenising is done once per file version, in units of about 256 KB of
 //! passages spread over the cores ([`super::par`]) and merged in order, so

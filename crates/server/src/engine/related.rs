@@ -177,9 +177,12 @@ const GROUPS: &[&[&str]] = &[
     &["allocate", "allocation", "alloc"],
 ];
 
-/// The table, stemmed: each term and the other terms of its groups.
-fn table() -> &'static HashMap<Box<str>, Box<[Box<str>]>> {
-    static T: OnceLock<HashMap<Box<str>, Box<[Box<str>]>>> = OnceLock::new();
+/// Each stemmed term and the other terms of its groups.
+type Table = HashMap<Box<str>, Box<[Box<str>]>>;
+
+/// The table, stemmed once.
+fn table() -> &'static Table {
+    static T: OnceLock<Table> = OnceLock::new();
     T.get_or_init(|| {
         let mut out: HashMap<Box<str>, Vec<Box<str>>> = HashMap::new();
         for group in GROUPS {
