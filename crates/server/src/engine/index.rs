@@ -3,7 +3,8 @@
 //! the file's path; a body shorter than half the average is scored as if
 //! it had half the average length (a heading and a line do not outrank a
 //! full passage on their few words); the best 20 are then re-ranked by how
-//! close the query's words stand.
+//! close the query's words stand (within 5 terms). A query word also looks
+//! for its related words ([`super::related`]) at 0.3 of its weight.
 //!
 //! Tokenising is done once per file version, in units of about 256 KB of
 //! passages spread over the cores ([`super::par`]) and merged in order, so
@@ -32,7 +33,7 @@ use sha2::{Digest, Sha256};
 
 use super::context::ContextFile;
 use super::postings::{List, Runs};
-use super::text;
+use super::{related, text};
 
 const K1: f32 = 1.2;
 const B: f32 = 0.75;
@@ -63,6 +64,12 @@ fn field_term(field: usize, t: &str) -> String {
 /// Weight of the proximity bonus ([`Index::proximity`]): two query terms
 /// side by side add the smaller one's idf once, ten terms apart a third of it.
 const PROXIMITY: f32 = 1.0;
+/// Query words further apart than this (in terms) add no proximity bonus:
+/// in a long passage or table some pair is always near by chance.
+const PROXIMITY_SPAN: u32 = 5;
+/// Share of a query word's weight its related words ([`related`]) score
+/// with (tune half: 0.2 / 0.3 / 0.4 / 0.5).
+const RELATED_WEIGHT: f32 = 0.3;
 /// How many of the best BM25 passages proximity re-ranks.
 const RERANK: usize = 20;
 
@@ -1054,7 +1061,21 @@ impl Index {
                 q.push(qt);
             }
         });
-        if q.is_empty() || k == 0 {
+        // Related words of each query word (also of one the corpus lacks),
+        // unless the query has them itself.
+        let mut wide: Vec<QTerm> = Vec::new();
+        text::terms(query, |t| {
+            for r in related::related(t) {
+                if !q.iter().chain(wide.iter()).any(|x| *x.text == **r)
+                    && let Some(mut qt) = self.qterm(r)
+                {
+                    qt.weight = RELATED_WEIGHT;
+                    qt.of = Some(t.to_string());
+                    wide.push(qt);
+                }
+            }
+        });
+        if (q.is_empty() && wide.is_empty()) || k == 0 {
             return Vec::new();
         }
         SCRATCH.with(|s| {
@@ -1064,6 +1085,14 @@ impl Index {
                 sc.tf.resize(self.docs.len(), 0.0);
             }
             for t in &mut q {
+                t.idf = self.score_term(t, sc);
+            }
+            // A related word scores with at most the idf of the word it
+            // stands for, and takes no part in proximity.
+            for t in &mut wide {
+                if let Some(o) = q.iter().find(|x| t.of.as_deref() == Some(&*x.text)) {
+                    t.cap = o.idf;
+                }
                 t.idf = self.score_term(t, sc);
             }
             let mut hits: Vec<Hit> = sc
@@ -1121,6 +1150,9 @@ impl Index {
             text: t.to_string(),
             ids,
             idf: 0.0,
+            weight: 1.0,
+            cap: f32::INFINITY,
+            of: None,
         })
     }
 
@@ -1153,13 +1185,14 @@ impl Index {
         let n = self.live as f32;
         let df = sc.term_docs.len() as f32;
         let idf = (1.0 + (n - df + 0.5) / (df + 0.5)).ln();
+        let w = t.weight * idf.min(t.cap);
         for &doc in &sc.term_docs {
             let tf = std::mem::take(&mut sc.tf[doc as usize]);
             let slot = &mut sc.scores[doc as usize];
             if *slot == 0.0 {
                 sc.touched.push(doc);
             }
-            *slot += idf * tf * (K1 + 1.0) / (tf + K1);
+            *slot += w * tf * (K1 + 1.0) / (tf + K1);
         }
         sc.term_docs.clear();
         idf
@@ -1197,7 +1230,7 @@ impl Index {
         for a in 0..n {
             for b in a + 1..n {
                 let d = least[a * n + b];
-                if d != u32::MAX {
+                if d != u32::MAX && d <= PROXIMITY_SPAN {
                     bonus += q[a].idf.min(q[b].idf) / (d as f32).sqrt();
                 }
             }
@@ -1212,6 +1245,14 @@ struct QTerm {
     text: String,
     ids: [Option<u32>; 3],
     idf: f32,
+    /// Share of its BM25F part that counts: 1 for a word of the query,
+    /// less for a related word ([`related`]).
+    weight: f32,
+    /// The most idf it scores with: a related word never weighs more than
+    /// the query word it stands for.
+    cap: f32,
+    /// The query word a related word stands for.
+    of: Option<String>,
 }
 
 /// Per-thread score accumulators, reused across queries: every entry is
@@ -1559,6 +1600,58 @@ mod tests {
         // A path word alone finds the file's passages.
         let hits = idx.search("zeta", 2);
         assert_eq!(hits.len(), 1, "{hits:?}");
+    }
+
+    #[test]
+    fn query_words_further_apart_than_the_span_add_no_proximity() {
+        let filler = "alpha beta gamma delta epsilon zeta eta theta\n".repeat(3);
+        let (_d, idx) = index_of(&[(
+            "notes.md",
+            &format!(
+                "# Near\nThe claim and the lease.\n{filler}\n# Far\nThe claim, alpha beta gamma delta epsilon zeta, the lease.\n{filler}\n# Other\n{filler}omega\n"
+            ),
+        )]);
+        let near = idx.search("claim lease", 3);
+        let alone = idx.search("claim", 3);
+        let score = |hits: &[Hit], p: usize| hits.iter().find(|h| h.passage == p).unwrap().score;
+        // Side by side: a bonus. Seven apart (past the span): none, the
+        // passage scores its BM25 sum only.
+        let lease = idx.search("lease", 3);
+        let bm25_far = score(&alone, 1) + score(&lease, 1);
+        assert!((score(&near, 1) - bm25_far).abs() < 1e-4, "{near:?}");
+        assert!(
+            score(&near, 0) > score(&alone, 0) + score(&lease, 0) + 0.1,
+            "{near:?}"
+        );
+    }
+
+    #[test]
+    fn a_related_word_finds_a_reworded_answer_below_the_exact_word() {
+        let filler = "alpha beta gamma delta epsilon zeta eta theta\n".repeat(3);
+        let (_d, idx) = index_of(&[(
+            "notes.md",
+            &format!(
+                "# One\nThe key forbids a second row.\n{filler}\n# Two\nNothing here prevents it.\n{filler}\n# Three\n{filler}omega\n"
+            ),
+        )]);
+        // "prevented" is in passage 1 itself and, as "forbids", in passage
+        // 0: the exact word ranks first, the related word still finds 0.
+        let hits = idx.search("what is prevented", 3);
+        assert_eq!(hits.len(), 2, "{hits:?}");
+        assert_eq!(hits[0].passage, 1, "{hits:?}");
+        assert_eq!(hits[1].passage, 0, "{hits:?}");
+        // A word the corpus lacks still brings its related words.
+        let hits = idx.search("what is prohibited", 3);
+        assert_eq!(hits.len(), 2, "{hits:?}");
+        // Its related word scores at most RELATED_WEIGHT of the word asked
+        // (same idf, cap) in the same passage.
+        let exact = idx.search("forbids", 3);
+        let via = idx.search("prevents", 3);
+        let s0 = |h: &[Hit]| h.iter().find(|x| x.passage == 0).unwrap().score;
+        assert!(
+            s0(&via) <= RELATED_WEIGHT * s0(&exact) + 1e-5,
+            "{via:?} {exact:?}"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod index;
 pub mod par;
 mod postings;
 pub mod prompt;
+pub mod related;
 pub mod text;
 pub use external::wire;
 
