@@ -10,7 +10,7 @@
 //! passages spread over the cores ([`super::par`]) and merged in order, so
 //! the index is the same for any thread count. The workers do all they
 //! can: stem each distinct word once per thread, and sort their unit's
-//! entries into one encoded run per term ([`Unit::group`]); the merge, the
+//! entries into one encoded run per term (`Unit::group`); the merge, the
 //! one serial part, maps each thread's word ids to term ids once and copies
 //! each run onto its term's list. Term ids come from a
 //! [`Vocab`] shared by every index of one engine and only ever appended to;
