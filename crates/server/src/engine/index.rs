@@ -62,7 +62,8 @@ fn field_term(field: usize, t: &str) -> String {
     s
 }
 /// Weight of the proximity bonus ([`Index::proximity`]): two query terms
-/// side by side add the smaller one's idf once, ten terms apart a third of it.
+/// side by side add the smaller one's idf once, two terms apart 1/sqrt(2)
+/// of it, further apart than [`PROXIMITY_SPAN`] nothing.
 const PROXIMITY: f32 = 1.0;
 /// Query words further apart than this (in terms) add no proximity bonus:
 /// in a long passage or table some pair is always near by chance.
@@ -1050,8 +1051,8 @@ impl Index {
         best.map(|(_, line, text)| (line, text))
     }
 
-    /// The best `k` passages for `query`, best first; empty when no query
-    /// term occurs anywhere.
+    /// The best `k` passages for `query`, best first; empty when neither a
+    /// query word nor one of its related words occurs anywhere.
     pub fn search(&self, query: &str, k: usize) -> Vec<Hit> {
         let mut q: Vec<QTerm> = Vec::new();
         text::terms(query, |t| {
@@ -1200,7 +1201,8 @@ impl Index {
 
     /// How close the query's terms `q` stand in passage `h`'s body:
     /// over each pair of distinct terms found, the smaller idf over the
-    /// square root of their least distance in terms (1 for neighbours).
+    /// square root of their least distance in terms (1 for neighbours),
+    /// for pairs at most [`PROXIMITY_SPAN`] terms apart.
     fn proximity(&self, h: &Hit, q: &[QTerm]) -> f32 {
         let f = &self.files[h.file];
         let p = &f.passages[h.passage];

@@ -5,7 +5,8 @@
 //! is the difference between the index fitting in the size of the text and
 //! not. A search reads lists front to back.
 //!
-//! A list is a chain of blocks of about [`BLOCK_BYTES`]: the full ones
+//! A list is a chain of blocks of at least [`BLOCK_BYTES`] (plus at most
+//! one worker's run, which is appended whole): the full ones
 //! shared (`Arc`) between the versions of an index, the last one, still
 //! being written, kept inline. An update copies a list's outer part (one
 //! pointer a block) and only the blocks it changes: taking a file's run of
@@ -21,8 +22,9 @@
 
 use std::sync::Arc;
 
-/// A block is sealed (and shared from then on) once it holds this many
-/// bytes of list: small enough that copying the few a change touches is
+/// A block is sealed (and shared from then on) at the first push once it
+/// holds this many bytes of list (an appended run is copied whole, so a
+/// block can hold one run more): small enough that copying the few a change touches is
 /// cheap, big enough that the per-block cost (about 80 bytes) is 4%.
 const BLOCK_BYTES: usize = 2048;
 
