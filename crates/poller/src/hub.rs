@@ -708,6 +708,15 @@ mod tests {
         h.turn(&fds, mine)
     }
 
+    /// A hub of session b on file `k`, after its first turn (which joins
+    /// or founds the hub) with conversations `mine`; and that turn.
+    fn joined(k: FileId, mine: &[String]) -> (Hub, Turn) {
+        let mut h = Hub::new(Session::B);
+        h.set_key(Some(k));
+        let t = turn(&mut h, mine, Duration::ZERO);
+        (h, t)
+    }
+
     /// Turns of `h` until `done` or 5 s; what they asked, or'd together.
     fn until(h: &mut Hub, mine: &[String], done: impl Fn(&Hub, Turn) -> bool) -> Turn {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -727,15 +736,13 @@ mod tests {
     fn the_first_poller_leads_the_next_follow_and_only_those_with_work_are_woken() {
         let k = key();
         let (a, b, c) = (names(&["a1"]), names(&["b1", "b2"]), names(&["c1"]));
-        let mut lead = Hub::new(Session::B);
-        lead.set_key(Some(k));
-        assert!(turn(&mut lead, &a, Duration::ZERO).changed);
+        let (mut lead, t) = joined(k, &a);
+        assert!(t.changed);
         assert!(lead.leading());
-        let (mut fb, mut fc) = (Hub::new(Session::B), Hub::new(Session::B));
-        fb.set_key(Some(k));
-        fc.set_key(Some(k));
-        assert!(turn(&mut fb, &b, Duration::ZERO).changed && fb.following());
-        assert!(turn(&mut fc, &c, Duration::ZERO).changed && fc.following());
+        let (mut fb, tb) = joined(k, &b);
+        assert!(tb.changed && fb.following());
+        let (mut fc, tc) = joined(k, &c);
+        assert!(tc.changed && fc.following());
         // The leader takes both subscriptions and wakes each once.
         until(&mut lead, &a, |h, _| h.followers() == 2);
         for _ in 0..3 {
@@ -772,14 +779,9 @@ mod tests {
     fn when_the_leader_goes_one_follower_leads_and_the_other_joins_it() {
         let k = key();
         let (a, b, c) = (names(&["a"]), names(&["b"]), names(&["c"]));
-        let mut lead = Hub::new(Session::B);
-        lead.set_key(Some(k));
-        turn(&mut lead, &a, Duration::ZERO);
-        let (mut fb, mut fc) = (Hub::new(Session::B), Hub::new(Session::B));
-        fb.set_key(Some(k));
-        fc.set_key(Some(k));
-        turn(&mut fb, &b, Duration::ZERO);
-        turn(&mut fc, &c, Duration::ZERO);
+        let (lead, _) = joined(k, &a);
+        let (mut fb, _) = joined(k, &b);
+        let (mut fc, _) = joined(k, &c);
         assert!(fb.following() && fc.following());
         drop(lead);
         let tb = until(&mut fb, &b, |h, _| !h.following());
@@ -796,9 +798,7 @@ mod tests {
     #[test]
     fn a_follower_speaking_nonsense_is_dropped_and_a_changed_set_is_sent_again() {
         let k = key();
-        let mut lead = Hub::new(Session::B);
-        lead.set_key(Some(k));
-        turn(&mut lead, &names(&["a"]), Duration::ZERO);
+        let (mut lead, _) = joined(k, &names(&["a"]));
         let rogue = connect(&address(lead.uid, k)).unwrap();
         send(rogue.as_raw_fd(), b"{not json").unwrap();
         // Taken, then dropped: its end sees the hang-up.
@@ -842,14 +842,9 @@ mod tests {
     fn a_leader_without_work_hands_the_hub_to_the_follower_it_keeps_waking() {
         let k = key();
         let (a, b, c) = (names(&["a"]), names(&["b"]), names(&["c"]));
-        let mut lead = Hub::new(Session::B);
-        lead.set_key(Some(k));
-        turn(&mut lead, &a, Duration::ZERO);
-        let (mut fb, mut fc) = (Hub::new(Session::B), Hub::new(Session::B));
-        for (h, m) in [(&mut fb, &b), (&mut fc, &c)] {
-            h.set_key(Some(k));
-            turn(h, m, Duration::ZERO);
-        }
+        let (mut lead, _) = joined(k, &a);
+        let (mut fb, _) = joined(k, &b);
+        let (mut fc, _) = joined(k, &c);
         until(&mut lead, &a, |h, _| h.followers() == 2);
         // Work of its own now and then keeps it leader.
         for i in 0..2 * HANDOVER_WAKES {
