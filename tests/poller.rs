@@ -99,6 +99,22 @@ fn a_thousand_queries_each_get_exactly_one_response_and_bridge_ask_round_trips()
     assert!(p.log().contains("event=query_answered"), "{}", p.log());
 }
 
+/// The askers pipeline: 16 questions in flight go over at most two server
+/// sessions (the lanes), not one connection each.
+#[test]
+fn a_poller_asks_over_at_most_two_connections_whatever_its_concurrency() {
+    let env = Env::new();
+    let (conv, ctx) = setup(&env);
+    let server = env.server("default", &["--context", &ctx]);
+    let ids = env.send_queries(&conv, "k", 300, "how big is the cache?");
+    let _p = env.poller(&conv, "default", &["--concurrency", "16"]);
+    env.expect_each_answered_once(&ids, TIMEOUT * 2);
+    let st = server.client().unwrap().stats(TIMEOUT).unwrap();
+    // Two lanes, the poller's health probe, and this client.
+    assert!(st.sessions <= 4, "{} sessions open", st.sessions);
+    assert_eq!(st.requests, 300);
+}
+
 #[test]
 fn plain_text_other_types_bad_and_oversized_questions() {
     let env = Env::new();

@@ -371,6 +371,73 @@ fn sixteen_clients_with_100kb_frames_get_their_own_replies() {
     assert_eq!(st.errors, 0);
 }
 
+/// 64 questions written in one go on one session (pipelining, as the
+/// poller's askers do), one of them too large to send: the other 63 each
+/// get their own answer, matched by id, and the large one fails alone.
+#[test]
+fn pipelined_questions_on_one_session_each_get_their_own_answer() {
+    let env = Env::new();
+    let body: String = (0..16)
+        .map(|c| format!("## Topic {c}\nThe keyword kw{c}marker belongs to topic {c} only.\nMore text.\nEven more.\n\n"))
+        .collect();
+    let ctx = env.path("topics.md");
+    std::fs::write(&ctx, &body).unwrap();
+    let s = env.server("default", &["--context", path_str(&ctx), "--workers", "2"]);
+    let mut client = s.client().unwrap();
+    let too_large = "kw3marker ".repeat(autopoll_protocol::DEFAULT_MAX_FRAME / 5);
+    let texts: Vec<String> = (0..64)
+        .map(|i| {
+            if i == 40 {
+                too_large.clone()
+            } else {
+                format!("which topic has kw{}marker?", i % 16)
+            }
+        })
+        .collect();
+    let questions: Vec<(&str, Duration)> = texts.iter().map(|t| (t.as_str(), TIMEOUT)).collect();
+    let ids = client.send_asks(&questions).unwrap();
+    assert!(
+        matches!(ids[40], Err(autopoll_protocol::FrameError::TooLarge { .. })),
+        "{:?}",
+        ids[40]
+    );
+    let mut want: std::collections::HashMap<u64, usize> = ids
+        .iter()
+        .enumerate()
+        .filter_map(|(i, id)| id.as_ref().ok().map(|id| (*id, i)))
+        .collect();
+    assert_eq!(want.len(), 63);
+    let deadline = Instant::now() + TIMEOUT;
+    while !want.is_empty() {
+        let mut fds = [fifo::pollfd(client.reply_fd(), libc::POLLIN)];
+        assert!(
+            fifo::poll(&mut fds, Some(deadline)).unwrap() > 0,
+            "{} answers missing",
+            want.len()
+        );
+        let got = client.read_replies().unwrap();
+        assert!(!got.closed && !got.idle_closed && got.unattributed.is_empty());
+        for reply in got.replies {
+            let id = reply.id().unwrap();
+            let i = want
+                .remove(&id)
+                .unwrap_or_else(|| panic!("reply to {id} twice or unasked"));
+            let autopoll_protocol::Reply::Answer(a) = reply else {
+                panic!("question {i}: {reply:?}");
+            };
+            let line = 2 + 5 * (i % 16);
+            let (lo, hi) = line_range(&a.sources[0]);
+            assert!(
+                (lo..=hi).contains(&line),
+                "question {i}: got {:?}",
+                a.sources
+            );
+        }
+    }
+    let st = client.stats(TIMEOUT).unwrap();
+    assert_eq!((st.requests, st.errors), (63, 0));
+}
+
 #[test]
 fn a_client_killed_mid_request_does_not_disturb_the_others() {
     let env = Env::new();

@@ -21,8 +21,9 @@
 //!   removed and recreated.
 //! - `tokens-watch` (with a tokens file): inotify on the file's folder and
 //!   the SIGHUP pipe; sends `Reload`.
-//! - `asker-N`: `--concurrency` of them, each with its own server connection
-//!   ([`asker`]); sends `Result`s.
+//! - `asker-N`: up to [`asker::MAX_LANES`] lanes, each with one server
+//!   connection carrying its share of the `--concurrency` questions in
+//!   flight at once ([`asker`]); sends `Results`, those of one read together.
 //!
 //! Under systemd (`Type=notify`, [`PollerConfig::notify`]): `READY=1` once
 //! polling starts, `WATCHDOG=1` from the `poller` loop (which then wakes at
@@ -62,7 +63,7 @@ use autopoll_bridge::{
 use autopoll_protocol::{
     Client, ClientError, ClientOptions, ErrorCode, Notifier, NotifyConfig, ServerPaths, Shutdown,
 };
-use crossbeam_channel::{RecvTimeoutError, Sender};
+use crossbeam_channel::RecvTimeoutError;
 use serde_json::Value;
 
 use crate::asker::{AskJob, AskResult};
@@ -193,8 +194,8 @@ pub enum Event {
     /// A commit (by anyone, us too) is visible in the bridge and left
     /// something to claim: confirmed by the watch thread. Claim.
     Changed,
-    /// An asker finished a question.
-    Result(Box<AskResult>),
+    /// An asker finished questions.
+    Results(Vec<AskResult>),
     /// Stop claiming, finish, release, return.
     Stop,
     /// The tokens file changed, or SIGHUP: read it again.
@@ -279,7 +280,7 @@ struct Poller {
     /// to query id. Their answers are dropped.
     orphans: HashMap<(u64, i64), String>,
     claimer: Claimer,
-    jobs: Sender<AskJob>,
+    askers: asker::Askers,
     in_flight: HashMap<i64, InFlight>,
     answers: Vec<(BridgeAnswer, String, Duration)>,
     server: ServerState,
@@ -608,14 +609,13 @@ impl Poller {
                         question: q.question,
                         server_timeout: self.cfg.query_timeout,
                     };
-                    // Never block the main loop: every slot has an asker, so
-                    // this only fails if an old job for the same message is
-                    // still queued (our own expired lease re-claimed).
-                    if let Err(e) = self.jobs.try_send(job) {
+                    // Never block the main loop: the askers' queues hold as
+                    // many as may be in flight, so this only fails if old
+                    // jobs are still queued (a connection was replaced).
+                    if self.askers.submit(job).is_err() {
                         log::warn!(
-                            "event=no_asker message_id={id} query_id={} reason={:?}: releasing it",
+                            "event=no_asker message_id={id} query_id={} reason=\"every asker's queue is full\": releasing it",
                             self.in_flight.get(&id).map_or("", |f| f.query_id.as_str()),
-                            e.to_string()
                         );
                         self.release(id, "no asker free", true);
                     }
@@ -629,6 +629,8 @@ impl Poller {
                 }
             }
         }
+        // One wake per lane given work: its questions go in one write.
+        self.askers.wake();
         if !skip.is_empty()
             && let Err(e) =
                 live(&mut self.bridge).and_then(|b| b.skip(&self.claimer, &skip, "not a query"))
@@ -1350,7 +1352,6 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
     };
     let claimer = Claimer::new(&cfg.shard_id)?;
     let (events_tx, events) = crossbeam_channel::unbounded::<Event>();
-    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<AskJob>(cfg.concurrency);
 
     let served = watch::Served {
         session: cfg.session,
@@ -1410,19 +1411,15 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         }
         None => None,
     };
-    let mut askers = Vec::new();
-    for i in 0..cfg.concurrency {
-        let (jobs, tx, paths) = (jobs_rx.clone(), events_tx.clone(), cfg.server.clone());
-        let connect = Duration::from_secs(5);
-        askers.push(
-            std::thread::Builder::new()
-                .name(format!("asker-{i}"))
-                .spawn(move || asker::run(jobs, tx, paths, connect))
-                .map_err(|e| PollerError::Io(format!("cannot start asker threads: {e}")))?,
-        );
-    }
+    let askers = asker::Askers::start(
+        cfg.concurrency.min(asker::MAX_LANES),
+        cfg.concurrency,
+        &events_tx,
+        &cfg.server,
+        Duration::from_secs(5),
+    )
+    .map_err(|e| PollerError::Io(format!("cannot start asker threads: {e}")))?;
     drop(events_tx);
-    drop(jobs_rx);
 
     let data_version = bridge.data_version()?.unwrap_or(0);
     let mut p = Poller {
@@ -1433,7 +1430,7 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         gone: None,
         orphans: HashMap::new(),
         claimer,
-        jobs: jobs_tx,
+        askers,
         in_flight: HashMap::new(),
         answers: Vec::new(),
         server: ServerState::Up,
@@ -1588,7 +1585,11 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
                         want_claim = true;
                     }
                 }
-                Event::Result(r) => p.on_result(*r),
+                Event::Results(rs) => {
+                    for r in rs {
+                        p.on_result(r);
+                    }
+                }
                 Event::Stop => {
                     if stop_at.is_none() {
                         notifier.stopping("stopping: finishing in-flight questions");
@@ -1693,14 +1694,14 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
             p.say_stopped(&m);
         }
     }
-    drop(p.jobs);
+    let askers = p.askers.close();
     shutdown.trigger();
     let _ = watcher.join();
     if let Some(w) = tokens_watcher {
         let _ = w.join();
     }
-    // Askers finish their current question (bounded by the query timeout);
-    // those still busy are not waited for.
+    // Askers finish what they have in flight (bounded by the query
+    // timeout); those still busy are not waited for.
     for a in askers {
         if a.is_finished() {
             let _ = a.join();

@@ -10,6 +10,10 @@
 //! 6. open the request FIFO for writing (the server already reads it);
 //! 7. unlink both names: the open descriptors are all that is needed.
 //!
+//! Pipelining: [`Client::send_asks`] writes several questions in one go and
+//! [`Client::read_replies`] takes whatever replies have arrived, in any
+//! order; the caller polls [`Client::reply_fd`] and matches replies by id.
+//!
 //! Idle sessions: the server closes a session that sends nothing for its
 //! `--idle-timeout` (the welcome's `idle_timeout_ms`). A [`Client`] whose
 //! connection sat idle for half of that, with nothing outstanding, connects
@@ -115,6 +119,22 @@ impl Drop for Names {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+/// What one [`Client::read_replies`] found.
+#[derive(Debug, Default)]
+pub struct Replies {
+    /// Replies to requests (each carries its request's id), in arrival order.
+    pub replies: Vec<Reply>,
+    /// Errors without an id other than the idle notice: the server could not
+    /// tell which request they concern (a frame it could not read).
+    pub unattributed: Vec<ErrorReply>,
+    /// The server closed the session for idleness (its idle notice) and so
+    /// never read what is outstanding: that may be sent again on a fresh
+    /// connection.
+    pub idle_closed: bool,
+    /// The server closed its side of the connection (end of file).
+    pub closed: bool,
 }
 
 /// A session with a server.
@@ -304,20 +324,32 @@ impl Client {
 
     fn send(&mut self, req: &Request, deadline: Instant) -> Result<(), ClientError> {
         let bytes = frame::encode_capped(req, self.max_frame).map_err(ClientError::TooLarge)?;
+        self.send_bytes(&bytes, 1, deadline)
+    }
+
+    /// Write `count` encoded frames in one go (reconnecting first when the
+    /// connection went stale, or once when it meets a closed session with
+    /// nothing outstanding: such a session never read them).
+    fn send_bytes(
+        &mut self,
+        bytes: &[u8],
+        count: usize,
+        deadline: Instant,
+    ) -> Result<(), ClientError> {
         if self.stale() {
             self.reconnect()?;
         }
         let after = deadline.saturating_duration_since(Instant::now());
-        let mut sent = fifo::write_all(&self.req, &bytes, deadline);
+        let mut sent = fifo::write_all(&self.req, bytes, deadline);
         if matches!(sent, Err(FifoError::Closed)) && self.unanswered == 0 {
             // The server closed this session (idle, or it restarted): it
             // never read the request, so a fresh connection may carry it.
             log::debug!("session closed by the server; connecting again");
             self.reconnect()?;
-            sent = fifo::write_all(&self.req, &bytes, deadline);
+            sent = fifo::write_all(&self.req, bytes, deadline);
         }
         sent.map_err(map_read("sending request", after))?;
-        self.unanswered += 1;
+        self.unanswered += count;
         self.last_used = Instant::now();
         Ok(())
     }
@@ -389,6 +421,84 @@ impl Client {
         });
         self.send(&req, Instant::now() + server_timeout)?;
         Ok(id)
+    }
+
+    /// Send several questions in one write without waiting (pipelining: the
+    /// server answers them in any order, each reply carrying its id; read
+    /// them with [`Client::read_replies`]). Per question, its id, or why it
+    /// could not be sent (too large for the frame cap; the others go on).
+    /// The write is bounded by the shortest of their deadlines.
+    pub fn send_asks(
+        &mut self,
+        questions: &[(&str, Duration)],
+    ) -> Result<Vec<Result<u64, FrameError>>, ClientError> {
+        let mut bytes = Vec::new();
+        let mut ids = Vec::with_capacity(questions.len());
+        let mut shortest: Option<Duration> = None;
+        for (question, server_timeout) in questions {
+            let id = self.id();
+            let req = Request::Ask(AskRequest {
+                id,
+                question: (*question).to_string(),
+                timeout_ms: Some(u64::try_from(server_timeout.as_millis()).unwrap_or(u64::MAX)),
+            });
+            match frame::encode_capped(&req, self.max_frame) {
+                Ok(b) => {
+                    bytes.extend_from_slice(&b);
+                    shortest = Some(shortest.map_or(*server_timeout, |s| s.min(*server_timeout)));
+                    ids.push(Ok(id));
+                }
+                Err(e) => ids.push(Err(e)),
+            }
+        }
+        if let Some(t) = shortest {
+            let count = ids.iter().filter(|r| r.is_ok()).count();
+            self.send_bytes(&bytes, count, Instant::now() + t)?;
+        }
+        Ok(ids)
+    }
+
+    /// The reply FIFO's descriptor, to poll for `POLLIN` beside others
+    /// before [`Client::read_replies`].
+    pub fn reply_fd(&self) -> std::os::fd::RawFd {
+        self.reader.fd()
+    }
+
+    /// Read what the reply FIFO holds now (one non-blocking read) and decode
+    /// every complete frame in it.
+    pub fn read_replies(&mut self) -> Result<Replies, ClientError> {
+        let fill = self
+            .reader
+            .fill()
+            .map_err(|e| ClientError::Protocol(format!("reading replies: {e}")))?;
+        let mut got = Replies::default();
+        while let Some(item) = self.reader.next_buffered() {
+            let line = item.map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let reply: Reply =
+                frame::decode(&line).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            match (reply.id(), reply) {
+                (Some(_), reply) => {
+                    self.unanswered = self.unanswered.saturating_sub(1);
+                    got.replies.push(reply);
+                }
+                (None, Reply::Error(e)) if e.code == ErrorCode::Timeout => {
+                    log::debug!("the server closed the session: {}", e.message);
+                    self.closed_idle = true;
+                    got.idle_closed = true;
+                }
+                (None, Reply::Error(e)) => got.unattributed.push(e),
+                (None, other) => {
+                    return Err(ClientError::Protocol(format!(
+                        "expected a reply to a request, got {other:?}"
+                    )));
+                }
+            }
+        }
+        if fill == fifo::Fill::Eof {
+            got.closed = true;
+        }
+        self.last_used = Instant::now();
+        Ok(got)
     }
 
     /// Wait up to `wait` for the answer to question `id`.

@@ -22,7 +22,7 @@ pub mod notify;
 pub mod paths;
 pub mod stop;
 
-pub use client::{Client, ClientError, ClientOptions};
+pub use client::{Client, ClientError, ClientOptions, Replies};
 pub use frame::{
     Answer, AskRequest, Echo, EngineInfo, ErrorCode, ErrorReply, FrameError, Hello, Reply, Request,
     Stats, StatsRequest, Welcome, WorkerInfo,

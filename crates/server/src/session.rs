@@ -57,8 +57,13 @@ impl std::fmt::Display for End {
 }
 
 fn send(out: &File, reply: &Reply) -> Result<(), End> {
-    fifo::write_all(out, &frame::encode(reply), Instant::now() + REPLY_TIMEOUT).map_err(|e| match e
-    {
+    send_bytes(out, &frame::encode(reply))
+}
+
+/// Write encoded frames (one or several, so replies that are ready
+/// together go in one write).
+fn send_bytes(out: &File, bytes: &[u8]) -> Result<(), End> {
+    fifo::write_all(out, bytes, Instant::now() + REPLY_TIMEOUT).map_err(|e| match e {
         FifoError::Closed => End::ClientGone,
         FifoError::Timeout => End::ClientStuck,
         other => End::Io(other.to_string()),
@@ -272,8 +277,9 @@ pub(crate) fn run(shared: &Arc<Shared>, vetted: Vetted, n: u64) -> Result<(), En
             break Err(End::ClientGone);
         }
 
-        // Finished work first, so answers go out before anything else.
-        let mut failed = None;
+        // Finished work first, so answers go out before anything else; all
+        // replies of this turn are written together.
+        let mut outbuf: Vec<u8> = Vec::new();
         while let Ok(o) = rx.try_recv() {
             let Some(p) = pending.remove(&o.id) else {
                 continue; // already timed out
@@ -284,14 +290,8 @@ pub(crate) fn run(shared: &Arc<Shared>, vetted: Vetted, n: u64) -> Result<(), En
                 o.id,
                 o.engine_time.as_secs_f64() * 1000.0
             );
-            if let Err(e) = send(&out, &reply) {
-                failed = Some(e);
-                break;
-            }
+            outbuf.extend_from_slice(&frame::encode(&reply));
             last_active = Instant::now();
-        }
-        if let Some(e) = failed {
-            break Err(e);
         }
 
         if input_open && fds[input_at].revents != 0 {
@@ -323,16 +323,15 @@ pub(crate) fn run(shared: &Arc<Shared>, vetted: Vetted, n: u64) -> Result<(), En
                     &waker,
                     &mut input_open,
                 );
-                if let Some(r) = reply
-                    && let Err(e) = send(&out, &r)
-                {
-                    failed = Some(e);
-                    break;
+                if let Some(r) = reply {
+                    outbuf.extend_from_slice(&frame::encode(&r));
                 }
             }
-            if let Some(e) = failed {
-                break Err(e);
-            }
+        }
+        if !outbuf.is_empty()
+            && let Err(e) = send_bytes(&out, &outbuf)
+        {
+            break Err(e);
         }
 
         let now = Instant::now();
@@ -341,6 +340,7 @@ pub(crate) fn run(shared: &Arc<Shared>, vetted: Vetted, n: u64) -> Result<(), En
             .filter(|(_, p)| p.deadline <= now)
             .map(|(id, _)| *id)
             .collect();
+        let mut failed = None;
         for id in expired {
             pending.remove(&id);
             shared.counters.finished(Duration::ZERO, true);
