@@ -358,21 +358,6 @@ pub fn claimable_on(
         .collect())
 }
 
-/// Claims taken or taken over: a new row, or the old one with a new owner
-/// and lease and one attempt more. A row's parameters: message id,
-/// conversation, session, owner, lease, now (first and last claimed).
-static UPSERT_CLAIMS: MultiRow = MultiRow::new(
-    "INSERT INTO autopoll_claims
-         (message_id, conversation_id, to_session, owner, lease_until_ms, attempts,
-          first_claimed_at, last_claimed_at)",
-    "(?, ?, ?, ?, ?, 1, ?, ?)",
-    "ON CONFLICT(message_id) DO UPDATE SET
-       owner = excluded.owner,
-       lease_until_ms = excluded.lease_until_ms,
-       attempts = autopoll_claims.attempts + 1,
-       last_claimed_at = excluded.last_claimed_at",
-);
-
 /// The body of a claim, inside the caller's write transaction.
 fn claim_on(
     tx: &Connection,
@@ -434,6 +419,28 @@ fn claim_on(
             batch.dead_lettered.push(d);
             continue;
         }
+        tx.prepare_cached(
+            "INSERT INTO autopoll_claims
+                 (message_id, conversation_id, to_session, owner, lease_until_ms, attempts,
+                  first_claimed_at, last_claimed_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?6)
+                 ON CONFLICT(message_id) DO UPDATE SET
+                   owner = excluded.owner,
+                   lease_until_ms = excluded.lease_until_ms,
+                   attempts = autopoll_claims.attempts + 1,
+                   last_claimed_at = excluded.last_claimed_at",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                msg.id,
+                msg.conversation_id,
+                msg.to_session,
+                claimer.owner,
+                lease_until_ms,
+                now
+            ])
+        })
+        .map_err(&map)?;
         batch.claimed.push(Claimed {
             message: msg,
             attempts: attempts + 1,
@@ -441,23 +448,6 @@ fn claim_on(
         });
     }
     if !batch.claimed.is_empty() {
-        // One upsert for the batch (a chunk at a time), not one per row.
-        let rows: Vec<Vec<&dyn ToSql>> = batch
-            .claimed
-            .iter()
-            .map(|c| {
-                vec![
-                    &c.message.id as &dyn ToSql,
-                    &c.message.conversation_id,
-                    &c.message.to_session,
-                    &claimer.owner,
-                    &lease_until_ms,
-                    &now,
-                    &now,
-                ]
-            })
-            .collect();
-        UPSERT_CLAIMS.execute(tx, &rows).map_err(&map)?;
         let ids: Vec<i64> = batch.claimed.iter().map(|c| c.message.id).collect();
         audit::write(
             tx,

@@ -1,6 +1,6 @@
 //! Multi-row statements: one `INSERT .. VALUES (..), (..)` for many rows
-//! instead of one statement per row, for the set-based group writes of
-//! claims and answers.
+//! instead of one statement per row, for the set-based writes of a group
+//! of answers (`Bridge::complete`).
 //!
 //! A statement's text depends on its number of rows, and every text is a
 //! prepared statement of its own in the connection's cache. So rows go in
