@@ -1119,6 +1119,71 @@ mod tests {
     }
 
     #[test]
+    fn a_group_across_conversations_writes_one_complete_audit_row_per_conversation() {
+        let mut f = Fixture::new();
+        let one = f.id().to_string();
+        let c2 = f
+            .bridge
+            .create_conversation("x", "y", crate::DEFAULT_TTL)
+            .unwrap();
+        let two = c2.conversation_id.clone();
+        let a1 = f.send_a("q1");
+        let b1 = f
+            .bridge
+            .send(&two, Session::A, &c2.session_a_token, "q2", None)
+            .unwrap()
+            .id;
+        let a2 = f.send_a("q3");
+        let me = Claimer::new("s").unwrap();
+        f.bridge
+            .claim_many(
+                &me,
+                &[(one.as_str(), 5), (two.as_str(), 5)],
+                Session::B,
+                &opts(5, 60_000, 3),
+            )
+            .unwrap();
+        let ids = f
+            .bridge
+            .complete(&me, &[answer(a1, "r1"), answer(b1, "r2"), answer(a2, "r3")])
+            .unwrap();
+        let rids: Vec<i64> = ids.iter().map(|r| r.unwrap()).collect();
+        assert_eq!(f.bridge.message(rids[1]).unwrap().conversation_id, two);
+        let rows: Vec<(String, String, String)> = {
+            let conn = f.bridge.connection();
+            let mut stmt = conn
+                .prepare(
+                    "SELECT conversation_id, session_id, details FROM audit_log
+                     WHERE action = 'autopoll_complete' ORDER BY id",
+                )
+                .unwrap();
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        let got: Vec<(&str, &str, Value)> = rows
+            .iter()
+            .map(|(c, s, d)| (c.as_str(), s.as_str(), serde_json::from_str(d).unwrap()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    one.as_str(),
+                    "b",
+                    json!({"message_ids": [a1, a2], "response_ids": [rids[0], rids[2]], "attempts": [1, 1]})
+                ),
+                (
+                    two.as_str(),
+                    "b",
+                    json!({"message_ids": [b1], "response_ids": [rids[1]], "attempts": [1]})
+                ),
+            ]
+        );
+    }
+
+    #[test]
     fn a_group_with_two_answers_to_one_repeat_key_keeps_the_first() {
         let mut f = Fixture::new();
         let conv = f.id().to_string();
