@@ -17,7 +17,9 @@ pub mod actions {
     pub const RENEW: &str = "autopoll_renew";
     /// autopoll: a consumer claimed messages.
     pub const CLAIM: &str = "autopoll_claim";
-    /// autopoll: a claimed message was answered.
+    /// autopoll: claimed messages were answered (SQLite: one row per group
+    /// of answers and conversation, `{"message_ids", "response_ids",
+    /// "attempts"}` lists; PostgreSQL: one row per answer).
     pub const COMPLETE: &str = "autopoll_complete";
     /// autopoll: claims were given back unanswered.
     pub const RELEASE: &str = "autopoll_release";

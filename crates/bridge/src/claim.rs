@@ -24,13 +24,15 @@
 //! that a query repeating an answered query_id gets the stored answer again
 //! ([`Bridge::earlier_answer`]) without asking the engine.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, ToSql, params};
 use serde_json::json;
 
 use crate::error::{Error, Result};
 use crate::message::{self, MESSAGE_COLUMNS, Message};
+use crate::rows::MultiRow;
 use crate::shard::{self, Response};
 use crate::{Bridge, Session, audit, clock, token};
 
@@ -459,6 +461,173 @@ fn claim_on(
     Ok(batch)
 }
 
+/// The details of one `autopoll_complete` audit row: the group's answers
+/// of one conversation and session, in the group's order.
+#[derive(Default)]
+struct CompleteAudit {
+    message_ids: Vec<i64>,
+    response_ids: Vec<i64>,
+    attempts: Vec<u32>,
+}
+
+static INSERT_OUTCOMES: MultiRow = MultiRow::new(
+    "INSERT INTO autopoll_outcomes
+     (message_id, conversation_id, to_session, outcome, response_id, attempts, owner, detail, completed_at)",
+    "(?, ?, ?, 'answered', ?, ?, ?, NULL, ?)",
+    "",
+);
+
+static INSERT_ANSWERS: MultiRow = MultiRow::new(
+    "INSERT INTO autopoll_answers
+     (conversation_id, to_session, query_id, message_id, response_id, answered_at)",
+    "(?, ?, ?, ?, ?, ?)",
+    // The first answer stays the one repeats get (also within one group).
+    "ON CONFLICT DO NOTHING",
+);
+
+/// The body of [`Bridge::complete`], inside the caller's write transaction,
+/// as a few statements for the whole group: one look at which claims are
+/// still ours, the responses and their `send_message` audit rows
+/// ([`message::insert_many`]), one update marking the questions read, one
+/// delete of the claims, the outcome rows, one `autopoll_complete` audit
+/// row per conversation and session, and the stored answers of repeat keys.
+/// Multi-row inserts go a chunk at a time ([`crate::rows`]).
+fn complete_on(
+    conn: &Connection,
+    claimer: &Claimer,
+    answers: &[Answer],
+) -> rusqlite::Result<Vec<Option<i64>>> {
+    let mut out = vec![None; answers.len()];
+    if answers.is_empty() {
+        return Ok(out);
+    }
+    let asked = serde_json::to_string(&answers.iter().map(|a| a.message_id).collect::<Vec<_>>())
+        .expect("a list of integers serializes");
+    let mut held: HashMap<i64, Held> = conn
+        .prepare_cached(
+            "SELECT c.message_id, m.conversation_id, m.from_session, m.to_session, c.attempts
+             FROM autopoll_claims c JOIN messages m ON m.id = c.message_id
+             WHERE c.message_id IN (SELECT value FROM json_each(?2)) AND c.owner = ?1",
+        )?
+        .query_map(params![claimer.owner, asked], |r| {
+            Ok((
+                r.get(0)?,
+                Held {
+                    conversation_id: r.get(1)?,
+                    from_session: r.get(2)?,
+                    to_session: r.get(3)?,
+                    attempts: r.get(4)?,
+                },
+            ))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    // In input order; an id given twice is answered by its first answer
+    // only (the claim is gone by the second, as one by one).
+    let mut owned: Vec<(usize, &Answer, Held)> = Vec::with_capacity(held.len());
+    for (i, a) in answers.iter().enumerate() {
+        match held.remove(&a.message_id) {
+            Some(h) => owned.push((i, a, h)),
+            None => log::warn!(
+                "event=stale_complete message_id={} owner={}: claim lost (lease expired and taken over, or finished)",
+                a.message_id,
+                claimer.owner
+            ),
+        }
+    }
+    if owned.is_empty() {
+        return Ok(out);
+    }
+    let msgs: Vec<message::Outgoing<'_>> = owned
+        .iter()
+        .map(|(_, a, h)| message::Outgoing {
+            conversation: &h.conversation_id,
+            from: &h.to_session,
+            to: &h.from_session,
+            text: &a.text,
+        })
+        .collect();
+    let response_ids = message::insert_many(conn, &msgs, &shard::response_metadata())?;
+    let ids = serde_json::to_string(
+        &owned
+            .iter()
+            .map(|(_, a, _)| a.message_id)
+            .collect::<Vec<_>>(),
+    )
+    .expect("a list of integers serializes");
+    conn.prepare_cached(
+        "UPDATE messages SET read = 1 WHERE id IN (SELECT value FROM json_each(?1))",
+    )?
+    .execute([&ids])?;
+    conn.prepare_cached(
+        "DELETE FROM autopoll_claims WHERE message_id IN (SELECT value FROM json_each(?1))",
+    )?
+    .execute([&ids])?;
+    let now = clock::now_string();
+    let rows: Vec<Vec<&dyn ToSql>> = owned
+        .iter()
+        .zip(&response_ids)
+        .map(|((_, a, h), rid)| {
+            vec![
+                &a.message_id as &dyn ToSql,
+                &h.conversation_id,
+                &h.to_session,
+                rid,
+                &h.attempts,
+                &claimer.owner,
+                &now,
+            ]
+        })
+        .collect();
+    INSERT_OUTCOMES.execute(conn, &rows)?;
+    // One audit row per conversation and session of the group, in the
+    // order they first appear.
+    let mut audits: Vec<(&Held, CompleteAudit)> = Vec::new();
+    for ((_, a, h), &rid) in owned.iter().zip(&response_ids) {
+        let k = match audits.iter().position(|(first, _)| {
+            first.conversation_id == h.conversation_id && first.to_session == h.to_session
+        }) {
+            Some(k) => k,
+            None => {
+                audits.push((h, CompleteAudit::default()));
+                audits.len() - 1
+            }
+        };
+        let d = &mut audits[k].1;
+        d.message_ids.push(a.message_id);
+        d.response_ids.push(rid);
+        d.attempts.push(h.attempts);
+    }
+    for (h, d) in audits {
+        audit::write(
+            conn,
+            Some(&h.conversation_id),
+            Some(&h.to_session),
+            audit::actions::COMPLETE,
+            &json!({ "message_ids": d.message_ids, "response_ids": d.response_ids, "attempts": d.attempts }),
+        )?;
+    }
+    let rows: Vec<Vec<&dyn ToSql>> = owned
+        .iter()
+        .zip(&response_ids)
+        .filter_map(|((_, a, h), rid)| {
+            let key = a.repeat_key.as_ref()?;
+            Some(vec![
+                &h.conversation_id as &dyn ToSql,
+                &h.to_session,
+                key,
+                &a.message_id,
+                rid,
+                &now,
+            ])
+        })
+        .collect();
+    INSERT_ANSWERS.execute(conn, &rows)?;
+    for ((i, ..), rid) in owned.iter().zip(response_ids) {
+        out[*i] = Some(rid);
+    }
+    Ok(out)
+}
+
 impl Bridge {
     /// Claim up to `opts.limit` unread messages to `session` of `conversation`
     /// that nobody holds (never claimed, released, or lease expired), oldest
@@ -613,60 +782,12 @@ impl Bridge {
     /// `{"action_type":"response"}`, redacted), mark the question read, drop
     /// the claim, record the outcome. Returns, per answer, the response's row
     /// id, or `None` when the claim was no longer ours (nothing written).
+    ///
+    /// Set-based: a handful of statements for the whole group (see
+    /// `complete_on`), not a handful per answer.
     pub fn complete(&mut self, claimer: &Claimer, answers: &[Answer]) -> Result<Vec<Option<i64>>> {
         let (tx, map) = self.immediate()?;
-        let mut out = Vec::with_capacity(answers.len());
-        for a in answers {
-            let Some(h) = held(&tx, a.message_id, &claimer.owner).map_err(&map)? else {
-                log::warn!(
-                    "event=stale_complete message_id={} owner={}: claim lost (lease expired and taken over, or finished)",
-                    a.message_id,
-                    claimer.owner
-                );
-                out.push(None);
-                continue;
-            };
-            let response_id = reply(&tx, &h, &a.text).map_err(&map)?;
-            finish(
-                &tx,
-                a.message_id,
-                &h,
-                "answered",
-                Some(response_id),
-                &claimer.owner,
-                None,
-            )
-            .map_err(&map)?;
-            audit::write(
-                &tx,
-                Some(&h.conversation_id),
-                Some(&h.to_session),
-                audit::actions::COMPLETE,
-                &json!({ "message_id": a.message_id, "response_id": response_id, "attempts": h.attempts }),
-            )
-            .map_err(&map)?;
-            if let Some(key) = &a.repeat_key {
-                // The first answer stays the one repeats get.
-                tx.prepare_cached(
-                    "INSERT INTO autopoll_answers
-                     (conversation_id, to_session, query_id, message_id, response_id, answered_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT DO NOTHING",
-                )
-                .and_then(|mut s| {
-                    s.execute(params![
-                        h.conversation_id,
-                        h.to_session,
-                        key,
-                        a.message_id,
-                        response_id,
-                        clock::now_string()
-                    ])
-                })
-                .map_err(&map)?;
-            }
-            out.push(Some(response_id));
-        }
+        let out = complete_on(&tx, claimer, answers).map_err(&map)?;
         tx.commit().map_err(&map)?;
         Ok(out)
     }
@@ -880,6 +1001,325 @@ mod tests {
         assert_eq!(before, after);
         assert!(!f.bridge.message(q).unwrap().read);
         assert!(f.bridge.complete(&fresh, &[answer(q, "on time")]).unwrap()[0].is_some());
+    }
+
+    /// `(action, details)` of the audit rows with `action`, oldest first.
+    fn audits(f: &Fixture, action: &str) -> Vec<Value> {
+        let conn = f.bridge.connection();
+        let mut stmt = conn
+            .prepare("SELECT details FROM audit_log WHERE action = ?1 ORDER BY id")
+            .unwrap();
+        stmt.query_map([action], |r| r.get::<_, String>(0))
+            .unwrap()
+            .map(|d| serde_json::from_str(&d.unwrap()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_group_of_owned_stale_and_finished_claims_writes_the_owned_ones_in_input_order() {
+        let mut f = Fixture::new();
+        let conv = f.id().to_string();
+        let qs: Vec<i64> = (0..6)
+            .map(|i| f.send_a(&shard::query_text(&format!("q-{i}"), "what?")))
+            .collect();
+        let me = Claimer::new("s").unwrap();
+        let other = Claimer::new("s").unwrap();
+        // qs[0..4] ours, qs[4..6] another owner's.
+        f.bridge
+            .claim(&me, &conv, Session::B, &opts(4, 60_000, 3))
+            .unwrap();
+        f.bridge
+            .claim(&other, &conv, Session::B, &opts(2, 60_000, 3))
+            .unwrap();
+        // qs[1] already finished (answered by us in an earlier group).
+        let first = f.bridge.complete(&me, &[answer(qs[1], "earlier")]).unwrap()[0].unwrap();
+        let audits_before = audits(&f, audit::actions::COMPLETE).len();
+        // Out of id order, with a stale one, a finished one, an id given
+        // twice and an id nobody claimed.
+        let batch = [
+            answer(qs[3], "three"),
+            answer(qs[4], "stale four"),
+            answer(qs[1], "finished one"),
+            answer(qs[0], "zero"),
+            answer(qs[3], "three again"),
+            answer(999_999, "nobody's"),
+            answer(qs[2], "two"),
+        ];
+        let ids = f.bridge.complete(&me, &batch).unwrap();
+        assert_eq!(ids.len(), batch.len());
+        let written: Vec<usize> = (0..ids.len()).filter(|&i| ids[i].is_some()).collect();
+        assert_eq!(written, vec![0, 3, 6], "{ids:?}");
+        let rids: Vec<i64> = written.iter().map(|&i| ids[i].unwrap()).collect();
+        assert!(
+            rids.windows(2).all(|w| w[0] < w[1]),
+            "responses are inserted in input order: {rids:?}"
+        );
+        for (&i, &rid) in written.iter().zip(&rids) {
+            let r = f.bridge.message(rid).unwrap();
+            assert_eq!(r.message, batch[i].text);
+            assert_eq!((r.from_session.as_str(), r.to_session.as_str()), ("b", "a"));
+            assert_eq!(r.metadata, json!({ "action_type": "response" }));
+            assert!(!r.read);
+            let q = batch[i].message_id;
+            assert!(f.bridge.message(q).unwrap().read);
+            assert_eq!(
+                f.bridge.outcome(q).unwrap(),
+                Some(("answered".into(), Some(rid), 1))
+            );
+        }
+        // Nothing of the others changed: the stale one is still the other
+        // owner's, the finished one keeps its first answer.
+        assert!(!f.bridge.message(qs[4]).unwrap().read);
+        assert_eq!(f.bridge.outcome(qs[4]).unwrap(), None);
+        assert_eq!(f.bridge.held_by(&other).unwrap(), vec![qs[4], qs[5]]);
+        assert!(f.bridge.held_by(&me).unwrap().is_empty());
+        assert_eq!(
+            f.bridge.outcome(qs[1]).unwrap(),
+            Some(("answered".into(), Some(first), 1))
+        );
+        let responses: i64 = f
+            .bridge
+            .connection()
+            .query_row(
+                "SELECT count(*) FROM messages WHERE to_session = 'a'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(responses, 4, "one earlier, three now");
+        // One send_message row per response, as the Python server writes;
+        // one autopoll_complete row for the group.
+        let sends = audits(&f, audit::actions::SEND_MESSAGE);
+        assert_eq!(sends.len(), 4 + qs.len());
+        assert_eq!(
+            sends[sends.len() - 1],
+            json!({ "to": "a", "message_length": 3, "redacted": false })
+        );
+        let completes = audits(&f, audit::actions::COMPLETE);
+        assert_eq!(completes.len(), audits_before + 1);
+        assert_eq!(
+            completes[audits_before],
+            json!({
+                "message_ids": [qs[3], qs[0], qs[2]],
+                "response_ids": rids,
+                "attempts": [1, 1, 1],
+            })
+        );
+        // A group with nothing of ours writes nothing, not even audit.
+        let none = f
+            .bridge
+            .complete(&me, &[answer(qs[5], "x"), answer(qs[3], "y")])
+            .unwrap();
+        assert_eq!(none, vec![None, None]);
+        assert_eq!(
+            audits(&f, audit::actions::COMPLETE).len(),
+            audits_before + 1
+        );
+        assert_eq!(f.bridge.complete(&me, &[]).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_group_across_conversations_writes_one_complete_audit_row_per_conversation() {
+        let mut f = Fixture::new();
+        let one = f.id().to_string();
+        let c2 = f
+            .bridge
+            .create_conversation("x", "y", crate::DEFAULT_TTL)
+            .unwrap();
+        let two = c2.conversation_id.clone();
+        let a1 = f.send_a("q1");
+        let b1 = f
+            .bridge
+            .send(&two, Session::A, &c2.session_a_token, "q2", None)
+            .unwrap()
+            .id;
+        let a2 = f.send_a("q3");
+        let me = Claimer::new("s").unwrap();
+        f.bridge
+            .claim_many(
+                &me,
+                &[(one.as_str(), 5), (two.as_str(), 5)],
+                Session::B,
+                &opts(5, 60_000, 3),
+            )
+            .unwrap();
+        let ids = f
+            .bridge
+            .complete(&me, &[answer(a1, "r1"), answer(b1, "r2"), answer(a2, "r3")])
+            .unwrap();
+        let rids: Vec<i64> = ids.iter().map(|r| r.unwrap()).collect();
+        assert_eq!(f.bridge.message(rids[1]).unwrap().conversation_id, two);
+        let rows: Vec<(String, String, String)> = {
+            let conn = f.bridge.connection();
+            let mut stmt = conn
+                .prepare(
+                    "SELECT conversation_id, session_id, details FROM audit_log
+                     WHERE action = 'autopoll_complete' ORDER BY id",
+                )
+                .unwrap();
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        let got: Vec<(&str, &str, Value)> = rows
+            .iter()
+            .map(|(c, s, d)| (c.as_str(), s.as_str(), serde_json::from_str(d).unwrap()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    one.as_str(),
+                    "b",
+                    json!({"message_ids": [a1, a2], "response_ids": [rids[0], rids[2]], "attempts": [1, 1]})
+                ),
+                (
+                    two.as_str(),
+                    "b",
+                    json!({"message_ids": [b1], "response_ids": [rids[1]], "attempts": [1]})
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_group_with_two_answers_to_one_repeat_key_keeps_the_first() {
+        let mut f = Fixture::new();
+        let conv = f.id().to_string();
+        let qs: Vec<i64> = (0..4)
+            .map(|_| f.send_a(&shard::query_text("q-same", "what?")))
+            .collect();
+        let me = Claimer::new("s").unwrap();
+        f.bridge
+            .claim(&me, &conv, Session::B, &opts(4, 60_000, 3))
+            .unwrap();
+        let keyed = |id: i64, text: &str, key: Option<&str>| Answer {
+            message_id: id,
+            text: text.into(),
+            repeat_key: key.map(str::to_string),
+        };
+        // An error answer (no key) first, then two with one key, then another key.
+        let ids = f
+            .bridge
+            .complete(
+                &me,
+                &[
+                    keyed(qs[2], "error", None),
+                    keyed(qs[1], "first", Some("q-same")),
+                    keyed(qs[0], "second", Some("q-same")),
+                    keyed(qs[3], "other", Some("q-other")),
+                ],
+            )
+            .unwrap();
+        assert!(ids.iter().all(Option::is_some), "{ids:?}");
+        assert_eq!(
+            f.bridge
+                .earlier_answer(&conv, Session::B, "q-same")
+                .unwrap(),
+            Some((qs[1], "first".to_string()))
+        );
+        assert_eq!(
+            f.bridge
+                .earlier_answer(&conv, Session::B, "q-other")
+                .unwrap(),
+            Some((qs[3], "other".to_string()))
+        );
+        let stored: i64 = f
+            .bridge
+            .connection()
+            .query_row("SELECT count(*) FROM autopoll_answers", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(stored, 2);
+    }
+
+    #[test]
+    fn a_group_larger_than_any_chunk_is_written_whole_in_input_order() {
+        let mut f = Fixture::new();
+        let conv = f.id().to_string();
+        let n = crate::rows::CHUNKS[0] * 2 + 13;
+        let qs: Vec<i64> = (0..n)
+            .map(|i| f.send_a(&shard::query_text(&format!("q-{i}"), "what?")))
+            .collect();
+        let me = Claimer::new("s").unwrap();
+        let b = f
+            .bridge
+            .claim(&me, &conv, Session::B, &opts(n, 60_000, 3))
+            .unwrap();
+        assert_eq!(b.claimed.len(), n);
+        assert!(b.claimed.iter().all(|c| c.attempts == 1));
+        assert_eq!(f.bridge.held_by(&me).unwrap(), qs);
+        // Reversed, every other one with a repeat key; one secret to redact.
+        let batch: Vec<Answer> = qs
+            .iter()
+            .rev()
+            .enumerate()
+            .map(|(i, &q)| Answer {
+                message_id: q,
+                text: if i == 40 {
+                    "AKIAIOSFODNN7EXAMPLE".into()
+                } else {
+                    format!("answer to {q}")
+                },
+                repeat_key: (i % 2 == 0).then(|| format!("q-{q}")),
+            })
+            .collect();
+        let ids = f.bridge.complete(&me, &batch).unwrap();
+        let rids: Vec<i64> = ids.iter().map(|r| r.unwrap()).collect();
+        assert!(rids.windows(2).all(|w| w[0] < w[1]), "{rids:?}");
+        for (i, (a, rid)) in batch.iter().zip(&rids).enumerate() {
+            let text = f.bridge.message(*rid).unwrap().message;
+            if i == 40 {
+                assert_eq!(text, "AWS_KEY_REDACTED");
+            } else {
+                assert_eq!(text, a.text);
+            }
+            assert_eq!(
+                f.bridge.outcome(a.message_id).unwrap(),
+                Some(("answered".into(), Some(*rid), 1))
+            );
+            let earlier = f
+                .bridge
+                .earlier_answer(&conv, Session::B, &format!("q-{}", a.message_id))
+                .unwrap();
+            assert_eq!(earlier.is_some(), i % 2 == 0, "{i}");
+        }
+        assert!(f.bridge.held_by(&me).unwrap().is_empty());
+        let sends = audits(&f, audit::actions::SEND_MESSAGE);
+        assert_eq!(sends[n + 40]["redacted"], json!(true));
+        let completes = audits(&f, audit::actions::COMPLETE);
+        assert_eq!(completes.len(), 1);
+        assert_eq!(completes[0]["response_ids"], json!(rids));
+        // The claim batch is one audit row too.
+        let claims = audits(&f, audit::actions::CLAIM);
+        assert_eq!(claims.len(), 1);
+        assert_eq!(claims[0]["message_ids"], json!(qs));
+        // Taking over a whole expired batch bumps every attempt count.
+        let qs2: Vec<i64> = (0..n)
+            .map(|i| f.send_a(&shard::query_text(&format!("r-{i}"), "what?")))
+            .collect();
+        f.bridge
+            .claim(&me, &conv, Session::B, &opts(n, 0, 5))
+            .unwrap();
+        let other = Claimer::new("s").unwrap();
+        let again = f
+            .bridge
+            .claim(&other, &conv, Session::B, &opts(n, 60_000, 5))
+            .unwrap();
+        assert_eq!(again.claimed.len(), n);
+        assert!(again.claimed.iter().all(|c| c.attempts == 2));
+        assert_eq!(f.bridge.held_by(&other).unwrap(), qs2);
+        let attempts: Vec<u32> = {
+            let conn = f.bridge.connection();
+            let mut stmt = conn
+                .prepare("SELECT attempts FROM autopoll_claims ORDER BY message_id")
+                .unwrap();
+            stmt.query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        assert_eq!(attempts, vec![2; n]);
     }
 
     #[test]

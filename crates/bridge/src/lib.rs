@@ -26,6 +26,7 @@ pub mod pg;
 pub mod prune;
 pub mod pyjson;
 pub mod redact;
+mod rows;
 pub mod schema;
 pub mod shard;
 mod stats;

@@ -2,12 +2,13 @@
 //! unread ones atomically as the Python server does, and peek without marking.
 
 use rusqlite::types::ValueRef;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, ToSql, params};
 use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::conversation::verify_on;
 use crate::error::{Error, Result};
+use crate::rows::MultiRow;
 use crate::{Bridge, RateLimit, Session, audit, clock, redact};
 
 /// A row of `messages`.
@@ -155,6 +156,93 @@ pub(crate) fn insert(
         timestamp,
         redacted,
     })
+}
+
+/// One message of [`insert_many`].
+pub(crate) struct Outgoing<'a> {
+    pub(crate) conversation: &'a str,
+    pub(crate) from: &'a str,
+    pub(crate) to: &'a str,
+    pub(crate) text: &'a str,
+}
+
+static INSERT_MESSAGES: MultiRow = MultiRow::new(
+    "INSERT INTO messages (conversation_id, from_session, to_session, message, metadata, timestamp)",
+    "(?, ?, ?, ?, ?, ?)",
+    "RETURNING id",
+);
+
+static INSERT_AUDIT: MultiRow = MultiRow::new(
+    "INSERT INTO audit_log (conversation_id, session_id, action, details, timestamp)",
+    "(?, ?, ?, ?, ?)",
+    "",
+);
+
+/// [`insert`] for many messages with the same metadata, set-based: the
+/// same rows (each message, then its `send_message` audit row, redacted
+/// alike, each message with its own timestamp) in a few multi-row
+/// statements. Returns the new row ids in the order of `msgs`.
+pub(crate) fn insert_many(
+    conn: &Connection,
+    msgs: &[Outgoing<'_>],
+    metadata: &Value,
+) -> rusqlite::Result<Vec<i64>> {
+    let mut metadata = metadata.clone();
+    let meta_redacted = redact::redact_json(&mut metadata);
+    let metadata = metadata.to_string();
+    struct Row {
+        text: String,
+        timestamp: String,
+        details: String,
+    }
+    let rows: Vec<Row> = msgs
+        .iter()
+        .map(|m| {
+            let (text, redacted) = redact::redact_message(m.text);
+            let details = json!({
+                "to": m.to,
+                "message_length": text.chars().count(),
+                "redacted": redacted | meta_redacted,
+            })
+            .to_string();
+            Row {
+                text,
+                timestamp: clock::now_string(),
+                details,
+            }
+        })
+        .collect();
+    let params: Vec<Vec<&dyn ToSql>> = msgs
+        .iter()
+        .zip(&rows)
+        .map(|(m, r)| {
+            vec![
+                &m.conversation as &dyn ToSql,
+                &m.from,
+                &m.to,
+                &r.text,
+                &metadata,
+                &r.timestamp,
+            ]
+        })
+        .collect();
+    let ids = INSERT_MESSAGES.returning_ids(conn, &params)?;
+    let action = audit::actions::SEND_MESSAGE;
+    let params: Vec<Vec<&dyn ToSql>> = msgs
+        .iter()
+        .zip(&rows)
+        .map(|(m, r)| {
+            vec![
+                &m.conversation as &dyn ToSql,
+                &m.from,
+                &action,
+                &r.details,
+                &r.timestamp,
+            ]
+        })
+        .collect();
+    INSERT_AUDIT.execute(conn, &params)?;
+    Ok(ids)
 }
 
 fn check_rate(
