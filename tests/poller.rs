@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use autopoll_bridge::{Session, shard};
@@ -113,6 +114,36 @@ fn a_poller_asks_over_at_most_two_connections_whatever_its_concurrency() {
     // Two lanes, the poller's health probe, and this client.
     assert!(st.sessions <= 4, "{} sessions open", st.sessions);
     assert_eq!(st.requests, 300);
+}
+
+/// The WAL's frames committed (`mxFrame`) and copied back into the file
+/// (`nBackfill`), from the WAL index (SQLite's documented `-shm` layout,
+/// native byte order).
+fn wal_frames(db: &Path) -> (u32, u32) {
+    let shm = std::fs::read(format!("{}-shm", db.display())).unwrap_or_default();
+    let word = |at: usize| {
+        shm.get(at..at + 4)
+            .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    (word(16), word(96))
+}
+
+/// The poller's commits are copied back into the bridge file by its
+/// checkpoint thread (its own connection checkpoints only past 10,000 WAL
+/// pages): after a run of answers the WAL is all checkpointed, although no
+/// commit crossed SQLite's automatic threshold.
+#[test]
+fn the_checkpoint_thread_copies_the_pollers_commits_back_into_the_file() {
+    let env = Env::new();
+    let (conv, ctx) = setup(&env);
+    let _server = env.server("default", &["--context", &ctx]);
+    let _p = env.poller(&conv, "default", &["--concurrency", "8"]);
+    let ids = env.send_queries(&conv, "k", 400, "how big is the cache?");
+    env.expect_each_answered_once(&ids, TIMEOUT * 2);
+    wait_until("the WAL is checkpointed", TIMEOUT, || {
+        let (committed, copied) = wal_frames(&env.db());
+        committed > 0 && copied == committed
+    });
 }
 
 #[test]

@@ -866,6 +866,37 @@ impl Bridge {
             .map_err(self.map())
     }
 
+    /// [`Bridge::earlier_answer`] for several repeat keys in one statement
+    /// (the keys go in as one JSON array): those found, by key.
+    pub fn earlier_answers(
+        &self,
+        conversation: &str,
+        session: Session,
+        keys: &[&str],
+    ) -> Result<std::collections::HashMap<String, (i64, String)>> {
+        if keys.is_empty() {
+            return Ok(std::collections::HashMap::new());
+        }
+        let list = serde_json::to_string(keys).unwrap_or_else(|_| "[]".into());
+        self.conn
+            .prepare_cached(
+                "SELECT a.query_id, a.message_id, r.message FROM autopoll_answers a
+                 JOIN messages r ON r.id = a.response_id
+                 WHERE a.conversation_id = ?1 AND a.to_session = ?2
+                   AND a.query_id IN (SELECT value FROM json_each(?3))",
+            )
+            .and_then(|mut s| {
+                s.query_map(params![conversation, session.as_str(), list], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        (r.get(1)?, message::text_lossy(r.get_ref(2)?).0),
+                    ))
+                })?
+                .collect()
+            })
+            .map_err(self.map())
+    }
+
     /// The outcome recorded for a message, if it is finished:
     /// `(outcome, response_id, attempts)`.
     pub fn outcome(&self, message_id: i64) -> Result<Option<(String, Option<i64>, u32)>> {
@@ -1856,6 +1887,19 @@ mod tests {
         assert_eq!(
             f.bridge.earlier_answer(&conv, Session::A, "q-r").unwrap(),
             None
+        );
+        // Several keys in one look: the same answers, by key.
+        let found = f
+            .bridge
+            .earlier_answers(&conv, Session::B, &["q-missing", "q-r", "q-e"])
+            .unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found["q-r"], (q1, text.to_string()));
+        assert!(
+            f.bridge
+                .earlier_answers(&conv, Session::A, &["q-r"])
+                .unwrap()
+                .is_empty()
         );
         // The lookup uses the primary key, not a scan.
         let plan: String = f

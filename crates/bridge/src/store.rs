@@ -246,6 +246,23 @@ pub trait Store: Send {
         session: Session,
         repeat_key: &str,
     ) -> Result<Option<(i64, String)>>;
+    /// [`Store::earlier_answer`] for several repeat keys at once: those
+    /// found, by key ([`Bridge::earlier_answers`]: one statement; the
+    /// default asks key by key).
+    fn earlier_answers(
+        &mut self,
+        conversation: &str,
+        session: Session,
+        keys: &[&str],
+    ) -> Result<std::collections::HashMap<String, (i64, String)>> {
+        let mut found = std::collections::HashMap::new();
+        for k in keys {
+            if let Some(a) = self.earlier_answer(conversation, session, k)? {
+                found.insert((*k).to_string(), a);
+            }
+        }
+        Ok(found)
+    }
     /// [`Bridge::outcome`].
     fn outcome(&mut self, message_id: i64) -> Result<Option<(String, Option<i64>, u32)>>;
 
@@ -390,6 +407,7 @@ impl Store for Bridge {
         skip(&mut self, claimer: &Claimer, ids: &[i64], reason: &str) -> Result<usize>;
         dead_letter(&mut self, claimer: &Claimer, message_id: i64, error: &str) -> Result<Option<DeadLettered>>;
         earlier_answer(&mut self, conversation: &str, session: Session, repeat_key: &str) -> Result<Option<(i64, String)>>;
+        earlier_answers(&mut self, conversation: &str, session: Session, keys: &[&str]) -> Result<std::collections::HashMap<String, (i64, String)>>;
         outcome(&mut self, message_id: i64) -> Result<Option<(String, Option<i64>, u32)>>;
         heartbeat(&mut self, conversation: &str, session: Session, token: &str, state: SessionState) -> Result<()>;
         update_status(&mut self, conversation: &str, session: Session, token: &str, state: SessionState) -> Result<String>;

@@ -19,6 +19,10 @@
 //!   `Wake` on a commit by anyone and when the file is replaced or removed,
 //!   `Stop` on shutdown. It re-establishes its watch when the folder is
 //!   removed and recreated.
+//! - `checkpoint` (SQLite): copies the WAL back into the bridge file after
+//!   the loop's commits, on its own connection, at most every
+//!   [`checkpoint::PACE`], so the loop's commits do not pay for SQLite's
+//!   automatic checkpoint ([`checkpoint`]).
 //! - `tokens-watch` (with a tokens file): inotify on the file's folder and
 //!   the SIGHUP pipe; sends `Reload`.
 //! - `asker-N`: up to [`asker::MAX_LANES`] lanes, each with one server
@@ -43,6 +47,7 @@
 #![deny(missing_docs)]
 
 pub mod asker;
+pub mod checkpoint;
 pub mod conn;
 pub mod fault;
 pub mod hub;
@@ -281,6 +286,8 @@ struct Poller {
     orphans: HashMap<(u64, i64), String>,
     claimer: Claimer,
     askers: asker::Askers,
+    /// The checkpoint thread (SQLite only).
+    ckpt: Option<checkpoint::Checkpointer>,
     in_flight: HashMap<i64, InFlight>,
     answers: Vec<(BridgeAnswer, String, Duration)>,
     server: ServerState,
@@ -528,6 +535,9 @@ impl Poller {
         if self.last_claim_error.take().is_some() {
             log::info!("event=claim_recovered");
         }
+        if let Some(c) = &self.ckpt {
+            c.committed();
+        }
         let mut more = false;
         let shares: Vec<(String, usize)> = shares.into_iter().map(|(_, c, l)| (c, l)).collect();
         for ((conversation, limit), batch) in shares.into_iter().zip(batches) {
@@ -567,17 +577,47 @@ impl Poller {
         }
         let now = Instant::now();
         let mut skip = Vec::new();
-        for c in batch.claimed {
-            let id = c.message.id;
-            match shard::classify(&c.message) {
+        let claimed: Vec<(i64, u32, Incoming)> = batch
+            .claimed
+            .into_iter()
+            .map(|c| (c.message.id, c.attempts, shard::classify(&c.message)))
+            .collect();
+        // Stored answers for the batch's query ids, in one look.
+        let keys: Vec<&str> = claimed
+            .iter()
+            .filter_map(|(_, _, i)| match i {
+                Incoming::Query(q) => q.repeat_key.as_deref(),
+                _ => None,
+            })
+            .collect();
+        let earlier = if keys.is_empty() {
+            HashMap::new()
+        } else {
+            let session = self.cfg.session;
+            match live(&mut self.bridge)
+                .and_then(|b| b.earlier_answers(conversation, session, &keys))
+            {
+                Ok(found) => found,
+                Err(e) => {
+                    log::warn!(
+                        "event=bridge_error op=earlier_answer count={} reason={:?}: asking the engine",
+                        keys.len(),
+                        e.to_string()
+                    );
+                    HashMap::new()
+                }
+            }
+        };
+        for (id, attempts, incoming) in claimed {
+            match incoming {
                 Incoming::Query(q) => {
                     log::info!(
                         "event=query_claimed message_id={id} query_id={} attempt={} plain_text={} conversation={conversation}",
                         q.query_id,
-                        c.attempts,
+                        attempts,
                         q.plain_text
                     );
-                    if self.answer_repeat(conversation, id, &q, c.attempts, now) {
+                    if self.answer_repeat(conversation, id, &q, attempts, now, &earlier) {
                         continue;
                     }
                     if q.question.len() > self.cfg.max_question_bytes {
@@ -598,7 +638,7 @@ impl Poller {
                             query_id_raw: q.query_id_raw,
                             repeat_key: q.repeat_key,
                             waiting_on: None,
-                            attempts: c.attempts,
+                            attempts,
                             lease_until: now + self.cfg.lease,
                             claimed_at: now,
                         },
@@ -654,6 +694,7 @@ impl Poller {
         q: &shard::Query,
         attempts: u32,
         now: Instant,
+        earlier: &HashMap<String, (i64, String)>,
     ) -> bool {
         let Some(key) = q.repeat_key.as_deref() else {
             return false;
@@ -687,26 +728,12 @@ impl Poller {
             self.in_flight.insert(id, entry);
             return true;
         }
-        let session = self.cfg.session;
-        let earlier = match live(&mut self.bridge)
-            .and_then(|b| b.earlier_answer(conversation, session, key))
-        {
-            Ok(e) => e,
-            Err(e) => {
-                log::warn!(
-                    "event=bridge_error op=earlier_answer message_id={id} query_id={} reason={:?}: asking the engine",
-                    q.query_id,
-                    e.to_string()
-                );
-                return false;
-            }
-        };
-        let Some(text) = earlier.and_then(|(first, text)| {
+        let Some(text) = earlier.get(key).and_then(|(first, text)| {
             log::info!(
                 "event=query_repeat message_id={id} query_id={} first_message_id={first}: sending the stored answer again",
                 q.query_id
             );
-            shard::repeat_text(&text)
+            shard::repeat_text(text)
         }) else {
             return false;
         };
@@ -955,6 +982,9 @@ impl Poller {
         match live(&mut self.bridge).and_then(|b| b.complete(&self.claimer, &batch)) {
             Ok(ids) => {
                 self.answers_since = None;
+                if let Some(c) = &self.ckpt {
+                    c.committed();
+                }
                 for ((a, qid, took), rid) in self.answers.drain(..).zip(ids) {
                     self.in_flight.remove(&a.message_id);
                     match rid {
@@ -1107,6 +1137,10 @@ impl Poller {
         }
         self.file_id = None;
         self.served.gate.allow(None);
+        // The checkpoint thread lets go of the old file at once.
+        if let Some(c) = &self.ckpt {
+            c.committed();
+        }
         for m in &mut self.members {
             m.status = None;
         }
@@ -1249,7 +1283,19 @@ fn open_checked(
         return Err(e);
     }
     let v = b.data_version()?;
+    tune(&b);
     Ok((b, v))
+}
+
+/// The poller's own SQLite connection checkpoints only as a safety net:
+/// the checkpoint thread does it after its commits ([`checkpoint`]).
+fn tune(b: &Bridge) {
+    if let Err(e) =
+        b.connection()
+            .pragma_update(None, "wal_autocheckpoint", checkpoint::SAFETY_PAGES)
+    {
+        log::debug!("wal_autocheckpoint: {e}");
+    }
 }
 
 /// Open the bridge; a PostgreSQL server that cannot be reached yet (down,
@@ -1332,6 +1378,9 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         _ => None,
     };
     let mut bridge = open_waiting(&target, cfg.missing_grace, &shutdown)?;
+    if let Some(b) = bridge.as_sqlite() {
+        tune(b);
+    }
     let members = match &cfg.tokens_file {
         // One conversation: a wrong token is fatal, as it always was.
         None => {
@@ -1421,6 +1470,13 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
     .map_err(|e| PollerError::Io(format!("cannot start asker threads: {e}")))?;
     drop(events_tx);
 
+    let ckpt = match &pg_url {
+        None => Some(
+            checkpoint::Checkpointer::start(&cfg.db, served.gate.clone())
+                .map_err(|e| PollerError::Io(format!("cannot start the checkpoint thread: {e}")))?,
+        ),
+        Some(_) => None,
+    };
     let data_version = bridge.data_version()?.unwrap_or(0);
     let mut p = Poller {
         bridge: Some(bridge),
@@ -1431,6 +1487,7 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         orphans: HashMap::new(),
         claimer,
         askers,
+        ckpt,
         in_flight: HashMap::new(),
         answers: Vec::new(),
         server: ServerState::Up,
@@ -1695,6 +1752,9 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         }
     }
     let askers = p.askers.close();
+    if let Some(c) = p.ckpt.take() {
+        c.stop();
+    }
     shutdown.trigger();
     let _ = watcher.join();
     if let Some(w) = tokens_watcher {

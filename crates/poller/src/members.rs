@@ -157,6 +157,9 @@ impl Poller {
                 .and_then(|b| b.heartbeat(&m.conversation, session, &m.token, want))
             {
                 Ok(()) => {
+                    if let Some(c) = &self.ckpt {
+                        c.committed();
+                    }
                     if changed {
                         log::info!(
                             "event=status status={} conversation={}",

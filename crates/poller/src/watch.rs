@@ -527,15 +527,17 @@ pub struct FileGate {
 }
 
 #[derive(Debug, Default, Clone, Copy)]
-struct GateState {
+pub(crate) struct GateState {
     /// The file the loop has open.
-    allowed: Option<FileId>,
+    pub(crate) allowed: Option<FileId>,
     /// The file the watch thread has open.
     held: Option<FileId>,
+    /// The file the checkpoint thread has open ([`crate::checkpoint`]).
+    pub(crate) checkpointer: Option<FileId>,
 }
 
 impl FileGate {
-    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -551,9 +553,11 @@ impl FileGate {
         self.lock().allowed
     }
 
-    /// Whether the loop may open `id`: the watch holds no other file.
+    /// Whether the loop may open `id`: neither the watch nor the
+    /// checkpoint thread holds another file.
     pub fn clear_to_open(&self, id: FileId) -> bool {
-        self.lock().held.is_none_or(|h| h == id)
+        let g = self.lock();
+        g.held.is_none_or(|h| h == id) && g.checkpointer.is_none_or(|h| h == id)
     }
 }
 

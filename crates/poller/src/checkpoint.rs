@@ -1,0 +1,197 @@
+//! The `checkpoint` thread: copies the WAL back into the bridge file after
+//! the poller's commits, on a connection of its own, so the main loop's
+//! commits do not pay for it.
+//!
+//! SQLite's automatic checkpoint runs inside the commit that crosses 1,000
+//! WAL pages: in a backlog drain it was about a tenth of the main thread
+//! (copying pages into the file and its `fsync`), and the main thread is
+//! the one that limits the drain. So the poller's own connection checkpoints
+//! automatically only past [`SAFETY_PAGES`] (a safety net, should this
+//! thread fall behind or fail), and after each of its claims and answer
+//! commits pokes this thread ([`Checkpointer::committed`]), which runs a
+//! `PASSIVE` checkpoint at most every [`PACE`]. A passive checkpoint takes
+//! no lock a writer or reader waits for: it copies what no reader still
+//! needs, and the next commit starts the WAL over once all of it is copied.
+//!
+//! The thread opens only the file the main loop has open, and lets go of it
+//! as soon as the loop closes its connection or the path names another file
+//! ([`crate::watch::FileGate`]): SQLite finds the `-wal` and `-shm` by name,
+//! and a connection on the old file beside one on the new would share them.
+//! The loop opens a new file only once this thread holds no other. A thread
+//! that cannot open or checkpoint says so once and keeps trying at the next
+//! poke; the safety net keeps the WAL bounded meanwhile.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+
+use crate::conn::{self, FileId};
+use crate::watch::FileGate;
+
+/// At most one checkpoint per this long while commits go on.
+pub const PACE: Duration = Duration::from_millis(100);
+
+/// The poller's own connection still checkpoints automatically past this
+/// many WAL pages (SQLite's default is 1,000).
+pub const SAFETY_PAGES: i64 = 10_000;
+
+/// The main loop's handle on the checkpoint thread.
+pub struct Checkpointer {
+    poke: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    /// Start the thread for the bridge file at `path`, following `gate`.
+    pub fn start(path: &Path, gate: Arc<FileGate>) -> std::io::Result<Checkpointer> {
+        let (tx, rx) = crossbeam_channel::bounded::<()>(1);
+        let path = path.to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || run(&rx, &path, &gate))?;
+        Ok(Checkpointer {
+            poke: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// The loop committed (or changed the file it has open): look soon.
+    /// Never blocks.
+    pub fn committed(&self) {
+        if let Some(tx) = &self.poke
+            && let Err(TrySendError::Disconnected(())) = tx.try_send(())
+        {
+            log::debug!("the checkpoint thread is gone");
+        }
+    }
+
+    /// Stop the thread and wait for it (a checkpoint in progress is
+    /// bounded by its busy timeout).
+    pub fn stop(mut self) {
+        self.poke = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// This thread's connection and the file it is on.
+struct Held {
+    conn: rusqlite::Connection,
+    id: FileId,
+}
+
+/// Keep `held` only on the file the loop has open and the path names; open
+/// it when allowed. Whether a connection is there to use.
+fn gated(path: &Path, gate: &FileGate, held: &mut Option<Held>) -> bool {
+    let at_path = match conn::look(path) {
+        conn::Seen::File(sig) => Some(sig.id),
+        conn::Seen::Missing(_) => None,
+    };
+    let mut g = gate.lock();
+    let ok = at_path.is_some() && g.allowed == at_path;
+    if !ok || held.as_ref().is_some_and(|h| Some(h.id) != at_path) {
+        // Closed under the lock: the loop opens no other file meanwhile.
+        *held = None;
+        g.checkpointer = None;
+        return false;
+    }
+    let Some(id) = at_path else {
+        return false;
+    };
+    if held.is_none() {
+        // Read-write but never create: the file is the loop's, and checked.
+        let opened = rusqlite::Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .and_then(|c| {
+            c.busy_timeout(Duration::from_millis(100))?;
+            Ok(c)
+        });
+        match opened {
+            Ok(c) => {
+                *held = Some(Held { conn: c, id });
+                g.checkpointer = Some(id);
+            }
+            Err(e) => {
+                log::debug!("checkpoint thread: cannot open {}: {e}", path.display());
+                return false;
+            }
+        }
+    }
+    true
+}
+
+fn run(rx: &Receiver<()>, path: &Path, gate: &FileGate) {
+    let mut held: Option<Held> = None;
+    let mut last: Option<Instant> = None;
+    let mut failing: Option<String> = None;
+    loop {
+        // Block until poked; with a file held, look at the gate now and then
+        // too (the loop pokes when it closes, this is the safety net).
+        let wait = if held.is_some() {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(3600)
+        };
+        match rx.recv_timeout(wait) {
+            Ok(()) => {}
+            Err(RecvTimeoutError::Timeout) => {
+                if held.is_some() {
+                    gated(path, gate, &mut held);
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        if let Some(t) = last {
+            let left = (t + PACE).saturating_duration_since(Instant::now());
+            if !left.is_zero() {
+                std::thread::sleep(left);
+            }
+        }
+        // Pokes that came meanwhile are this checkpoint's too.
+        while rx.try_recv().is_ok() {}
+        if !gated(path, gate, &mut held) {
+            continue;
+        }
+        let Some(h) = held.as_ref() else {
+            continue;
+        };
+        last = Some(Instant::now());
+        let done = h.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        });
+        match done {
+            Ok((_busy, log_frames, copied)) => {
+                log::trace!("checkpoint: {copied} of {log_frames} WAL frames copied");
+                if failing.take().is_some() {
+                    log::info!("event=checkpoint_recovered path={}", path.display());
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if failing.as_deref() != Some(msg.as_str()) {
+                    log::warn!(
+                        "event=checkpoint_failed path={} reason={msg:?}: the poller's own commits checkpoint past {SAFETY_PAGES} WAL pages meanwhile",
+                        path.display()
+                    );
+                    failing = Some(msg);
+                }
+                // Start over with a fresh connection at the next poke.
+                held = None;
+                gate.lock().checkpointer = None;
+            }
+        }
+    }
+    drop(held);
+    gate.lock().checkpointer = None;
+}
