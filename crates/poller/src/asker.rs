@@ -249,9 +249,12 @@ impl LaneState {
                 }
             }
             Err(ClientError::ServerGone) => {
-                // Not delivered (the session was closed under us): what was
-                // outstanding is lost with it, these go once more on a
-                // fresh connection.
+                // Not delivered (the session was closed under us). Replies
+                // the server wrote before it closed are still in the pipe:
+                // take them first; what is outstanding after that is lost
+                // with the session. These go once more on a fresh
+                // connection.
+                self.read_all();
                 self.drop_connection(&ClientError::Lost);
                 let (again, given_up): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|(_, r)| !r);
                 for (job, _) in given_up {
@@ -345,6 +348,18 @@ impl LaneState {
         } else if got.closed {
             // The server took these and went away.
             self.drop_connection(&ClientError::Lost);
+        }
+    }
+
+    /// Take every reply already in the pipe (until a read brings none, or
+    /// the connection is gone).
+    fn read_all(&mut self) {
+        loop {
+            let before = self.asked.len();
+            self.read();
+            if self.client.is_none() || self.asked.is_empty() || self.asked.len() == before {
+                return;
+            }
         }
     }
 
