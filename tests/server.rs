@@ -320,17 +320,23 @@ fn an_idle_server_over_5000_context_files_uses_no_cpu() {
     });
 }
 
-/// 16 clients x 200 requests of ~100 KB each, alternating echo and ask:
-/// every reply is the one for its own request.
-#[test]
-fn sixteen_clients_with_100kb_frames_get_their_own_replies() {
-    let env = Env::new();
+/// A server over 16 topics of five lines each: the keyword `kw{c}marker`
+/// is on line `2 + 5 * c` only.
+fn topics_server(env: &Env) -> common::Server {
     let body: String = (0..16)
         .map(|c| format!("## Topic {c}\nThe keyword kw{c}marker belongs to topic {c} only.\nMore text.\nEven more.\n\n"))
         .collect();
     let ctx = env.path("topics.md");
     std::fs::write(&ctx, &body).unwrap();
-    let s = env.server("default", &["--context", path_str(&ctx), "--workers", "2"]);
+    env.server("default", &["--context", path_str(&ctx), "--workers", "2"])
+}
+
+/// 16 clients x 200 requests of ~100 KB each, alternating echo and ask:
+/// every reply is the one for its own request.
+#[test]
+fn sixteen_clients_with_100kb_frames_get_their_own_replies() {
+    let env = Env::new();
+    let s = topics_server(&env);
     let filler = "zzfill ".repeat(100_000 / 7);
     let threads: Vec<_> = (0..16)
         .map(|c| {
@@ -377,12 +383,7 @@ fn sixteen_clients_with_100kb_frames_get_their_own_replies() {
 #[test]
 fn pipelined_questions_on_one_session_each_get_their_own_answer() {
     let env = Env::new();
-    let body: String = (0..16)
-        .map(|c| format!("## Topic {c}\nThe keyword kw{c}marker belongs to topic {c} only.\nMore text.\nEven more.\n\n"))
-        .collect();
-    let ctx = env.path("topics.md");
-    std::fs::write(&ctx, &body).unwrap();
-    let s = env.server("default", &["--context", path_str(&ctx), "--workers", "2"]);
+    let s = topics_server(&env);
     let mut client = s.client().unwrap();
     let too_large = "kw3marker ".repeat(autopoll_protocol::DEFAULT_MAX_FRAME / 5);
     let texts: Vec<String> = (0..64)
