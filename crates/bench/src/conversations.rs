@@ -72,7 +72,10 @@ pub fn step(opts: &Options, r: &mut Report) -> Res<()> {
             wait_alive(&w, &convs[..k])?;
             let mut b = Bridge::open(w.db()).map_err(e("bridge"))?;
             let ro = crate::read_only(&w.db())?;
-            for i in 0..10 {
+            // Every conversation is asked twice first: a poller's first
+            // questions open its server sessions and prepare its
+            // statements, which is start-up, not pickup.
+            for i in 0..(2 * k).max(10) {
                 ask(&mut b, &ro, &convs[i % k], &format!("warm-{k}-{i}"))?;
             }
             let cpu0 = cpu(&pollers);

@@ -42,7 +42,10 @@ use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 pub use audit::actions;
-pub use claim::{Answer, ClaimBatch, ClaimOptions, Claimed, Claimer, DeadLettered, claimable_on};
+pub use claim::{
+    Answer, ClaimBatch, ClaimOptions, Claimed, Claimer, DeadLettered, NEW_WORK_ROWS, NewWork,
+    claimable_on, last_message_id, new_claimable_on,
+};
 pub use conversation::{ConversationInfo, NewConversation};
 pub use error::{Error, Result};
 pub use message::{Message, Sent};

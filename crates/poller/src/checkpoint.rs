@@ -8,10 +8,16 @@
 //! the one that limits the drain. So the poller's own connection checkpoints
 //! automatically only past [`SAFETY_PAGES`] (a safety net, should this
 //! thread fall behind or fail), and after each of its claims and answer
-//! commits pokes this thread ([`Checkpointer::committed`]), which runs a
-//! `PASSIVE` checkpoint at most every [`PACE`]. A passive checkpoint takes
-//! no lock a writer or reader waits for: it copies what no reader still
-//! needs, and the next commit starts the WAL over once all of it is copied.
+//! commits pokes this thread ([`Checkpointer::committed`]). The thread reads
+//! how many WAL frames are not yet copied back ([`crate::shm`], one `pread`)
+//! and runs a `PASSIVE` checkpoint when [`BATCH_FRAMES`] are waiting (at
+//! most every [`PACE`]), or [`QUIET`] after a poke with fewer waiting. A
+//! checkpoint after every commit, as this thread first did, was one per
+//! question with a poller per conversation: 64 pollers asked in turn made
+//! hundreds a second, each with its `fsync`, and doubled the pickup. A
+//! passive checkpoint takes no lock a writer or reader waits for: it copies
+//! what no reader still needs, and the next commit starts the WAL over once
+//! all of it is copied.
 //!
 //! The thread opens only the file the main loop has open, and lets go of it
 //! as soon as the loop closes its connection or the path names another file
@@ -29,10 +35,24 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
 use crate::conn::{self, FileId};
+use crate::shm::WalIndex;
 use crate::watch::FileGate;
 
 /// At most one checkpoint per this long while commits go on.
 pub const PACE: Duration = Duration::from_millis(100);
+
+/// Frames waiting that make a checkpoint due at once (SQLite's own
+/// automatic checkpoint starts at 1,000 pages).
+pub const BATCH_FRAMES: u32 = 1_000;
+
+/// With fewer frames waiting, how long after a poke they are copied (once
+/// per this long while commits go on; none when another process's
+/// checkpoint copied them meanwhile).
+pub const QUIET: Duration = Duration::from_secs(1);
+
+/// With a file held and nothing to do, how often the thread looks at the
+/// gate itself (the loop pokes it whenever the gate moves).
+const GATE_SAFETY: Duration = Duration::from_secs(5);
 
 /// The poller's own connection still checkpoints automatically past this
 /// many WAL pages (SQLite's default is 1,000).
@@ -82,6 +102,18 @@ impl Checkpointer {
 struct Held {
     conn: rusqlite::Connection,
     id: FileId,
+    /// The file's WAL index, once there is one: how many frames wait.
+    wal: Option<WalIndex>,
+}
+
+impl Held {
+    /// WAL frames not yet copied back (None: cannot tell).
+    fn backlog(&mut self, path: &Path) -> Option<u32> {
+        if self.wal.is_none() {
+            self.wal = WalIndex::open(path);
+        }
+        self.wal.as_ref()?.backlog()
+    }
 }
 
 /// Keep `held` only on the file the loop has open and the path names; open
@@ -114,7 +146,11 @@ fn gated(path: &Path, gate: &FileGate, held: &mut Option<Held>) -> bool {
         });
         match opened {
             Ok(c) => {
-                *held = Some(Held { conn: c, id });
+                *held = Some(Held {
+                    conn: c,
+                    id,
+                    wal: None,
+                });
                 g.checkpointer = Some(id);
             }
             Err(e) => {
@@ -130,34 +166,56 @@ fn run(rx: &Receiver<()>, path: &Path, gate: &FileGate) {
     let mut held: Option<Held> = None;
     let mut last: Option<Instant> = None;
     let mut failing: Option<String> = None;
+    // A few frames wait: copy them then (QUIET).
+    let mut due: Option<Instant> = None;
     loop {
-        // Block until poked; with a file held, look at the gate now and then
-        // too (the loop pokes when it closes, this is the safety net).
-        let wait = if held.is_some() {
-            Duration::from_secs(1)
-        } else {
-            Duration::from_secs(3600)
+        // Block until poked or due; with a file held, look at the gate now
+        // and then too (the loop pokes when it closes or opens another
+        // file, this is the safety net).
+        let wait = match (due, held.is_some()) {
+            (Some(t), _) => t.saturating_duration_since(Instant::now()),
+            (None, true) => GATE_SAFETY,
+            (None, false) => Duration::from_secs(3600),
         };
-        match rx.recv_timeout(wait) {
-            Ok(()) => {}
-            Err(RecvTimeoutError::Timeout) => {
-                if held.is_some() {
-                    gated(path, gate, &mut held);
-                }
+        let poked = match rx.recv_timeout(wait) {
+            Ok(()) => true,
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let quiet_over = due.is_some_and(|t| Instant::now() >= t);
+        if !poked && !quiet_over {
+            if held.is_some() {
+                gated(path, gate, &mut held);
+            }
+            continue;
+        }
+        // Pokes that came meanwhile are this look's too.
+        while rx.try_recv().is_ok() {}
+        if !gated(path, gate, &mut held) {
+            due = None;
+            continue;
+        }
+        let Some(h) = held.as_mut() else {
+            continue;
+        };
+        match h.backlog(path) {
+            Some(0) => {
+                // Copied already (by another process's checkpoint).
+                due = None;
                 continue;
             }
-            Err(RecvTimeoutError::Disconnected) => break,
+            Some(n) if n < BATCH_FRAMES && !quiet_over => {
+                due.get_or_insert_with(|| Instant::now() + QUIET);
+                continue;
+            }
+            _ => {}
         }
+        due = None;
         if let Some(t) = last {
             let left = (t + PACE).saturating_duration_since(Instant::now());
             if !left.is_zero() {
                 std::thread::sleep(left);
             }
-        }
-        // Pokes that came meanwhile are this checkpoint's too.
-        while rx.try_recv().is_ok() {}
-        if !gated(path, gate, &mut held) {
-            continue;
         }
         let Some(h) = held.as_ref() else {
             continue;

@@ -1054,6 +1054,24 @@ impl Poller {
         }
     }
 
+    /// How often the loop checks `PRAGMA data_version` itself. While the
+    /// bridge refuses writes, once a second only; likewise while another
+    /// poller watches the file for us (the hub): its wake-ups are the fast
+    /// path, this the safety net.
+    fn version_every(&self) -> Duration {
+        if self.last_claim_error.is_some() {
+            Duration::from_secs(1)
+        } else if self
+            .served
+            .following
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.cfg.version_check.max(FOLLOWER_VERSION_CHECK)
+        } else {
+            self.cfg.version_check
+        }
+    }
+
     fn changed(&mut self) -> bool {
         let Some(b) = self.bridge.as_mut() else {
             return false;
@@ -1678,21 +1696,7 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         // WAL and wake us: only the 1 s timer counts then.
         let woke = woke && p.last_claim_error.is_none();
         if woke || recheck_due || now >= next_version {
-            // While the bridge refuses writes, look at it once a second only.
-            // Likewise while another poller watches the file for us (the
-            // hub): its wake-ups are the fast path, this the safety net.
-            let every = if p.last_claim_error.is_some() {
-                Duration::from_secs(1)
-            } else if p
-                .served
-                .following
-                .load(std::sync::atomic::Ordering::Relaxed)
-            {
-                p.cfg.version_check.max(FOLLOWER_VERSION_CHECK)
-            } else {
-                p.cfg.version_check
-            };
-            next_version = now + every;
+            next_version = now + p.version_every();
             if p.changed() {
                 want_claim = true;
                 recheck = None;
@@ -1708,6 +1712,10 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         if now >= next_rescan {
             next_rescan = now + rescan_every;
             want_claim = true;
+            // The claim looks at the file anyway: the version check starts
+            // over with it, so a follower (both once a second) wakes once
+            // a second, not twice.
+            next_version = next_version.max(now + p.version_every());
         }
         p.heartbeat(false);
     }

@@ -54,6 +54,24 @@ impl WalIndex {
         matches!(w.stamp(), Stamp::Header(_)).then_some(w)
     }
 
+    /// The WAL frames not yet copied back into the bridge file: the
+    /// header's `mxFrame` (offset 16) less the checkpoint's `nBackfill`
+    /// (offset 96, just after the two header copies), both native-endian
+    /// `u32`s. None while the header is being written or unreadable.
+    pub fn backlog(&self) -> Option<u32> {
+        let mut b = [0u8; 2 * HEADER + 4];
+        match self.file.read_at(&mut b, 0) {
+            Ok(n) if n == b.len() => {}
+            _ => return None,
+        }
+        let (a, rest) = b.split_at(HEADER);
+        if a != &rest[..HEADER] || a[12] == 0 {
+            return None;
+        }
+        let word = |o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        Some(word(16).saturating_sub(word(2 * HEADER)))
+    }
+
     /// Read the header now.
     pub fn stamp(&self) -> Stamp {
         let mut both = [0u8; 2 * HEADER];
@@ -104,6 +122,31 @@ mod tests {
         assert_ne!(after, before, "a commit rewrites the header");
         w.execute("INSERT INTO t VALUES (3)", []).unwrap();
         assert_ne!(idx.stamp(), after, "and every commit does");
+    }
+
+    #[test]
+    fn the_backlog_counts_the_frames_a_checkpoint_has_not_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("b.db");
+        let w = rusqlite::Connection::open(&db).unwrap();
+        w.pragma_update(None, "journal_mode", "WAL").unwrap();
+        w.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        w.execute_batch("CREATE TABLE t (x INTEGER);").unwrap();
+        let idx = WalIndex::open(&db).unwrap();
+        let first = idx.backlog().unwrap();
+        assert!(first > 0, "the CREATE is in the WAL");
+        for i in 0..5 {
+            w.execute("INSERT INTO t VALUES (?1)", [i]).unwrap();
+        }
+        let more = idx.backlog().unwrap();
+        assert!(more >= first + 5, "{first} then {more}");
+        let (_, log, copied): (i64, i64, i64) = w
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!((log, copied), (i64::from(more), i64::from(more)));
+        assert_eq!(idx.backlog(), Some(0), "all copied");
     }
 
     #[test]

@@ -68,6 +68,18 @@ pub struct Watch {
     buf: Vec<u8>,
 }
 
+/// What one read of the pending events saw ([`Watch::drain`]).
+#[derive(Debug, Clone, Copy)]
+struct Drained {
+    /// An event concerned the watched files or the folder.
+    relevant: bool,
+    /// All of those were plain writes (`IN_MODIFY`, `IN_CLOSE_WRITE`).
+    writes_only: bool,
+    /// One was a write to the `-wal`: a commit in WAL mode always writes
+    /// there; a write to the bridge file alone is a checkpoint then.
+    wal_written: bool,
+}
+
 impl Watch {
     /// Watch the directory of `db` for writes to `db`, `db-wal`, and for
     /// those files being created or renamed into place.
@@ -153,7 +165,7 @@ impl Watch {
     /// folder itself, whose watch is then dropped), and whether all of those
     /// were plain writes (`IN_MODIFY`: a commit, or a checkpoint), not a
     /// file created, renamed, removed or the folder lost.
-    fn drain(&mut self) -> (bool, bool) {
+    fn drain(&mut self) -> Drained {
         let mut buf = std::mem::take(&mut self.buf);
         let seen = self.drain_into(&mut buf);
         self.buf = buf;
@@ -161,14 +173,17 @@ impl Watch {
     }
 
     /// [`Watch::drain`] with the buffer taken out of `self`.
-    fn drain_into(&mut self, buf: &mut [u8]) -> (bool, bool) {
-        let mut relevant = false;
-        let mut writes_only = true;
+    fn drain_into(&mut self, buf: &mut [u8]) -> Drained {
+        let mut d = Drained {
+            relevant: false,
+            writes_only: true,
+            wal_written: false,
+        };
         loop {
             // SAFETY: reading into a valid buffer from our non-blocking fd.
             let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
             if n <= 0 {
-                return (relevant, writes_only);
+                return d;
             }
             let n = n as usize;
             let mut off = 0;
@@ -181,9 +196,11 @@ impl Watch {
                 let name_end = (name_start + ev.len as usize).min(n);
                 let name = &buf[name_start..name_end];
                 let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
-                if self.names.iter().any(|w| w.as_slice() == name) {
-                    relevant = true;
-                    writes_only &= ev.mask & !(libc::IN_MODIFY | libc::IN_CLOSE_WRITE) == 0;
+                if let Some(i) = self.names.iter().position(|w| w.as_slice() == name) {
+                    d.relevant = true;
+                    d.writes_only &= ev.mask & !(libc::IN_MODIFY | libc::IN_CLOSE_WRITE) == 0;
+                    // names[1] is the -wal (Watch::file).
+                    d.wal_written |= i == 1 && ev.mask & libc::IN_MODIFY != 0;
                 }
                 let gone = libc::IN_IGNORED | libc::IN_DELETE_SELF | libc::IN_MOVE_SELF;
                 if ev.mask & gone != 0 && self.watched.is_some_and(|(wd, _)| wd == ev.wd) {
@@ -196,8 +213,8 @@ impl Watch {
                         unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), ev.wd) };
                     }
                     self.watched = None;
-                    relevant = true;
-                    writes_only = false;
+                    d.relevant = true;
+                    d.writes_only = false;
                 }
                 off = name_end;
             }
@@ -207,7 +224,9 @@ impl Watch {
     /// Run until `stop` is readable: send [`Event::Changed`] once a commit
     /// by anyone is visible in `db` and leaves something to claim for one of
     /// `served`'s conversations (confirmed with `PRAGMA data_version`, then
-    /// [`autopoll_bridge::claimable_on`], on a read-only connection of this
+    /// [`autopoll_bridge::new_claimable_on`] over the rows added since the
+    /// last look, or [`autopoll_bridge::claimable_on`] over every
+    /// conversation at most [`FULL_LOOK`] later, on a read-only connection of this
     /// thread's own: the poller's loop wakes once per commit that concerns
     /// it, not once per page written nor for other conversations' traffic,
     /// and never before the commit shows), [`Event::Wake`] for what cannot
@@ -262,6 +281,9 @@ impl Watch {
             if let Some(t) = hub.due() {
                 until = until.min(t);
             }
+            if let Some(t) = confirm.full_due() {
+                until = until.min(t);
+            }
             // While a commit is awaited, its further page writes do not wake
             // us (one wake per page would be a dozen per commit): the
             // schedule does, and drains them.
@@ -295,8 +317,8 @@ impl Watch {
             }
             let mut look = recheck.is_some_and(|(t, _)| Instant::now() >= t);
             if look || fds[0].revents != 0 {
-                let (relevant, writes_only) = self.drain();
-                if relevant && !writes_only {
+                let d = self.drain();
+                if d.relevant && !d.writes_only {
                     // Another file at the path, or none: the loop finds out.
                     // The connection is not dropped here but by the gate
                     // (release_stale, on the path's inode): a fresh one
@@ -309,9 +331,23 @@ impl Watch {
                     }
                     continue;
                 }
-                look |= relevant;
+                // In WAL mode a write to the bridge file alone is a
+                // checkpoint, never a commit: looking at it would start a
+                // recheck schedule that holds back the next real commit.
+                look |= d.relevant && (d.wal_written || !confirm.wal_mode());
             }
             if !look {
+                if confirm.full_due().is_some_and(|t| Instant::now() >= t) {
+                    match self.look_for_work(&mut hub, &mut confirm, &following, &events) {
+                        Err(()) => return,
+                        Ok(Some(ev)) => {
+                            if events.send(ev).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => {}
+                    }
+                }
                 continue;
             }
             let ev = match confirm.moved() {
@@ -319,20 +355,11 @@ impl Watch {
                     recheck = None;
                     // The rest of this commit's writes are queued already.
                     let _ = self.drain();
-                    if hub.after_commit(|session, names| confirm.claimable(session, names))
-                        && !self.hub_changed(&hub, &following, &events)
-                    {
-                        return;
-                    }
-                    let own = confirm.work();
-                    if own == Some(true) {
-                        hub.own_work();
-                    }
-                    match own {
-                        Some(true) => Event::Changed,
+                    match self.look_for_work(&mut hub, &mut confirm, &following, &events) {
+                        Err(()) => return,
+                        Ok(Some(ev)) => ev,
                         // Nothing for us: the loop sleeps on.
-                        Some(false) => continue,
-                        None => Event::Wake,
+                        Ok(None) => continue,
                     }
                 }
                 Some(false) => {
@@ -352,6 +379,44 @@ impl Watch {
                 return;
             }
         }
+    }
+
+    /// A commit showed (or a full look is owed, [`FULL_LOOK`]): wake the
+    /// followers with something to claim, and say what this poller's loop
+    /// should hear (None: nothing for it). Err when the loop is gone.
+    fn look_for_work(
+        &mut self,
+        hub: &mut Hub,
+        confirm: &mut Confirm,
+        following: &AtomicBool,
+        events: &Sender<Event>,
+    ) -> Result<Option<Event>, ()> {
+        let new = confirm.new_work();
+        let handed_over = hub.after_commit(|session, names| match &new {
+            Some(new) => Some(
+                names
+                    .iter()
+                    .filter(|n| new.iter().any(|(c, s)| *s == session && c == *n))
+                    .map(|n| n.to_string())
+                    .collect(),
+            ),
+            None => confirm.claimable(session, names),
+        });
+        if handed_over && !self.hub_changed(hub, following, events) {
+            return Err(());
+        }
+        let own = match &new {
+            Some(new) => confirm.serves_any(new),
+            None => confirm.work(),
+        };
+        if own == Some(true) {
+            hub.own_work();
+        }
+        Ok(match own {
+            Some(true) => Some(Event::Changed),
+            Some(false) => None,
+            None => Some(Event::Wake),
+        })
     }
 
     /// The hub role changed: listen for writes unless another poller
@@ -451,7 +516,7 @@ impl Watch {
                 log::info!("event=sighup: reading the tokens file again");
                 changed = true;
             }
-            if fds[0].revents != 0 && self.drain().0 {
+            if fds[0].revents != 0 && self.drain().relevant {
                 changed = true;
             }
             if changed && !notify(Notice::Changed) {
@@ -487,7 +552,23 @@ struct Confirm {
     /// is due anyway.
     gate_seen: u64,
     next_gate_check: Instant,
+    /// Where the next look at new messages starts ([`Confirm::new_work`]);
+    /// None until a full look set it, and whenever `conn` is closed.
+    after: Option<i64>,
+    /// When the next full look is due.
+    next_full: Instant,
+    /// A commit was looked at with new rows only: a full look is owed by
+    /// `next_full` (the commit may have released a claim).
+    full_owed: bool,
 }
+
+/// How often a look covers every conversation served or followed, not
+/// only the messages added since the last one ([`Confirm::new_work`]): a
+/// claim released (a poller stopping, an ask that failed) or a lease run
+/// out shows no new row, and is found at most this late. It is found
+/// sooner by the follower itself when the leader is slow (its own look
+/// once a second).
+pub const FULL_LOOK: Duration = Duration::from_millis(100);
 
 /// How often the watch checks, with a `stat`, that the path still names the
 /// file its connection has open, when nothing else made it look.
@@ -571,7 +652,39 @@ impl Confirm {
             wal: None,
             gate_seen: 0,
             next_gate_check: Instant::now(),
+            after: None,
+            next_full: Instant::now(),
+            full_owed: false,
         }
+    }
+
+    /// At a commit: the conversations and sessions with a new message to
+    /// claim, from the rows added since the last look; None when every
+    /// conversation must be looked at ([`Confirm::work`],
+    /// [`Confirm::claimable`]): the first look on a connection, one every
+    /// [`FULL_LOOK`], and whenever the new rows cannot tell.
+    fn new_work(&mut self) -> Option<Vec<(String, autopoll_bridge::Session)>> {
+        let conn = self.conn.as_ref()?;
+        let now = Instant::now();
+        if let Some(after) = self.after
+            && now < self.next_full
+            && let Ok(Some(w)) = autopoll_bridge::new_claimable_on(conn, after)
+        {
+            self.after = Some(w.last_id);
+            self.full_owed = true;
+            return Some(w.claimable);
+        }
+        // A full look follows: new rows are counted from before it (a row
+        // added meanwhile is seen twice, never missed).
+        self.after = autopoll_bridge::last_message_id(conn).ok();
+        self.next_full = now + FULL_LOOK;
+        self.full_owed = false;
+        None
+    }
+
+    /// When a full look is owed ([`Confirm::new_work`]).
+    fn full_due(&self) -> Option<Instant> {
+        (self.full_owed && self.conn.is_some()).then_some(self.next_full)
     }
 
     /// Whether a served conversation has something to claim (None: cannot
@@ -583,6 +696,16 @@ impl Confirm {
             Ok(found) => Some(!found.is_empty()),
             Err(_) => None,
         }
+    }
+
+    /// Whether one of `new` is a conversation this poller serves, in its
+    /// session (None: cannot tell).
+    fn serves_any(&self, new: &[(String, autopoll_bridge::Session)]) -> Option<bool> {
+        let mine = self.served.conversations.lock().ok()?;
+        Some(
+            new.iter()
+                .any(|(c, s)| *s == self.served.session && mine.contains(c)),
+        )
     }
 
     /// Which of `names` (in `session`) have something to claim, on this
@@ -597,6 +720,8 @@ impl Confirm {
         self.wal = None;
         self.conn = None;
         self.seen = None;
+        self.after = None;
+        self.full_owed = false;
         g.held = None;
     }
 
@@ -643,6 +768,8 @@ impl Confirm {
             self.wal = None;
             self.conn = None;
             self.seen = None;
+            self.after = None;
+            self.full_owed = false;
             g.held = None;
             return false;
         }
@@ -675,6 +802,12 @@ impl Confirm {
             }
         }
         true
+    }
+
+    /// Whether the file is known to be in WAL mode: this thread reads its
+    /// WAL index.
+    fn wal_mode(&self) -> bool {
+        self.wal.is_some()
     }
 
     /// Some(true): a commit showed since the last look; Some(false): none
