@@ -306,15 +306,16 @@ fn minimal_shard(w: &World, conv: &NewConversation, n: usize) -> Res<Vec<f64>> {
         let tx = db
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(e("claim"))?;
+        // Statements prepared once, as a shard that runs for weeks would.
         let id: i64 = tx
-            .query_row(
+            .prepare_cached(
                 "SELECT id FROM messages WHERE conversation_id = ?1 AND to_session = 'b' AND read = 0
                  ORDER BY id LIMIT 1",
-                [&conv.conversation_id],
-                |r| r.get(0),
             )
+            .and_then(|mut st| st.query_row([&conv.conversation_id], |r| r.get(0)))
             .map_err(e("claim select"))?;
-        tx.execute(
+        cached(
+            &tx,
             "INSERT INTO autopoll_claims (message_id, conversation_id, to_session, owner,
                lease_until_ms, attempts, first_claimed_at, last_claimed_at)
              VALUES (?1, ?2, 'b', 'minimal', 0, 1, '', '')",
@@ -328,22 +329,36 @@ fn minimal_shard(w: &World, conv: &NewConversation, n: usize) -> Res<Vec<f64>> {
         let tx = db
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(e("answer"))?;
-        tx.execute(
+        cached(
+            &tx,
             "INSERT INTO messages (conversation_id, from_session, to_session, message, metadata, timestamp)
              VALUES (?1, 'b', 'a', ?2, '{}', '')",
             params![conv.conversation_id, a.answer],
         )
         .map_err(e("answer insert"))?;
-        tx.execute("UPDATE messages SET read = 1 WHERE id = ?1", [id])
-            .map_err(e("mark read"))?;
-        tx.execute("DELETE FROM autopoll_claims WHERE message_id = ?1", [id])
-            .map_err(e("claim delete"))?;
+        cached(
+            &tx,
+            "UPDATE messages SET read = 1 WHERE id = ?1",
+            params![id],
+        )
+        .map_err(e("mark read"))?;
+        cached(
+            &tx,
+            "DELETE FROM autopoll_claims WHERE message_id = ?1",
+            params![id],
+        )
+        .map_err(e("claim delete"))?;
         tx.commit().map_err(e("answer commit"))?;
         if i >= 10 {
             lat.push(start.elapsed().as_secs_f64() * 1e6);
         }
     }
     Ok(sorted(lat))
+}
+
+/// Run `sql` on a statement prepared once per connection.
+fn cached(tx: &Connection, sql: &str, p: &[&dyn rusqlite::ToSql]) -> rusqlite::Result<usize> {
+    tx.prepare_cached(sql)?.execute(p)
 }
 
 /// A poller per conversation, `convs[leader]`'s started (and alive) before
