@@ -283,6 +283,11 @@ fn ask_through_bridge(
     poll: Duration,
     limit: Duration,
 ) -> Res<Duration> {
+    // Timed from before the send, its commit included: the poller can take
+    // the question and answer it between the send's commit and its return
+    // here (this thread preempted on a busy machine), which timed from
+    // after the send read as a pickup of microseconds.
+    let t = Instant::now();
     let sent = b
         .send(
             &w.conv.conversation_id,
@@ -292,7 +297,6 @@ fn ask_through_bridge(
             None,
         )
         .map_err(e("send"))?;
-    let t = Instant::now();
     loop {
         let answered = ro
             .query_row(

@@ -139,10 +139,12 @@ impl Rig {
     /// Time from the send to the answer's row being visible. On SQLite
     /// the harness looks every 50 µs (a read costs microseconds there); on
     /// PostgreSQL it waits for the answer's NOTIFY and then looks, so its
-    /// own looks do not load the server (each is a round trip).
+    /// own looks do not load the server (each is a round trip). Timed from
+    /// before the send (its commit included): a poller can answer between
+    /// the send's commit and its return here.
     fn ask(&self, s: &mut dyn Store, l: Option<&mut Listener>, qid: &str) -> Res<Duration> {
-        let id = self.send(s, qid)?;
         let t = Instant::now();
+        let id = self.send(s, qid)?;
         let mut l = l;
         loop {
             match s.peek_unread(&self.conv.conversation_id, Session::A, id, 1) {

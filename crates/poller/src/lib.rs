@@ -1056,16 +1056,14 @@ impl Poller {
 
     /// How often the loop checks `PRAGMA data_version` itself. While the
     /// bridge refuses writes, once a second only; likewise while another
-    /// poller watches the file for us (the hub): its wake-ups are the fast
-    /// path, this the safety net.
+    /// poller watches the file for us (the hub), or our own watch thread
+    /// confirms every commit from the WAL index: their wake-ups are the
+    /// fast path, this the safety net.
     fn version_every(&self) -> Duration {
+        use std::sync::atomic::Ordering::Relaxed;
         if self.last_claim_error.is_some() {
             Duration::from_secs(1)
-        } else if self
-            .served
-            .following
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
+        } else if self.served.following.load(Relaxed) || self.served.watching.load(Relaxed) {
             self.cfg.version_check.max(FOLLOWER_VERSION_CHECK)
         } else {
             self.cfg.version_check
@@ -1427,6 +1425,7 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         conversations: std::sync::Arc::new(std::sync::Mutex::new(served_names(&members))),
         gate: std::sync::Arc::new(watch::FileGate::default()),
         following: Default::default(),
+        watching: Default::default(),
     };
     served.gate.allow(file_id);
     let pg_queues = pg_url.as_ref().map(|_| {

@@ -251,9 +251,14 @@ impl Watch {
         // A write not yet visible as a commit: (when to look again, step).
         let mut recheck: Option<(Instant, usize)> = None;
         let mut fds = Vec::with_capacity(4);
+        let watching = confirm.served.watching.clone();
         loop {
             // The loop may be waiting to open another file (FileGate).
             confirm.release_if_gate_moved();
+            watching.store(
+                self.watched.is_some() && confirm.wal_mode() && !hub.following(),
+                Ordering::Relaxed,
+            );
             if hub.set_key(confirm.served.gate.allowed())
                 && !self.hub_changed(&hub, &following, &events)
             {
@@ -589,6 +594,11 @@ pub struct Served {
     /// ([`crate::hub`]): the loop's own look at `data_version` may then be
     /// rarer.
     pub following: std::sync::Arc<AtomicBool>,
+    /// Whether this thread watches the file itself and confirms commits
+    /// from its WAL index (the folder watched, a connection open, the file
+    /// in WAL mode): every commit reaches the loop as an event, so its own
+    /// look at `data_version` is only a safety net and may be rarer too.
+    pub watching: std::sync::Arc<AtomicBool>,
 }
 
 /// Which bridge file (inode) the watch thread may open, and which it has
@@ -904,6 +914,7 @@ mod tests {
             ])),
             gate: std::sync::Arc::new(FileGate::default()),
             following: Default::default(),
+            watching: Default::default(),
         };
         match crate::conn::look(db) {
             crate::conn::Seen::File(sig) => s.gate.allow(Some(sig.id)),
