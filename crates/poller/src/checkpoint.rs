@@ -213,8 +213,13 @@ fn run(rx: &Receiver<()>, path: &Path, gate: &FileGate) {
         due = None;
         if let Some(t) = last {
             let left = (t + PACE).saturating_duration_since(Instant::now());
+            // The gate may have moved while we slept: look again, right
+            // before the checkpoint, as when there is no sleep.
             if !left.is_zero() {
                 std::thread::sleep(left);
+                if !gated(path, gate, &mut held) {
+                    continue;
+                }
             }
         }
         let Some(h) = held.as_ref() else {
