@@ -418,7 +418,11 @@ pub fn new_claimable_on(conn: &Connection, after: i64) -> rusqlite::Result<Optio
             continue;
         };
         let conversation: String = r.get(1)?;
-        if !work.claimable.contains(&(conversation.clone(), session)) {
+        if !work
+            .claimable
+            .iter()
+            .any(|(c, s)| *s == session && *c == conversation)
+        {
             work.claimable.push((conversation, session));
         }
     }

@@ -64,8 +64,7 @@ impl WalIndex {
             Ok(n) if n == b.len() => {}
             _ => return None,
         }
-        let (a, rest) = b.split_at(HEADER);
-        if a != &rest[..HEADER] || a[12] == 0 {
+        if !consistent(&b[..2 * HEADER]) {
             return None;
         }
         let word = |o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
@@ -79,15 +78,20 @@ impl WalIndex {
             Ok(n) if n == both.len() => {}
             _ => return Stamp::Busy,
         }
-        let (a, b) = both.split_at(HEADER);
-        // isInit is the byte at offset 12 of the header.
-        if a != b || a[12] == 0 {
+        if !consistent(&both) {
             return Stamp::Busy;
         }
         let mut h = [0u8; HEADER];
-        h.copy_from_slice(a);
+        h.copy_from_slice(&both[..HEADER]);
         Stamp::Header(h)
     }
+}
+
+/// Whether the two header copies in `both` agree and say the index is
+/// initialised (isInit, the byte at offset 12): a header not being written.
+fn consistent(both: &[u8]) -> bool {
+    let (a, b) = both.split_at(HEADER);
+    a == b && a[12] != 0
 }
 
 #[cfg(test)]
