@@ -568,7 +568,8 @@ struct Confirm {
 }
 
 /// How often a look covers every conversation served or followed, not
-/// only the messages added since the last one ([`Confirm::new_work`]): a
+/// only the messages added since the last one
+/// ([`autopoll_bridge::new_claimable_on`]): a
 /// claim released (a poller stopping, an ask that failed) or a lease run
 /// out shows no new row, and is found at most this late. It is found
 /// sooner by the follower itself when the leader is slow (its own look
