@@ -27,8 +27,9 @@ pub struct Passage {
     pub end_line: u32,
     /// Byte range of those lines in the file's text.
     pub bytes: std::ops::Range<usize>,
-    /// The markdown headings above it (`Claims > Expiry`), empty if none.
-    pub heading: String,
+    /// The markdown headings above it (`Claims > Expiry`), empty if none;
+    /// one string shared by the passages under the same headings.
+    pub heading: Arc<str>,
 }
 
 /// What identifies a version of a file on disk without reading it.
@@ -301,15 +302,20 @@ pub fn split(text: &str) -> (Vec<Passage>, u32) {
     let mut n = 0usize;
     let close = |cur: &mut Option<Open>, headings: &[(usize, String)], out: &mut Vec<Passage>| {
         if let Some(o) = cur.take() {
+            let joined = headings
+                .iter()
+                .map(|(_, h)| h.as_str())
+                .collect::<Vec<_>>()
+                .join(" > ");
+            let heading = match out.last() {
+                Some(p) if *p.heading == *joined => p.heading.clone(),
+                _ => Arc::from(joined),
+            };
             out.push(Passage {
                 start_line: (o.start + 1) as u32,
                 end_line: (o.last + 1) as u32,
                 bytes: o.byte_start..o.byte_end,
-                heading: headings
-                    .iter()
-                    .map(|(_, h)| h.as_str())
-                    .collect::<Vec<_>>()
-                    .join(" > "),
+                heading,
             });
         }
     };
@@ -376,6 +382,8 @@ pub fn split(text: &str) -> (Vec<Passage>, u32) {
         cur = None;
     }
     close(&mut cur, &headings, &mut out);
+    // Kept for the file's life: no spare room from doubling.
+    out.shrink_to_fit();
     (out, n as u32)
 }
 
@@ -387,7 +395,7 @@ mod tests {
         split(text)
             .0
             .into_iter()
-            .map(|p| (p.start_line, p.end_line, p.heading))
+            .map(|p| (p.start_line, p.end_line, p.heading.to_string()))
             .collect()
     }
 

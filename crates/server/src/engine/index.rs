@@ -32,6 +32,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use sha2::{Digest, Sha256};
 
 use super::context::ContextFile;
+use super::interner::{Interner, Strs};
 use super::postings::{List, Runs};
 use super::{related, text};
 
@@ -104,7 +105,7 @@ pub struct Hit {
 /// the distinct words ever seen, not with the current context.
 #[derive(Debug, Default)]
 pub struct Vocab {
-    ids: RwLock<FxMap<Box<str>, u32>>,
+    ids: RwLock<Interner>,
 }
 
 impl Vocab {
@@ -115,25 +116,24 @@ impl Vocab {
 
     fn get(&self, term: &str) -> Option<u32> {
         match self.ids.read() {
-            Ok(g) => g.get(term).copied(),
-            Err(p) => p.into_inner().get(term).copied(),
+            Ok(g) => g.get(term),
+            Err(p) => p.into_inner().get(term),
         }
     }
 
     /// The ids of `words`, new ones given the next ids in order. Takes the
     /// write lock once, and only if a word is new, so queries are not held
     /// up while a big file is indexed.
-    fn ids_of(&self, words: &[Arc<str>]) -> Vec<u32> {
+    fn ids_of(&self, words: &[&str]) -> Vec<u32> {
         let mut out: Vec<Option<u32>> = {
             let g = self.ids.read().unwrap_or_else(PoisonError::into_inner);
-            words.iter().map(|w| g.get(&**w).copied()).collect()
+            words.iter().map(|w| g.get(w)).collect()
         };
         if out.iter().any(Option::is_none) {
             let mut g = self.ids.write().unwrap_or_else(PoisonError::into_inner);
             for (w, id) in words.iter().zip(out.iter_mut()) {
                 if id.is_none() {
-                    let next = g.len() as u32;
-                    *id = Some(*g.entry(Box::from(&**w)).or_insert(next));
+                    *id = Some(g.intern(w));
                 }
             }
         }
@@ -197,7 +197,7 @@ fn decode_ids(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {
 /// unit-local term maps are hashed once per token, so SipHash's cost shows;
 /// their keys come from our own context files, not from an adversary.
 #[derive(Default, Clone, Copy)]
-struct Fx(u64);
+pub(super) struct Fx(u64);
 
 impl std::hash::Hasher for Fx {
     fn finish(&self) -> u64 {
@@ -226,7 +226,7 @@ type FieldLens = (u32, u16, u16);
 struct Unit {
     /// The [`ThreadWords`] (by its `era`) whose ids `tids` are.
     era: u64,
-    words: Vec<Arc<str>>,
+    words: Strs,
     /// Per local id: the id of its term in that thread's words.
     tids: Vec<u32>,
     /// Per passage, in order: (local term id, count), ending at `ends`.
@@ -295,7 +295,7 @@ const UNIT_BYTES: usize = 256 << 10;
 fn tokenize_unit(files: &[&ContextFile], starts: &[usize], flat: std::ops::Range<usize>) -> Unit {
     WORDS.with(|words| {
         let words = &mut *words.borrow_mut();
-        if words.cached() >= STEM_CACHE || words.stems.len() >= STEM_CACHE {
+        if words.cached() >= STEM_CACHE || words.terms.len() >= STEM_CACHE {
             *words = ThreadWords::new();
         }
         tokenize_with(words, files, starts, flat)
@@ -392,13 +392,11 @@ struct ThreadWords {
     /// Unstemmed word of up to 16 bytes, packed ([`short_key`]) -> thread
     /// id of its stem: compared in place, where a boxed key would cost a
     /// trip to memory per token.
-    short: FxMap<u128, u32>,
+    short: FxMap<(u64, u64), u32>,
     /// Longer unstemmed word -> thread id of its stem.
     raw: FxMap<Box<str>, u32>,
-    /// Stem or marked term -> thread id.
-    ids: FxMap<Box<str>, u32>,
-    /// Thread id -> stem or marked term.
-    stems: Vec<Arc<str>>,
+    /// Stems and marked terms, by thread id.
+    terms: Interner,
 }
 
 impl ThreadWords {
@@ -408,22 +406,13 @@ impl ThreadWords {
             era: ERA.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             short: FxMap::default(),
             raw: FxMap::default(),
-            ids: FxMap::default(),
-            stems: Vec::new(),
+            terms: Interner::default(),
         }
     }
 
     /// The thread id of term `t` (a stem or a marked term).
     fn term_id(&mut self, t: &str) -> u32 {
-        match self.ids.get(t) {
-            Some(&id) => id,
-            None => {
-                let id = self.stems.len() as u32;
-                self.ids.insert(t.into(), id);
-                self.stems.push(t.into());
-                id
-            }
-        }
+        self.terms.intern(t)
     }
 
     /// The thread id of unstemmed word `w`'s stem.
@@ -452,16 +441,19 @@ impl ThreadWords {
     }
 }
 
-/// A word of up to 16 bytes as one number: its bytes, zero-padded. Words
+/// A word of up to 16 bytes as two numbers: its bytes, zero-padded. Words
 /// hold no zero byte (letters and digits only), so no two share a key.
-fn short_key(w: &str) -> Option<u128> {
+/// (Not one `u128`: its 16-byte alignment would pad each map slot from
+/// 24 bytes to 32.)
+fn short_key(w: &str) -> Option<(u64, u64)> {
     let b = w.as_bytes();
     if b.len() > 16 {
         return None;
     }
     let mut k = [0u8; 16];
     k[..b.len()].copy_from_slice(b);
-    Some(u128::from_le_bytes(k))
+    let half = |h: &[u8]| u64::from_le_bytes(h.try_into().unwrap_or([0; 8]));
+    Some((half(&k[..8]), half(&k[8..])))
 }
 
 /// Distinct words a tokenising thread keeps the stems of; past it, the
@@ -479,7 +471,7 @@ struct UnitTerms {
     /// Thread id of a term -> local id + 1 (0: not in this unit yet).
     local: Vec<u32>,
     /// Local id -> term.
-    words: Vec<Arc<str>>,
+    words: Strs,
     /// Local id -> thread id.
     tids: Vec<u32>,
     /// Body term's local id -> its heading term's id (`u32::MAX`: none yet).
@@ -501,12 +493,12 @@ impl UnitTerms {
     fn local_of(&mut self, words: &ThreadWords, tid: u32) -> u32 {
         let ti = tid as usize;
         if ti >= self.local.len() {
-            self.local.resize(words.stems.len().max(ti + 1), 0);
+            self.local.resize(words.terms.len().max(ti + 1), 0);
         }
         match self.local[ti] {
             0 => {
                 let id = self.words.len() as u32;
-                self.words.push(words.stems[ti].clone());
+                self.words.push(words.terms.str(tid));
                 self.tids.push(tid);
                 self.counts.push(0);
                 self.heading.push(u32::MAX);
@@ -534,7 +526,7 @@ impl UnitTerms {
     fn heading_id(&mut self, words: &mut ThreadWords, id: u32) -> u32 {
         match self.heading[id as usize] {
             u32::MAX => {
-                let marked = field_term(HEADING, &self.words[id as usize]);
+                let marked = field_term(HEADING, self.words.str(id));
                 let h = self.marked_id(words, &marked);
                 self.heading[id as usize] = h;
                 h
@@ -586,7 +578,7 @@ impl KnownIds {
                 Some(&id) if id != u32::MAX => out[l] = id,
                 _ => {
                     missing.push(l);
-                    words.push(unit.words[l].clone());
+                    words.push(unit.words.str(l as u32));
                 }
             }
         }
@@ -645,6 +637,9 @@ impl Tables {
             }
         }
         starts.push(flat);
+        // One document per passage: room for all of them at once, not by
+        // doubling (the spare half of a doubled table is part of the peak).
+        self.docs.reserve_exact(flat);
         if *cuts.last().unwrap_or(&0) != flat {
             cuts.push(flat);
         }
@@ -868,16 +863,27 @@ impl Index {
             .map(|(i, f)| (f.display.as_str(), i))
             .collect();
         let mut kept = vec![None; self.files.len()];
+        // Passages of the files that are new or changed.
+        let mut fresh = 0usize;
         for (ni, f) in files.iter().enumerate() {
             if let Some(&oi) = old.get(f.display.as_str())
                 && Arc::ptr_eq(&self.files[oi], f)
             {
                 kept[oi] = Some(ni);
+            } else {
+                fresh += f.passages.len();
             }
         }
+        // Copies with room for what the change adds (its passages exactly;
+        // new words: a few per cent), so that neither is copied again by
+        // growing while the old index is still held.
+        let mut docs = Vec::with_capacity(self.docs.len() + fresh);
+        docs.extend_from_slice(&self.docs);
+        let mut postings = Vec::with_capacity(self.postings.len() * 17 / 16 + 1024);
+        postings.extend(self.postings.iter().cloned());
         let mut t = Tables {
-            docs: self.docs.clone(),
-            postings: self.postings.clone(),
+            docs,
+            postings,
             total_len: self.total_len,
             tight: true,
         };
@@ -1717,7 +1723,7 @@ mod tests {
                 });
                 let got: BTreeMap<String, u16> = counts
                     .iter()
-                    .map(|&(id, c)| (unit.words[id as usize].to_string(), c))
+                    .map(|&(id, c)| (unit.words.str(id).to_string(), c))
                     .collect();
                 assert_eq!(got, want, "passage {i}");
                 assert_eq!(*lens, (n[BODY], n[HEADING] as u16, n[PATH] as u16));
@@ -1730,7 +1736,7 @@ mod tests {
             for (l, want) in lists.iter().enumerate() {
                 let mut got = List::default();
                 got.append_run(&unit.runs, l);
-                assert_eq!(&got, want, "term {:?}", unit.words[l]);
+                assert_eq!(&got, want, "term {:?}", unit.words.str(l as u32));
             }
         }
     }

@@ -6,6 +6,7 @@ pub mod citations;
 pub mod context;
 pub mod external;
 pub mod index;
+mod interner;
 pub mod par;
 mod postings;
 pub mod prompt;

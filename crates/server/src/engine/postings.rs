@@ -1,9 +1,11 @@
 //! One term's posting list, compressed: (document id, count) pairs with ids
-//! ascending, stored as LEB128 varints of the gap to the previous id and of
-//! the count. A common term's entry takes 2 bytes (gap and count both under
-//! 128), a rare one's 3 or 4, against 6 unpacked: on a 200 MB context this
-//! is the difference between the index fitting in the size of the text and
-//! not. A search reads lists front to back.
+//! ascending, stored as LEB128 varints of the gap to the previous id (its
+//! lowest bit saying whether a count other than 1 follows) and of that
+//! count ([`encode`]). A common term's entry takes 1 byte (gap under 64,
+//! the word once in its passage, as most are), a rare one's 2 to 4, against
+//! 6 unpacked: on a 200 MB context this is the difference between the
+//! index fitting in the size of the text and not. A search reads lists
+//! front to back.
 //!
 //! A list is a chain of blocks of at least [`BLOCK_BYTES`] (plus at most
 //! one worker's run, which is appended whole): the full ones
@@ -52,14 +54,7 @@ impl Block {
         } else {
             self.last
         };
-        let gap = doc - prev;
-        if gap < 0x80 && tf < 0x80 {
-            // The common case: one byte each.
-            self.bytes.extend_from_slice(&[gap as u8, tf as u8]);
-        } else {
-            put(&mut self.bytes, gap);
-            put(&mut self.bytes, u32::from(tf));
-        }
+        encode(&mut self.bytes, doc - prev, tf);
         self.last = doc;
         self.len += 1;
     }
@@ -72,16 +67,59 @@ impl Block {
         }
     }
 
-    /// This block without the ids in `ids`.
+    /// This block without the ids in `ids`. Its ids ascend, so those are
+    /// one stretch of entries: the bytes before and after it are copied as
+    /// they are, and only the entry after it is encoded again (its gap now
+    /// counts from the entry before the stretch).
     fn without(&self, ids: &std::ops::Range<u32>) -> Block {
-        let mut out = Block {
-            bytes: Vec::with_capacity(self.bytes.len()),
-            ..Block::default()
-        };
-        for (d, tf) in self.iter().filter(|(d, _)| !ids.contains(d)) {
-            out.push(self.base, d, tf);
+        let mut it = self.iter();
+        // Entries before the stretch: they end at byte `keep`.
+        let (mut keep, mut before, mut prev) = (0usize, 0u32, self.base);
+        let mut next = None;
+        while let Some((d, tf)) = it.next() {
+            if d >= ids.start {
+                next = Some((d, tf));
+                break;
+            }
+            (keep, before, prev) = (it.at, before + 1, d);
         }
-        out.bytes.shrink_to_fit();
+        // The stretch, and the first entry after it.
+        let mut after = None;
+        let mut dropped = 0u32;
+        while let Some((d, tf)) = next {
+            if d >= ids.end {
+                after = Some((d, tf));
+                break;
+            }
+            dropped += 1;
+            next = it.next();
+        }
+        if before == 0 && after.is_none() {
+            return Block::default();
+        }
+        // The entry after, encoded again, then the rest as they are.
+        let mut head = Vec::with_capacity(10);
+        let rest = &self.bytes[it.at..];
+        if let Some((d, tf)) = after {
+            encode(&mut head, d - prev, tf);
+        }
+        let mut out = Block {
+            bytes: Vec::with_capacity(keep + head.len() + rest.len()),
+            base: self.base,
+            first: self.first,
+            last: prev,
+            len: before,
+        };
+        out.bytes.extend_from_slice(&self.bytes[..keep]);
+        if let Some((d, _)) = after {
+            out.bytes.extend_from_slice(&head);
+            out.bytes.extend_from_slice(rest);
+            if before == 0 {
+                out.first = d;
+            }
+            out.last = self.last;
+            out.len = self.len - dropped;
+        }
         out
     }
 }
@@ -108,7 +146,7 @@ impl PartialEq for List {
 
 impl Eq for List {}
 
-fn put(out: &mut Vec<u8>, mut v: u32) {
+fn put(out: &mut Vec<u8>, mut v: u64) {
     loop {
         let b = (v & 0x7f) as u8;
         v >>= 7;
@@ -120,17 +158,43 @@ fn put(out: &mut Vec<u8>, mut v: u32) {
     }
 }
 
-fn get(bytes: &[u8], at: &mut usize) -> u32 {
-    let (mut v, mut shift) = (0u32, 0);
+fn get(bytes: &[u8], at: &mut usize) -> u64 {
+    let (mut v, mut shift) = (0u64, 0);
     while let Some(&b) = bytes.get(*at) {
         *at += 1;
-        v |= u32::from(b & 0x7f) << shift;
+        v |= u64::from(b & 0x7f) << shift;
         shift += 7;
         if b & 0x80 == 0 {
             break;
         }
     }
     v
+}
+
+/// One entry: the gap to the previous id, doubled, plus one when a count
+/// other than 1 follows it. Most entries are of a word once in its
+/// passage, so a common term's entry is one byte.
+#[inline]
+fn encode(out: &mut Vec<u8>, gap: u32, tf: u16) {
+    if tf == 1 && gap < 0x40 {
+        out.push((gap << 1) as u8);
+    } else {
+        encode_long(out, gap, tf);
+    }
+}
+
+/// [`encode`] past its one-byte case.
+fn encode_long(out: &mut Vec<u8>, gap: u32, tf: u16) {
+    let head = u64::from(gap) << 1 | u64::from(tf != 1);
+    match (head < 0x80, tf) {
+        (true, 1) => out.push(head as u8),
+        (true, t) if t < 0x80 => out.extend_from_slice(&[head as u8, t as u8]),
+        (_, 1) => put(out, head),
+        (_, t) => {
+            put(out, head);
+            put(out, u64::from(t));
+        }
+    }
 }
 
 /// Entries of one block, in order.
@@ -147,8 +211,13 @@ impl Iterator for BlockIter<'_> {
         if self.at >= self.bytes.len() {
             return None;
         }
-        self.doc += get(self.bytes, &mut self.at);
-        let tf = get(self.bytes, &mut self.at) as u16;
+        let head = get(self.bytes, &mut self.at);
+        self.doc += (head >> 1) as u32;
+        let tf = if head & 1 == 0 {
+            1
+        } else {
+            get(self.bytes, &mut self.at) as u16
+        };
         Some((self.doc, tf))
     }
 }
@@ -356,13 +425,7 @@ impl Runs {
         };
         let mut prev = first;
         for &(doc, tf) in &entries[1..] {
-            let gap = doc - prev;
-            if gap < 0x80 && tf < 0x80 {
-                self.bytes.extend_from_slice(&[gap as u8, tf as u8]);
-            } else {
-                put(&mut self.bytes, gap);
-                put(&mut self.bytes, u32::from(tf));
-            }
+            encode(&mut self.bytes, doc - prev, tf);
             prev = doc;
         }
         self.heads.push(RunHead {
