@@ -88,24 +88,29 @@ impl Interner {
 
     /// The id of `s`, if it has one.
     pub fn get(&self, s: &str) -> Option<u32> {
-        self.get_hashed(hash(s), s)
-    }
-
-    fn get_hashed(&self, h: u64, s: &str) -> Option<u32> {
-        self.table.0.find(h, |&id| self.strs.str(id) == s).copied()
+        self.table
+            .0
+            .find(hash(s), |&id| self.strs.str(id) == s)
+            .copied()
     }
 
     /// The id of `s`, the next one if it is new.
     pub fn intern(&mut self, s: &str) -> u32 {
-        let h = hash(s);
-        if let Some(id) = self.get_hashed(h, s) {
-            return id;
-        }
-        let id = self.strs.len() as u32;
-        self.strs.push(s);
         let strs = &self.strs;
-        self.table.0.insert_unique(h, id, |&id| hash(strs.str(id)));
-        id
+        // One probe: the slot found is the one filled if `s` is new.
+        let entry = self
+            .table
+            .0
+            .entry(hash(s), |&id| strs.str(id) == s, |&id| hash(strs.str(id)));
+        match entry {
+            hashbrown::hash_table::Entry::Occupied(o) => *o.get(),
+            hashbrown::hash_table::Entry::Vacant(v) => {
+                let id = self.strs.len() as u32;
+                v.insert(id);
+                self.strs.push(s);
+                id
+            }
+        }
     }
 }
 

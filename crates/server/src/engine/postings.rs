@@ -97,22 +97,19 @@ impl Block {
         if before == 0 && after.is_none() {
             return Block::default();
         }
-        // The entry after, encoded again, then the rest as they are.
-        let mut head = Vec::with_capacity(10);
+        // The entry after, encoded again (at most 10 bytes), then the rest
+        // as they are.
         let rest = &self.bytes[it.at..];
-        if let Some((d, tf)) = after {
-            encode(&mut head, d - prev, tf);
-        }
         let mut out = Block {
-            bytes: Vec::with_capacity(keep + head.len() + rest.len()),
+            bytes: Vec::with_capacity(keep + 10 + rest.len()),
             base: self.base,
             first: self.first,
             last: prev,
             len: before,
         };
         out.bytes.extend_from_slice(&self.bytes[..keep]);
-        if let Some((d, _)) = after {
-            out.bytes.extend_from_slice(&head);
+        if let Some((d, tf)) = after {
+            encode(&mut out.bytes, d - prev, tf);
             out.bytes.extend_from_slice(rest);
             if before == 0 {
                 out.first = d;
@@ -186,8 +183,8 @@ fn encode(out: &mut Vec<u8>, gap: u32, tf: u16) {
 /// [`encode`] past its one-byte case.
 fn encode_long(out: &mut Vec<u8>, gap: u32, tf: u16) {
     let head = u64::from(gap) << 1 | u64::from(tf != 1);
+    // (A count of 1 with a gap under 64 is `encode`'s one-byte case.)
     match (head < 0x80, tf) {
-        (true, 1) => out.push(head as u8),
         (true, t) if t < 0x80 => out.extend_from_slice(&[head as u8, t as u8]),
         (_, 1) => put(out, head),
         (_, t) => {
