@@ -515,12 +515,16 @@ pub fn quality(opts: &Options, r: &mut Report) -> Res<()> {
     };
     let engine_run = ask_all(&qs, passes, |q| fold_best_line(cite(q)).1);
     // The best line alone: is it an answer line?
+    let best: Vec<Option<(String, u32)>> = scorable
+        .iter()
+        .map(|(q, _)| fold_best_line(cite(&q.question)).0)
+        .collect();
     let best_exact: Vec<bool> = scorable
         .iter()
-        .map(|(q, lines)| {
-            fold_best_line(cite(&q.question))
-                .0
-                .is_some_and(|(f, l)| f == q.file && lines.contains(&l))
+        .zip(&best)
+        .map(|((q, lines), b)| {
+            b.as_ref()
+                .is_some_and(|(f, l)| *f == q.file && lines.contains(l))
         })
         .collect();
 
@@ -676,6 +680,33 @@ pub fn quality(opts: &Options, r: &mut Report) -> Res<()> {
                     );
                 }
             }
+        }
+        // The right passage first but another of its lines chosen.
+        if opts.verbose && er[i] == Some(1) && !best_exact[i] {
+            let line_of = |f: &str, l: u32| -> String {
+                corpus
+                    .files
+                    .iter()
+                    .find(|(n, _)| n == f)
+                    .and_then(|(_, t)| t.lines().nth(l.saturating_sub(1) as usize))
+                    .unwrap_or("")
+                    .trim()
+                    .to_string()
+            };
+            let chosen = best[i]
+                .as_ref()
+                .map_or("(no best line)".to_string(), |(f, l)| {
+                    format!("{f}:{l} {:?}", line_of(f, *l))
+                });
+            eprintln!(
+                "bench: quality: best line off ({}, {}): {} -> expected {}:{} {:?}, chose {chosen}",
+                q.id,
+                q.split,
+                q.question,
+                q.file,
+                lines[0],
+                line_of(&q.file, lines[0])
+            );
         }
         results.push(entry);
     }

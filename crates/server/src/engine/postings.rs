@@ -484,6 +484,46 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_run_cut_out_of_long_stretches_of_one_byte_entries_leaves_the_rest() {
+        // Mostly one-byte entries (gap under 64, count 1), now and then a
+        // longer one, over many blocks; cuts at either end, inside one
+        // block and across several.
+        let mut all = Vec::new();
+        let (mut d, mut x) = (0u32, 7u32);
+        for i in 0..6000u32 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            d += 1 + (x >> 16) % 63;
+            let tf = if i % 37 == 0 { 2 } else { 1 };
+            if i % 53 == 0 {
+                d += 100;
+            }
+            all.push((d, tf));
+        }
+        let last = d;
+        for (a, b) in [
+            (0, 1),
+            (0, last / 3),
+            (last / 5, last / 5 + 9),
+            (last / 2, last / 2 + 500),
+            (last / 3, last + 1),
+            (last - 40, last + 1),
+            (all[1000].0, all[1008].0),
+            (all[2000].0 + 1, all[2016].0 + 1),
+        ] {
+            let mut l = list(&all);
+            l.remove_run(a..b);
+            let want: Vec<_> = all
+                .iter()
+                .copied()
+                .filter(|(d, _)| !(a..b).contains(d))
+                .collect();
+            assert_eq!(l.iter().collect::<Vec<_>>(), want, "{a}..{b}");
+            assert_eq!(l.len(), want.len(), "{a}..{b}");
+            check_blocks(&l, &want);
+        }
+    }
+
     /// Every block decodes on its own to its part of `model`, in order,
     /// and says what it holds; no sealed block is empty.
     fn check_blocks(l: &List, model: &[(u32, u16)]) {
