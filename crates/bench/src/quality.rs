@@ -21,10 +21,11 @@
 //! A question is a hit at rank k when the k-th cited `FILE:START-END` range
 //! covers a line containing the substring; MRR is over the (at most three)
 //! ranges cited. The engine's answer starts with its best line, cited
-//! `FILE:LINE` before the passages; that line always lies in the rank-1
+//! `FILE:LINE` (or `FILE:START-END` for a sentence wrapped over up to
+//! three lines) before the passages; it always lies in the rank-1
 //! passage, so it is not counted as a rank of its own ([`fold_best_line`]):
 //! the passages are scored as before, and the best line gets its own row
-//! (how often it is an answer line itself).
+//! (how often it holds an answer line itself).
 
 pub mod bm25;
 
@@ -359,17 +360,17 @@ fn parse_citation(c: &str) -> Option<(&str, u32, u32)> {
 /// A cited range: file, first line, last line.
 pub type Cited = (String, u32, u32);
 
-/// Split off a leading `FILE:LINE` citation that the next cited range
-/// covers (the engine's best line, taken from its best passage), so ranks
-/// count passages only.
-pub fn fold_best_line(mut cited: Vec<Cited>) -> (Option<(String, u32)>, Vec<Cited>) {
+/// Split off a leading citation that lies within the next cited range
+/// (the engine's best line, `FILE:LINE`, or best sentence,
+/// `FILE:START-END`, taken from its best passage; passages never overlap,
+/// so nothing else nests), so ranks count passages only.
+pub fn fold_best_line(mut cited: Vec<Cited>) -> (Option<Cited>, Vec<Cited>) {
     let folds = match cited.as_slice() {
-        [(f, a, b), (g, s, e), ..] => a == b && f == g && s <= a && a <= e,
+        [(f, a, b), (g, s, e), ..] => f == g && s <= a && b <= e,
         _ => false,
     };
     if folds {
-        let (f, a, _) = cited.remove(0);
-        (Some((f, a)), cited)
+        (Some(cited.remove(0)), cited)
     } else {
         (None, cited)
     }
@@ -514,8 +515,8 @@ pub fn quality(opts: &Options, r: &mut Report) -> Res<()> {
             .collect()
     };
     let engine_run = ask_all(&qs, passes, |q| fold_best_line(cite(q)).1);
-    // The best line alone: is it an answer line?
-    let best: Vec<Option<(String, u32)>> = scorable
+    // The best line alone: does it hold an answer line?
+    let best: Vec<Option<Cited>> = scorable
         .iter()
         .map(|(q, _)| fold_best_line(cite(&q.question)).0)
         .collect();
@@ -524,7 +525,7 @@ pub fn quality(opts: &Options, r: &mut Report) -> Res<()> {
         .zip(&best)
         .map(|((q, lines), b)| {
             b.as_ref()
-                .is_some_and(|(f, l)| *f == q.file && lines.contains(l))
+                .is_some_and(|(f, a, b)| *f == q.file && lines.iter().any(|l| (a..=b).contains(&l)))
         })
         .collect();
 
@@ -595,7 +596,7 @@ pub fn quality(opts: &Options, r: &mut Report) -> Res<()> {
         format!("{:.1}%", 100.0 * hits as f64 / picked.len().max(1) as f64)
     };
     r.row(
-        "Quality best line is an answer line, tune / check half",
+        "Quality best line (or sentence, <= 3 lines) holds an answer line, tune / check half",
         format!(
             "engine {} / {}",
             share(|q| q.split == "tune"),
@@ -695,8 +696,8 @@ pub fn quality(opts: &Options, r: &mut Report) -> Res<()> {
             };
             let chosen = best[i]
                 .as_ref()
-                .map_or("(no best line)".to_string(), |(f, l)| {
-                    format!("{f}:{l} {:?}", line_of(f, *l))
+                .map_or("(no best line)".to_string(), |(f, a, b)| {
+                    format!("{f}:{a}-{b} {:?}", line_of(f, *a))
                 });
             eprintln!(
                 "bench: quality: best line off ({}, {}): {} -> expected {}:{} {:?}, chose {chosen}",
@@ -872,12 +873,16 @@ mod tests {
     fn the_best_line_is_folded_into_the_passage_that_holds_it() {
         let c = |f: &str, a, b| (f.to_string(), a, b);
         let (best, rest) = fold_best_line(vec![c("f.md", 5, 5), c("f.md", 3, 9), c("g.md", 1, 2)]);
-        assert_eq!(best, Some(("f.md".into(), 5)));
+        assert_eq!(best, Some(c("f.md", 5, 5)));
         assert_eq!(rest, vec![c("f.md", 3, 9), c("g.md", 1, 2)]);
+        // A best sentence over lines 7-9 of the passage 3-9.
+        let (best, rest) = fold_best_line(vec![c("f.md", 7, 9), c("f.md", 3, 9)]);
+        assert_eq!((best, rest), (Some(c("f.md", 7, 9)), vec![c("f.md", 3, 9)]));
         // Not held by the next range (or no best line): nothing is folded.
         for cited in [
             vec![c("f.md", 5, 5), c("g.md", 3, 9)],
             vec![c("f.md", 3, 9), c("f.md", 5, 5)],
+            vec![c("f.md", 8, 10), c("f.md", 3, 9)],
             vec![c("f.md", 5, 5)],
         ] {
             assert_eq!(fold_best_line(cited.clone()), (None, cited));

@@ -220,8 +220,13 @@ impl BuiltinEngine {
         let mut answer = String::new();
         let mut sources = Vec::new();
         // The best line first, from the best passage: one line to read.
-        if let Some((line, text)) = index.best_line(&hits[0], question) {
-            let source = format!("{}:{line}", index.files()[hits[0].file].display);
+        if let Some((first, last, text)) = index.best_line(&hits[0], question) {
+            let display = &index.files()[hits[0].file].display;
+            let source = if first == last {
+                format!("{display}:{first}")
+            } else {
+                format!("{display}:{first}-{last}")
+            };
             answer.push_str("Best line: [");
             answer.push_str(&source);
             answer.push_str("] ");
@@ -230,7 +235,7 @@ impl BuiltinEngine {
                     answer.push_str(&text[..cut]);
                     answer.push_str(" [...]");
                 }
-                None => answer.push_str(text),
+                None => answer.push_str(&text),
             }
             sources.push(source);
         }
@@ -545,6 +550,26 @@ mod tests {
         let (s, end) = line_range(&a.sources[1]);
         assert!((s..=end).contains(&(line as u32)), "{:?}", a.sources);
         assert_eq!(a.sources.len(), 1 + a.answer.matches("\n\n[").count());
+    }
+
+    #[test]
+    fn a_best_sentence_wrapped_over_lines_is_cited_as_their_range() {
+        let body = "# Limits\n\nEach client gets a private pair of pipes. The cap is one\nmebibyte per frame, newline included, and a longer frame\nis refused.\n\n| code | meaning |\n|---|---|\n| 5 | usage |\n| 6 | bridge busy |\n";
+        let (_d, p, e) = engine(body);
+        let a = e.answer_now("What is the cap per frame, with the newline?");
+        let cite = format!("{}:3-5", p.display());
+        assert_eq!(a.sources[0], cite, "{:?}", a.sources);
+        assert!(
+            a.answer.starts_with(&format!(
+                "Best line: [{cite}] Each client gets a private pair of pipes. The cap is one mebibyte per frame, newline included, and a longer frame is refused.\n\n["
+            )),
+            "{}",
+            a.answer
+        );
+        // A table row is judged with its header's words, and the header
+        // row itself is never the best line.
+        let a = e.answer_now("What does code 6 mean?");
+        assert_eq!(a.sources[0], format!("{}:10", p.display()), "{}", a.answer);
     }
 
     #[test]

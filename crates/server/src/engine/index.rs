@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 use super::context::ContextFile;
 use super::interner::{Interner, Strs};
 use super::postings::{List, Runs};
-use super::{related, text};
+use super::{lines, related, text};
 
 const K1: f32 = 1.2;
 const B: f32 = 0.75;
@@ -1012,12 +1012,18 @@ impl Index {
         )
     }
 
-    /// The line of passage `hit` most likely to answer `query`: the one
-    /// whose distinct query terms weigh most (by their inverse document
-    /// frequency), the earliest on a tie; headings and lines with no letter
-    /// or digit are never chosen. Its 1-based line number and its text
-    /// (trimmed), or `None` when no line holds a query term.
-    pub fn best_line(&self, hit: &Hit, query: &str) -> Option<(u32, &str)> {
+    /// The line or sentence of passage `hit` most likely to answer
+    /// `query`: the unit whose distinct query terms weigh most (by their
+    /// inverse document frequency), the shorter then the earlier on a tie.
+    /// A unit is a sentence of prose (wrapped lines joined, as a sentence
+    /// often starts or ends mid-line) of at most [`lines::MAX_SENTENCE_LINES`]
+    /// lines, else each of its lines; a table row, a list item's first
+    /// line with its continuation, a line of code: each one line
+    /// ([`lines::units`]). Headings and lines with no letter or digit are never
+    /// chosen. Its 1-based first and last line numbers and its text (the
+    /// lines trimmed, joined by spaces), or `None` when no line holds a
+    /// query term.
+    pub fn best_line(&self, hit: &Hit, query: &str) -> Option<(u32, u32, String)> {
         let mut weights: Vec<(u32, f32)> = Vec::new();
         let n = self.live as f32;
         text::terms(query, |t| {
@@ -1030,31 +1036,60 @@ impl Index {
                 weights.push((id, (1.0 + (n - df + 0.5) / (df + 0.5)).ln()));
             }
         });
+        // Related words of the query's, as in `search`: at a share of the
+        // weight, never above the word they stand for.
+        let mut wide: Vec<(u32, f32)> = Vec::new();
+        text::terms(query, |t| {
+            let cap = self
+                .vocab
+                .get(t)
+                .and_then(|id| weights.iter().find(|(i, _)| *i == id))
+                .map_or(f32::INFINITY, |(_, w)| *w);
+            for r in related::related(t) {
+                if let Some(id) = self.vocab.get(r)
+                    && let Some(list) = self.postings.get(id as usize)
+                    && !list.is_empty()
+                    && !weights.iter().chain(&wide).any(|(i, _)| *i == id)
+                {
+                    let df = list.len() as f32;
+                    let idf = (1.0 + (n - df + 0.5) / (df + 0.5)).ln();
+                    wide.push((id, RELATED_WEIGHT * idf.min(cap)));
+                }
+            }
+        });
+        weights.extend(wide);
         let file = self.files.get(hit.file)?;
         let p = file.passages.get(hit.passage)?;
-        let mut best: Option<(f32, u32, &str)> = None;
+        let ls: Vec<&str> = file.text[p.bytes.clone()].lines().collect();
+        let mut best: Option<(f32, usize, usize)> = None;
         let mut seen: Vec<u32> = Vec::new();
-        for (i, line) in file.text[p.bytes.clone()].lines().enumerate() {
-            let trimmed = line.trim();
-            if trimmed.starts_with('#') || !trimmed.chars().any(char::is_alphanumeric) {
-                continue;
-            }
+        for (a, b, header) in lines::units(&ls) {
             seen.clear();
             let mut score = 0.0f32;
-            text::terms(trimmed, |t| {
-                if let Some(id) = self.vocab.get(t)
-                    && !seen.contains(&id)
-                    && let Some((_, w)) = weights.iter().find(|(i, _)| *i == id)
-                {
-                    seen.push(id);
-                    score += w;
-                }
-            });
-            if score > 0.0 && best.is_none_or(|(b, _, _)| score > b) {
-                best = Some((score, p.start_line + i as u32, trimmed));
+            for line in header.iter().map(|&h| &ls[h]).chain(&ls[a..=b]) {
+                text::terms(line, |t| {
+                    if let Some(id) = self.vocab.get(t)
+                        && !seen.contains(&id)
+                        && let Some((_, w)) = weights.iter().find(|(i, _)| *i == id)
+                    {
+                        seen.push(id);
+                        score += w;
+                    }
+                });
+            }
+            let better =
+                |(bs, ba, bb): (f32, usize, usize)| score > bs || (score == bs && b - a < bb - ba);
+            if score > 0.0 && best.is_none_or(better) {
+                best = Some((score, a, b));
             }
         }
-        best.map(|(_, line, text)| (line, text))
+        let (_, a, b) = best?;
+        let joined = ls[a..=b]
+            .iter()
+            .map(|l| l.trim())
+            .collect::<Vec<_>>()
+            .join(" ");
+        Some((p.start_line + a as u32, p.start_line + b as u32, joined))
     }
 
     /// The best `k` passages for `query`, best first; empty when neither a
