@@ -927,7 +927,8 @@ fn retention(opts: &Options, r: &mut Report) -> Res<()> {
     let (rounds, per_round, pause) = if opts.quick {
         (4, 200, Duration::from_millis(1_200))
     } else {
-        (20, 1_000, Duration::from_millis(1_500))
+        // 200,000 questions, the figure for the file size.
+        (20, 10_000, Duration::from_millis(1_500))
     };
     let (f0, l0, m0) = growth_run(opts, &["--concurrency", "8"], rounds, per_round, pause)?;
     let (f1, l1, m1) = growth_run(
@@ -952,7 +953,12 @@ fn retention(opts: &Options, r: &mut Report) -> Res<()> {
             "Bridge growth per question ({} questions after the first {per_round})",
             (rounds - 1) * per_round
         ),
-        format!("{without:.0} B without retention; {with:.0} B with --retain 1s"),
+        format!(
+            "{without:.0} B without retention; {with:.0} B with --retain 1s; file after {} questions {:.1} MiB vs {:.1} MiB",
+            rounds * per_round,
+            l0 as f64 / 1_048_576.0,
+            l1 as f64 / 1_048_576.0
+        ),
         format!(
             "file {:.1} -> {:.1} MiB vs {:.1} -> {:.1} MiB; messages left {m0} vs {m1}",
             f0 as f64 / 1_048_576.0,
