@@ -7,7 +7,7 @@ pub mod context;
 pub mod external;
 pub mod index;
 mod interner;
-mod lines;
+pub mod lines;
 pub mod par;
 mod postings;
 pub mod prompt;
