@@ -1032,8 +1032,7 @@ impl Index {
                 && !list.is_empty()
                 && !weights.iter().any(|(i, _)| *i == id)
             {
-                let df = list.len() as f32;
-                weights.push((id, (1.0 + (n - df + 0.5) / (df + 0.5)).ln()));
+                weights.push((id, idf(n, list.len() as f32)));
             }
         });
         // Related words of the query's, as in `search`: at a share of the
@@ -1051,9 +1050,8 @@ impl Index {
                     && !list.is_empty()
                     && !weights.iter().chain(&wide).any(|(i, _)| *i == id)
                 {
-                    let df = list.len() as f32;
-                    let idf = (1.0 + (n - df + 0.5) / (df + 0.5)).ln();
-                    wide.push((id, RELATED_WEIGHT * idf.min(cap)));
+                    let w = idf(n, list.len() as f32);
+                    wide.push((id, RELATED_WEIGHT * w.min(cap)));
                 }
             }
         });
@@ -1226,7 +1224,7 @@ impl Index {
         }
         let n = self.live as f32;
         let df = sc.term_docs.len() as f32;
-        let idf = (1.0 + (n - df + 0.5) / (df + 0.5)).ln();
+        let idf = idf(n, df);
         let w = t.weight * idf.min(t.cap);
         for &doc in &sc.term_docs {
             let tf = std::mem::take(&mut sc.tf[doc as usize]);
@@ -1310,6 +1308,11 @@ struct Scratch {
     tf: Vec<f32>,
     /// Documents holding the current term.
     term_docs: Vec<u32>,
+}
+
+/// BM25's inverse document frequency of a term in `df` of `n` passages.
+fn idf(n: f32, df: f32) -> f32 {
+    (1.0 + (n - df + 0.5) / (df + 0.5)).ln()
 }
 
 /// Best first; on a tie, by file and passage.
