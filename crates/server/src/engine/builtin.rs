@@ -573,6 +573,36 @@ mod tests {
     }
 
     #[test]
+    fn the_folders_above_the_context_root_do_not_change_the_ranking() {
+        // The same files under two roots of other names (a temporary folder
+        // is named at random): the same passages, in the same order, with
+        // the same scores.
+        let d = tempfile::tempdir().unwrap();
+        let ranks = |root: &str| {
+            let r = d.path().join(root);
+            std::fs::create_dir_all(r.join("leases")).unwrap();
+            std::fs::write(r.join("NOTES.md"), NOTES).unwrap();
+            std::fs::write(
+                r.join("leases/claims.md"),
+                "# Claims\nA claim holds a lease of 30 s.\n",
+            )
+            .unwrap();
+            let e = BuiltinEngine::load(&[r]).unwrap();
+            let idx = e.index();
+            ["claims lease cache", "pipes per client", "claim 64 entries"].map(|q| {
+                idx.search(q, 3)
+                    .iter()
+                    .map(|h| {
+                        let f = &idx.files()[h.file];
+                        (f.display[f.rel..].to_string(), h.passage, h.score)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(ranks("q0b2x7"), ranks("claims-cache-notes"));
+    }
+
+    #[test]
     fn top_source_range_contains_the_answer() {
         let (_d, p, e) = engine(NOTES);
         let a = e.answer_now("How big is the cache we decided on?");

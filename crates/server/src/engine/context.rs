@@ -57,6 +57,9 @@ impl Signature {
 pub struct ContextFile {
     /// How sources cite it (the path as given under `--context`, without `./`).
     pub display: String,
+    /// Where in `display` the part below its context root begins
+    /// ([`Found::rel`]).
+    pub rel: usize,
     /// The file's text.
     pub text: Arc<str>,
     /// SHA-256 of the text.
@@ -76,6 +79,12 @@ pub struct Found {
     pub path: PathBuf,
     /// How to cite it.
     pub display: String,
+    /// Where in `display` the part below its context root begins (for a
+    /// file named directly, its name): the words a file's path lends its
+    /// passages come from there, not from the folders above the root,
+    /// which every file shares (and which, for a temporary folder, differ
+    /// from run to run).
+    pub rel: usize,
     /// Named directly on the command line (its failures are fatal at start).
     pub explicit: bool,
 }
@@ -100,16 +109,18 @@ pub fn discover(roots: &[PathBuf]) -> Result<Vec<Found>, String> {
     for root in roots {
         let md = std::fs::metadata(root).map_err(|e| format!("context {}: {e}", root.display()))?;
         if md.is_file() {
+            let display = display_of(root);
             out.insert(
-                display_of(root),
+                display.clone(),
                 Found {
                     path: root.clone(),
-                    display: display_of(root),
+                    rel: rel_of(&display, root),
+                    display,
                     explicit: true,
                 },
             );
         } else if md.is_dir() {
-            walk(root, &mut out).map_err(|e| format!("context {}: {e}", root.display()))?;
+            walk(root, root, &mut out).map_err(|e| format!("context {}: {e}", root.display()))?;
         } else {
             return Err(format!(
                 "context {}: not a file or directory",
@@ -185,23 +196,48 @@ pub fn discover_at(roots: &[PathBuf], path: &Path) -> Result<Vec<Found>, String>
         Err(e) if explicit => return Err(err(e)),
         Err(_) => return Ok(Vec::new()),
     };
+    // The root it lies under (the longest, if roots nest).
+    let root = roots
+        .iter()
+        .filter(|r| path.starts_with(r))
+        .max_by_key(|r| r.as_os_str().len())
+        .map_or(path, PathBuf::as_path);
     if lmd.is_dir() {
         let mut out = BTreeMap::new();
-        walk(path, &mut out).map_err(err)?;
+        walk(path, root, &mut out).map_err(err)?;
         return Ok(out.into_values().collect());
     }
     let is_file = path.is_file();
     if is_file && (explicit || is_text_file(path)) {
+        let display = display_of(path);
         return Ok(vec![Found {
             path: path.to_path_buf(),
-            display: display_of(path),
+            rel: rel_of(&display, root),
+            display,
             explicit,
         }]);
     }
     Ok(Vec::new())
 }
 
-fn walk(dir: &Path, out: &mut BTreeMap<String, Found>) -> std::io::Result<()> {
+/// Where in `display` (a file's, [`display_of`]) the part below `root`
+/// begins: after the root and its slash when the file is under it, else
+/// at its name.
+fn rel_of(display: &str, root: &Path) -> usize {
+    let r = display_of(root);
+    let r = r.trim_end_matches('/');
+    if !r.is_empty()
+        && display.len() > r.len() + 1
+        && display.starts_with(r)
+        && display.as_bytes()[r.len()] == b'/'
+    {
+        r.len() + 1
+    } else {
+        display.rfind('/').map_or(0, |i| i + 1)
+    }
+}
+
+fn walk(dir: &Path, root: &Path, out: &mut BTreeMap<String, Found>) -> std::io::Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
@@ -214,13 +250,15 @@ fn walk(dir: &Path, out: &mut BTreeMap<String, Found>) -> std::io::Result<()> {
         let ft = e.file_type()?;
         if ft.is_dir() {
             if !SKIP_DIRS.contains(&name.as_ref()) {
-                walk(&path, out)?;
+                walk(&path, root, out)?;
             }
         } else if is_text_file(&path) && (ft.is_file() || ft.is_symlink() && path.is_file()) {
+            let display = display_of(&path);
             out.insert(
-                display_of(&path),
+                display.clone(),
                 Found {
-                    display: display_of(&path),
+                    rel: rel_of(&display, root),
+                    display,
                     path,
                     explicit: false,
                 },
@@ -246,6 +284,7 @@ pub fn load(found: &Found) -> Result<ContextFile, String> {
     let (passages, lines) = split(&text);
     Ok(ContextFile {
         display: found.display.clone(),
+        rel: found.rel,
         text: text.into(),
         hash,
         signature,
@@ -522,6 +561,34 @@ mod tests {
     }
 
     #[test]
+    fn the_part_of_a_path_below_its_root_is_marked() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("notes");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::write(root.join("a.md"), "x").unwrap();
+        std::fs::write(root.join("sub/b.md"), "x").unwrap();
+        let below = |f: &Found| f.display[f.rel..].to_string();
+        let found = discover(std::slice::from_ref(&root)).unwrap();
+        assert_eq!(
+            found.iter().map(below).collect::<Vec<_>>(),
+            ["a.md", "sub/b.md"]
+        );
+        // A change named by inotify is marked as the walk marks it.
+        let again = discover_at(std::slice::from_ref(&root), &root.join("sub/b.md")).unwrap();
+        assert_eq!(again, vec![found[1].clone()]);
+        let again = discover_at(std::slice::from_ref(&root), &root.join("sub")).unwrap();
+        assert_eq!(again, vec![found[1].clone()]);
+        // A file named directly: its name.
+        let file = root.join("sub/b.md");
+        let found = discover(std::slice::from_ref(&file)).unwrap();
+        assert_eq!(below(&found[0]), "b.md");
+        // A relative root, with or without a trailing slash.
+        assert_eq!(rel_of("docs/a/b.md", Path::new("docs/")), 5);
+        assert_eq!(rel_of("docs/a/b.md", Path::new("docs")), 5);
+        assert_eq!(rel_of("docsx/b.md", Path::new("docs")), 6);
+    }
+
+    #[test]
     fn invalid_utf8_fails_to_load() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("bad.md");
@@ -529,6 +596,7 @@ mod tests {
         let e = load(&Found {
             path: p,
             display: "bad.md".into(),
+            rel: 0,
             explicit: true,
         })
         .unwrap_err();

@@ -74,6 +74,18 @@ const PROXIMITY_SPAN: u32 = 5;
 const RELATED_WEIGHT: f32 = 0.3;
 /// How many of the best BM25 passages proximity re-ranks.
 const RERANK: usize = 20;
+/// What the weight of a passage's best unit ([`Index::best_unit`]: the
+/// sentence, row or line holding the most of the query's weight) adds to
+/// its score, so that a passage where the query's words meet in one
+/// sentence outranks one where they are scattered over a long table or
+/// list (tune half: 0.25 / 0.5 / 1.0; 0.5 took hit@1 from 49.5 to 52.3 %
+/// and MRR from 0.581 to 0.586 there, and on the check half hit@3 from
+/// 70.4 to 72.2 % and MRR from 0.642 to 0.653, hit@1 unchanged).
+const FOCUS: f32 = 0.5;
+/// How many of the best passages after proximity get the [`FOCUS`] part
+/// (finding units tokenises a passage again; 5 and 20 gave the same
+/// ranks as 8).
+const FOCUSED: usize = 8;
 
 /// A passage as indexed: which file, which passage of it, its length in terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -325,7 +337,7 @@ fn tokenize_with(
             segments.push((fi as u32, 0, t.file_terms.len() as u32));
             t.segment = segments.len() as u32;
             let mut v = Vec::new();
-            text::terms(&file.display, |w| {
+            text::terms(&file.display[file.rel..], |w| {
                 v.push(t.marked_id(words, &field_term(PATH, w)));
             });
             path = Some((fi, v));
@@ -1024,56 +1036,81 @@ impl Index {
     /// lines trimmed, joined by spaces), or `None` when no line holds a
     /// query term.
     pub fn best_line(&self, hit: &Hit, query: &str) -> Option<(u32, u32, String)> {
-        let mut weights: Vec<(u32, f32)> = Vec::new();
+        let weights = self.line_weights(query);
+        let file = self.files.get(hit.file)?;
+        let p = file.passages.get(hit.passage)?;
+        let ls: Vec<&str> = file.text[p.bytes.clone()].lines().collect();
+        let (_, a, b) = self.best_unit(&ls, &weights)?;
+        let joined = ls[a..=b]
+            .iter()
+            .map(|l| l.trim())
+            .collect::<Vec<_>>()
+            .join(" ");
+        Some((p.start_line + a as u32, p.start_line + b as u32, joined))
+    }
+
+    /// The weight of each of `query`'s terms for choosing a best line: its
+    /// idf; a related word's at [`RELATED_WEIGHT`] of its own, never above
+    /// the word it stands for (as in [`Index::search`]). Each with its
+    /// text, as [`text::terms`] gives it.
+    fn line_weights(&self, query: &str) -> Vec<(String, f32)> {
         let n = self.live as f32;
+        let df = |t: &str| {
+            self.vocab
+                .get(t)
+                .and_then(|id| self.postings.get(id as usize))
+                .map_or(0, |l| l.len())
+        };
+        let mut weights: Vec<(String, f32)> = Vec::new();
         text::terms(query, |t| {
-            if let Some(id) = self.vocab.get(t)
-                && let Some(list) = self.postings.get(id as usize)
-                && !list.is_empty()
-                && !weights.iter().any(|(i, _)| *i == id)
-            {
-                weights.push((id, idf(n, list.len() as f32)));
+            let d = df(t);
+            if d > 0 && !weights.iter().any(|(x, _)| x == t) {
+                weights.push((t.to_string(), idf(n, d as f32)));
             }
         });
-        // Related words of the query's, as in `search`: at a share of the
-        // weight, never above the word they stand for.
-        let mut wide: Vec<(u32, f32)> = Vec::new();
+        let mut wide: Vec<(String, f32)> = Vec::new();
         text::terms(query, |t| {
-            let cap = self
-                .vocab
-                .get(t)
-                .and_then(|id| weights.iter().find(|(i, _)| *i == id))
+            let cap = weights
+                .iter()
+                .find(|(x, _)| x == t)
                 .map_or(f32::INFINITY, |(_, w)| *w);
             for r in related::related(t) {
-                if let Some(id) = self.vocab.get(r)
-                    && let Some(list) = self.postings.get(id as usize)
-                    && !list.is_empty()
-                    && !weights.iter().chain(&wide).any(|(i, _)| *i == id)
-                {
-                    let w = idf(n, list.len() as f32);
-                    wide.push((id, RELATED_WEIGHT * w.min(cap)));
+                let d = df(r);
+                if d > 0 && !weights.iter().chain(&wide).any(|(x, _)| **x == **r) {
+                    let w = idf(n, d as f32);
+                    wide.push((r.to_string(), RELATED_WEIGHT * w.min(cap)));
                 }
             }
         });
         weights.extend(wide);
-        let file = self.files.get(hit.file)?;
-        let p = file.passages.get(hit.passage)?;
-        let ls: Vec<&str> = file.text[p.bytes.clone()].lines().collect();
+        weights
+    }
+
+    /// Of the units of passage lines `ls` ([`lines::units`]), the one whose
+    /// distinct terms weigh most by `weights`, the shorter then the earlier
+    /// on a tie: its weight and its first and last line (indexes into
+    /// `ls`). None when no unit holds a weighted term. Only words that may
+    /// stem to a weighted term are stemmed ([`text::could_stem_to`]).
+    fn best_unit(&self, ls: &[&str], weights: &[(String, f32)]) -> Option<(f32, usize, usize)> {
         let mut best: Option<(f32, usize, usize)> = None;
-        let mut seen: Vec<u32> = Vec::new();
-        for (a, b, header) in lines::units(&ls) {
+        let mut seen: Vec<usize> = Vec::new();
+        for (a, b, header) in lines::units(ls) {
             seen.clear();
             let mut score = 0.0f32;
             for line in header.iter().map(|&h| &ls[h]).chain(&ls[a..=b]) {
-                text::terms(line, |t| {
-                    if let Some(id) = self.vocab.get(t)
-                        && !seen.contains(&id)
-                        && let Some((_, w)) = weights.iter().find(|(i, _)| *i == id)
-                    {
-                        seen.push(id);
-                        score += w;
-                    }
-                });
+                text::terms_where(
+                    line,
+                    |w| weights.iter().any(|(t, _)| text::could_stem_to(w, t)),
+                    |t, stemmed| {
+                        if stemmed
+                            && let Some(i) = weights.iter().position(|(x, _)| x == t)
+                            && !seen.contains(&i)
+                        {
+                            seen.push(i);
+                            score += weights[i].1;
+                        }
+                    },
+                );
             }
             let better =
                 |(bs, ba, bb): (f32, usize, usize)| score > bs || (score == bs && b - a < bb - ba);
@@ -1081,13 +1118,7 @@ impl Index {
                 best = Some((score, a, b));
             }
         }
-        let (_, a, b) = best?;
-        let joined = ls[a..=b]
-            .iter()
-            .map(|l| l.trim())
-            .collect::<Vec<_>>()
-            .join(" ");
-        Some((p.start_line + a as u32, p.start_line + b as u32, joined))
+        best
     }
 
     /// The best `k` passages for `query`, best first; empty when neither a
@@ -1161,6 +1192,22 @@ impl Index {
             if q.len() > 1 {
                 for h in &mut hits {
                     h.score += PROXIMITY * self.proximity(h, &q);
+                }
+            }
+            if q.len() > 1 {
+                let f = k.max(FOCUSED);
+                if hits.len() > f {
+                    hits.select_nth_unstable_by(f - 1, by_score);
+                    hits.truncate(f);
+                }
+                let weights = self.line_weights(query);
+                for h in &mut hits {
+                    let f = &self.files[h.file];
+                    let p = &f.passages[h.passage];
+                    let ls: Vec<&str> = f.text[p.bytes.clone()].lines().collect();
+                    if let Some((w, _, _)) = self.best_unit(&ls, &weights) {
+                        h.score += FOCUS * w;
+                    }
                 }
             }
             if hits.len() > k {
@@ -1340,6 +1387,7 @@ mod tests {
                 load(&Found {
                     path: p,
                     display: (*name).into(),
+                    rel: 0,
                     explicit: true,
                 })
                 .unwrap(),
@@ -1381,6 +1429,7 @@ mod tests {
         let f = load(&Found {
             path: p,
             display: name.into(),
+            rel: 0,
             explicit: true,
         })
         .unwrap();
@@ -1635,6 +1684,24 @@ mod tests {
     }
 
     #[test]
+    fn query_words_in_one_sentence_outrank_the_same_words_in_two() {
+        let filler = "alpha beta gamma delta epsilon zeta eta theta\n";
+        let (_d, idx) = index_of(&[(
+            "notes.md",
+            &format!(
+                "# Apart\nThe lease is long.\n{filler}Each claim is short.\n\n# Together\nThe lease is long\n{filler}and each claim is short.\n\n# Other\n{filler}omega\n"
+            ),
+        )]);
+        // Same terms, same counts, further apart than proximity's span in
+        // both: BM25 and proximity tie them and the first would win; the
+        // second's one sentence holds both words.
+        let hits = idx.search("claim lease", 2);
+        assert_eq!(hits[0].passage, 1, "{hits:?}");
+        assert_eq!(hits[1].passage, 0, "{hits:?}");
+        assert!(hits[0].score > hits[1].score, "{hits:?}");
+    }
+
+    #[test]
     fn file_path_words_pick_the_file_the_question_names() {
         let same = "# Minimum supported version\nThe minimum supported rustc version is 1.60.\n";
         let (_d, idx) = index_of(&[("alpha.md", same), ("zeta.md", same)]);
@@ -1661,10 +1728,19 @@ mod tests {
         let alone = idx.search("claim", 3);
         let score = |hits: &[Hit], p: usize| hits.iter().find(|h| h.passage == p).unwrap().score;
         // Side by side: a bonus. Seven apart (past the span): none, the
-        // passage scores its BM25 sum only.
+        // passage scores its BM25 sum and its best sentence's part only
+        // ([`FOCUS`]; a one-word query has neither).
         let lease = idx.search("lease", 3);
         let bm25_far = score(&alone, 1) + score(&lease, 1);
-        assert!((score(&near, 1) - bm25_far).abs() < 1e-4, "{near:?}");
+        let p = &idx.files[0].passages[1];
+        let ls: Vec<&str> = idx.files[0].text[p.bytes.clone()].lines().collect();
+        let (focus, _, _) = idx
+            .best_unit(&ls, &idx.line_weights("claim lease"))
+            .unwrap();
+        assert!(
+            (score(&near, 1) - bm25_far - FOCUS * focus).abs() < 1e-4,
+            "{near:?}"
+        );
         assert!(
             score(&near, 0) > score(&alone, 0) + score(&lease, 0) + 0.1,
             "{near:?}"
