@@ -226,10 +226,11 @@ pub fn discover_at(roots: &[PathBuf], path: &Path) -> Result<Vec<Found>, String>
 fn rel_of(display: &str, root: &Path) -> usize {
     let r = display_of(root);
     let r = r.trim_end_matches('/');
-    if !r.is_empty()
-        && display.len() > r.len() + 1
-        && display.starts_with(r)
-        && display.as_bytes()[r.len()] == b'/'
+    if r == "." || r.is_empty() {
+        // `--context .` (what is walked is cited without `./`), or `/`.
+        return 0;
+    }
+    if display.len() > r.len() + 1 && display.starts_with(r) && display.as_bytes()[r.len()] == b'/'
     {
         r.len() + 1
     } else {
@@ -586,6 +587,8 @@ mod tests {
         assert_eq!(rel_of("docs/a/b.md", Path::new("docs/")), 5);
         assert_eq!(rel_of("docs/a/b.md", Path::new("docs")), 5);
         assert_eq!(rel_of("docsx/b.md", Path::new("docs")), 6);
+        assert_eq!(rel_of("sub/b.md", Path::new(".")), 0);
+        assert_eq!(rel_of("sub/b.md", Path::new("./")), 0);
     }
 
     #[test]
