@@ -447,6 +447,21 @@ mod tests {
         l
     }
 
+    /// A list of `all` with the ids in `a..b` cut out, checked against
+    /// `all` without them, and that model.
+    fn cut(all: &[(u32, u16)], a: u32, b: u32) -> (List, Vec<(u32, u16)>) {
+        let mut l = list(all);
+        l.remove_run(a..b);
+        let want: Vec<_> = all
+            .iter()
+            .copied()
+            .filter(|(d, _)| !(a..b).contains(d))
+            .collect();
+        assert_eq!(l.iter().collect::<Vec<_>>(), want, "{a}..{b}");
+        assert_eq!(l.len(), want.len(), "{a}..{b}");
+        (l, want)
+    }
+
     #[test]
     fn entries_round_trip_and_runs_come_out_anywhere() {
         let all: Vec<(u32, u16)> = [0, 1, 5, 127, 128, 300, 16_384, 70_000, 1 << 28]
@@ -463,15 +478,7 @@ mod tests {
                 if b < a {
                     continue;
                 }
-                let mut l = list(&all);
-                l.remove_run(a..b);
-                let want: Vec<_> = all
-                    .iter()
-                    .copied()
-                    .filter(|(d, _)| !(a..b).contains(d))
-                    .collect();
-                assert_eq!(l.iter().collect::<Vec<_>>(), want, "{a}..{b}");
-                assert_eq!(l.len(), want.len());
+                let (mut l, want) = cut(&all, a, b);
                 // Appending after a removal continues from the right base.
                 l.push(1 << 30, 3);
                 assert_eq!(l.iter().last(), Some((1 << 30, 3)), "{a}..{b}");
@@ -511,15 +518,7 @@ mod tests {
             (all[1000].0, all[1008].0),
             (all[2000].0 + 1, all[2016].0 + 1),
         ] {
-            let mut l = list(&all);
-            l.remove_run(a..b);
-            let want: Vec<_> = all
-                .iter()
-                .copied()
-                .filter(|(d, _)| !(a..b).contains(d))
-                .collect();
-            assert_eq!(l.iter().collect::<Vec<_>>(), want, "{a}..{b}");
-            assert_eq!(l.len(), want.len(), "{a}..{b}");
+            let (l, want) = cut(&all, a, b);
             check_blocks(&l, &want);
         }
     }
