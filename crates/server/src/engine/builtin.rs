@@ -553,7 +553,7 @@ mod tests {
     }
 
     #[test]
-    fn a_best_sentence_wrapped_over_lines_is_cited_as_their_range() {
+    fn a_best_sentence_wrapped_over_lines_is_cited_as_their_range_and_quoted_alone() {
         let body = "# Limits\n\nEach client gets a private pair of pipes. The cap is one\nmebibyte per frame, newline included, and a longer frame\nis refused.\n\n| code | meaning |\n|---|---|\n| 5 | usage |\n| 6 | bridge busy |\n";
         let (_d, p, e) = engine(body);
         let a = e.answer_now("What is the cap per frame, with the newline?");
@@ -561,7 +561,7 @@ mod tests {
         assert_eq!(a.sources[0], cite, "{:?}", a.sources);
         assert!(
             a.answer.starts_with(&format!(
-                "Best line: [{cite}] Each client gets a private pair of pipes. The cap is one mebibyte per frame, newline included, and a longer frame is refused.\n\n["
+                "Best line: [{cite}] The cap is one mebibyte per frame, newline included, and a longer frame is refused.\n\n["
             )),
             "{}",
             a.answer

@@ -1040,13 +1040,18 @@ impl Index {
         let file = self.files.get(hit.file)?;
         let p = file.passages.get(hit.passage)?;
         let ls: Vec<&str> = file.text[p.bytes.clone()].lines().collect();
-        let (_, a, b) = self.best_unit(&ls, &weights)?;
-        let joined = ls[a..=b]
-            .iter()
-            .map(|l| l.trim())
+        let (_, u) = self.best_unit(&ls, &weights)?;
+        let joined = u
+            .parts(&ls)
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
             .collect::<Vec<_>>()
             .join(" ");
-        Some((p.start_line + a as u32, p.start_line + b as u32, joined))
+        Some((
+            p.start_line + u.first as u32,
+            p.start_line + u.last as u32,
+            joined,
+        ))
     }
 
     /// The weight of each of `query`'s terms for choosing a best line: its
@@ -1091,15 +1096,15 @@ impl Index {
     /// on a tie: its weight and its first and last line (indexes into
     /// `ls`). None when no unit holds a weighted term. Only words that may
     /// stem to a weighted term are stemmed ([`text::could_stem_to`]).
-    fn best_unit(&self, ls: &[&str], weights: &[(String, f32)]) -> Option<(f32, usize, usize)> {
-        let mut best: Option<(f32, usize, usize)> = None;
+    fn best_unit(&self, ls: &[&str], weights: &[(String, f32)]) -> Option<(f32, lines::Unit)> {
+        let mut best: Option<(f32, lines::Unit)> = None;
         let mut seen: Vec<usize> = Vec::new();
-        for (a, b, header) in lines::units(ls) {
+        for u in lines::units(ls) {
             seen.clear();
             let mut score = 0.0f32;
-            for line in header.iter().map(|&h| &ls[h]).chain(&ls[a..=b]) {
+            for part in u.header.iter().map(|&h| ls[h]).chain(u.parts(ls)) {
                 text::terms_where(
-                    line,
+                    part,
                     |w| weights.iter().any(|(t, _)| text::could_stem_to(w, t)),
                     |t, stemmed| {
                         if stemmed
@@ -1112,10 +1117,11 @@ impl Index {
                     },
                 );
             }
+            let span = |u: &lines::Unit| u.last - u.first;
             let better =
-                |(bs, ba, bb): (f32, usize, usize)| score > bs || (score == bs && b - a < bb - ba);
+                |(bs, bu): (f32, lines::Unit)| score > bs || (score == bs && span(&u) < span(&bu));
             if score > 0.0 && best.is_none_or(better) {
-                best = Some((score, a, b));
+                best = Some((score, u));
             }
         }
         best
@@ -1205,7 +1211,7 @@ impl Index {
                     let f = &self.files[h.file];
                     let p = &f.passages[h.passage];
                     let ls: Vec<&str> = f.text[p.bytes.clone()].lines().collect();
-                    if let Some((w, _, _)) = self.best_unit(&ls, &weights) {
+                    if let Some((w, _)) = self.best_unit(&ls, &weights) {
                         h.score += FOCUS * w;
                     }
                 }
@@ -1734,7 +1740,7 @@ mod tests {
         let bm25_far = score(&alone, 1) + score(&lease, 1);
         let p = &idx.files[0].passages[1];
         let ls: Vec<&str> = idx.files[0].text[p.bytes.clone()].lines().collect();
-        let (focus, _, _) = idx
+        let (focus, _) = idx
             .best_unit(&ls, &idx.line_weights("claim lease"))
             .unwrap();
         assert!(

@@ -6,31 +6,76 @@
 /// one is judged line by line.
 pub const MAX_SENTENCE_LINES: usize = 3;
 
-/// One unit of a passage: its first and last line (indexes into the
-/// passage's lines, inclusive) and, for a table row, its table's header
-/// row.
-pub type Unit = (usize, usize, Option<usize>);
+/// One unit of a passage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unit {
+    /// Its first and last line (indexes into the passage's lines,
+    /// inclusive).
+    pub first: usize,
+    /// See `first`.
+    pub last: usize,
+    /// Where it starts in its first line (bytes; a sentence that begins
+    /// after another ended mid-line).
+    pub from: usize,
+    /// Where it ends in its last line (bytes; None: at the line's end).
+    pub to: Option<usize>,
+    /// For a table row, its table's header row.
+    pub header: Option<usize>,
+}
 
-/// The units the best line is chosen from, as inclusive ranges of `lines`
-/// (a passage's): sentences of prose paragraphs of at most
-/// [`MAX_SENTENCE_LINES`] lines (a longer one split into its lines), and
-/// one line for each table row, line of code and line that is not prose.
-/// A line where one sentence ends and the next begins is in both.
-/// Headings, fences, a table's header row and lines with no letter or
-/// digit are in none: a table row comes with its header row, whose words
-/// it is judged with, as they name what its cells are.
+impl Unit {
+    /// All of line `i`.
+    fn line(i: usize, header: Option<usize>) -> Unit {
+        Unit {
+            first: i,
+            last: i,
+            from: 0,
+            to: None,
+            header,
+        }
+    }
+
+    /// The unit's text in each of its lines of `lines`, in order (the
+    /// header row not included).
+    pub fn parts<'a>(&self, lines: &[&'a str]) -> impl Iterator<Item = &'a str> {
+        let (first, last, from, to) = (self.first, self.last, self.from, self.to);
+        lines[first..=last].iter().enumerate().map(move |(k, l)| {
+            let end = match to {
+                Some(e) if first + k == last => e,
+                _ => l.len(),
+            };
+            let start = if k == 0 { from.min(end) } else { 0 };
+            &l[start..end]
+        })
+    }
+}
+
+/// The units the best line is chosen from, in `lines` (a passage's):
+/// sentences of prose paragraphs of at most [`MAX_SENTENCE_LINES`] lines
+/// (a longer one split into its lines), each from where it starts to where
+/// it ends, mid-line if need be; and one line for each table row, line of
+/// code and line that is not prose. Headings, fences, a table's header row
+/// and lines with no letter or digit are in none: a table row comes with
+/// its header row, whose words it is judged with, as they name what its
+/// cells are.
 pub fn units(lines: &[&str]) -> Vec<Unit> {
     let mut out: Vec<Unit> = Vec::new();
     let mut code = false;
     // The header row of the table being read.
     let mut header: Option<usize> = None;
-    // The open sentence's first line.
-    let mut open: Option<usize> = None;
-    let close = |out: &mut Vec<Unit>, a: usize, b: usize| {
-        if b - a < MAX_SENTENCE_LINES {
-            out.push((a, b, None));
+    // The open sentence's first line and where in it it starts.
+    let mut open: Option<(usize, usize)> = None;
+    let close = |out: &mut Vec<Unit>, (first, from): (usize, usize), last: usize, to| {
+        if last - first < MAX_SENTENCE_LINES {
+            out.push(Unit {
+                first,
+                last,
+                from,
+                to,
+                header: None,
+            });
         } else {
-            out.extend((a..=b).map(|i| (i, i, None)));
+            out.extend((first..=last).map(|i| Unit::line(i, None)));
         }
     };
     for (i, line) in lines.iter().enumerate() {
@@ -50,10 +95,10 @@ pub fn units(lines: &[&str]) -> Vec<Unit> {
         // A list item, a blank line, a heading or any other kind of line
         // ends the open sentence (a list item also starts one).
         let item = prose && is_item(t);
-        if let Some(a) = open
+        if let Some(o) = open
             && (!prose || item)
         {
-            close(&mut out, a, i - 1);
+            close(&mut out, o, i - 1, None);
             open = None;
         }
         if !row {
@@ -66,30 +111,31 @@ pub fn units(lines: &[&str]) -> Vec<Unit> {
             if lines.get(i + 1).is_some_and(|n| is_rule(n.trim())) {
                 header = Some(i);
             } else {
-                out.push((i, i, header));
+                out.push(Unit::line(i, header));
             }
             continue;
         }
         if !prose {
-            out.push((i, i, None));
+            out.push(Unit::line(i, None));
             continue;
         }
-        let a = open.unwrap_or(i);
-        match last_sentence_end(t) {
-            Some(end) if end == t.len() => {
-                close(&mut out, a, i);
+        let lead = line.len() - line.trim_start().len();
+        let mut o = open.unwrap_or((i, lead));
+        open = Some(o);
+        for end in sentence_ends(t) {
+            if end == t.len() {
+                close(&mut out, o, i, None);
                 open = None;
+            } else {
+                // The next sentence starts after the spaces that follow.
+                close(&mut out, o, i, Some(lead + end));
+                o = (i, lead + t.len() - t[end..].trim_start().len());
+                open = Some(o);
             }
-            // One sentence ends inside the line, another runs on.
-            Some(_) => {
-                close(&mut out, a, i);
-                open = Some(i);
-            }
-            None => open = Some(a),
         }
     }
-    if let Some(a) = open {
-        close(&mut out, a, lines.len() - 1);
+    if let Some(o) = open {
+        close(&mut out, o, lines.len() - 1, None);
     }
     out
 }
@@ -108,25 +154,21 @@ fn is_item(t: &str) -> bool {
         || (digits > 0 && (t[digits..].starts_with(". ") || t[digits..].starts_with(") ")))
 }
 
-/// Where the last sentence that ends in `t` ends (the byte after its
-/// `.`, `?`, `!` or `:` and any closing quotes, brackets or emphasis),
-/// when one does: at the end of the line, or before a space.
-fn last_sentence_end(t: &str) -> Option<usize> {
+/// Where each sentence that ends in `t` ends (the byte after its `.`,
+/// `?`, `!` or `:` and any closing quotes, brackets or emphasis): at the
+/// end of the line, or before a space.
+fn sentence_ends(t: &str) -> impl Iterator<Item = usize> + '_ {
     let b = t.as_bytes();
-    let mut found = None;
-    for (i, &c) in b.iter().enumerate() {
+    b.iter().enumerate().filter_map(move |(i, &c)| {
         if !matches!(c, b'.' | b'?' | b'!' | b':') {
-            continue;
+            return None;
         }
         let mut j = i + 1;
         while j < b.len() && matches!(b[j], b'"' | b'\'' | b')' | b']' | b'*' | b'_' | b'`') {
             j += 1;
         }
-        if j == b.len() || b[j] == b' ' {
-            found = Some(j);
-        }
-    }
-    found
+        (j == b.len() || b[j] == b' ').then_some(j)
+    })
 }
 
 #[cfg(test)]
@@ -135,6 +177,17 @@ mod tests {
 
     fn of(text: &str) -> Vec<(usize, usize, Option<usize>)> {
         units(&text.lines().collect::<Vec<_>>())
+            .iter()
+            .map(|u| (u.first, u.last, u.header))
+            .collect()
+    }
+
+    fn texts(text: &str) -> Vec<String> {
+        let lines: Vec<&str> = text.lines().collect();
+        units(&lines)
+            .iter()
+            .map(|u| u.parts(&lines).map(str::trim).collect::<Vec<_>>().join(" "))
+            .collect()
     }
 
     #[test]
@@ -148,6 +201,19 @@ mod tests {
             of(text),
             vec![(0, 0, None), (0, 2, None), (4, 4, None)],
             "the line where one sentence ends and another begins is in both"
+        );
+        // Each from where it starts to where it ends.
+        assert_eq!(
+            texts(text),
+            [
+                "It is fast.",
+                "You should expect about 500 megabytes per second, depending on your data.",
+                "Next."
+            ]
+        );
+        assert_eq!(
+            texts("  One ends here.  Two starts\nand ends. Three."),
+            ["One ends here.", "Two starts and ends.", "Three."]
         );
     }
 
