@@ -528,6 +528,18 @@ mod tests {
         (a.parse().unwrap(), b.parse().unwrap())
     }
 
+    /// `a` opens with its best line `text`, cited `cite`, first in its
+    /// sources too, and the passages follow.
+    fn assert_best_line(a: &EngineAnswer, cite: &str, text: &str) {
+        assert_eq!(a.sources[0], cite, "{:?}", a.sources);
+        assert!(
+            a.answer
+                .starts_with(&format!("Best line: [{cite}] {text}\n\n[")),
+            "{}",
+            a.answer
+        );
+    }
+
     #[test]
     fn the_best_line_comes_first_with_its_file_and_line() {
         let (_d, p, e) = engine(NOTES);
@@ -538,14 +550,7 @@ mod tests {
             .unwrap()
             + 1;
         let cite = format!("{}:{line}", p.display());
-        assert_eq!(a.sources[0], cite, "{:?}", a.sources);
-        assert!(
-            a.answer.starts_with(&format!(
-                "Best line: [{cite}] We decided to keep the LRU cache at 64 entries.\n\n["
-            )),
-            "{}",
-            a.answer
-        );
+        assert_best_line(&a, &cite, "We decided to keep the LRU cache at 64 entries.");
         // It lies in the best passage, which follows, cited as before.
         let (s, end) = line_range(&a.sources[1]);
         assert!((s..=end).contains(&(line as u32)), "{:?}", a.sources);
@@ -558,13 +563,10 @@ mod tests {
         let (_d, p, e) = engine(body);
         let a = e.answer_now("What is the cap per frame, with the newline?");
         let cite = format!("{}:3-5", p.display());
-        assert_eq!(a.sources[0], cite, "{:?}", a.sources);
-        assert!(
-            a.answer.starts_with(&format!(
-                "Best line: [{cite}] The cap is one mebibyte per frame, newline included, and a longer frame is refused.\n\n["
-            )),
-            "{}",
-            a.answer
+        assert_best_line(
+            &a,
+            &cite,
+            "The cap is one mebibyte per frame, newline included, and a longer frame is refused.",
         );
         // A table row is judged with its header's words, and the header
         // row itself is never the best line.

@@ -1025,21 +1025,14 @@ impl Index {
     }
 
     /// The line or sentence of passage `hit` most likely to answer
-    /// `query`: the unit whose distinct query terms weigh most (by their
-    /// inverse document frequency), the shorter then the earlier on a tie.
-    /// A unit is a sentence of prose (wrapped lines joined, as a sentence
-    /// often starts or ends mid-line) of at most [`lines::MAX_SENTENCE_LINES`]
-    /// lines, else each of its lines; a table row, a list item's first
-    /// line with its continuation, a line of code: each one line
-    /// ([`lines::units`]). Headings and lines with no letter or digit are never
-    /// chosen. Its 1-based first and last line numbers and its text (the
-    /// lines trimmed, joined by spaces), or `None` when no line holds a
-    /// query term.
+    /// `query`: of its units ([`lines::units`]: a sentence, a table row, a
+    /// list item, a line of code), the one whose distinct query terms weigh
+    /// most (`Index::best_unit`). Its 1-based first and last line numbers
+    /// and its text (its parts of those lines, trimmed, joined by spaces),
+    /// or `None` when no unit holds a query term.
     pub fn best_line(&self, hit: &Hit, query: &str) -> Option<(u32, u32, String)> {
         let weights = self.line_weights(query);
-        let file = self.files.get(hit.file)?;
-        let p = file.passages.get(hit.passage)?;
-        let ls: Vec<&str> = file.text[p.bytes.clone()].lines().collect();
+        let (start, ls) = self.passage_lines(hit)?;
         let (_, u) = self.best_unit(&ls, &weights)?;
         let joined = u
             .parts(&ls)
@@ -1047,11 +1040,14 @@ impl Index {
             .filter(|t| !t.is_empty())
             .collect::<Vec<_>>()
             .join(" ");
-        Some((
-            p.start_line + u.first as u32,
-            p.start_line + u.last as u32,
-            joined,
-        ))
+        Some((start + u.first as u32, start + u.last as u32, joined))
+    }
+
+    /// Passage `hit`'s first line number and its lines.
+    fn passage_lines(&self, hit: &Hit) -> Option<(u32, Vec<&str>)> {
+        let file = self.files.get(hit.file)?;
+        let p = file.passages.get(hit.passage)?;
+        Some((p.start_line, file.text[p.bytes.clone()].lines().collect()))
     }
 
     /// The weight of each of `query`'s terms for choosing a best line: its
@@ -1092,10 +1088,10 @@ impl Index {
     }
 
     /// Of the units of passage lines `ls` ([`lines::units`]), the one whose
-    /// distinct terms weigh most by `weights`, the shorter then the earlier
-    /// on a tie: its weight and its first and last line (indexes into
-    /// `ls`). None when no unit holds a weighted term. Only words that may
-    /// stem to a weighted term are stemmed ([`text::could_stem_to`]).
+    /// distinct terms weigh most by `weights` (a table row's with its
+    /// header's), the shorter then the earlier on a tie, and its weight.
+    /// None when no unit holds a weighted term. Only words that may stem to
+    /// a weighted term are stemmed ([`text::could_stem_to`]).
     fn best_unit(&self, ls: &[&str], weights: &[(String, f32)]) -> Option<(f32, lines::Unit)> {
         let mut best: Option<(f32, lines::Unit)> = None;
         let mut seen: Vec<usize> = Vec::new();
@@ -1201,17 +1197,16 @@ impl Index {
                 }
             }
             if q.len() > 1 {
-                let f = k.max(FOCUSED);
-                if hits.len() > f {
-                    hits.select_nth_unstable_by(f - 1, by_score);
-                    hits.truncate(f);
+                let focused = k.max(FOCUSED);
+                if hits.len() > focused {
+                    hits.select_nth_unstable_by(focused - 1, by_score);
+                    hits.truncate(focused);
                 }
                 let weights = self.line_weights(query);
                 for h in &mut hits {
-                    let f = &self.files[h.file];
-                    let p = &f.passages[h.passage];
-                    let ls: Vec<&str> = f.text[p.bytes.clone()].lines().collect();
-                    if let Some((w, _)) = self.best_unit(&ls, &weights) {
+                    if let Some((_, ls)) = self.passage_lines(h)
+                        && let Some((w, _)) = self.best_unit(&ls, &weights)
+                    {
                         h.score += FOCUS * w;
                     }
                 }
@@ -1738,8 +1733,12 @@ mod tests {
         // ([`FOCUS`]; a one-word query has neither).
         let lease = idx.search("lease", 3);
         let bm25_far = score(&alone, 1) + score(&lease, 1);
-        let p = &idx.files[0].passages[1];
-        let ls: Vec<&str> = idx.files[0].text[p.bytes.clone()].lines().collect();
+        let far = Hit {
+            file: 0,
+            passage: 1,
+            score: 0.0,
+        };
+        let (_, ls) = idx.passage_lines(&far).unwrap();
         let (focus, _) = idx
             .best_unit(&ls, &idx.line_weights("claim lease"))
             .unwrap();
