@@ -98,6 +98,10 @@ fn the_quick_bench_measures_everything() {
             .unwrap()
             > 0.0
     );
+    // The same poller asked from Python (tests/fixtures/py_coordinator.py).
+    let py = &v["python_coordinator"];
+    assert_eq!(py["samples"].as_u64(), Some(20), "{py}");
+    assert!(py["p99_ms"].as_f64().unwrap() >= py["p50_ms"].as_f64().unwrap());
 }
 
 /// The answer-quality step alone, as `cargo test` runs it: it builds the

@@ -117,6 +117,21 @@ pub fn step(opts: &Options, r: &mut Report) -> Res<()> {
                 json!({"conversations": k, "mode": mode.label(), "p50_ms": p50, "p99_ms": p99,
                 "vs_minimal": p50 / m50, "vs_one": p50 / base, "pollers_cpu_ms_per_question": cpu_ms}),
             );
+            if k == 1 {
+                let py = python_coordinator(opts, &w, &convs[0], n)?;
+                let (q50, q90, q99) = (pct(&py, 0.5), pct(&py, 0.9), pct(&py, 0.99));
+                r.row(
+                    "Pickup from a Python coordinator (sqlite3 module, the bridge server's writes) p50 / p90 / p99",
+                    format!("{q50:.2} / {q90:.2} / {q99:.2} ms"),
+                    format!("the same poller from our Rust harness: p50 {p50:.2} ms, p99 {p99:.2} ms"),
+                    "-",
+                    None,
+                );
+                r.json.insert(
+                    "python_coordinator".into(),
+                    json!({"samples": py.len(), "p50_ms": q50, "p90_ms": q90, "p99_ms": q99}),
+                );
+            }
             drop(pollers);
         }
     }
@@ -362,6 +377,36 @@ fn minimal_shard(w: &World, conv: &NewConversation, n: usize) -> Res<Vec<f64>> {
         }
     }
     Ok(sorted(lat))
+}
+
+/// `n` questions to `conv` from `tests/fixtures/py_coordinator.py`: sent
+/// as the Python bridge server writes them, with Python's own SQLite, so
+/// the poller meets the commit pattern of the real coordinator (which once
+/// hid one wake in ten from it). Microseconds, sorted.
+fn python_coordinator(
+    opts: &Options,
+    w: &World,
+    conv: &NewConversation,
+    n: usize,
+) -> Res<Vec<f64>> {
+    let out = Command::new("python3")
+        .arg(opts.fixtures.join("py_coordinator.py"))
+        .arg(w.db())
+        .arg(&conv.conversation_id)
+        .arg(&conv.session_a_token)
+        .arg(n.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .map_err(e("python3 py_coordinator.py"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "py_coordinator.py failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let us: Vec<f64> =
+        serde_json::from_slice(&out.stdout).map_err(e("py_coordinator.py output"))?;
+    Ok(sorted(us))
 }
 
 /// Run `sql` on a statement prepared once per connection.

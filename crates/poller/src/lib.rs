@@ -523,9 +523,12 @@ impl Poller {
             lease: self.cfg.lease,
             max_attempts: self.cfg.max_attempts,
         };
-        let batches = match live(&mut self.bridge)
-            .and_then(|b| b.claim_many(&self.claimer, &wanted, session, &opts))
-        {
+        let claimed = {
+            let _w = watch::Writing::start(&self.served.writing);
+            live(&mut self.bridge)
+                .and_then(|b| b.claim_many(&self.claimer, &wanted, session, &opts))
+        };
+        let batches = match claimed {
             Ok(b) => b,
             Err(e) => {
                 self.claim_failed(e);
@@ -981,7 +984,11 @@ impl Poller {
         let batch: Vec<BridgeAnswer> = self.answers.iter().map(|(a, _, _)| a.clone()).collect();
         log::debug!("event=answers_commit count={}", batch.len());
         fault::point("before_commit");
-        match live(&mut self.bridge).and_then(|b| b.complete(&self.claimer, &batch)) {
+        let done = {
+            let _w = watch::Writing::start(&self.served.writing);
+            live(&mut self.bridge).and_then(|b| b.complete(&self.claimer, &batch))
+        };
+        match done {
             Ok(ids) => {
                 self.answers_since = None;
                 if let Some(c) = &self.ckpt {
@@ -1157,7 +1164,7 @@ impl Poller {
         self.served.gate.allow(None);
         // The checkpoint thread lets go of the old file at once.
         if let Some(c) = &self.ckpt {
-            c.committed();
+            c.gate_moved();
         }
         for m in &mut self.members {
             m.status = None;
@@ -1426,6 +1433,7 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         gate: std::sync::Arc::new(watch::FileGate::default()),
         following: Default::default(),
         watching: Default::default(),
+        writing: Default::default(),
     };
     served.gate.allow(file_id);
     let pg_queues = pg_url.as_ref().map(|_| {

@@ -17,17 +17,29 @@
 //! and, unlike a mapping of our own, cannot fault when another process
 //! truncates the file (it reads short instead: `Busy`).
 //!
+//! Whether another process is in the middle of a commit is told by SQLite's
+//! WAL write lock: a POSIX record lock on byte 120 of the same file
+//! (`WAL_WRITE_LOCK` after the 120 bytes of `UNIX_SHM_BASE`), held from a
+//! write transaction's start to its end, so its frames are written while it
+//! is held and the header is rewritten before it is let go
+//! ([`WalIndex::writer_active`]).
+//!
 //! The file is opened while a SQLite connection of this process has the same
 //! bridge open, and closed with it (`Confirm` in [`crate::watch`]), so it is
 //! the WAL index of the file that connection reads. Without a `-shm` file (a
 //! bridge not in WAL mode, or a writer in exclusive locking mode) the caller
 //! falls back to `PRAGMA data_version`.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 /// The bytes of one header copy.
 const HEADER: usize = 48;
+
+/// Where SQLite's unix VFS locks the WAL for writing in the `-shm` file:
+/// `UNIX_SHM_BASE` (`(22 + SQLITE_SHM_NLOCK) * 4`) plus `WAL_WRITE_LOCK` (0).
+const WRITE_LOCK_BYTE: libc::off_t = 120;
 
 /// What a look at the header saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +81,23 @@ impl WalIndex {
         }
         let word = |o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
         Some(word(16).saturating_sub(word(2 * HEADER)))
+    }
+
+    /// Whether a connection of another process holds the WAL write lock
+    /// now: it is in a write transaction, and its commit (if it makes one)
+    /// has not shown in the header yet. Locks of this process are not seen
+    /// (POSIX record locks do not conflict with their own process's).
+    /// None when the lock cannot be asked about.
+    pub fn writer_active(&self) -> Option<bool> {
+        // SAFETY: a zeroed flock is a valid value of the plain C struct.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_WRLCK as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_start = WRITE_LOCK_BYTE;
+        fl.l_len = 1;
+        // SAFETY: F_GETLK on our own open descriptor, with a valid flock.
+        let r = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_GETLK, &mut fl) };
+        (r == 0).then_some(fl.l_type != libc::F_UNLCK as libc::c_short)
     }
 
     /// Read the header now.
@@ -151,6 +180,79 @@ mod tests {
             .unwrap();
         assert_eq!((log, copied), (i64::from(more), i64::from(more)));
         assert_eq!(idx.backlog(), Some(0), "all copied");
+    }
+
+    /// Run by [`another_process_in_a_write_transaction_is_seen_and_ours_is_not`]
+    /// as a child: a write transaction on `AUTOPOLL_TEST_HOLD` until stdin
+    /// closes, then its commit.
+    #[test]
+    #[ignore = "a helper process of another test"]
+    fn hold_a_write_transaction() {
+        let Some(db) = std::env::var_os("AUTOPOLL_TEST_HOLD") else {
+            return;
+        };
+        let mut c = rusqlite::Connection::open(db).unwrap();
+        let tx = c
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .unwrap();
+        tx.execute("INSERT INTO t VALUES (42)", []).unwrap();
+        println!("holding");
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut rest);
+        tx.commit().unwrap();
+    }
+
+    #[test]
+    fn another_process_in_a_write_transaction_is_seen_and_ours_is_not() {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("b.db");
+        let mut w = rusqlite::Connection::open(&db).unwrap();
+        w.pragma_update(None, "journal_mode", "WAL").unwrap();
+        w.execute_batch("CREATE TABLE t (x INTEGER);").unwrap();
+        let idx = WalIndex::open(&db).unwrap();
+        assert_eq!(idx.writer_active(), Some(false), "nobody writes");
+        {
+            let tx = w
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .unwrap();
+            tx.execute("INSERT INTO t VALUES (1)", []).unwrap();
+            assert_eq!(
+                idx.writer_active(),
+                Some(false),
+                "this process's own write lock does not count"
+            );
+            tx.commit().unwrap();
+        }
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "shm::tests::hold_a_write_transaction",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("AUTOPOLL_TEST_HOLD", &db)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("holding") {
+            line.clear();
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "the helper ended before holding its transaction"
+            );
+        }
+        let before = idx.stamp();
+        assert_eq!(idx.writer_active(), Some(true), "the helper holds the lock");
+        assert_eq!(idx.stamp(), before, "and has not committed");
+        drop(child.stdin.take());
+        assert!(child.wait().unwrap().success());
+        assert_eq!(idx.writer_active(), Some(false), "let go at its commit");
+        assert_ne!(idx.stamp(), before, "which the header shows");
     }
 
     #[test]

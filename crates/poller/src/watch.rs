@@ -29,6 +29,25 @@ use crate::shm::{Stamp, WalIndex};
 /// While the folder is not watched, how often to try again.
 pub const REWATCH: Duration = Duration::from_millis(100);
 
+/// While another process holds the WAL write lock (its commit is on its
+/// way), when to look again, step by step; the last step repeats for as
+/// long as the lock is held. A commit shows tens of microseconds after its
+/// first page is written, so the first looks are close together (each is a
+/// `fcntl` and a `pread`).
+const BUSY_RECHECK: [Duration; 11] = [
+    Duration::from_micros(20),
+    Duration::from_micros(20),
+    Duration::from_micros(20),
+    Duration::from_micros(40),
+    Duration::from_micros(80),
+    Duration::from_micros(160),
+    Duration::from_micros(320),
+    Duration::from_micros(640),
+    Duration::from_micros(1250),
+    Duration::from_micros(2500),
+    Duration::from_micros(5000),
+];
+
 const MASK: u32 = libc::IN_MODIFY
     | libc::IN_CREATE
     | libc::IN_MOVED_TO
@@ -250,8 +269,11 @@ impl Watch {
         let mut next_check = Instant::now() + Duration::from_secs(1);
         // A write not yet visible as a commit: (when to look again, step).
         let mut recheck: Option<(Instant, usize)> = None;
+        // Whether `recheck` waits for the loop's write to end.
+        let mut deferring = false;
         let mut fds = Vec::with_capacity(4);
         let watching = confirm.served.watching.clone();
+        let writing = confirm.served.writing.clone();
         loop {
             // The loop may be waiting to open another file (FileGate).
             confirm.release_if_gate_moved();
@@ -336,6 +358,19 @@ impl Watch {
                     }
                     continue;
                 }
+                if writing.load(Ordering::SeqCst) {
+                    // The loop's own pages (Served::writing): look when it
+                    // is done, less often while it stays writing (a BEGIN
+                    // waiting out another writer's lock takes long).
+                    let step = match recheck {
+                        Some((_, s)) if deferring => (s + 1).min(crate::RECHECK.len() - 1),
+                        _ => 0,
+                    };
+                    deferring = true;
+                    recheck = Some((Instant::now() + crate::RECHECK[step], step));
+                    continue;
+                }
+                deferring = false;
                 // In WAL mode a write to the bridge file alone is a
                 // checkpoint, never a commit: looking at it would start a
                 // recheck schedule that holds back the next real commit.
@@ -355,11 +390,19 @@ impl Watch {
                 }
                 continue;
             }
+            // Asked after the drain above and before the header is read: a
+            // commit whose writes were drained is in the header by then, or
+            // its writer (another process) still holds the WAL write lock.
+            let busy = confirm.writer_active();
             let ev = match confirm.moved() {
                 Some(true) => {
-                    recheck = None;
-                    // The rest of this commit's writes are queued already.
-                    let _ = self.drain();
+                    // The header may show an earlier commit than the one
+                    // being made: look again within microseconds. The
+                    // writes still queued are not drained here: they may
+                    // be the start of another process's commit, which
+                    // would then wake nobody (a pickup ~100 ms late, at
+                    // the loop's own data_version timer).
+                    recheck = (busy == Some(true)).then(|| (Instant::now() + BUSY_RECHECK[0], 0));
                     match self.look_for_work(&mut hub, &mut confirm, &following, &events) {
                         Err(()) => return,
                         Ok(Some(ev)) => ev,
@@ -367,7 +410,23 @@ impl Watch {
                         Ok(None) => continue,
                     }
                 }
+                Some(false) if busy == Some(false) => {
+                    // No commit is on its way: the writes were this
+                    // process's own, a checkpoint's or a rollback's.
+                    recheck = None;
+                    continue;
+                }
+                Some(false) if busy == Some(true) => {
+                    // Another process is writing: look again soon, and for
+                    // as long as it holds the lock (a long write
+                    // transaction costs a look every few ms, no more).
+                    let step = recheck.map_or(0, |(_, s)| (s + 1).min(BUSY_RECHECK.len() - 1));
+                    recheck = Some((Instant::now() + BUSY_RECHECK[step], step));
+                    continue;
+                }
                 Some(false) => {
+                    // Cannot tell whether a commit is on its way (no WAL
+                    // index): look again less and less often.
                     let step = recheck.map_or(0, |(_, s)| s + 1);
                     recheck = crate::RECHECK
                         .get(step)
@@ -600,6 +659,31 @@ pub struct Served {
     /// in WAL mode): every commit reaches the loop as an event, so its own
     /// look at `data_version` is only a safety net and may be rarer too.
     pub watching: std::sync::Arc<AtomicBool>,
+    /// Whether the loop is in one of its write transactions of the hot path
+    /// (a claim, an answer commit: [`Writing`]). Nobody else can commit
+    /// while it holds the write lock, so the page writes that wake this
+    /// thread meanwhile are the loop's own: the thread drains them, stops
+    /// listening and looks once the write is over, instead of waking once
+    /// a page (each such wake-up also cost the writing thread a cross-core
+    /// wake inside its `pwrite`).
+    pub writing: std::sync::Arc<AtomicBool>,
+}
+
+/// Marks [`Served::writing`] for as long as it lives.
+pub struct Writing(std::sync::Arc<AtomicBool>);
+
+impl Writing {
+    /// The loop starts a write transaction.
+    pub fn start(flag: &std::sync::Arc<AtomicBool>) -> Writing {
+        flag.store(true, Ordering::SeqCst);
+        Writing(flag.clone())
+    }
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 /// Which bridge file (inode) the watch thread may open, and which it has
@@ -815,6 +899,13 @@ impl Confirm {
         true
     }
 
+    /// Whether another process is in a write transaction on the file
+    /// ([`WalIndex::writer_active`]); None without the WAL index.
+    fn writer_active(&self) -> Option<bool> {
+        self.conn.as_ref()?;
+        self.wal.as_ref()?.0.writer_active()
+    }
+
     /// Whether the file is known to be in WAL mode: this thread reads its
     /// WAL index.
     fn wal_mode(&self) -> bool {
@@ -916,6 +1007,7 @@ mod tests {
             gate: std::sync::Arc::new(FileGate::default()),
             following: Default::default(),
             watching: Default::default(),
+            writing: Default::default(),
         };
         match crate::conn::look(db) {
             crate::conn::Seen::File(sig) => s.gate.allow(Some(sig.id)),
