@@ -30,23 +30,24 @@ use crate::shm::{Stamp, WalIndex};
 pub const REWATCH: Duration = Duration::from_millis(100);
 
 /// While another process holds the WAL write lock (its commit is on its
-/// way), when to look again, step by step; the last step repeats for as
-/// long as the lock is held. A commit shows tens of microseconds after its
-/// first page is written, so the first looks are close together (each is a
+/// way), when to look again at `step` ([`BUSY_STEPS`] of them; the last
+/// repeats for as long as the lock is held): three looks 20 us apart, then
+/// the loop's own schedule from its second step on (40, 80 ... 5000 us,
+/// [`crate::RECHECK`]). A commit shows tens of microseconds after its first
+/// page is written, so the first looks are close together (each is a
 /// `fcntl` and a `pread`).
-const BUSY_RECHECK: [Duration; 11] = [
-    Duration::from_micros(20),
-    Duration::from_micros(20),
-    Duration::from_micros(20),
-    Duration::from_micros(40),
-    Duration::from_micros(80),
-    Duration::from_micros(160),
-    Duration::from_micros(320),
-    Duration::from_micros(640),
-    Duration::from_micros(1250),
-    Duration::from_micros(2500),
-    Duration::from_micros(5000),
-];
+fn busy_recheck(step: usize) -> Duration {
+    match step.checked_sub(BUSY_FIRST) {
+        None => Duration::from_micros(20),
+        Some(k) => crate::RECHECK[(k + 1).min(crate::RECHECK.len() - 1)],
+    }
+}
+
+/// The close looks that open [`busy_recheck`]'s schedule.
+const BUSY_FIRST: usize = 3;
+
+/// The steps of [`busy_recheck`]'s schedule.
+const BUSY_STEPS: usize = BUSY_FIRST + crate::RECHECK.len() - 1;
 
 const MASK: u32 = libc::IN_MODIFY
     | libc::IN_CREATE
@@ -402,7 +403,7 @@ impl Watch {
                     // be the start of another process's commit, which
                     // would then wake nobody (a pickup ~100 ms late, at
                     // the loop's own data_version timer).
-                    recheck = (busy == Some(true)).then(|| (Instant::now() + BUSY_RECHECK[0], 0));
+                    recheck = (busy == Some(true)).then(|| (Instant::now() + busy_recheck(0), 0));
                     match self.look_for_work(&mut hub, &mut confirm, &following, &events) {
                         Err(()) => return,
                         Ok(Some(ev)) => ev,
@@ -420,8 +421,8 @@ impl Watch {
                     // Another process is writing: look again soon, and for
                     // as long as it holds the lock (a long write
                     // transaction costs a look every few ms, no more).
-                    let step = recheck.map_or(0, |(_, s)| (s + 1).min(BUSY_RECHECK.len() - 1));
-                    recheck = Some((Instant::now() + BUSY_RECHECK[step], step));
+                    let step = recheck.map_or(0, |(_, s)| (s + 1).min(BUSY_STEPS - 1));
+                    recheck = Some((Instant::now() + busy_recheck(step), step));
                     continue;
                 }
                 Some(false) => {
@@ -1014,6 +1015,19 @@ mod tests {
             crate::conn::Seen::Missing(why) => panic!("no bridge: {why}"),
         }
         s
+    }
+
+    #[test]
+    fn a_commit_on_its_way_is_looked_at_after_three_close_steps_then_the_loops_schedule() {
+        let us: Vec<u128> = (0..BUSY_STEPS + 2)
+            .map(|k| busy_recheck(k.min(BUSY_STEPS - 1)).as_micros())
+            .collect();
+        assert_eq!(
+            us,
+            [
+                20, 20, 20, 40, 80, 160, 320, 640, 1250, 2500, 5000, 5000, 5000
+            ]
+        );
     }
 
     #[test]
