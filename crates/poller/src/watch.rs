@@ -671,17 +671,17 @@ pub struct Served {
 }
 
 /// Marks [`Served::writing`] for as long as it lives.
-pub struct Writing(std::sync::Arc<AtomicBool>);
+pub struct Writing<'a>(&'a AtomicBool);
 
-impl Writing {
+impl<'a> Writing<'a> {
     /// The loop starts a write transaction.
-    pub fn start(flag: &std::sync::Arc<AtomicBool>) -> Writing {
+    pub fn start(flag: &'a AtomicBool) -> Writing<'a> {
         flag.store(true, Ordering::SeqCst);
-        Writing(flag.clone())
+        Writing(flag)
     }
 }
 
-impl Drop for Writing {
+impl Drop for Writing<'_> {
     fn drop(&mut self) {
         self.0.store(false, Ordering::SeqCst);
     }
