@@ -320,9 +320,12 @@ impl Watch {
             } else {
                 self.fd.as_raw_fd()
             };
+            // The end of the loop's write, while one is awaited.
+            let done = if deferring { writing.done_fd() } else { -1 };
             fds.clear();
             fds.push(fifo::pollfd(inotify, libc::POLLIN));
             fds.push(fifo::pollfd(stop_fd, libc::POLLIN));
+            fds.push(fifo::pollfd(done, libc::POLLIN));
             hub.pollfds(&mut fds);
             if ppoll(&mut fds, until).is_err() {
                 std::thread::sleep(Duration::from_millis(100));
@@ -333,7 +336,7 @@ impl Watch {
                 return;
             }
             let turn = match confirm.served.conversations.lock() {
-                Ok(mine) => hub.turn(&fds[2..], &mine),
+                Ok(mine) => hub.turn(&fds[3..], &mine),
                 Err(_) => crate::hub::Turn::default(),
             };
             if turn.changed && !self.hub_changed(&hub, &following, &events) {
@@ -343,7 +346,11 @@ impl Watch {
             if turn.look && events.send(Event::Changed).is_err() {
                 return;
             }
-            let mut look = recheck.is_some_and(|(t, _)| Instant::now() >= t);
+            let ended = fds[2].revents != 0;
+            if ended {
+                writing.drain_done();
+            }
+            let mut look = ended || recheck.is_some_and(|(t, _)| Instant::now() >= t);
             if look || fds[0].revents != 0 {
                 let d = self.drain();
                 if d.relevant && !d.writes_only {
@@ -359,14 +366,20 @@ impl Watch {
                     }
                     continue;
                 }
-                if writing.load(Ordering::SeqCst) {
-                    // The loop's own pages (Served::writing): look when it
-                    // is done, less often while it stays writing (a BEGIN
-                    // waiting out another writer's lock takes long).
-                    let step = match recheck {
+                // The loop's own pages (Served::writing): look when it is
+                // done, told by the loop (on the timer's last step, 5 ms, as
+                // a safety net) or on the timer, less often while it stays
+                // writing (a BEGIN waiting out another writer's lock takes
+                // long).
+                let wait = match writing.await_end() {
+                    Awaiting::Over => None,
+                    Awaiting::Told => Some(crate::RECHECK.len() - 1),
+                    Awaiting::Timer => Some(match recheck {
                         Some((_, s)) if deferring => (s + 1).min(crate::RECHECK.len() - 1),
                         _ => 0,
-                    };
+                    }),
+                };
+                if let Some(step) = wait {
                     deferring = true;
                     recheck = Some((Instant::now() + crate::RECHECK[step], step));
                     continue;
@@ -667,23 +680,104 @@ pub struct Served {
     /// listening and looks once the write is over, instead of waking once
     /// a page (each such wake-up also cost the writing thread a cross-core
     /// wake inside its `pwrite`).
-    pub writing: std::sync::Arc<AtomicBool>,
+    pub writing: std::sync::Arc<WriteFlag>,
+}
+
+/// The loop's write transactions of the hot path as the watch thread sees
+/// them ([`Served::writing`]): whether one is under way, and, when the
+/// watch was woken by its pages, a wake-up when it ends. The watch used to
+/// look again on a timer instead (40, 40, 80 ... us), three or four
+/// wake-ups for each claim and answer commit, on the core the loop was
+/// writing from.
+#[derive(Debug)]
+pub struct WriteFlag {
+    writing: AtomicBool,
+    /// The watch waits for the write under way to end.
+    awaited: AtomicBool,
+    /// Rung when an awaited write ends (None: no pipe could be made, and
+    /// the watch looks again on its timer).
+    done: Option<fifo::Waker>,
+}
+
+impl Default for WriteFlag {
+    fn default() -> WriteFlag {
+        WriteFlag {
+            writing: AtomicBool::new(false),
+            awaited: AtomicBool::new(false),
+            done: fifo::Waker::new().ok(),
+        }
+    }
+}
+
+/// What [`WriteFlag::await_end`] arranged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Awaiting {
+    /// The end of the write rings [`WriteFlag::done_fd`].
+    Told,
+    /// No pipe: look again on a timer.
+    Timer,
+    /// The write is already over: look now.
+    Over,
+}
+
+impl WriteFlag {
+    /// Whether a write transaction of the loop is under way.
+    pub fn active(&self) -> bool {
+        self.writing.load(Ordering::SeqCst)
+    }
+
+    /// Ask to be woken when the write under way ends. Either the loop's
+    /// [`Writing`] sees the request when it ends (and rings), or this sees
+    /// the write already over: both flags are sequentially consistent.
+    fn await_end(&self) -> Awaiting {
+        if self.done.is_none() {
+            return if self.active() {
+                Awaiting::Timer
+            } else {
+                Awaiting::Over
+            };
+        }
+        self.awaited.store(true, Ordering::SeqCst);
+        if self.active() {
+            Awaiting::Told
+        } else {
+            self.awaited.store(false, Ordering::SeqCst);
+            Awaiting::Over
+        }
+    }
+
+    /// The descriptor [`WriteFlag::await_end`]'s wake-up makes readable (-1: none).
+    fn done_fd(&self) -> RawFd {
+        self.done.as_ref().map_or(-1, |w| w.fd())
+    }
+
+    /// Consume the wake-ups of writes that ended.
+    fn drain_done(&self) {
+        if let Some(w) = &self.done {
+            w.drain();
+        }
+    }
 }
 
 /// Marks [`Served::writing`] for as long as it lives.
-pub struct Writing<'a>(&'a AtomicBool);
+pub struct Writing<'a>(&'a WriteFlag);
 
 impl<'a> Writing<'a> {
     /// The loop starts a write transaction.
-    pub fn start(flag: &'a AtomicBool) -> Writing<'a> {
-        flag.store(true, Ordering::SeqCst);
+    pub fn start(flag: &'a WriteFlag) -> Writing<'a> {
+        flag.writing.store(true, Ordering::SeqCst);
         Writing(flag)
     }
 }
 
 impl Drop for Writing<'_> {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::SeqCst);
+        self.0.writing.store(false, Ordering::SeqCst);
+        if self.0.awaited.swap(false, Ordering::SeqCst)
+            && let Some(w) = &self.0.done
+        {
+            w.wake();
+        }
     }
 }
 
@@ -1084,5 +1178,85 @@ mod tests {
         confirm.served.gate.allow(None);
         confirm.release_if_gate_moved();
         assert!(confirm.conn.is_none() && confirm.wal.is_none());
+    }
+
+    /// Whether `fd` is readable now.
+    fn readable(fd: RawFd) -> bool {
+        let mut fds = [fifo::pollfd(fd, libc::POLLIN)];
+        fifo::poll(&mut fds, Some(Instant::now())).unwrap();
+        fds[0].revents != 0
+    }
+
+    #[test]
+    fn the_end_of_an_awaited_write_rings_and_an_unawaited_one_does_not() {
+        let flag = WriteFlag::default();
+        assert!(flag.done_fd() >= 0);
+        // Not writing: nothing to wait for.
+        assert_eq!(flag.await_end(), Awaiting::Over);
+        {
+            let _w = Writing::start(&flag);
+            assert!(flag.active());
+        }
+        assert!(!readable(flag.done_fd()), "nobody waited for that write");
+        let w = Writing::start(&flag);
+        assert_eq!(flag.await_end(), Awaiting::Told);
+        assert!(!readable(flag.done_fd()), "still writing");
+        drop(w);
+        assert!(!flag.active());
+        assert!(readable(flag.done_fd()), "the awaited write ended");
+        flag.drain_done();
+        assert!(!readable(flag.done_fd()));
+        // Once per request: the next write is not awaited.
+        drop(Writing::start(&flag));
+        assert!(!readable(flag.done_fd()));
+    }
+
+    #[test]
+    fn a_write_ending_while_the_watch_asks_is_never_missed() {
+        // The loop's thread writes and ends writes as fast as it can; the
+        // watch's side asks each time: every Told is followed by a ring.
+        let flag = std::sync::Arc::new(WriteFlag::default());
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (flag, stop) = (flag.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let w = Writing::start(&flag);
+                    // A write of a few hundred nanoseconds.
+                    for _ in 0..200 {
+                        std::hint::spin_loop();
+                    }
+                    drop(w);
+                }
+            })
+        };
+        let mut told = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while told < 500 && Instant::now() < deadline {
+            if flag.await_end() == Awaiting::Told {
+                told += 1;
+                // Rung within the writer's next few writes at the latest.
+                let mut fds = [fifo::pollfd(flag.done_fd(), libc::POLLIN)];
+                fifo::poll(&mut fds, Some(Instant::now() + Duration::from_secs(10))).unwrap();
+                assert!(fds[0].revents != 0, "a Told without a ring");
+                flag.drain_done();
+            }
+        }
+        stop.store(true, Ordering::SeqCst);
+        writer.join().unwrap();
+        assert_eq!(told, 500, "the writer was caught writing too rarely");
+    }
+
+    #[test]
+    fn without_a_pipe_the_watch_falls_back_to_its_timer() {
+        let flag = WriteFlag {
+            writing: AtomicBool::new(false),
+            awaited: AtomicBool::new(false),
+            done: None,
+        };
+        assert_eq!(flag.await_end(), Awaiting::Over);
+        let _w = Writing::start(&flag);
+        assert_eq!(flag.await_end(), Awaiting::Timer);
+        assert_eq!(flag.done_fd(), -1);
     }
 }
