@@ -332,6 +332,11 @@ impl Bridge {
         &self.conn
     }
 
+    /// The connection, to install hooks on (the poller's own-commit record).
+    pub fn connection_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
     /// `PRAGMA data_version`: changes whenever another connection commits to
     /// the file. Cheap enough to check every few milliseconds.
     pub fn data_version(&self) -> Result<i64> {

@@ -52,6 +52,7 @@ pub mod conn;
 pub mod fault;
 pub mod hub;
 pub mod members;
+pub mod own;
 pub mod shm;
 pub mod tokens;
 pub mod watch;
@@ -1197,7 +1198,13 @@ impl Poller {
                 return Ok(false);
             }
             match open_checked(&self.cfg.db, &self.members, self.cfg.session, sig.id) {
-                Ok((b, version)) => {
+                Ok((mut b, version)) => {
+                    own::install(
+                        b.connection_mut(),
+                        &self.cfg.db,
+                        self.served.writing.clone(),
+                        self.served.own.clone(),
+                    );
                     self.served.gate.allow(Some(sig.id));
                     let after = gone.since.elapsed();
                     self.gone = None;
@@ -1434,7 +1441,16 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         following: Default::default(),
         watching: Default::default(),
         writing: Default::default(),
+        own: Default::default(),
     };
+    if let Some(b) = bridge.as_sqlite() {
+        own::install(
+            b.connection_mut(),
+            &cfg.db,
+            served.writing.clone(),
+            served.own.clone(),
+        );
+    }
     served.gate.allow(file_id);
     let pg_queues = pg_url.as_ref().map(|_| {
         let q = autopoll_bridge::pg::listen::Queues::default();

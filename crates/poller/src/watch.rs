@@ -681,6 +681,9 @@ pub struct Served {
     /// a page (each such wake-up also cost the writing thread a cross-core
     /// wake inside its `pwrite`).
     pub writing: std::sync::Arc<WriteFlag>,
+    /// The loop's own commits on the hot path ([`crate::own`]): a header
+    /// moved by them alone is not looked at.
+    pub own: std::sync::Arc<crate::own::OwnCommits>,
 }
 
 /// The loop's write transactions of the hot path as the watch thread sees
@@ -1007,22 +1010,24 @@ impl Confirm {
         self.wal.is_some()
     }
 
-    /// Some(true): a commit showed since the last look; Some(false): none
-    /// did; None: cannot tell (no file, not SQLite, busy, just opened, the
-    /// file at the path not the loop's).
+    /// Some(true): a commit by someone else than the loop's hot path
+    /// showed since the last look; Some(false): none did; None: cannot tell
+    /// (no file, not SQLite, busy, just opened, the file at the path not
+    /// the loop's).
     ///
     /// With the WAL index open, a look reads its header (one `pread`); a
-    /// header caught while it is being written is confirmed the slow way,
-    /// with `PRAGMA data_version`.
+    /// header moved by the loop's own claims and answer commits alone
+    /// ([`crate::own`]) has nothing new to look at. A header caught while
+    /// it is being written is confirmed the slow way, with `PRAGMA
+    /// data_version`, which counts the loop's commits too.
     fn moved(&mut self) -> Option<bool> {
         if self.conn.is_some()
             && let Some((idx, last)) = self.wal.as_mut()
         {
             let now = idx.stamp();
             if let Stamp::Header(_) = now {
-                let changed = now != *last;
-                *last = now;
-                return Some(changed);
+                let before = std::mem::replace(last, now);
+                return Some(now != before && !self.served.own.explains(&before, &now));
             }
         }
         if !self.gated() {
@@ -1103,6 +1108,7 @@ mod tests {
             following: Default::default(),
             watching: Default::default(),
             writing: Default::default(),
+            own: Default::default(),
         };
         match crate::conn::look(db) {
             crate::conn::Seen::File(sig) => s.gate.allow(Some(sig.id)),
