@@ -25,7 +25,8 @@
 //! three lines) before the passages; it always lies in the rank-1
 //! passage, so it is not counted as a rank of its own ([`fold_best_line`]):
 //! the passages are scored as before, and the best line gets its own row
-//! (how often it holds an answer line itself).
+//! (how often it holds an answer line itself). A best line that is its
+//! whole passage is cited once, and stands for both.
 
 pub mod bm25;
 
@@ -360,11 +361,17 @@ fn parse_citation(c: &str) -> Option<(&str, u32, u32)> {
 /// A cited range: file, first line, last line.
 pub type Cited = (String, u32, u32);
 
-/// Split off a leading citation that lies within the next cited range
-/// (the engine's best line, `FILE:LINE`, or best sentence,
-/// `FILE:START-END`, taken from its best passage; passages never overlap,
-/// so nothing else nests), so ranks count passages only.
-pub fn fold_best_line(mut cited: Vec<Cited>) -> (Option<Cited>, Vec<Cited>) {
+/// Split the engine's best line (`FILE:LINE`, or a best sentence
+/// `FILE:START-END`, taken from its best passage), the first citation of
+/// an answer that opens with one (`has_best`), off the ranked passages.
+/// Lying within the next cited range, it is folded into it, so ranks count
+/// passages only (passages never overlap, so nothing else nests);
+/// otherwise it is its whole passage, cited once for both, and stays
+/// rank 1.
+pub fn fold_best_line(has_best: bool, mut cited: Vec<Cited>) -> (Option<Cited>, Vec<Cited>) {
+    if !has_best || cited.is_empty() {
+        return (None, cited);
+    }
     let folds = match cited.as_slice() {
         [(f, a, b), (g, s, e), ..] => f == g && s <= a && b <= e,
         _ => false,
@@ -372,7 +379,7 @@ pub fn fold_best_line(mut cited: Vec<Cited>) -> (Option<Cited>, Vec<Cited>) {
     if folds {
         (Some(cited.remove(0)), cited)
     } else {
-        (None, cited)
+        (Some(cited[0].clone()), cited)
     }
 }
 
@@ -505,20 +512,22 @@ pub fn quality(opts: &Options, r: &mut Report) -> Res<()> {
     let engine = BuiltinEngine::load(&[corpus.dir.path().to_path_buf()])?;
     let engine_index_secs = t.elapsed().as_secs_f64();
     let prefix = format!("{}/", corpus.dir.path().display());
-    let cite = |q: &str| -> Vec<(String, u32, u32)> {
-        engine
-            .answer_now(q)
+    let cite = |q: &str| -> (bool, Vec<(String, u32, u32)>) {
+        let a = engine.answer_now(q);
+        let cited = a
             .sources
             .iter()
             .filter_map(|s| parse_citation(s))
             .map(|(f, a, b)| (f.strip_prefix(&prefix).unwrap_or(f).to_string(), a, b))
-            .collect()
+            .collect();
+        (a.answer.starts_with("Best line: ["), cited)
     };
-    let engine_run = ask_all(&qs, passes, |q| fold_best_line(cite(q)).1);
+    let fold = |(has_best, cited)| fold_best_line(has_best, cited);
+    let engine_run = ask_all(&qs, passes, |q| fold(cite(q)).1);
     // The best line alone: does it hold an answer line?
     let best: Vec<Option<Cited>> = scorable
         .iter()
-        .map(|(q, _)| fold_best_line(cite(&q.question)).0)
+        .map(|(q, _)| fold(cite(&q.question)).0)
         .collect();
     let best_exact: Vec<bool> = scorable
         .iter()
@@ -872,21 +881,31 @@ mod tests {
     #[test]
     fn the_best_line_is_folded_into_the_passage_that_holds_it() {
         let c = |f: &str, a, b| (f.to_string(), a, b);
-        let (best, rest) = fold_best_line(vec![c("f.md", 5, 5), c("f.md", 3, 9), c("g.md", 1, 2)]);
+        let (best, rest) = fold_best_line(
+            true,
+            vec![c("f.md", 5, 5), c("f.md", 3, 9), c("g.md", 1, 2)],
+        );
         assert_eq!(best, Some(c("f.md", 5, 5)));
         assert_eq!(rest, vec![c("f.md", 3, 9), c("g.md", 1, 2)]);
         // A best sentence over lines 7-9 of the passage 3-9.
-        let (best, rest) = fold_best_line(vec![c("f.md", 7, 9), c("f.md", 3, 9)]);
+        let (best, rest) = fold_best_line(true, vec![c("f.md", 7, 9), c("f.md", 3, 9)]);
         assert_eq!((best, rest), (Some(c("f.md", 7, 9)), vec![c("f.md", 3, 9)]));
-        // Not held by the next range (or no best line): nothing is folded.
+        // Not held by the next range: the best line is its whole passage,
+        // cited once, and stays rank 1.
         for cited in [
             vec![c("f.md", 5, 5), c("g.md", 3, 9)],
             vec![c("f.md", 3, 9), c("f.md", 5, 5)],
             vec![c("f.md", 8, 10), c("f.md", 3, 9)],
             vec![c("f.md", 5, 5)],
         ] {
-            assert_eq!(fold_best_line(cited.clone()), (None, cited));
+            assert_eq!(
+                fold_best_line(true, cited.clone()),
+                (Some(cited[0].clone()), cited.clone())
+            );
+            // No best line: nothing is split off.
+            assert_eq!(fold_best_line(false, cited.clone()), (None, cited));
         }
+        assert_eq!(fold_best_line(true, vec![]), (None, vec![]));
     }
 
     #[test]

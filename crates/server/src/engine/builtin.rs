@@ -219,8 +219,11 @@ impl BuiltinEngine {
         };
         let mut answer = String::new();
         let mut sources = Vec::new();
+        // The best line's file and lines, when they are a whole passage.
+        let mut best_range = None;
         // The best line first, from the best passage: one line to read.
         if let Some((first, last, text)) = index.best_line(&hits[0], question) {
+            best_range = Some((hits[0].file, first, last));
             let display = &index.files()[hits[0].file].display;
             let source = if first == last {
                 format!("{display}:{first}")
@@ -262,7 +265,11 @@ impl BuiltinEngine {
                 }
                 None => answer.push_str(quote),
             }
-            sources.push(source);
+            // Cited once: a best line that is the whole passage (one
+            // line, or one sentence over all of its lines) already is.
+            if best_range != Some((h.file, p.start_line, p.end_line)) {
+                sources.push(source);
+            }
         }
         EngineAnswer {
             answer,
@@ -555,6 +562,32 @@ mod tests {
         let (s, end) = line_range(&a.sources[1]);
         assert!((s..=end).contains(&(line as u32)), "{:?}", a.sources);
         assert_eq!(a.sources.len(), 1 + a.answer.matches("\n\n[").count());
+    }
+
+    #[test]
+    fn a_best_line_that_is_its_whole_passage_is_cited_once() {
+        // One line, and one sentence over all of a passage's lines: the
+        // best line's citation already covers the passage that follows.
+        for body in [
+            "The relay listens on port 8080 for the coordinator.\n",
+            "The relay listens on port 8080\nfor the coordinator, and on no\nother port at all.\n",
+        ] {
+            let (_d, p, e) = engine(body);
+            let a = e.answer_now("Which port does the relay listen on?");
+            let lines = body.lines().count();
+            let cite = if lines == 1 {
+                format!("{}:1", p.display())
+            } else {
+                format!("{}:1-{lines}", p.display())
+            };
+            assert_eq!(a.sources, vec![cite], "{}", a.answer);
+            assert!(
+                a.answer
+                    .contains(&format!("\n\n[{}:1-{lines}]", p.display())),
+                "the passage still follows: {}",
+                a.answer
+            );
+        }
     }
 
     #[test]
