@@ -8,6 +8,32 @@ mod common;
 use std::process::Command;
 
 #[test]
+fn a_missing_claude_cli_is_named_with_its_fix_instead_of_waited_for() {
+    // It used to wait 120 s for a server that had exited at once with a
+    // clear message the bench threw away.
+    let env = common::Env::new();
+    let out = Command::new(env!("CARGO_BIN_EXE_autopoll-bench"))
+        .args(["--quick", "--only", "claude", "--json-out"])
+        .arg(env.path("bench.json"))
+        .args([
+            "--fixtures",
+            &format!("{}/tests/fixtures", env!("CARGO_MANIFEST_DIR")),
+        ])
+        .arg("--claude-bin")
+        .arg(env.path("no-such-claude"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", common::describe(&out));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("no Claude Code CLI")
+            && table.contains("scripts/install-test-deps.sh claude"),
+        "{}",
+        common::describe(&out)
+    );
+}
+
+#[test]
 fn the_quick_bench_measures_everything() {
     let env = common::Env::new();
     // The postgres step starts a cluster of Debian's PostgreSQL.

@@ -140,7 +140,24 @@ fn measure(w: &World, api: &Api, name: &str, n: usize) -> Res<Run> {
 }
 
 /// The figures.
+/// Whether `bin` names an executable: a path that exists, or a bare name
+/// found in `PATH`.
+fn findable(bin: &std::path::Path) -> bool {
+    if bin.components().count() > 1 {
+        return bin.is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+}
+
 pub(super) fn claude(opts: &Options, r: &mut Report) -> Res<()> {
+    if !findable(&opts.claude_bin) {
+        return Err(format!(
+            "no Claude Code CLI at {:?}: run scripts/install-test-deps.sh claude (the pinned \
+             version, in tests/claude-cli), or pass --claude-bin PATH",
+            opts.claude_bin
+        ));
+    }
     let (nw, ns) = if opts.quick { (3, 2) } else { (20, 8) };
     let w = World::new(opts)?;
     let ctx = w.dir.path().join("ctx");
@@ -268,4 +285,18 @@ pub(super) fn claude(opts: &Options, r: &mut Report) -> Res<()> {
         }),
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::findable;
+    use std::path::Path;
+
+    #[test]
+    fn a_cli_is_found_by_path_or_in_path_and_a_missing_one_is_not() {
+        assert!(findable(Path::new("/bin/sh")));
+        assert!(findable(Path::new("sh")), "sh is in PATH");
+        assert!(!findable(Path::new("/nonexistent/claude")));
+        assert!(!findable(Path::new("no-such-program-autopoll")));
+    }
 }

@@ -207,20 +207,38 @@ impl World {
     }
 
     fn server_env(&self, name: &str, args: &[&str], vars: &[(String, String)]) -> Res<Daemon> {
+        // Its errors (-q leaves only those) go to a file, so that a server
+        // that cannot start says why instead of being waited for.
+        let log = self.dir.path().join(format!("server-{name}.log"));
+        let err = std::fs::File::create(&log).map_err(e("server log"))?;
         let child = Command::new(self.bin.join("autopoll-server"))
             .args(["-q", "--name", name, "--runtime-dir"])
             .arg(self.runtime())
             .args(args)
             .envs(vars.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(err)
             .spawn()
             .map_err(e("autopoll-server"))?;
-        let d = Daemon { child };
+        let mut d = Daemon { child };
+        let said = || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        };
         let deadline = Instant::now() + Duration::from_secs(120);
         while self.client(name).is_err() {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                return Err(format!(
+                    "autopoll-server `{name}` exited ({status}) before serving: {}",
+                    said()
+                ));
+            }
             if Instant::now() > deadline {
-                return Err("the server did not come up within 120 s".into());
+                return Err(format!(
+                    "the server did not come up within 120 s; it said: {}",
+                    said()
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
