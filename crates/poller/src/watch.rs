@@ -1186,6 +1186,75 @@ mod tests {
         assert!(confirm.conn.is_none() && confirm.wal.is_none());
     }
 
+    #[test]
+    fn the_loops_own_commits_are_not_looked_at_and_anyone_elses_around_them_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("bridge.db");
+        // The coordinator's connection, and the loop's with its hooks.
+        let mut coordinator = Bridge::open_or_create(&db).unwrap();
+        let conv = coordinator
+            .create_conversation("c", "s", Duration::from_secs(3600))
+            .unwrap();
+        let mut looped = Bridge::open(&db).unwrap();
+        let s = served(&db, &conv.conversation_id);
+        crate::own::install(
+            looped.connection_mut(),
+            &db,
+            s.writing.clone(),
+            s.own.clone(),
+        );
+        let writing = s.writing.clone();
+        let mut confirm = Confirm::new(&db, s);
+        let _ = confirm.moved();
+        assert_eq!(confirm.moved(), Some(false));
+        let send = |b: &mut Bridge| {
+            b.send(
+                &conv.conversation_id,
+                Session::A,
+                &conv.session_a_token,
+                "a question",
+                None,
+            )
+            .unwrap()
+        };
+        // The loop's commits on the hot path, one after another: not a move.
+        for _ in 0..2 {
+            let _w = Writing::start(&writing);
+            send(&mut looped);
+        }
+        assert_eq!(confirm.moved(), Some(false), "the loop's own commits");
+        // Someone else's commit just before the loop's: still seen.
+        send(&mut coordinator);
+        {
+            let _w = Writing::start(&writing);
+            send(&mut looped);
+        }
+        assert_eq!(confirm.moved(), Some(true), "a commit before the loop's");
+        // ... and just after it.
+        {
+            let _w = Writing::start(&writing);
+            send(&mut looped);
+        }
+        send(&mut coordinator);
+        assert_eq!(confirm.moved(), Some(true), "a commit after the loop's");
+        // Between two of the loop's.
+        {
+            let _w = Writing::start(&writing);
+            send(&mut looped);
+        }
+        send(&mut coordinator);
+        {
+            let _w = Writing::start(&writing);
+            send(&mut looped);
+        }
+        assert_eq!(confirm.moved(), Some(true), "a commit between the loop's");
+        // A commit of the loop outside the hot path (a release, say) is
+        // looked at like anyone's.
+        send(&mut looped);
+        assert_eq!(confirm.moved(), Some(true), "off the hot path");
+        assert_eq!(confirm.moved(), Some(false));
+    }
+
     /// Whether `fd` is readable now.
     fn readable(fd: RawFd) -> bool {
         let mut fds = [fifo::pollfd(fd, libc::POLLIN)];
