@@ -199,10 +199,7 @@ mod tests {
     #[test]
     fn the_hooks_record_the_hot_paths_commits_and_not_others_or_anyone_elses() {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("b.db");
-        let mut conn = rusqlite::Connection::open(&db).unwrap();
-        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
-        conn.execute_batch("CREATE TABLE t (x INTEGER)").unwrap();
+        let (db, mut conn) = crate::shm::wal_file(dir.path());
         let other = rusqlite::Connection::open(&db).unwrap();
         let idx = WalIndex::open(&db).unwrap();
         let (writing, own) = (

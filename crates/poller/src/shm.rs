@@ -123,6 +123,17 @@ fn consistent(both: &[u8]) -> bool {
     a == b && a[12] != 0
 }
 
+/// For tests: a fresh WAL-mode file `b.db` in `dir` with a table `t (x)`,
+/// and its connection.
+#[cfg(test)]
+pub(crate) fn wal_file(dir: &Path) -> (std::path::PathBuf, rusqlite::Connection) {
+    let db = dir.join("b.db");
+    let w = rusqlite::Connection::open(&db).unwrap();
+    w.pragma_update(None, "journal_mode", "WAL").unwrap();
+    w.execute_batch("CREATE TABLE t (x INTEGER)").unwrap();
+    (db, w)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,11 +141,8 @@ mod tests {
     #[test]
     fn the_header_moves_on_a_commit_by_another_connection_and_not_on_a_read() {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("b.db");
-        let w = rusqlite::Connection::open(&db).unwrap();
-        w.pragma_update(None, "journal_mode", "WAL").unwrap();
-        w.execute_batch("CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (1);")
-            .unwrap();
+        let (db, w) = wal_file(dir.path());
+        w.execute("INSERT INTO t VALUES (1)", []).unwrap();
         let r =
             rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
                 .unwrap();
@@ -160,11 +168,8 @@ mod tests {
     #[test]
     fn the_backlog_counts_the_frames_a_checkpoint_has_not_copied() {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("b.db");
-        let w = rusqlite::Connection::open(&db).unwrap();
-        w.pragma_update(None, "journal_mode", "WAL").unwrap();
+        let (db, w) = wal_file(dir.path());
         w.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-        w.execute_batch("CREATE TABLE t (x INTEGER);").unwrap();
         let idx = WalIndex::open(&db).unwrap();
         let first = idx.backlog().unwrap();
         assert!(first > 0, "the CREATE is in the WAL");
@@ -206,10 +211,7 @@ mod tests {
     fn another_process_in_a_write_transaction_is_seen_and_ours_is_not() {
         use std::io::BufRead;
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("b.db");
-        let mut w = rusqlite::Connection::open(&db).unwrap();
-        w.pragma_update(None, "journal_mode", "WAL").unwrap();
-        w.execute_batch("CREATE TABLE t (x INTEGER);").unwrap();
+        let (db, mut w) = wal_file(dir.path());
         let idx = WalIndex::open(&db).unwrap();
         assert_eq!(idx.writer_active(), Some(false), "nobody writes");
         {

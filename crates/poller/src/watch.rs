@@ -1117,6 +1117,19 @@ mod tests {
         s
     }
 
+    /// A fresh bridge `bridge.db` in `dir`, a connection to it and a
+    /// conversation in it.
+    fn bridge_with_conversation(
+        dir: &Path,
+    ) -> (std::path::PathBuf, Bridge, autopoll_bridge::NewConversation) {
+        let db = dir.join("bridge.db");
+        let mut b = Bridge::open_or_create(&db).unwrap();
+        let conv = b
+            .create_conversation("c", "s", Duration::from_secs(3600))
+            .unwrap();
+        (db, b, conv)
+    }
+
     #[test]
     fn a_commit_on_its_way_is_looked_at_after_three_close_steps_then_the_loops_schedule() {
         let us: Vec<u128> = (0..BUSY_STEPS + 2)
@@ -1133,11 +1146,7 @@ mod tests {
     #[test]
     fn commits_by_another_connection_are_seen_through_the_wal_index_and_reads_are_not() {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("bridge.db");
-        let mut writer = Bridge::open_or_create(&db).unwrap();
-        let mine = writer
-            .create_conversation("c", "s", Duration::from_secs(3600))
-            .unwrap();
+        let (db, mut writer, mine) = bridge_with_conversation(dir.path());
         let other = writer
             .create_conversation("c", "s", Duration::from_secs(3600))
             .unwrap();
@@ -1189,12 +1198,8 @@ mod tests {
     #[test]
     fn the_loops_own_commits_are_not_looked_at_and_anyone_elses_around_them_are() {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("bridge.db");
         // The coordinator's connection, and the loop's with its hooks.
-        let mut coordinator = Bridge::open_or_create(&db).unwrap();
-        let conv = coordinator
-            .create_conversation("c", "s", Duration::from_secs(3600))
-            .unwrap();
+        let (db, mut coordinator, conv) = bridge_with_conversation(dir.path());
         let mut looped = Bridge::open(&db).unwrap();
         let s = served(&db, &conv.conversation_id);
         crate::own::install(
