@@ -1199,12 +1199,7 @@ impl Poller {
             }
             match open_checked(&self.cfg.db, &self.members, self.cfg.session, sig.id) {
                 Ok((mut b, version)) => {
-                    own::install(
-                        b.connection_mut(),
-                        &self.cfg.db,
-                        self.served.writing.clone(),
-                        self.served.own.clone(),
-                    );
+                    record_own_commits(&mut b, &self.cfg.db, &self.served);
                     self.served.gate.allow(Some(sig.id));
                     let after = gone.since.elapsed();
                     self.gone = None;
@@ -1330,6 +1325,17 @@ fn tune(b: &Bridge) {
     }
 }
 
+/// The loop's connection `b` to `db` records its hot-path commits for the
+/// watch thread of `served` ([`own`]).
+fn record_own_commits(b: &mut Bridge, db: &std::path::Path, served: &watch::Served) {
+    own::install(
+        b.connection_mut(),
+        db,
+        served.writing.clone(),
+        served.own.clone(),
+    );
+}
+
 /// Open the bridge; a PostgreSQL server that cannot be reached yet (down,
 /// restarting, the network not up) is waited for with backoff, up to
 /// `grace`, as a missing file is later on. Other failures (a wrong
@@ -1444,12 +1450,7 @@ pub fn run(cfg: PollerConfig, shutdown: Shutdown) -> Result<(), PollerError> {
         own: Default::default(),
     };
     if let Some(b) = bridge.as_sqlite() {
-        own::install(
-            b.connection_mut(),
-            &cfg.db,
-            served.writing.clone(),
-            served.own.clone(),
-        );
+        record_own_commits(b, &cfg.db, &served);
     }
     served.gate.allow(file_id);
     let pg_queues = pg_url.as_ref().map(|_| {

@@ -219,7 +219,8 @@ impl BuiltinEngine {
         };
         let mut answer = String::new();
         let mut sources = Vec::new();
-        // The best line's file and lines, when they are a whole passage.
+        // The best line's file and lines (a passage they cover whole is
+        // not cited again).
         let mut best_range = None;
         // The best line first, from the best passage: one line to read.
         if let Some((first, last, text)) = index.best_line(&hits[0], question) {
