@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use autopoll_protocol::EngineInfo;
 
@@ -47,6 +47,9 @@ struct State {
     walk_error: Option<String>,
     /// What `stats` says: the errors above, joined.
     last_error: Option<String>,
+    /// Compactions done in place, compactions done on a copy, and the
+    /// posting lists those in place had to copy ([`BuiltinEngine::compact_live`]).
+    compactions: (u64, u64, usize),
 }
 
 /// What one look at the disk found, before the index is touched.
@@ -175,6 +178,7 @@ impl BuiltinEngine {
                 errors: BTreeMap::new(),
                 walk_error: None,
                 last_error: None,
+                compactions: (0, 0, 0),
             }),
         })
     }
@@ -441,19 +445,84 @@ impl BuiltinEngine {
         );
         st.reloads += 1;
         st.loaded_at = now_utc();
+        let compact = index.wants_compaction();
         let old = match self.index.write() {
             Ok(mut g) => std::mem::replace(&mut *g, Arc::new(index)),
             Err(p) => std::mem::replace(&mut *p.into_inner(), Arc::new(index)),
         };
-        // The old index's copied lists go now (unless a query still holds
-        // it); give their pages back rather than let the heap grow.
-        if Arc::strong_count(&old) == 1 {
+        if compact {
+            match self.compact_live(old) {
+                Some(copied) => {
+                    st.compactions.0 += 1;
+                    st.compactions.2 += copied;
+                }
+                None => st.compactions.1 += 1,
+            }
+        } else if Arc::strong_count(&old) == 1 {
+            // The old index's copied lists go now (unless a query still
+            // holds it); give their pages back rather than let the heap grow.
             drop(old);
             release_freed_memory();
         }
         true
     }
+
+    /// Compact the index just swapped in (see [`Index::compact`]) where it
+    /// is, so its lists are rewritten one at a time and never held twice:
+    /// new questions wait for the index meanwhile (the write lock), and the
+    /// compaction starts once the questions already under way, on this
+    /// index or on `old`, are done with them. Should one still hold on after
+    /// [`COMPACT_WAIT`], a compacted copy is swapped in instead (every list
+    /// then held twice for a moment, as before this was done in place).
+    /// Returns, when it was done in place, how many lists it still copied
+    /// (held by an older index a question is still on).
+    fn compact_live(&self, old: Arc<Index>) -> Option<usize> {
+        // The lists the new index shares with the old are its own once the
+        // old is gone.
+        let gone = Arc::downgrade(&old);
+        drop(old);
+        let started = Instant::now();
+        let mut g = match self.index.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let in_place = loop {
+            if gone.strong_count() == 0
+                && let Some(ix) = Arc::get_mut(&mut *g)
+            {
+                let waited = started.elapsed();
+                let copied = ix.compact();
+                log::info!(
+                    "event=context_compacted in_place=true passages={} lists_copied={copied} waited_ms={:.1} ms={:.1}",
+                    ix.passages(),
+                    waited.as_secs_f64() * 1e3,
+                    (started.elapsed() - waited).as_secs_f64() * 1e3
+                );
+                break Some(copied);
+            }
+            if started.elapsed() >= COMPACT_WAIT {
+                let mut copy = Index::clone(&g);
+                let copied = copy.compact();
+                *g = Arc::new(copy);
+                log::info!(
+                    "event=context_compacted in_place=false passages={} lists_copied={copied} \
+                     reason=\"a question held the index for {} s\"",
+                    g.passages(),
+                    COMPACT_WAIT.as_secs()
+                );
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        drop(g);
+        release_freed_memory();
+        in_place
+    }
 }
+
+/// How long a compaction waits for the questions under way to let go of
+/// the index (a question holds it for milliseconds).
+const COMPACT_WAIT: Duration = Duration::from_secs(2);
 
 /// Hand memory freed while indexing (the read buffers, the units, the
 /// grown-then-shrunk posting lists, spread over the indexing threads'
@@ -708,6 +777,94 @@ mod tests {
         assert!(e.reload());
         assert!(e.info().last_reload_error.is_none());
         assert_eq!(e.info().reloads, 2);
+    }
+
+    /// Edit the files of `dir` in turn until the engine compacts (at
+    /// most `rounds` edits); each edit's new text is found, its old gone.
+    /// During each reload a question holds the index it started on: for
+    /// `Some(d)`, a thread lets go of it after `d`; for `None`, it is held
+    /// until the reload is over, and returned.
+    fn edit_until_compacted(
+        e: &BuiltinEngine,
+        dir: &std::path::Path,
+        hold: Option<Duration>,
+    ) -> Option<Arc<Index>> {
+        let before = e.state().compactions;
+        for round in 0..200 {
+            let p = dir.join(format!("f{}.md", round % 8));
+            let old = std::fs::read_to_string(&p).unwrap();
+            let word = format!("edit{round}word");
+            std::fs::write(
+                &p,
+                format!("# Notes\n\nThe {word} lives here.\n\nA second passage.\n\nA third one.\n"),
+            )
+            .unwrap();
+            let question = e.index();
+            let (holder, kept) = match hold {
+                Some(d) => (
+                    Some(std::thread::spawn(move || {
+                        std::thread::sleep(d);
+                        drop(question);
+                    })),
+                    None,
+                ),
+                None => (None, Some(question)),
+            };
+            assert!(e.reload_paths(std::slice::from_ref(&p)));
+            if let Some(h) = holder {
+                h.join().unwrap();
+            }
+            let a = e.answer_now(&word);
+            assert!(a.answer.contains(&word), "round {round}: {}", a.answer);
+            if let Some(prev) = old.split_whitespace().find(|w| w.starts_with("edit")) {
+                let a = e.answer_now(prev);
+                assert!(
+                    !a.answer.contains(prev),
+                    "round {round}: {prev} still found"
+                );
+            }
+            if e.state().compactions != before {
+                assert_same_as_fresh(e, dir);
+                return kept;
+            }
+        }
+        panic!("no compaction in 200 edits");
+    }
+
+    fn eight_files() -> (tempfile::TempDir, BuiltinEngine) {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..8 {
+            std::fs::write(
+                d.path().join(format!("f{i}.md")),
+                format!("# F{i}\n\nfirst words {i}\n"),
+            )
+            .unwrap();
+        }
+        let e = BuiltinEngine::load(&[d.path().to_path_buf()]).unwrap();
+        (d, e)
+    }
+
+    #[test]
+    fn a_compaction_rewrites_the_live_index_in_place_once_questions_let_go() {
+        let (d, e) = eight_files();
+        edit_until_compacted(&e, d.path(), Some(Duration::from_millis(30)));
+        assert_eq!(
+            e.state().compactions,
+            (1, 0, 0),
+            "every list rewritten in place"
+        );
+        // And with no question under way at all.
+        edit_until_compacted(&e, d.path(), Some(Duration::ZERO));
+        assert_eq!(e.state().compactions, (2, 0, 0));
+    }
+
+    #[test]
+    fn a_compaction_while_a_question_holds_on_swaps_in_a_compacted_copy() {
+        let (d, e) = eight_files();
+        let held = edit_until_compacted(&e, d.path(), None).unwrap();
+        assert_eq!(e.state().compactions, (0, 1, 0));
+        // The question's index still answers, from the text it had.
+        assert!(!held.search("second passage", 3).is_empty());
     }
 
     /// What a search returns, by file name rather than index position.

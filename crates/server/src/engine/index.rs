@@ -21,9 +21,12 @@
 //! posting lists are shared (`Arc`) and only those of the changed files'
 //! terms are copied and edited, and of those only the blocks the change
 //! touches (`engine/postings.rs`); removed passages leave holes in the
-//! document table until holes outnumber documents, when it is compacted
-//! (ids renumbered, nothing re-tokenised). The new index is swapped in
-//! whole, so readers never see one half made.
+//! document table until holes outnumber documents ([`Index::wants_compaction`]),
+//! when it is compacted ([`Index::compact`]: ids renumbered, every list
+//! rewritten, nothing re-tokenised). The new index is swapped in whole, so
+//! readers never see one half made; the engine compacts the index it swapped
+//! in once nothing else holds it, so each list is rewritten in place and the
+//! old lists are not kept beside the new.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -746,8 +749,9 @@ impl Tables {
     }
 }
 
-/// An immutable index over a set of context files.
-#[derive(Debug)]
+/// An immutable index over a set of context files. (`Clone` copies the
+/// tables' pointers, not the posting lists.)
+#[derive(Debug, Clone)]
 pub struct Index {
     files: Vec<Arc<ContextFile>>,
     /// Per file (same order): its distinct terms and its document ids.
@@ -865,8 +869,8 @@ impl Index {
     /// tokenised (on up to `threads` threads) and appended. Only the
     /// posting lists of those terms are copied; the document table and the
     /// version are redone (O(passages), O(files)). Searches give exactly
-    /// what [`Index::build`] over `files` gives. Compacts the documents
-    /// (renumbers them, rewriting every list) once holes outnumber live ones.
+    /// what [`Index::build`] over `files` gives. Holes are left for
+    /// [`Index::compact`].
     pub fn update(&self, files: Vec<Arc<ContextFile>>, threads: usize) -> Index {
         let old: HashMap<&str, usize> = self
             .files
@@ -941,17 +945,22 @@ impl Index {
             spans[*ni] = Some(tok);
         }
         let toks = spans.into_iter().flatten().collect();
-        let index = Index::finish(files, toks, t, self.vocab.clone());
-        if index.docs.len() > 2 * index.live as usize + 64 {
-            return index.compact();
-        }
-        index
+        Index::finish(files, toks, t, self.vocab.clone())
     }
 
-    /// This index without holes: documents renumbered in order, every
-    /// posting list rewritten with the new ids (the order of ids is kept,
-    /// so lists stay sorted). O(postings), no reading or tokenising.
-    fn compact(self) -> Index {
+    /// Whether holes (ids of removed passages) outnumber live passages, so
+    /// the index is due for [`Index::compact`].
+    pub fn wants_compaction(&self) -> bool {
+        self.docs.len() > 2 * self.live as usize + 64
+    }
+
+    /// Take the holes out: documents renumbered in order, every posting
+    /// list rewritten with the new ids (the order of ids is kept, so lists
+    /// stay sorted). O(postings), no reading or tokenising. A list held
+    /// by this index alone is rewritten in place (the old one freed before
+    /// the next is made); one shared with another index is copied. Returns
+    /// how many lists were copied.
+    pub fn compact(&mut self) -> usize {
         let mut new_id = vec![u32::MAX; self.docs.len()];
         let mut docs = Vec::with_capacity(self.live as usize);
         for (old, d) in self.docs.iter().enumerate() {
@@ -960,30 +969,28 @@ impl Index {
                 docs.push(*d);
             }
         }
-        let postings = self
-            .postings
-            .iter()
-            .map(|l| Arc::new(l.remap(&new_id)))
-            .collect();
-        let toks = self
-            .toks
-            .into_iter()
-            .map(|(tok, span)| {
-                let start = if span.is_empty() {
-                    // No documents: any id where the run would be will do.
-                    0
-                } else {
-                    new_id[span.start as usize]
-                };
-                (tok, start..start + span.len() as u32)
-            })
-            .collect();
-        Index {
-            docs,
-            postings,
-            toks,
-            ..self
+        self.docs = docs;
+        let mut copied = 0;
+        for l in &mut self.postings {
+            match Arc::get_mut(l) {
+                Some(list) => *list = list.remap(&new_id),
+                None => {
+                    *l = Arc::new(l.remap(&new_id));
+                    copied += 1;
+                }
+            }
         }
+        for (_, span) in &mut self.toks {
+            let len = span.end - span.start;
+            // No documents: any id where the run would be will do.
+            let start = if len == 0 {
+                0
+            } else {
+                new_id[span.start as usize]
+            };
+            *span = start..start + len;
+        }
+        copied
     }
 
     /// The files, in citation order.
@@ -1471,7 +1478,13 @@ mod tests {
                 files.push(file(&format!("f{i:02}b{round}.md"), &body(i, "other")));
                 files.sort_by(|a, b| a.display.cmp(&b.display));
             }
-            let next = idx.update(files.clone(), 2);
+            let mut next = idx.update(files.clone(), 2);
+            if next.wants_compaction() {
+                // Every list that changed is this index's own; the rest
+                // are shared with `idx`, which is still held: copied.
+                let copied = next.compact();
+                assert!(copied > 0 && copied < next.postings.len());
+            }
             let fresh = Index::build(files.clone(), Vocab::new(), 1);
             assert_eq!(next.version(), fresh.version());
             assert_eq!(next.passages(), fresh.passages());
@@ -1569,6 +1582,43 @@ mod tests {
         }
         files.sort_by(|a, b| a.display.cmp(&b.display));
         files
+    }
+
+    #[test]
+    fn a_compaction_of_an_index_held_alone_rewrites_its_lists_in_place() {
+        let vocab = Vocab::new();
+        let body = |i: usize, w: &str| format!("# F{i}\nshared text {w}\n\nmore {w} here\n");
+        let mut files: Vec<_> = (0..20)
+            .map(|i| file(&format!("f{i:02}.md"), &body(i, "alpha")))
+            .collect();
+        let mut idx = Index::build(files.clone(), vocab.clone(), 1);
+        let mut round = 0;
+        while !idx.wants_compaction() {
+            let i = round % files.len();
+            let name = files[i].display.clone();
+            files[i] = file(&name, &body(i, &format!("w{round}")));
+            // The old index is dropped here, as the engine's is once no
+            // query holds it.
+            idx = idx.update(files.clone(), 1);
+            round += 1;
+            assert!(round < 1_000, "holes never outnumbered documents");
+        }
+        let before: Vec<*const List> = idx.postings.iter().map(Arc::as_ptr).collect();
+        assert_eq!(idx.compact(), 0, "nothing else holds a list: none copied");
+        let after: Vec<*const List> = idx.postings.iter().map(Arc::as_ptr).collect();
+        assert_eq!(before, after, "each list rewritten where it was");
+        assert_eq!(idx.docs.len(), idx.live as usize, "no holes left");
+        assert!(!idx.wants_compaction());
+        let fresh = Index::build(files.clone(), Vocab::new(), 1);
+        for q in [
+            "shared text",
+            "alpha",
+            "more here",
+            &format!("w{}", round - 1),
+            "f3",
+        ] {
+            assert_eq!(hits(&idx, q), hits(&fresh, q), "query {q:?}");
+        }
     }
 
     #[test]
