@@ -41,7 +41,7 @@ fn start_api(w: &World, fixtures: &Path) -> Res<Api> {
         .stderr(Stdio::null())
         .spawn()
         .map_err(e("python3 fake_anthropic.py"))?;
-    let d = Daemon { child };
+    let d = Daemon::new(child);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !port.exists() {
         if Instant::now() > deadline {

@@ -182,18 +182,17 @@ impl Mode {
 }
 
 fn poller(w: &World, args: &[&str], envs: &[(&str, &str)]) -> Res<Daemon> {
-    let child = Command::new(w.bin.join("autopoll-poller"))
-        .args(["-q", "--name", "mc", "--runtime-dir"])
-        .arg(w.runtime())
-        .arg("--db")
-        .arg(w.db())
-        .args(args)
-        .envs(envs.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(e("autopoll-poller"))?;
-    Ok(Daemon { child })
+    Daemon::spawn(
+        Command::new(w.bin.join("autopoll-poller"))
+            .args(["-q", "--name", "mc", "--runtime-dir"])
+            .arg(w.runtime())
+            .arg("--db")
+            .arg(w.db())
+            .args(args)
+            .envs(envs.iter().copied()),
+        "autopoll-poller",
+        crate::log_path(w.dir.path(), "poller"),
+    )
 }
 
 /// The CPU time of all of `ps`, seconds (to the nanosecond).

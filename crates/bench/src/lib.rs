@@ -151,19 +151,74 @@ fn e<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> String + '_ {
 /// A child process killed (-9) and reaped on drop.
 struct Daemon {
     child: Child,
+    /// Where its stderr goes, and what it is (for [`Daemon::exited`]).
+    log: Option<(PathBuf, String)>,
 }
 
 impl Daemon {
+    fn new(child: Child) -> Daemon {
+        Daemon { child, log: None }
+    }
+
+    /// Spawn `cmd` (`what` names it) with stdout discarded and stderr
+    /// kept in `log`, so that one that stops early can say why.
+    fn spawn(cmd: &mut Command, what: &str, log: PathBuf) -> Res<Daemon> {
+        let err = std::fs::File::create(&log).map_err(e("log file"))?;
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .map_err(e(what))?;
+        Ok(Daemon {
+            child,
+            log: Some((log, what.to_string())),
+        })
+    }
+
     fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// The last lines it wrote to its log, joined with ` | `.
+    fn said(&self) -> String {
+        let text = self
+            .log
+            .as_ref()
+            .and_then(|(p, _)| std::fs::read_to_string(p).ok())
+            .unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(5).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+
+    /// If it has stopped with a failure: what it is, how it ended, and
+    /// what it said last.
+    fn exited(&mut self) -> Option<String> {
+        let status = self.child.try_wait().ok().flatten()?;
+        if status.success() {
+            return None;
+        }
+        let what = self.log.as_ref().map_or("a process", |(_, w)| w.as_str());
+        Some(format!("{what} exited ({status}): {}", self.said()))
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // One that died during the step says so (the step's own error,
+        // such as "no answer within 30 s", would not tell why).
+        if let Some(why) = self.exited() {
+            eprintln!("autopoll-bench: {why}");
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A fresh log file name under `dir` for a process called `name`.
+fn log_path(dir: &Path, name: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    dir.join(format!("{name}-{n}.log"))
 }
 
 /// A private world: temp dir, runtime dir, bridge, conversation.
@@ -210,34 +265,29 @@ impl World {
         // Its errors (-q leaves only those) go to a file, so that a server
         // that cannot start says why instead of being waited for.
         let log = self.dir.path().join(format!("server-{name}.log"));
-        let err = std::fs::File::create(&log).map_err(e("server log"))?;
-        let child = Command::new(self.bin.join("autopoll-server"))
-            .args(["-q", "--name", name, "--runtime-dir"])
-            .arg(self.runtime())
-            .args(args)
-            .envs(vars.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .map_err(e("autopoll-server"))?;
-        let mut d = Daemon { child };
-        let said = || {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(5).collect();
-            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-        };
+        let mut d = Daemon::spawn(
+            Command::new(self.bin.join("autopoll-server"))
+                .args(["-q", "--name", name, "--runtime-dir"])
+                .arg(self.runtime())
+                .args(args)
+                .envs(vars.iter().map(|(k, v)| (k, v))),
+            &format!("autopoll-server `{name}`"),
+            log,
+        )?;
         let deadline = Instant::now() + Duration::from_secs(120);
         while self.client(name).is_err() {
             if let Ok(Some(status)) = d.child.try_wait() {
+                let said = d.said();
+                // Reported here; not again when dropped.
+                d.log = None;
                 return Err(format!(
-                    "autopoll-server `{name}` exited ({status}) before serving: {}",
-                    said()
+                    "autopoll-server `{name}` exited ({status}) before serving: {said}"
                 ));
             }
             if Instant::now() > deadline {
                 return Err(format!(
                     "the server did not come up within 120 s; it said: {}",
-                    said()
+                    d.said()
                 ));
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -246,19 +296,18 @@ impl World {
     }
 
     fn poller(&self, name: &str, args: &[&str]) -> Res<Daemon> {
-        let child = Command::new(self.bin.join("autopoll-poller"))
-            .args(["-q", "--name", name, "--runtime-dir"])
-            .arg(self.runtime())
-            .arg("--db")
-            .arg(self.db())
-            .args(["--conversation", &self.conv.conversation_id])
-            .env("AUTOPOLL_TOKEN", &self.conv.session_b_token)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(e("autopoll-poller"))?;
-        Ok(Daemon { child })
+        Daemon::spawn(
+            Command::new(self.bin.join("autopoll-poller"))
+                .args(["-q", "--name", name, "--runtime-dir"])
+                .arg(self.runtime())
+                .arg("--db")
+                .arg(self.db())
+                .args(["--conversation", &self.conv.conversation_id])
+                .env("AUTOPOLL_TOKEN", &self.conv.session_b_token)
+                .args(args),
+            &format!("autopoll-poller `{name}`"),
+            log_path(self.dir.path(), "poller"),
+        )
     }
 
     fn client(&self, name: &str) -> Res<Client> {
@@ -582,7 +631,7 @@ fn old_design(opts: &Options, r: &mut Report) -> Res<()> {
         .stderr(Stdio::null())
         .spawn()
         .map_err(e("old shard"))?;
-    let _old = Daemon { child };
+    let _old = Daemon::new(child);
     let mut b = Bridge::open(w.db()).map_err(e("bridge"))?;
     let ro = read_only(&w.db())?;
     let mut lat = Vec::new();
@@ -1130,4 +1179,45 @@ pub fn run(opts: &Options) -> Report {
         }
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_daemon_that_died_says_how_and_what_it_wrote_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = Daemon::spawn(
+            Command::new("sh").args([
+                "-c",
+                "echo starting >&2; echo 'cannot open the bridge' >&2; exit 3",
+            ]),
+            "autopoll-poller `t`",
+            log_path(dir.path(), "poller"),
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let why = loop {
+            if let Some(why) = d.exited() {
+                break why;
+            }
+            assert!(Instant::now() < deadline, "sh did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(
+            why.starts_with("autopoll-poller `t` exited (exit status: 3)"),
+            "{why}"
+        );
+        assert!(why.ends_with("starting | cannot open the bridge"), "{why}");
+        // A clean exit is not reported.
+        let mut ok = Daemon::spawn(
+            &mut Command::new("true"),
+            "true",
+            log_path(dir.path(), "true"),
+        )
+        .unwrap();
+        let _ = ok.child.wait();
+        assert_eq!(ok.exited(), None);
+    }
 }

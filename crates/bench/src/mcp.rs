@@ -52,7 +52,7 @@ impl Mcp {
             })
             .map_err(e("reader thread"))?;
         let mut m = Mcp {
-            _d: Daemon { child },
+            _d: Daemon::new(child),
             stdin,
             lines,
             next_id: 0,

@@ -64,7 +64,7 @@ impl Rig {
             .stderr(Stdio::null())
             .spawn()
             .map_err(e("autopoll-server"))?;
-        let server = Daemon { child };
+        let server = Daemon::new(child);
         let paths = autopoll_protocol::ServerPaths::new(&rt, "pg").map_err(e("paths"))?;
         let deadline = Instant::now() + Duration::from_secs(120);
         while autopoll_protocol::Client::connect(
@@ -97,22 +97,21 @@ impl Rig {
     }
 
     fn poller(&self, args: &[&str]) -> Res<Daemon> {
-        let child = Command::new(self.bin.join("autopoll-poller"))
-            .args(["-q", "--name", "pg", "--runtime-dir"])
-            .arg(self.dir.path().join("rt"))
-            .args([
-                "--db",
-                &self.db,
-                "--conversation",
-                &self.conv.conversation_id,
-            ])
-            .env("AUTOPOLL_TOKEN", &self.conv.session_b_token)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(e("autopoll-poller"))?;
-        Ok(Daemon { child })
+        Daemon::spawn(
+            Command::new(self.bin.join("autopoll-poller"))
+                .args(["-q", "--name", "pg", "--runtime-dir"])
+                .arg(self.dir.path().join("rt"))
+                .args([
+                    "--db",
+                    &self.db,
+                    "--conversation",
+                    &self.conv.conversation_id,
+                ])
+                .env("AUTOPOLL_TOKEN", &self.conv.session_b_token)
+                .args(args),
+            "autopoll-poller (PostgreSQL)",
+            crate::log_path(self.dir.path(), "poller"),
+        )
     }
 
     fn send(&self, s: &mut dyn Store, qid: &str) -> Res<i64> {
