@@ -561,8 +561,11 @@ impl Engine for BuiltinEngine {
     }
 
     fn info(&self) -> EngineInfo {
-        let index = self.index();
+        // The state first: a reload holds it while it compacts, which waits
+        // for every holder of the index to let go (the index first would
+        // hold one while waiting for the state).
         let st = self.state();
+        let index = self.index();
         EngineInfo {
             name: "builtin".into(),
             context_version: index.version().to_string(),
@@ -847,7 +850,17 @@ mod tests {
     #[test]
     fn a_compaction_rewrites_the_live_index_in_place_once_questions_let_go() {
         let (d, e) = eight_files();
-        edit_until_compacted(&e, d.path(), Some(Duration::from_millis(30)));
+        // `stats` asked all the while (it reads the index and the state).
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    assert!(e.info().passages > 0);
+                }
+            });
+            edit_until_compacted(&e, d.path(), Some(Duration::from_millis(30)));
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
         assert_eq!(
             e.state().compactions,
             (1, 0, 0),
