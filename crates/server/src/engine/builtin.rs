@@ -783,7 +783,7 @@ mod tests {
     }
 
     /// Edit the files of `dir` in turn until the engine compacts (at
-    /// most `rounds` edits); each edit's new text is found, its old gone.
+    /// most 200 edits); each edit's new text is found, its old gone.
     /// During each reload a question holds the index it started on: for
     /// `Some(d)`, a thread lets go of it after `d`; for `None`, it is held
     /// until the reload is over, and returned.

@@ -749,8 +749,8 @@ impl Tables {
     }
 }
 
-/// An immutable index over a set of context files. (`Clone` copies the
-/// tables' pointers, not the posting lists.)
+/// An immutable index over a set of context files. (`Clone` shares the
+/// files and the posting lists; the document table is copied.)
 #[derive(Debug, Clone)]
 pub struct Index {
     files: Vec<Arc<ContextFile>>,
