@@ -53,6 +53,7 @@ pub mod fault;
 pub mod hub;
 pub mod members;
 pub mod own;
+pub mod quiet;
 pub mod shm;
 pub mod tokens;
 pub mod watch;

@@ -116,6 +116,9 @@ pub fn install(
     writing: Arc<WriteFlag>,
     own: Arc<OwnCommits>,
 ) {
+    // The loop's writes, unheard by the folder watch, are checked against
+    // this index and these commits afterwards (crate::quiet).
+    writing.quiet.set_index(WalIndex::open(db), own.clone());
     let Some(idx) = WalIndex::open(db) else {
         return;
     };

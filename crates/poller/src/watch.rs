@@ -86,6 +86,18 @@ pub struct Watch {
     /// Where events are read to, kept: zeroing 4 KB on every read was a
     /// third of an idle poller's instructions per foreign commit.
     buf: Vec<u8>,
+    /// The loop's write flag, whose [`crate::quiet::Quiet`] changes this
+    /// watch's mask around the loop's writes (the bridge's watch only).
+    quiet: Option<std::sync::Arc<WriteFlag>>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        // The descriptor closes with us: the loop must not use it.
+        if let Some(w) = &self.quiet {
+            w.quiet.forget_folder();
+        }
+    }
 }
 
 /// What one read of the pending events saw ([`Watch::drain`]).
@@ -139,6 +151,7 @@ impl Watch {
             mask,
             watched: None,
             buf: vec![0; 4096],
+            quiet: None,
         };
         w.add()?;
         Ok(w)
@@ -148,8 +161,11 @@ impl Watch {
     fn add(&mut self) -> io::Result<()> {
         let meta = std::fs::metadata(&self.dir)?;
         let c = CString::new(self.dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
-        // SAFETY: valid fd and NUL-terminated path.
-        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), self.mask) };
+        let wd = match &self.quiet {
+            Some(w) => w.quiet.add(self.fd.as_raw_fd(), &c, self.mask),
+            // SAFETY: valid fd and NUL-terminated path.
+            None => unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), self.mask) },
+        };
         if wd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -233,6 +249,9 @@ impl Watch {
                         unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), ev.wd) };
                     }
                     self.watched = None;
+                    if let Some(w) = &self.quiet {
+                        w.quiet.forget_folder();
+                    }
                     d.relevant = true;
                     d.writes_only = false;
                 }
@@ -275,13 +294,21 @@ impl Watch {
         let mut fds = Vec::with_capacity(4);
         let watching = confirm.served.watching.clone();
         let writing = confirm.served.writing.clone();
+        // From now on the loop's writes change this watch's mask (quiet.rs).
+        self.quiet = Some(writing.clone());
+        if self.watched.is_some() {
+            let _ = self.add();
+        }
+        let mut quiet_on = false;
         loop {
             // The loop may be waiting to open another file (FileGate).
             confirm.release_if_gate_moved();
-            watching.store(
-                self.watched.is_some() && confirm.wal_mode() && !hub.following(),
-                Ordering::Relaxed,
-            );
+            let on = self.watched.is_some() && confirm.wal_mode() && !hub.following();
+            watching.store(on, Ordering::Relaxed);
+            if on != quiet_on {
+                writing.quiet.enable(on);
+                quiet_on = on;
+            }
             if hub.set_key(confirm.served.gate.allowed())
                 && !self.hub_changed(&hub, &following, &events)
             {
@@ -320,8 +347,10 @@ impl Watch {
             } else {
                 self.fd.as_raw_fd()
             };
-            // The end of the loop's write, while one is awaited.
-            let done = if deferring { writing.done_fd() } else { -1 };
+            // The end of the loop's write, while one is awaited; or the
+            // loop, after a write the folder did not hear, telling us to
+            // look (quiet.rs).
+            let done = writing.done_fd();
             fds.clear();
             fds.push(fifo::pollfd(inotify, libc::POLLIN));
             fds.push(fifo::pollfd(stop_fd, libc::POLLIN));
@@ -679,7 +708,9 @@ pub struct Served {
     /// thread meanwhile are the loop's own: the thread drains them, stops
     /// listening and looks once the write is over, instead of waking once
     /// a page (each such wake-up also cost the writing thread a cross-core
-    /// wake inside its `pwrite`).
+    /// wake inside its `pwrite`). Where it can, the loop keeps its pages
+    /// from being heard at all ([`crate::quiet`]) and rings only when
+    /// someone else may have written meanwhile.
     pub writing: std::sync::Arc<WriteFlag>,
     /// The loop's own commits on the hot path ([`crate::own`]): a header
     /// moved by them alone is not looked at.
@@ -698,8 +729,11 @@ pub struct WriteFlag {
     /// The watch waits for the write under way to end.
     awaited: AtomicBool,
     /// Rung when an awaited write ends (None: no pipe could be made, and
-    /// the watch looks again on its timer).
+    /// the watch looks again on its timer), or when one the folder did not
+    /// hear may have let another's commit go unheard.
     done: Option<fifo::Waker>,
+    /// The folder's `IN_MODIFY` off while the loop writes ([`crate::quiet`]).
+    pub quiet: crate::quiet::Quiet,
 }
 
 impl Default for WriteFlag {
@@ -708,6 +742,7 @@ impl Default for WriteFlag {
             writing: AtomicBool::new(false),
             awaited: AtomicBool::new(false),
             done: fifo::Waker::new().ok(),
+            quiet: crate::quiet::Quiet::default(),
         }
     }
 }
@@ -750,34 +785,42 @@ impl WriteFlag {
     }
 
     /// The descriptor [`WriteFlag::await_end`]'s wake-up makes readable (-1: none).
-    fn done_fd(&self) -> RawFd {
+    pub(crate) fn done_fd(&self) -> RawFd {
         self.done.as_ref().map_or(-1, |w| w.fd())
     }
 
     /// Consume the wake-ups of writes that ended.
-    fn drain_done(&self) {
+    pub(crate) fn drain_done(&self) {
         if let Some(w) = &self.done {
             w.drain();
         }
     }
 }
 
-/// Marks [`Served::writing`] for as long as it lives.
-pub struct Writing<'a>(&'a WriteFlag);
+/// Marks [`Served::writing`] for as long as it lives, with the folder's
+/// writes unheard meanwhile when that can be done ([`crate::quiet`]).
+pub struct Writing<'a> {
+    flag: &'a WriteFlag,
+    /// The WAL index header before the folder stopped listening.
+    hushed: Option<Stamp>,
+}
 
 impl<'a> Writing<'a> {
     /// The loop starts a write transaction.
     pub fn start(flag: &'a WriteFlag) -> Writing<'a> {
+        let hushed = flag.quiet.hush();
         flag.writing.store(true, Ordering::SeqCst);
-        Writing(flag)
+        Writing { flag, hushed }
     }
 }
 
 impl Drop for Writing<'_> {
     fn drop(&mut self) {
-        self.0.writing.store(false, Ordering::SeqCst);
-        if self.0.awaited.swap(false, Ordering::SeqCst)
-            && let Some(w) = &self.0.done
+        let f = self.flag;
+        let look = self.hushed.as_ref().is_some_and(|h| f.quiet.restore(h));
+        f.writing.store(false, Ordering::SeqCst);
+        if (f.awaited.swap(false, Ordering::SeqCst) || look)
+            && let Some(w) = &f.done
         {
             w.wake();
         }
@@ -1333,6 +1376,7 @@ mod tests {
             writing: AtomicBool::new(false),
             awaited: AtomicBool::new(false),
             done: None,
+            quiet: crate::quiet::Quiet::default(),
         };
         assert_eq!(flag.await_end(), Awaiting::Over);
         let _w = Writing::start(&flag);
