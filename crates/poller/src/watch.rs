@@ -808,7 +808,8 @@ pub struct Writing<'a> {
 impl<'a> Writing<'a> {
     /// The loop starts a write transaction.
     pub fn start(flag: &'a WriteFlag) -> Writing<'a> {
-        let hushed = flag.quiet.hush();
+        // Only with a pipe to ring the watch when it must look after.
+        let hushed = flag.done.as_ref().and_then(|_| flag.quiet.hush());
         flag.writing.store(true, Ordering::SeqCst);
         Writing { flag, hushed }
     }
@@ -1368,6 +1369,36 @@ mod tests {
         stop.store(true, Ordering::SeqCst);
         writer.join().unwrap();
         assert_eq!(told, 500, "the writer was caught writing too rarely");
+    }
+
+    #[test]
+    fn without_a_pipe_the_loops_writes_stay_heard() {
+        // Nothing could ring the watch after a write it did not hear.
+        let dir = tempfile::tempdir().unwrap();
+        let (db, conn) = crate::shm::wal_file(dir.path());
+        let flag = WriteFlag {
+            writing: AtomicBool::new(false),
+            awaited: AtomicBool::new(false),
+            done: None,
+            quiet: crate::quiet::Quiet::default(),
+        };
+        let mut w = Watch::new(&db).unwrap();
+        let c = CString::new(dir.path().as_os_str().as_bytes()).unwrap();
+        assert!(flag.quiet.add(w.fd.as_raw_fd(), &c, w.mask) >= 0);
+        flag.quiet.set_index(
+            WalIndex::open(&db),
+            std::sync::Arc::new(crate::own::OwnCommits::default()),
+        );
+        flag.quiet.enable(true);
+        w.drain();
+        {
+            let _w = Writing::start(&flag);
+            conn.execute("INSERT INTO t VALUES (1)", []).unwrap();
+        }
+        assert!(
+            w.drain().wal_written,
+            "the write went unheard with no pipe to ring"
+        );
     }
 
     #[test]
