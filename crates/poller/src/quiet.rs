@@ -75,6 +75,20 @@ fn add_watch(fd: RawFd, dir: &CString, mask: u32) -> i32 {
     unsafe { libc::inotify_add_watch(fd, dir.as_ptr(), mask) }
 }
 
+impl Folder {
+    /// Give the watch `mask`. False when the path is another folder now (a
+    /// new watch was made there: removed again, not ours to keep) or the
+    /// call failed.
+    fn remask(&self, mask: u32) -> bool {
+        let wd = add_watch(self.fd, &self.dir, mask);
+        if wd >= 0 && wd != self.wd {
+            // SAFETY: removing the watch just made on our descriptor.
+            unsafe { libc::inotify_rm_watch(self.fd, wd) };
+        }
+        wd == self.wd
+    }
+}
+
 impl Quiet {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state
@@ -130,16 +144,10 @@ impl Quiet {
             return None;
         }
         let f = s.folder.as_ref()?;
-        let wd = add_watch(f.fd, &f.dir, f.mask & !libc::IN_MODIFY);
-        if wd == f.wd {
+        if f.remask(f.mask & !libc::IN_MODIFY) {
             return Some(before);
         }
-        // Another folder is at the path now (a new watch was made: not
-        // ours to keep), or the call failed: the watch thread sees to it.
-        if wd >= 0 {
-            // SAFETY: removing the watch just made on our descriptor.
-            unsafe { libc::inotify_rm_watch(f.fd, wd) };
-        }
+        // The watch thread sees to another folder at the path.
         s.folder = None;
         None
     }
@@ -148,18 +156,8 @@ impl Quiet {
     /// whether the watch must look (see the module doc).
     pub(crate) fn restore(&self, before: &Stamp) -> bool {
         let mut s = self.lock();
-        let back = match &s.folder {
-            Some(f) => {
-                let wd = add_watch(f.fd, &f.dir, f.mask);
-                if wd >= 0 && wd != f.wd {
-                    // SAFETY: removing the watch just made on our descriptor.
-                    unsafe { libc::inotify_rm_watch(f.fd, wd) };
-                }
-                wd == f.wd
-            }
-            // The watch thread re-made or lost its watch meanwhile.
-            None => false,
-        };
+        // None: the watch thread re-made or lost its watch meanwhile.
+        let back = s.folder.as_ref().is_some_and(|f| f.remask(f.mask));
         if !back {
             s.folder = None;
             return true;
